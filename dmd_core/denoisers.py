@@ -1,0 +1,221 @@
+"""Teacher denoisers: x0 ("mean") predictors around any diffusers UNet.
+
+Two parametrisations share one calling convention, ``den(x_t, level, class_labels, guidance_scale)``
+returning x0 (DESIGN.md, "The math"):
+- ``EDMDenoiser``: VE, alpha = 1, ``level`` is sigma; EDM preconditioning (Karras et al. 2022, Table 1).
+- ``VPDenoiser``: DDPM / Stable Diffusion, ``level`` is the integer timestep t; alpha_t, sigma_t from
+  the scheduler's alphas_cumprod; epsilon / v / sample predictions converted to x0.
+Classifier-free guidance is applied on the x0 prediction: mu_uncond + g * (mu_cond - mu_uncond).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+def edm_precond(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """EDM preconditioning (Karras et al. 2022, Table 1): c_skip, c_out, c_in, c_noise."""
+    sd2 = sigma_data**2
+    c_skip = sd2 / (sigma**2 + sd2)
+    c_out = sigma * sigma_data / (sigma**2 + sd2).sqrt()
+    c_in = 1 / (sigma**2 + sd2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def cfg_combine(uncond: Tensor, cond: Tensor, guidance_scale: float) -> Tensor:
+    """Classifier-free guidance: mu_uncond + g * (mu_cond - mu_uncond)."""
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def _per_sample(value: float | Tensor, batch: int, device: torch.device) -> Tensor:
+    """A float or (batch,) tensor as a float64 (batch,) tensor on ``device``."""
+    v = torch.as_tensor(value, dtype=torch.float64, device=device)
+    return v.expand(batch) if v.ndim == 0 else v.reshape(batch)
+
+
+@dataclass(frozen=True)
+class Parametrization:
+    """The small JSON (``denoiser.json``) saved beside a model's ``save_pretrained`` files."""
+
+    kind: str  # "edm" | "vp"
+    num_classes: int = 0  # 0 = unconditional
+    null_class: int | None = None  # label of the "no class" embedding used for CFG
+    sigma_min: float = 0.002  # EDM
+    sigma_max: float = 80.0  # EDM
+    sigma_data: float = 0.5  # EDM
+    prediction_type: str = "epsilon"  # VP: epsilon | v_prediction | sample
+    image_shape: tuple[int, int, int] | None = None  # (C, H, W) of model space
+    data_range: tuple[float, float] = (-1.0, 1.0)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["image_shape"] = list(self.image_shape) if self.image_shape else None
+        d["data_range"] = list(self.data_range)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Parametrization":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)}; expected a subset of {sorted(known)}")
+        d = dict(d)
+        if d.get("image_shape") is not None:
+            d["image_shape"] = tuple(d["image_shape"])
+        if "data_range" in d:
+            d["data_range"] = tuple(d["data_range"])
+        if d.get("kind") not in ("edm", "vp"):
+            raise ValueError(f"kind must be 'edm' or 'vp', got {d.get('kind')!r}")
+        return cls(**d)
+
+
+class Denoiser(nn.Module):
+    """Shared CFG logic; subclasses implement ``_x0(x, level, class_labels, **cond)``."""
+
+    def __init__(self, unet: nn.Module, param: Parametrization):
+        super().__init__()
+        self.unet = unet
+        self.param = param
+
+    @property
+    def num_classes(self) -> int:
+        return self.param.num_classes
+
+    @property
+    def null_class(self) -> int | None:
+        return self.param.null_class
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def _labels(self, class_labels: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+        if self.num_classes == 0:
+            return None
+        if class_labels is None:  # unconditional prediction of a conditional model
+            return torch.full((batch,), self.null_class, dtype=torch.long, device=device)
+        return class_labels.to(device=device, dtype=torch.long).reshape(batch)
+
+    def forward(
+        self,
+        x: Tensor,
+        level: float | Tensor,
+        class_labels: Tensor | None = None,
+        guidance_scale: float = 1.0,
+        **cond,
+    ) -> Tensor:
+        """x0 prediction for noisy ``x`` at noise ``level`` (sigma for EDM, timestep for VP)."""
+        n = x.shape[0]
+        level = _per_sample(level, n, x.device)
+        labels = self._labels(class_labels, n, x.device)
+        if guidance_scale == 1.0 or labels is None:
+            return self._x0(x, level, labels, **cond)
+        # Both branches in one batched call, as the reference implementations do.
+        null = self._labels(None, n, x.device)
+        both = self._x0(
+            torch.cat([x, x]),
+            torch.cat([level, level]),
+            torch.cat([null, labels]),
+            **{k: torch.cat([v, v]) for k, v in cond.items()},
+        )
+        uncond, conditional = both.chunk(2)
+        return cfg_combine(uncond, conditional, guidance_scale)
+
+    def _unet(self, x: Tensor, t: Tensor, labels: Tensor | None, **cond) -> Tensor:
+        kwargs = dict(cond)
+        if labels is not None:
+            kwargs["class_labels"] = labels
+        return self.unet(x.to(self.dtype), t, **kwargs, return_dict=False)[0]
+
+
+class EDMDenoiser(Denoiser):
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM, Eq. 7); alpha = 1."""
+
+    @property
+    def sigma_min(self) -> float:
+        return self.param.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.param.sigma_max
+
+    @property
+    def sigma_data(self) -> float:
+        return self.param.sigma_data
+
+    def _x0(self, x: Tensor, sigma: Tensor, labels: Tensor | None, **cond) -> Tensor:
+        c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in edm_precond(sigma, self.sigma_data))
+        f = self._unet(c_in * x, c_noise.flatten().to(torch.float32), labels, **cond)
+        return (c_skip * x + c_out * f.to(torch.float64)).to(x.dtype)
+
+
+class VPDenoiser(Denoiser):
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the network predicts eps, v or x0."""
+
+    def __init__(self, unet: nn.Module, param: Parametrization, alphas_cumprod: Tensor, scheduler_config: dict):
+        super().__init__(unet, param)
+        self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64), persistent=False)
+        self.scheduler_config = dict(scheduler_config)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) at integer timesteps t."""
+        abar = self.alphas_cumprod.to(t.device)[t.long()]
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def model_output(
+        self, x: Tensor, t: float | Tensor, class_labels: Tensor | None = None, guidance_scale: float = 1.0, **cond
+    ) -> Tensor:
+        """The network's raw prediction (in its own prediction_type), guided.
+
+        CFG on the raw output equals CFG on x0: the map between them is affine in the output with
+        coefficients that do not depend on the condition.
+        """
+        t = _per_sample(t, x.shape[0], x.device)
+        alpha, sigma = self.alpha_sigma(t)
+        x0 = self.forward(x, t, class_labels, guidance_scale, **cond)
+        a, s = alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)
+        xd = x.to(torch.float64)
+        x0 = x0.to(torch.float64)
+        kind = self.param.prediction_type
+        if kind == "epsilon":
+            out = (xd - a * x0) / s
+        elif kind == "v_prediction":  # v = alpha eps - sigma x0, eps = (x - alpha x0) / sigma
+            out = a * (xd - a * x0) / s - s * x0
+        else:
+            out = x0
+        return out.to(x.dtype)
+
+    def _x0(self, x: Tensor, t: Tensor, labels: Tensor | None, **cond) -> Tensor:
+        alpha, sigma = (v.reshape(-1, 1, 1, 1) for v in self.alpha_sigma(t))
+        out = self._unet(x, t.long(), labels, **cond).to(torch.float64)
+        xd = x.to(torch.float64)
+        kind = self.param.prediction_type
+        if kind == "epsilon":  # x0 = (x - sigma eps) / alpha
+            x0 = (xd - sigma * out) / alpha
+        elif kind == "v_prediction":  # x0 = alpha x - sigma v
+            x0 = alpha * xd - sigma * out
+        elif kind == "sample":
+            x0 = out
+        else:
+            raise ValueError(f"unknown prediction_type {kind!r}")
+        return x0.to(x.dtype)
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """EDM's noise levels, largest first (Karras et al. 2022, Eq. 5), float64, length n."""
+    i = torch.arange(n, dtype=torch.float64)
+    inv = 1.0 / rho
+    if n == 1:
+        return torch.tensor([sigma_max], dtype=torch.float64)
+    return (sigma_max**inv + i / (n - 1) * (sigma_min**inv - sigma_max**inv)) ** rho
+

@@ -1,0 +1,117 @@
+"""Load and save denoisers: a diffusers ``save_pretrained`` directory plus ``denoiser.json``.
+
+Layout of a denoiser directory (teacher, generator, fake score alike)::
+
+    config.json                            # diffusers UNet config
+    diffusion_pytorch_model.safetensors    # weights
+    denoiser.json                          # Parametrization: edm | vp, sigmas, classes, null class
+    scheduler/scheduler_config.json        # VP only: the diffusers scheduler (alphas_cumprod)
+
+so ``UNet2DModel.from_pretrained(dir)`` loads the network and ``load_denoiser(dir)`` the denoiser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from safetensors.torch import load_file
+
+from .denoisers import Denoiser, EDMDenoiser, Parametrization, VPDenoiser
+from .errors import InputError
+
+PARAM_FILE = "denoiser.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+# The UNet classes a denoiser directory may name in config.json's "_class_name" (an explicit whitelist).
+UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A local directory, or a Hugging Face repo id already in the local HF cache (never downloads)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    looks_like_repo = isinstance(path, str) and path.count("/") == 1 and not p.exists() and not path.startswith((".", "/"))
+    if looks_like_repo:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(path, local_files_only=True))
+        except Exception:
+            pass
+    raise InputError(
+        f"model directory not found: {path}. "
+        "Fix: point teacher.path at a directory holding config.json, diffusion_pytorch_model.safetensors "
+        "and denoiser.json (for the embedded default run `dmd toy teacher`), or a Hugging Face repo id "
+        "already downloaded into the local cache (HF_HOME)."
+    )
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise InputError(f"{what} missing: expected {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{what} at {path} is not valid JSON: {e}") from None
+
+
+def load_unet(model_dir: str | os.PathLike) -> torch.nn.Module:
+    """Build the UNet from config.json and load its safetensors weights strictly (shapes must match)."""
+    model_dir = Path(model_dir)
+    cfg = _read_json(model_dir / "config.json", "UNet config")
+    cls = UNET_CLASSES.get(cfg.get("_class_name", "UNet2DModel"))
+    if cls is None:
+        raise InputError(f"{model_dir}/config.json names {cfg.get('_class_name')!r}; supported: {sorted(UNET_CLASSES)}")
+    weights = model_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise InputError(f"weights missing: expected {weights} (safetensors, as written by save_pretrained)")
+    try:
+        unet = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    except Exception as e:
+        raise InputError(f"{model_dir}/config.json does not build a {cls.__name__}: {e}") from None
+    state = load_file(str(weights))
+    try:
+        unet.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = "; ".join(line.strip() for line in first[1:4]) or first[0]
+        raise InputError(
+            f"the weights in {weights} do not match {model_dir}/config.json ({detail}). "
+            "Fix: save the model and its config together with save_pretrained, or retrain it."
+        ) from None
+    return unet.eval()
+
+
+def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -> Denoiser:
+    """Load a denoiser directory (see module doc) as an EDM or VP x0-predictor, frozen, in eval mode."""
+    model_dir = resolve_model_dir(path)
+    raw = _read_json(model_dir / PARAM_FILE, "denoiser parametrisation (denoiser.json)")
+    try:
+        param = Parametrization.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{model_dir / PARAM_FILE}: {e}") from None
+    unet = load_unet(model_dir)
+    if param.kind == "edm":
+        den: Denoiser = EDMDenoiser(unet, param)
+    else:
+        sched_dir = model_dir / "scheduler"
+        _read_json(sched_dir / "scheduler_config.json", "VP scheduler config")
+        scheduler = DDPMScheduler.from_pretrained(str(sched_dir))
+        den = VPDenoiser(unet, param, scheduler.alphas_cumprod, dict(scheduler.config))
+    den.requires_grad_(False)
+    return den.to(device)
+
+
+def save_denoiser(den: Denoiser, path: str | os.PathLike) -> Path:
+    """Write ``den`` as a denoiser directory: save_pretrained (safetensors) + denoiser.json (+ scheduler)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    den.unet.save_pretrained(str(path), safe_serialization=True)
+    (path / PARAM_FILE).write_text(json.dumps(den.param.to_dict(), indent=2) + "\n")
+    if isinstance(den, VPDenoiser):
+        DDPMScheduler.from_config(den.scheduler_config).save_pretrained(str(path / "scheduler"))
+    return path

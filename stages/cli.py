@@ -1,0 +1,145 @@
+"""The ``dmd`` command line: one subcommand per stage, plus the embedded default's helpers."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from dmd_core.errors import InputError
+
+from .config import load_config
+from .launch import distributed_env
+
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="Pipeline YAML (default: the embedded digits config, data/digits.yaml)."),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override one config value, e.g. --set generate.num_samples=512 (repeatable)."),
+]
+ProcOpt = Annotated[
+    int, typer.Option("--num-processes", "-n", min=1, help="Processes; >1 runs through `accelerate launch` (gloo on CPU).")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def setup_logging() -> None:
+    logger = logging.getLogger("dmd")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("dmd: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def guarded(body: Callable[[], Optional[str]]) -> None:
+    """Run a command body; InputError -> one line on stderr and exit 2; print the returned path last on stdout."""
+    setup_logging()
+    try:
+        out = body()
+    except InputError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished work is kept; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+    if out is not None:
+        typer.echo(out)
+
+
+def generate_command(config: ConfigOpt = None, set_: SetOpt = None, num_processes: ProcOpt = 1, quiet: QuietOpt = False) -> None:
+    """Solve the teacher's ODE from seeded noise and write (noise, image, class) WebDataset shards.
+
+    The output directory is content-addressed in the store and printed as the last line on stdout;
+    a rerun reuses a complete output and resumes an interrupted one.
+    """
+    from . import generate
+
+    def body() -> Optional[str]:
+        cfg = load_config(config, set_ or [])
+        if distributed_env()[1] > 1:  # we are one rank under accelerate launch
+            m = generate.run_distributed(cfg, progress=not quiet)
+            return None if m is None else str(Path(cfg.store) / generate.STAGE / m.key)
+        m = generate.run(cfg, num_processes, progress=not quiet)
+        return str(Path(cfg.store) / generate.STAGE / m.key)
+
+    guarded(body)
+
+
+STAGE_COMMANDS = {"generate": generate_command}
+
+app = typer.Typer(
+    name="dmd",
+    help="Distil a diffusion model into a one-step generator (DMD). Stages: generate -> distill -> evaluate -> export.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+for _name, _fn in STAGE_COMMANDS.items():
+    app.command(_name)(_fn)
+
+toy_app = typer.Typer(help="Build the embedded default's assets (digits teacher and classifier) under data/.", no_args_is_help=True)
+app.add_typer(toy_app, name="toy")
+
+
+@toy_app.command("classifier")
+def toy_classifier_command(
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("data/classifier"),
+    epochs: Annotated[int, typer.Option(min=1)] = 40,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train the digits CNN whose penultimate features define FD-digits (fixed 80/20 split, seed 0)."""
+    from . import toy
+
+    guarded(lambda: toy.make_classifier(out, epochs=epochs, seed=seed))
+
+
+@toy_app.command("teacher")
+def toy_teacher_command(
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("data/teacher"),
+    steps: Annotated[int, typer.Option(min=1)] = 4000,
+    seed: Annotated[int, typer.Option()] = 0,
+    classifier: Annotated[Path, typer.Option(help="Classifier used to report the teacher's quality.")] = Path("data/classifier"),
+) -> None:
+    """Train the class-conditional digits teacher (EDM loss and preconditioning, label dropout for CFG)."""
+    from . import toy
+
+    guarded(lambda: toy.make_teacher(out, steps=steps, seed=seed, classifier_dir=classifier))
+
+
+@toy_app.command("report")
+def toy_report_command(
+    teacher: Annotated[Path, typer.Option()] = Path("data/teacher"),
+    classifier: Annotated[Path, typer.Option()] = Path("data/classifier"),
+    steps: Annotated[int, typer.Option(min=1)] = 18,
+    num_samples: Annotated[int, typer.Option(min=100)] = 2000,
+    guidance_scale: Annotated[float, typer.Option()] = 1.0,
+) -> None:
+    """Measure a teacher's FD-digits and class accuracy at Heun-N against the real digits."""
+    from . import toy
+
+    guarded(lambda: toy.report(teacher, classifier, steps, num_samples, guidance_scale))
+
+
+@app.command("demo")
+def demo_command(quiet: QuietOpt = False) -> None:
+    """Run the pipeline on the embedded default (digits) and print where the outputs are."""
+    from . import demo
+
+    guarded(lambda: demo.run(progress=not quiet))
+
+
+def stage_app(name: str) -> typer.Typer:
+    """A one-command app for ``python -m stages.<name>`` / ``accelerate launch -m stages.<name>``."""
+    single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    single.command(name)(STAGE_COMMANDS[name])
+    return single
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,113 @@
+"""The pipeline config: one YAML file, a section per stage, validated by pydantic (unknown keys rejected).
+
+Relative paths inside a config file (``teacher.path``) are resolved against that file's directory;
+``store`` and values given with ``--set`` are taken relative to the current directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dmd_core.errors import InputError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = PROJECT_ROOT / "data" / "digits.yaml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(Section):
+    path: str = Field("teacher", description="denoiser directory (save_pretrained + denoiser.json) or cached HF repo id")
+
+
+class GenerateConfig(Section):
+    num_samples: int = Field(2048, gt=0, description="number of (noise, image) pairs")
+    steps: int = Field(18, gt=0, description="solver steps (Heun: 18 = 35 network evaluations; PNDM: 50)")
+    solver: Literal["heun", "pndm"] = Field("heun", description="heun for EDM teachers, pndm for VP teachers")
+    shard_size: int = Field(256, gt=0, description="samples per WebDataset shard")
+    batch_size: int = Field(128, gt=0, description="samples per solver call (never crosses a shard)")
+    seed: int = Field(0, ge=0, description="noise of sample i is seeded by (seed, i)")
+    dtype: Literal["float16", "float32"] = Field("float32", description="storage dtype of noise.npy and image.npy")
+    guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance of the teacher (1 = none)")
+    num_threads: int | None = Field(
+        None, gt=0, description="torch threads per process (default: cores / processes); not part of the cache key"
+    )
+
+
+class PipelineConfig(Section):
+    store: str = Field("runs/store", description="where stage outputs live")
+    teacher: TeacherConfig = TeacherConfig()
+    generate: GenerateConfig = GenerateConfig()
+
+
+def _format_validation(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{field}: {msg} (got {err.get('input')!r})" if err["type"] != "missing" else f"{field}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value parsed as YAML scalar)."""
+    if "=" not in text:
+        raise InputError(f"--set {text!r}: expected section.key=value, e.g. --set generate.num_samples=512")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise InputError(f"--set {text!r}: empty key part; expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError(f"config file not found: {path}. Fix: pass an existing YAML file to --config (or omit it for the embedded default).")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise InputError(f"config file {path} is not valid YAML{at}: {getattr(e, 'problem', e)}. Fix the syntax and retry.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"config file {path} must be a mapping of sections (store, teacher, generate, ...), got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read the YAML (the embedded default when ``path`` is None), apply ``--set`` overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    data = _read_yaml(path)
+    teacher = data.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("path"), str):
+        p = Path(teacher["path"]).expanduser()
+        if not p.is_absolute() and (path.parent / p).exists():
+            teacher["path"] = str((path.parent / p).resolve())
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise InputError(f"--set {text!r}: {part} is not a section")
+        node[parts[-1]] = value
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise InputError(f"invalid config ({path}): {_format_validation(e)}") from None
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

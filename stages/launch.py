@@ -1,0 +1,50 @@
+"""Run a stage module on several processes through ``accelerate launch`` (DDP; gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dmd_core.errors import InputError
+
+from .config import PipelineConfig, dump_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def distributed_env() -> tuple[int, int]:
+    """(rank, world size) as set by accelerate launch / torchrun; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def accelerate_launch(module: str, cfg: PipelineConfig, num_processes: int, extra_args: list[str] = ()) -> None:
+    """``accelerate launch --num_processes N -m module --config <resolved config>``; stdout goes to stderr."""
+    Path(cfg.store).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=".launch-", dir=cfg.store, delete=False) as f:
+        f.write(dump_config(cfg))
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_machines", "1", "--num_processes", str(num_processes),
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+        "-m", module, "--config", f.name, *extra_args,
+    ]  # fmt: skip
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["DMD_FORCE_CPU"] = "1"
+    try:
+        rc = subprocess.run(cmd, stdout=sys.stderr, env=env).returncode
+    finally:
+        os.unlink(f.name)
+    if rc != 0:
+        raise InputError(f"`{module}` on {num_processes} processes exited with status {rc}; the log above names the cause")

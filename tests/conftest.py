@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny models built inside the tests (no downloads), small configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import DDPMScheduler, UNet2DModel
+
+from dmd_core.denoisers import EDMDenoiser, Parametrization, VPDenoiser
+from dmd_core.loading import save_denoiser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_unet(num_class_embeds: int | None = 11, seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        num_class_embeds=num_class_embeds,
+    )
+
+
+def make_edm_teacher(path: Path, num_classes: int = 10, seed: int = 0) -> Path:
+    param = Parametrization(kind="edm", num_classes=num_classes, null_class=num_classes if num_classes else None, image_shape=(1, 8, 8))
+    unet = tiny_unet(num_classes + 1 if num_classes else None, seed)
+    return save_denoiser(EDMDenoiser(unet, param), path)
+
+
+def make_vp_teacher(path: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    param = Parametrization(kind="vp", num_classes=10, null_class=10, prediction_type=prediction_type, image_shape=(1, 8, 8))
+    den = VPDenoiser(tiny_unet(11, seed), param, sched.alphas_cumprod, dict(sched.config))
+    return save_denoiser(den, path)
+
+
+@pytest.fixture(scope="session")
+def edm_teacher(tmp_path_factory) -> Path:
+    return make_edm_teacher(tmp_path_factory.mktemp("teacher") / "edm")
+
+
+@pytest.fixture(scope="session")
+def vp_teacher(tmp_path_factory) -> Path:
+    return make_vp_teacher(tmp_path_factory.mktemp("teacher") / "vp")
+
+
+def write_config(path: Path, teacher: Path, store: Path, **generate) -> Path:
+    g = {"num_samples": 40, "steps": 3, "solver": "heun", "shard_size": 16, "batch_size": 8, "seed": 7, "num_threads": 1}
+    g.update(generate)
+    path.write_text(yaml.safe_dump({"store": str(store), "teacher": {"path": str(teacher)}, "generate": g}))
+    return path
+
+
+def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m stages <args>`` in a subprocess, as a user would run ``dmd``."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "stages", *args], capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dmd {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc

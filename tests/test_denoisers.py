@@ -1,0 +1,136 @@
+"""Preconditioning, CFG, VP conversions and loading, against closed forms."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+from conftest import make_edm_teacher, make_vp_teacher, tiny_unet
+from dmd_core import load_denoiser
+from dmd_core.denoisers import EDMDenoiser, Parametrization, VPDenoiser, cfg_combine, edm_precond, karras_sigmas
+from dmd_core.errors import InputError
+
+
+class StubUNet(nn.Module):
+    """F(x, t, class) = 2 x + t + class (or + 0 without classes), with diffusers' calling convention."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+
+    def forward(self, x, t, class_labels=None, return_dict=False):
+        out = 2 * x + t.reshape(-1, 1, 1, 1).to(x.dtype)
+        if class_labels is not None:
+            out = out + class_labels.reshape(-1, 1, 1, 1).to(x.dtype)
+        return (out,)
+
+
+@pytest.mark.parametrize("sigma", [0.002, 0.5, 1.0, 80.0])
+def test_edm_precond_closed_form(sigma):
+    sd = 0.5
+    c_skip, c_out, c_in, c_noise = edm_precond(torch.tensor(sigma, dtype=torch.float64), sd)
+    assert c_skip.item() == pytest.approx(sd**2 / (sigma**2 + sd**2), rel=1e-12)
+    assert c_out.item() == pytest.approx(sigma * sd / math.sqrt(sigma**2 + sd**2), rel=1e-12)
+    assert c_in.item() == pytest.approx(1 / math.sqrt(sigma**2 + sd**2), rel=1e-12)
+    assert c_noise.item() == pytest.approx(math.log(sigma) / 4, rel=1e-12)
+
+
+def test_edm_precond_known_values():
+    c_skip, c_out, c_in, c_noise = edm_precond(torch.tensor(0.5, dtype=torch.float64), 0.5)
+    assert (c_skip.item(), c_out.item(), c_in.item(), c_noise.item()) == pytest.approx(
+        (0.5, 0.3535533905932738, 1.4142135623730951, -0.17328679513998632), rel=1e-12
+    )
+
+
+def test_edm_wrapper_is_cskip_x_plus_cout_F():
+    den = EDMDenoiser(StubUNet(), Parametrization(kind="edm"))
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    sigma = torch.tensor([0.1, 1.0, 20.0], dtype=torch.float64)
+    c_skip, c_out, c_in, c_noise = (c.reshape(-1, 1, 1, 1) for c in edm_precond(sigma, 0.5))
+    expected = c_skip * x + c_out * (2 * c_in * x + c_noise.float().double())
+    torch.testing.assert_close(den(x, sigma), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_cfg_formula_on_x0():
+    den = EDMDenoiser(StubUNet(), Parametrization(kind="edm", num_classes=3, null_class=3))
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    labels = torch.tensor([0, 2])
+    cond = den(x, 2.0, labels)
+    uncond = den(x, 2.0, None)
+    for g in (0.0, 1.0, 1.75, 4.0):
+        torch.testing.assert_close(den(x, 2.0, labels, guidance_scale=g), uncond + g * (cond - uncond))
+    assert cfg_combine(torch.tensor(1.0), torch.tensor(3.0), 1.5).item() == 4.0
+    # the unconditional branch used the null class: the stub adds the label, c_out(2)*3 more than class 0
+    c_out = edm_precond(torch.tensor(2.0, dtype=torch.float64), 0.5)[1].item()
+    torch.testing.assert_close(uncond[0] - cond[0], torch.full_like(x[0], 3 * c_out))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_vp_conversion_recovers_x0(prediction_type):
+    abar = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
+    x0 = torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    eps = torch.randn_like(x0)
+    t = torch.tensor([0, 250, 600, 999])
+    a, s = abar[t].sqrt().reshape(-1, 1, 1, 1), (1 - abar[t]).sqrt().reshape(-1, 1, 1, 1)
+    xt = a * x0 + s * eps
+    target = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[prediction_type]
+
+    class Oracle(nn.Module):  # predicts exactly the right target
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+        def forward(self, x, tt, return_dict=False):
+            return (target,)
+
+    den = VPDenoiser(Oracle(), Parametrization(kind="vp", prediction_type=prediction_type), abar, {})
+    torch.testing.assert_close(den(xt, t), x0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(den.model_output(xt, t), target, rtol=1e-9, atol=1e-9)
+    alpha, sigma = den.alpha_sigma(t)
+    torch.testing.assert_close(alpha**2 + sigma**2, torch.ones(4, dtype=torch.float64))
+
+
+def test_karras_sigmas_endpoints_and_formula():
+    s = karras_sigmas(18, 0.002, 80.0)
+    assert s[0].item() == pytest.approx(80.0, rel=1e-12) and s[-1].item() == pytest.approx(0.002, rel=1e-12)
+    i = 5
+    expected = (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    assert s[i].item() == pytest.approx(expected, rel=1e-12)
+    assert bool((s[1:] < s[:-1]).all())
+
+
+def test_load_denoiser_roundtrip(tmp_path):
+    path = make_edm_teacher(tmp_path / "t")
+    den = load_denoiser(path)
+    assert isinstance(den, EDMDenoiser) and den.sigma_min == 0.002 and den.sigma_max == 80.0
+    assert den.num_classes == 10 and den.null_class == 10
+    unet = UNet2DModel.from_pretrained(str(path))  # plain diffusers loads the same directory
+    x = torch.randn(2, 1, 8, 8)
+    t = torch.tensor([0.1, -0.3])
+    labels = torch.tensor([1, 10])
+    torch.testing.assert_close(unet(x, t, class_labels=labels).sample, den.unet(x, t, class_labels=labels).sample)
+    assert den(x, torch.tensor([0.5, 3.0]), labels).shape == x.shape
+    assert not any(p.requires_grad for p in den.parameters())
+
+
+def test_load_vp_denoiser(tmp_path):
+    path = make_vp_teacher(tmp_path / "vp", prediction_type="v_prediction")
+    den = load_denoiser(path)
+    assert isinstance(den, VPDenoiser) and den.num_train_timesteps == 1000
+    assert den.param.prediction_type == "v_prediction"
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_denoiser(tmp_path / "nope")
+    path = make_edm_teacher(tmp_path / "t")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["block_out_channels"] = [16, 32]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="do not match"):
+        load_denoiser(path)

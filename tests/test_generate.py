@@ -1,0 +1,167 @@
+"""Stage generate: determinism (processes, batch size), resume, corruption, readback, content addressing."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from conftest import ROOT, run_cli, write_config
+from dmd_core.shards import shard_name
+from stages import generate
+from stages.config import load_config
+from stages.store import sha256_file
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("pairs-*.tar"))}
+
+
+def gen(cfg_path: Path, *sets: str, n: int = 1) -> Path:
+    proc = run_cli("generate", "--config", str(cfg_path), "-q", *[a for s in sets for a in ("--set", s)], "-n", str(n))
+    out = Path(proc.stdout.strip().splitlines()[-1])
+    assert (out / "manifest.json").is_file()
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, edm_teacher):
+    """One reference output: 40 samples in shards of 16 (the last one partial), batch 8."""
+    tmp = tmp_path_factory.mktemp("gen")
+    cfg = write_config(tmp / "c.yaml", edm_teacher, tmp / "store")
+    m = generate.run(load_config(cfg), progress=False)
+    return cfg, Path(load_config(cfg).store) / "generate" / m.key
+
+
+def test_webdataset_readback(base):
+    _, out = base
+    urls = [str(out / shard_name(i)) for i in range(3)]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert len(samples) == 40
+    assert [s["__key__"] for s in samples] == [f"{i:010d}" for i in range(40)]
+    for s in samples:
+        assert set(s) >= {"noise.npy", "image.npy", "cls.txt"}
+        assert s["noise.npy"].dtype == np.float32 and s["noise.npy"].shape == (1, 8, 8)
+        assert s["image.npy"].dtype == np.float32 and s["image.npy"].shape == (1, 8, 8)
+    noise = np.stack([s["noise.npy"] for s in samples])
+    assert abs(noise.mean()) < 0.08 and abs(noise.std() - 1) < 0.08
+    assert [int(s["cls.txt"]) for s in samples] == [i % 10 for i in range(40)]
+    # no pickles, nothing but the three members per sample
+    import tarfile
+
+    with tarfile.open(urls[0]) as tar:
+        members = tar.getmembers()
+        assert {m.name.split(".", 1)[1] for m in members} == {"noise.npy", "image.npy", "cls.txt"}
+        assert all(m.mtime == 0 for m in members)
+
+
+def test_manifest_lists_shards_with_checksums(base):
+    _, out = base
+    m = json.loads((out / "manifest.json").read_text())
+    shards = [f for f in m["files"] if f["name"].startswith("pairs-")]
+    assert [f["samples"] for f in shards] == [16, 16, 8]
+    for f in m["files"]:
+        assert sha256_file(out / f["name"]) == f["sha256"]
+    assert m["info"]["nfe"] == 5 and m["info"]["solver"] == "heun"
+    assert m["upstream"]["teacher"] and m["config"]["num_samples"] == 40
+    assert m["pipeline_config"]["generate"]["shard_size"] == 16
+
+
+def test_images_are_the_teacher_ode_solution(base, edm_teacher):
+    """The stored image equals a direct Heun solve of the stored noise."""
+    import torch
+
+    from dmd_core import load_denoiser
+    from dmd_core.solvers import heun_sampler
+
+    _, out = base
+    s = next(iter(wds.WebDataset(str(out / shard_name(1)), shardshuffle=False).decode()))
+    den = load_denoiser(edm_teacher)
+    z = torch.from_numpy(s["noise.npy"])[None]
+    label = torch.tensor([int(s["cls.txt"])])
+    y = heun_sampler(lambda x, sig: den(x, sig, label), z, 3, den.sigma_min, den.sigma_max)
+    np.testing.assert_allclose(s["image.npy"], y[0].numpy(), atol=1e-5)
+
+
+def test_same_config_reuses_output(base):
+    cfg, out = base
+    before = (out / "manifest.json").stat().st_mtime_ns
+    assert gen(cfg) == out
+    assert (out / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_two_processes_byte_identical(base):
+    cfg, out = base
+    ref = shard_bytes(out)
+    store2 = cfg.parent / "store-2proc"
+    out2 = gen(cfg, f"store={store2}", n=2)
+    assert out2.name == out.name  # same content address
+    assert shard_bytes(out2) == ref
+
+
+def test_batch_size_changes_within_tolerance(base):
+    cfg, out = base
+    other = gen(cfg, "generate.batch_size=7")
+    assert other != out
+    for name in shard_bytes(out):
+        a = list(wds.WebDataset(str(out / name), shardshuffle=False).decode())
+        b = list(wds.WebDataset(str(other / name), shardshuffle=False).decode())
+        assert [s["__key__"] for s in a] == [s["__key__"] for s in b]
+        for sa, sb in zip(a, b):
+            np.testing.assert_array_equal(sa["noise.npy"], sb["noise.npy"])
+            np.testing.assert_allclose(sa["image.npy"], sb["image.npy"], atol=1e-4, rtol=0)
+
+
+def test_float16_storage(base):
+    cfg, _ = base
+    out = gen(cfg, "generate.dtype=float16")
+    s = next(iter(wds.WebDataset(str(out / shard_name(0)), shardshuffle=False).decode()))
+    assert s["noise.npy"].dtype == np.float16 and s["image.npy"].dtype == np.float16
+
+
+def test_corrupted_shard_is_detected_and_rewritten(base, tmp_path):
+    cfg, out = base
+    store = tmp_path / "store"
+    out2 = gen(cfg, f"store={store}")
+    ref = shard_bytes(out2)
+    victim = out2 / shard_name(1)
+    data = bytearray(victim.read_bytes())
+    data[1000] ^= 0xFF
+    victim.chmod(0o644)
+    victim.write_bytes(bytes(data))
+    proc = run_cli("generate", "--config", str(cfg), "--set", f"store={store}", "-q")
+    assert shard_name(1) in proc.stderr
+    assert shard_bytes(out2) == ref
+
+
+def test_kill_and_resume_equals_uninterrupted(base, tmp_path):
+    cfg, out = base
+    store = tmp_path / "store"
+    sets = ["--set", f"store={store}", "--set", "generate.num_samples=160", "--set", "generate.steps=8"]
+    cmd = [sys.executable, "-m", "stages", "generate", "--config", str(cfg), "-q", *sets]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(store.glob("generate/*/pairs-000001.tar")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out_dir = next(store.glob("generate/*"))
+    assert not (out_dir / "manifest.json").exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in out_dir.glob("pairs-*.tar")}
+    assert 0 < len(kept) < 10
+
+    resumed = Path(run_cli("generate", "--config", str(cfg), "-q", *sets).stdout.strip().splitlines()[-1])
+    assert resumed == out_dir
+    assert {n: (out_dir / n).stat().st_mtime_ns for n in kept} == kept  # finished shards were kept, not rewritten
+    assert not list(out_dir.glob(".*tmp*"))
+    fresh = tmp_path / "fresh"
+    uninterrupted = gen(cfg, *[s for s in sets[1::2] if not s.startswith("store=")], f"store={fresh}")
+    assert shard_bytes(resumed) == shard_bytes(uninterrupted)
+    assert len(shard_bytes(resumed)) == 10
