@@ -106,7 +106,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        raise InputError(f"invalid config ({path}): {_format_validation(e)}") from None
+        raise InputError(
+            f"invalid config ({path}): {_format_validation(e)}. "
+            "Fix: correct it in the YAML or with --set section.key=value (README lists every key)."
+        ) from None
 
 
 def dump_config(cfg: PipelineConfig) -> str:

@@ -165,3 +165,10 @@ def test_kill_and_resume_equals_uninterrupted(base, tmp_path):
     uninterrupted = gen(cfg, *[s for s in sets[1::2] if not s.startswith("store=")], f"store={fresh}")
     assert shard_bytes(resumed) == shard_bytes(uninterrupted)
     assert len(shard_bytes(resumed)) == 10
+
+
+def test_pndm_generate_with_vp_teacher(tmp_path, vp_teacher):
+    cfg = write_config(tmp_path / "c.yaml", vp_teacher, tmp_path / "store", solver="pndm", steps=4, num_samples=6, shard_size=4)
+    m = generate.run(load_config(cfg), progress=False)
+    assert m.info["solver"] == "pndm" and m.info["nfe"] == 5 and m.info["parametrization"] == "vp"
+    assert [f.samples for f in m.files if f.name.startswith("pairs-")] == [4, 2]

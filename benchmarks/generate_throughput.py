@@ -1,0 +1,76 @@
+"""Images/s of the generate stage against a bare solver loop on the same batches (no I/O).
+
+    python benchmarks/generate_throughput.py [--num-samples 2048] [--repeats 2]
+
+The stage's cost beyond the solver (per-sample seeding, shard encoding, sha256, atomic writes) should
+overlap the compute: target ratio bare/stage <= 1.05. Uses the embedded digits teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dmd_core.shards import sample_labels, sample_noise
+from stages import generate
+from stages.config import load_config
+
+
+def bare_loop(cfg, den) -> float:
+    """Seconds for the solver alone on the stage's batches (noise made beforehand, results discarded)."""
+    g = cfg.generate
+    solve, _ = generate.make_solver(den, g)
+    shape = generate.model_shape(den)
+    batches = []
+    for shard in range(0, g.num_samples, g.shard_size):
+        idx = range(shard, min(shard + g.shard_size, g.num_samples))
+        for s in range(0, len(idx), g.batch_size):
+            b = idx[s : s + g.batch_size]
+            batches.append((sample_noise(g.seed, b, shape), sample_labels(b, den.num_classes)))
+    t0 = time.perf_counter()
+    for z, labels in batches:
+        solve(z, labels)
+    return time.perf_counter() - t0
+
+
+def stage_run(cfg) -> float:
+    t0 = time.perf_counter()
+    generate.run(cfg, progress=False)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-samples", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    results = {"bare_s": [], "stage_s": []}
+    for r in range(args.repeats):
+        store = Path(tempfile.mkdtemp(prefix="dmd-bench-"))
+        cfg = load_config(None, [f"store={store}", f"generate.num_samples={args.num_samples}"])
+        den = generate.plan(cfg).denoiser
+        torch.set_num_threads(cfg.generate.num_threads or torch.get_num_threads())
+        results["bare_s"].append(bare_loop(cfg, den))
+        results["stage_s"].append(stage_run(cfg))
+        shutil.rmtree(store)
+    bare, stage = min(results["bare_s"]), min(results["stage_s"])
+    summary = {
+        "num_samples": args.num_samples,
+        "bare_images_per_s": round(args.num_samples / bare, 1),
+        "stage_images_per_s": round(args.num_samples / stage, 1),
+        "ratio_stage_time_over_bare": round(stage / bare, 3),
+        "threads": torch.get_num_threads(),
+        **results,
+    }
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Config loading: defaults, overrides, relative paths, content keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from dmd_core.errors import InputError
+from stages.config import DEFAULT_CONFIG, PipelineConfig, load_config, parse_override
+from stages.generate import key_config
+from stages.store import content_key
+
+
+def test_embedded_default_loads_and_resolves_teacher_path():
+    cfg = load_config()
+    assert cfg.teacher.path == str((DEFAULT_CONFIG.parent / "teacher").resolve())
+    assert cfg.generate.solver == "heun" and cfg.generate.steps == 18 and cfg.store == "runs/store"
+
+
+def test_overrides_are_typed():
+    assert parse_override("generate.num_samples=512") == (["generate", "num_samples"], 512)
+    assert parse_override("generate.guidance_scale=1.75") == (["generate", "guidance_scale"], 1.75)
+    assert parse_override("store=s3://bucket/x") == (["store"], "s3://bucket/x")
+    cfg = load_config(None, ["generate.num_samples=512", "generate.dtype=float16"])
+    assert cfg.generate.num_samples == 512 and cfg.generate.dtype == "float16"
+    with pytest.raises(InputError, match="section.key=value"):
+        parse_override("generate.num_samples")
+
+
+def test_content_key_depends_on_what_changes_the_bytes():
+    g = PipelineConfig().generate
+    base = content_key("generate", key_config(g), {"teacher": "a"}, "v1")
+    assert base == content_key("generate", key_config(g.model_copy(update={"num_threads": 2})), {"teacher": "a"}, "v1")
+    assert base != content_key("generate", key_config(g.model_copy(update={"seed": 1})), {"teacher": "a"}, "v1")
+    assert base != content_key("generate", key_config(g), {"teacher": "b"}, "v1")
+    assert base != content_key("generate", key_config(g), {"teacher": "a"}, "v2")
