@@ -156,7 +156,11 @@ def finalize(cfg: PipelineConfig, p: GeneratePlan, wall_time: float) -> Manifest
     if missing:
         raise InputError(f"generate output {p.out_dir} is missing shards {missing[:5]}{'...' if len(missing) > 5 else ''}; rerun to resume")
     _, nfe = make_solver(p.denoiser, g)
-    files = [file_entry(p.out_dir / shard_name(i), samples=len(r)) for i, r in enumerate(ranges)]
+    # Every shard's checksum was computed when it was written, or verified when the run resumed.
+    files = [
+        file_entry(p.out_dir / shard_name(i), len(r), (p.out_dir / f"{shard_name(i)}.sha256").read_text().strip())
+        for i, r in enumerate(ranges)
+    ]
     files.append(file_entry(p.out_dir / "config.yaml"))
     m = Manifest(
         stage=STAGE,

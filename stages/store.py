@@ -93,8 +93,9 @@ class Manifest(BaseModel):
         return path
 
 
-def file_entry(path: Path, samples: int | None = None) -> FileEntry:
-    return FileEntry(name=path.name, size=path.stat().st_size, sha256=sha256_file(path), samples=samples)
+def file_entry(path: Path, samples: int | None = None, sha256: str | None = None) -> FileEntry:
+    """Size and checksum of ``path``; pass ``sha256`` when it was just computed (saves a re-read)."""
+    return FileEntry(name=path.name, size=path.stat().st_size, sha256=sha256 or sha256_file(path), samples=samples)
 
 
 def read_manifest(out_dir: str | Path) -> Manifest | None:
