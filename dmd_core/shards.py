@@ -27,9 +27,9 @@ def shard_ranges(num_samples: int, shard_size: int) -> list[range]:
     return [range(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
 
 
-def sample_seed(seed: int, index: int) -> int:
-    """A 64-bit seed for sample ``index``, independent of batch size and process count."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+def sample_seed(seed: int, *words: int) -> int:
+    """A 64-bit seed for (seed, *words), e.g. (seed, sample index): independent of batch size and process count."""
+    return int(np.random.SeedSequence([seed, *words]).generate_state(1, np.uint64)[0])
 
 
 def sample_noise(seed: int, indices: range | list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -66,3 +66,33 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
+
+
+def _collate_pairs(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    noise = torch.from_numpy(np.stack([s[0] for s in samples]).astype(np.float32))
+    image = torch.from_numpy(np.stack([s[1] for s in samples]).astype(np.float32))
+    labels = torch.tensor([int(s[2]) for s in samples]) if len(samples[0]) > 2 else None
+    return noise, image, labels
+
+
+def pair_stream(
+    urls: list[str], batch_size: int, seed: int, shuffle_buffer: int = 1000, num_workers: int = 0, conditional: bool = True
+):
+    """An endless, reproducible stream of (noise, image, labels) batches from pair shards.
+
+    Shards are resampled with replacement (the stream never runs dry); the shard RNG is seeded by
+    (``seed``, process rank, loader worker) through webdataset, so each process and worker reads its
+    own sequence, and the same seed gives the same batches.
+    """
+    keys = ("noise.npy", "image.npy", "cls.txt") if conditional else ("noise.npy", "image.npy")
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(urls, seed=seed, deterministic=True),
+        wds.tarfile_to_samples(),
+        wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed),
+        wds.decode(),
+        wds.to_tuple(*keys),
+        wds.batched(batch_size, collation_fn=_collate_pairs, partial=False),
+    )
+    if num_workers == 0:
+        return iter(pipeline)
+    return iter(wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=False))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Callable, Optional
 
 import typer
@@ -52,26 +53,54 @@ def guarded(body: Callable[[], Optional[str]]) -> None:
         typer.echo(out)
 
 
-def generate_command(config: ConfigOpt = None, set_: SetOpt = None, num_processes: ProcOpt = 1, quiet: QuietOpt = False) -> None:
-    """Solve the teacher's ODE from seeded noise and write (noise, image, class) WebDataset shards.
+def stage_command(load: Callable[[], ModuleType], doc: str) -> Callable[..., None]:
+    """A CLI command for a stage module (``STAGE``, ``run``, ``run_distributed``): same options for every stage."""
 
-    The output directory is content-addressed in the store and printed as the last line on stdout;
-    a rerun reuses a complete output and resumes an interrupted one.
-    """
+    def command(config: ConfigOpt = None, set_: SetOpt = None, num_processes: ProcOpt = 1, quiet: QuietOpt = False) -> None:
+        def body() -> Optional[str]:
+            stage = load()
+            cfg = load_config(config, set_ or [])
+            if distributed_env()[1] > 1:  # this process is one rank under accelerate launch
+                m = stage.run_distributed(cfg, progress=not quiet)
+            else:
+                m = stage.run(cfg, num_processes, progress=not quiet)
+            return None if m is None else str(Path(cfg.store) / stage.STAGE / m.key)
+
+        guarded(body)
+
+    command.__doc__ = doc
+    return command
+
+
+def _generate() -> ModuleType:
     from . import generate
 
-    def body() -> Optional[str]:
-        cfg = load_config(config, set_ or [])
-        if distributed_env()[1] > 1:  # we are one rank under accelerate launch
-            m = generate.run_distributed(cfg, progress=not quiet)
-            return None if m is None else str(Path(cfg.store) / generate.STAGE / m.key)
-        m = generate.run(cfg, num_processes, progress=not quiet)
-        return str(Path(cfg.store) / generate.STAGE / m.key)
-
-    guarded(body)
+    return generate
 
 
-STAGE_COMMANDS = {"generate": generate_command}
+def _distill() -> ModuleType:
+    from . import distill
+
+    return distill
+
+
+STAGE_COMMANDS = {
+    "generate": stage_command(
+        _generate,
+        """Solve the teacher's ODE from seeded noise and write (noise, image, class) WebDataset shards.
+
+        The output directory is content-addressed in the store and printed as the last line on stdout;
+        a rerun reuses a complete output and resumes an interrupted one.""",
+    ),
+    "distill": stage_command(
+        _distill,
+        """Train the one-step generator with DMD (distribution matching + regression), on Accelerate.
+
+        Finds the pairs for this config in the store (or makes them with generate), trains, and prints
+        the output directory (generator/, metrics.parquet, samples.png) as the last line on stdout.
+        An interrupted run resumes from its last checkpoint when rerun.""",
+    ),
+}
 
 app = typer.Typer(
     name="dmd",

@@ -40,10 +40,46 @@ class GenerateConfig(Section):
     )
 
 
+class OptimizerConfig(Section):
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+
+
+class DistillConfig(Section):
+    steps: int = Field(1000, gt=0, description="generator updates")
+    batch_size: int = Field(64, gt=0, description="samples per process per step, for both loss terms")
+    regression_loss: Literal["lpips", "pseudo_huber", "l2"] = Field("lpips", description="l in loss_reg = l(G(z_ref), y_ref)")
+    regression_weight: float = Field(0.25, ge=0, description="lambda_reg")
+    lpips_net: Literal["vgg", "alex"] = Field("vgg", description="LPIPS backbone (weights from the torch hub cache)")
+    guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance of the real score")
+    fake_updates_per_generator_update: int = Field(1, ge=1, description="fake-score steps per generator step (DMD2: 5)")
+    generator_optimizer: OptimizerConfig = OptimizerConfig()
+    fake_optimizer: OptimizerConfig = OptimizerConfig()
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up, both networks")
+    max_grad_norm: float | None = Field(10.0, gt=0, description="gradient clipping (None = off)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast precision (fp16 needs a GPU)")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the generator (0 = off)")
+    t_min: float = Field(0.02, ge=0, le=1, description="DM timesteps t ~ U[t_min T, t_max T]")
+    t_max: float = Field(0.98, ge=0, le=1)
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(500, gt=0, description="steps between checkpoints (the data stream restarts there)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")
+    sample_every: int = Field(500, gt=0, description="steps between sample grids")
+    log_every: int = Field(10, gt=0, description="steps between metrics rows")
+    shuffle_buffer: int = Field(1000, ge=1, description="WebDataset shuffle buffer (samples)")
+    num_workers: int = Field(0, ge=0, description="data loader worker processes")
+    pairs: str | None = Field(None, description="a generate output dir; default: the one this config's generate section makes")
+    resume_from: str | None = Field(None, description="checkpoint dir to continue from (e.g. to train longer)")
+    num_threads: int | None = Field(None, gt=0, description="torch threads per process; not part of the cache key")
+
+
 class PipelineConfig(Section):
     store: str = Field("runs/store", description="where stage outputs live")
     teacher: TeacherConfig = TeacherConfig()
     generate: GenerateConfig = GenerateConfig()
+    distill: DistillConfig = DistillConfig()
 
 
 def _format_validation(e: ValidationError) -> str:

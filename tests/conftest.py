@@ -56,10 +56,27 @@ def vp_teacher(tmp_path_factory) -> Path:
     return make_vp_teacher(tmp_path_factory.mktemp("teacher") / "vp")
 
 
-def write_config(path: Path, teacher: Path, store: Path, **generate) -> Path:
+TINY_DISTILL = {
+    "steps": 4,
+    "batch_size": 4,
+    "regression_loss": "pseudo_huber",
+    "generator_optimizer": {"lr": 1e-4},
+    "fake_optimizer": {"lr": 1e-4},
+    "checkpoint_every": 2,
+    "sample_every": 2,
+    "log_every": 1,
+    "shuffle_buffer": 16,
+    "num_threads": 1,
+}
+
+
+def write_config(path: Path, teacher: Path, store: Path, distill: dict | None = None, **generate) -> Path:
     g = {"num_samples": 40, "steps": 3, "solver": "heun", "shard_size": 16, "batch_size": 8, "seed": 7, "num_threads": 1}
     g.update(generate)
-    path.write_text(yaml.safe_dump({"store": str(store), "teacher": {"path": str(teacher)}, "generate": g}))
+    cfg = {"store": str(store), "teacher": {"path": str(teacher)}, "generate": g}
+    if distill is not None:
+        cfg["distill"] = {**TINY_DISTILL, **distill}
+    path.write_text(yaml.safe_dump(cfg))
     return path
 
 

@@ -1,0 +1,477 @@
+"""Stage ``distill``: DMD training of the one-step generator, on Accelerate.
+
+Output ``<store>/distill/<key>/``: ``generator/`` (and ``generator_ema/``) in diffusers layout plus
+``denoiser.json``, ``fake_score/``, ``metrics.parquet`` (one row per logged step), ``samples.png`` and
+``samples/step-*.png``, ``checkpoints/step-*`` (Accelerate state + the above, for resume),
+``config.yaml`` and, last, ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from dmd_core.denoisers import Denoiser
+from dmd_core.dmd import DMDSettings, SampleRNG, distribution_matching_term, fake_score_loss, one_step, random_labels
+from dmd_core.errors import InputError
+from dmd_core.images import save_grid
+from dmd_core.loading import load_denoiser, resolve_model_dir, save_denoiser
+from dmd_core.losses import LPIPSLoss, l2_loss, pseudo_huber_loss
+from dmd_core.shards import pair_stream, sample_seed, shard_name, shard_ranges
+
+from . import generate
+from .config import DistillConfig, PipelineConfig, dump_config, load_config
+from .launch import accelerate_launch
+from .store import (
+    Manifest,
+    Timer,
+    content_key,
+    dir_digest,
+    file_entry,
+    read_manifest,
+    verified_manifest,
+    write_text_atomic,
+)
+
+STAGE = "distill"
+CODE_VERSION = "distill/1"
+# Settings that change only what is logged, never the weights: not part of the cache key.
+NOT_IN_KEY = {"log_every", "sample_every", "keep_checkpoints", "num_threads"}
+# Settings a run may change when it continues from another run's checkpoint (resume_from).
+MAY_DIFFER_ON_RESUME = NOT_IN_KEY | {"steps", "checkpoint_every", "num_workers", "resume_from", "pairs"}
+# SampleRNG streams: independent draws for each purpose.
+STREAM_GENERATOR, STREAM_SAMPLES, STREAM_DATA, STREAM_FAKE = 0, 1, 2, 10
+log = logging.getLogger("dmd")
+
+
+class TrainingDiverged(InputError):
+    """A loss term became NaN or Inf."""
+
+
+@dataclass
+class DistillPlan:
+    out_dir: Path
+    key: str
+    pairs_dir: Path
+    pairs_manifest: Manifest
+    teacher_dir: Path
+    teacher_digest: str
+
+
+def key_config(d: DistillConfig) -> dict:
+    return d.model_dump(exclude=NOT_IN_KEY | {"pairs"})
+
+
+def _missing_shards(pairs_dir: Path) -> list[str]:
+    cfg_file = pairs_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise InputError(f"{pairs_dir} is not a generate output (no config.yaml). Fix: point distill.pairs at a `dmd generate` output directory.")
+    g = load_config(cfg_file).generate
+    return [
+        shard_name(i)
+        for i in range(len(shard_ranges(g.num_samples, g.shard_size)))
+        if not generate.shard_is_valid(pairs_dir, i)
+    ]
+
+
+def resolve_pairs(cfg: PipelineConfig, teacher_digest: str, num_processes: int, progress: bool) -> tuple[Path, Manifest]:
+    """The pair shards for this config: ``distill.pairs`` if given (verified), else made by the generate stage."""
+    if cfg.distill.pairs is None:
+        m = generate.run(cfg, num_processes, progress)
+        pairs_dir = Path(cfg.store) / generate.STAGE / m.key
+    else:
+        pairs_dir = Path(cfg.distill.pairs)
+        if not pairs_dir.is_dir():
+            raise InputError(f"distill.pairs: no such directory {pairs_dir}. Fix: run `dmd generate` and pass the directory it prints.")
+        m = verified_manifest(pairs_dir)
+        if m is None:
+            missing = _missing_shards(pairs_dir)
+            raise InputError(
+                f"generate output {pairs_dir} is incomplete (no verified manifest.json; missing or corrupt shards: "
+                f"{', '.join(missing[:8]) or 'none'}{' ...' if len(missing) > 8 else ''}). Fix: rerun `dmd generate` with its config to resume it."
+            )
+    if m.upstream.get("teacher") != teacher_digest:
+        raise InputError(
+            f"the pairs in {pairs_dir} were made by another teacher (digest {m.upstream.get('teacher', '?')[:16]}) "
+            f"than the configured teacher.path (digest {teacher_digest[:16]}). Fix: regenerate the pairs with this teacher."
+        )
+    return pairs_dir, m
+
+
+def check_regression_loss(d: DistillConfig) -> None:
+    """Fail before any compute if LPIPS is chosen and its backbone weights are absent."""
+    if d.regression_loss == "lpips" and d.regression_weight > 0:
+        from dmd_core.losses import lpips_backbone_path
+
+        if not lpips_backbone_path(d.lpips_net).is_file():
+            LPIPSLoss(d.lpips_net)  # raises the InputError naming the file and the alternatives
+
+
+def plan(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> DistillPlan:
+    d = cfg.distill
+    if d.t_min >= d.t_max:
+        raise InputError(f"distill.t_min ({d.t_min}) must be below distill.t_max ({d.t_max})")
+    if d.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise InputError("distill.mixed_precision=fp16 needs a CUDA GPU. Fix: --set distill.mixed_precision=bf16 (or no) on CPU.")
+    check_regression_loss(d)
+    teacher_dir = resolve_model_dir(cfg.teacher.path)
+    teacher = load_denoiser(teacher_dir)  # fails fast on a bad teacher
+    if d.guidance_scale != 1.0 and teacher.num_classes == 0:
+        raise InputError("distill.guidance_scale != 1 needs a class-conditional teacher. Fix: --set distill.guidance_scale=1")
+    teacher_digest = dir_digest(teacher_dir)
+    pairs_dir, pm = resolve_pairs(cfg, teacher_digest, num_processes, progress)
+    key = content_key(STAGE, key_config(d), {"pairs": pm.digest, "teacher": teacher_digest}, CODE_VERSION)
+    return DistillPlan(Path(cfg.store) / STAGE / key, key, pairs_dir, pm, teacher_dir, teacher_digest)
+
+
+# ---------------------------------------------------------------- the training loop
+
+
+def regression_loss_fn(d: DistillConfig):
+    if d.regression_loss == "lpips":
+        return LPIPSLoss(d.lpips_net)
+    return pseudo_huber_loss if d.regression_loss == "pseudo_huber" else l2_loss
+
+
+def lr_at(step: int, base: float, warmup: int) -> float:
+    return base * min(1.0, (step + 1) / warmup) if warmup else base
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return None if a is None else torch.cat([a, b])
+
+
+class Trainer:
+    """Holds the networks, optimizers and data of one distill run; ``step()`` is one DMD iteration."""
+
+    def __init__(self, cfg: PipelineConfig, p: DistillPlan, accelerator):
+        from accelerate import Accelerator  # noqa: F401  (type only)
+
+        self.cfg, self.p, self.acc = cfg, p, accelerator
+        d = self.d = cfg.distill
+        dev = accelerator.device
+        self.real: Denoiser = load_denoiser(p.teacher_dir, dev)  # frozen teacher
+        gen, fake = load_denoiser(p.teacher_dir), load_denoiser(p.teacher_dir)  # theta, phi <- teacher
+        self.param = gen.param
+        self.shape = tuple(p.pairs_manifest.info["image_shape"])
+        self.num_classes = gen.num_classes
+        for net in (gen, fake):
+            net.requires_grad_(True).train()
+        opt = lambda net, o: torch.optim.AdamW(net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)  # noqa: E731
+        self.gen, self.fake, self.opt_g, self.opt_f = accelerator.prepare(gen, fake, opt(gen, d.generator_optimizer), opt(fake, d.fake_optimizer))
+        self.ema = {k: v.detach().clone().float() for k, v in self.unwrap(self.gen).unet.state_dict().items()} if d.ema_decay else None
+        self.reg_loss = regression_loss_fn(d)
+        if isinstance(self.reg_loss, torch.nn.Module):
+            self.reg_loss.to(dev)
+        self.settings = DMDSettings(d.guidance_scale, d.regression_weight, d.t_min, d.t_max)
+        self.urls = [str(p.pairs_dir / shard_name(i)) for i in range(p.pairs_manifest.info["num_shards"])]
+        self.data = None
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+
+    def unwrap(self, net):
+        return self.acc.unwrap_model(net)
+
+    def restart_data(self, step: int) -> None:
+        """The stream restarts at every checkpoint boundary, so a resumed run reads what an uninterrupted one does."""
+        segment = step // self.d.checkpoint_every
+        self.data = pair_stream(
+            self.urls, self.d.batch_size, sample_seed(self.d.seed, STREAM_DATA, segment) % (2**31),
+            self.d.shuffle_buffer, self.d.num_workers, conditional=self.num_classes > 0,
+        )  # fmt: skip
+
+    def indices(self, step: int, micro: int) -> range:
+        """Global sample indices of this process's micro-batch: 1 process with batch 2B draws what 2 with B do."""
+        B, A = self.d.batch_size, self.d.gradient_accumulation_steps
+        start = ((step * A + micro) * self.world + self.rank) * B
+        return range(start, start + B)
+
+    def _check_finite(self, step: int, terms: dict[str, torch.Tensor]) -> None:
+        flags = torch.stack([t.detach().isfinite().all() for t in terms.values()]).float()
+        if self.world > 1:
+            flags = self.acc.reduce(flags, reduction="sum") / self.world
+        if bool((flags < 1).any()):
+            bad = [name for name, f in zip(terms, flags.tolist()) if f < 1]
+            raise TrainingDiverged(
+                f"distill stopped at step {step + 1}: loss term {', '.join(bad)} is NaN or Inf. The last good checkpoint is kept in "
+                f"{self.p.out_dir / 'checkpoints'}. Fix: lower the learning rates (distill.generator_optimizer.lr, "
+                "distill.fake_optimizer.lr), keep distill.max_grad_norm set, or use distill.mixed_precision=no."
+            )
+
+    def step(self, step: int, batches: list | None = None) -> dict[str, float]:
+        """One generator update then ``fake_updates_per_generator_update`` fake-score updates."""
+        d, acc, A = self.d, self.acc, self.d.gradient_accumulation_steps
+        dev = acc.device
+        for group in self.opt_g.param_groups:
+            group["lr"] = lr_at(step, d.generator_optimizer.lr, d.warmup_steps)
+        for group in self.opt_f.param_groups:
+            group["lr"] = lr_at(step, d.fake_optimizer.lr, d.warmup_steps)
+        logs: dict[str, float] = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_g": 0.0, "loss_fake": 0.0}
+        xs, labels_dm = [], []
+        # ---- generator: loss_DM + lambda_reg * l(G(z_ref), y_ref)
+        for m in range(A):
+            rng = SampleRNG(d.seed, STREAM_GENERATOR, step, self.indices(step, m), dev)
+            z = rng.randn(self.shape)
+            labels = random_labels(rng, self.num_classes)
+            z_ref, y_ref, labels_ref = batches[m] if batches is not None else next(self.data)
+            z_ref, y_ref = z_ref.to(dev), y_ref.to(dev)
+            labels_ref = None if labels_ref is None else labels_ref.to(dev)
+            sync = acc.no_sync(self.gen) if m < A - 1 else nullcontext()
+            with sync, acc.autocast():
+                x_all = one_step(self.gen, self.param, torch.cat([z, z_ref]), _cat(labels, labels_ref)).float()
+                x, x_reg = x_all[: len(z)], x_all[len(z) :]
+                loss_dm, _ = distribution_matching_term(x, labels, self.real, self.fake, self.settings, rng)
+                loss_reg = self.reg_loss(x_reg, y_ref) if d.regression_weight > 0 else torch.zeros((), device=dev)
+                loss_g = loss_dm + d.regression_weight * loss_reg
+                self._check_finite(step, {"loss_dm": loss_dm, "loss_reg": loss_reg})
+                acc.backward(loss_g / A)
+            xs.append(x.detach())
+            labels_dm.append(labels)
+            for k, v in (("loss_dm", loss_dm), ("loss_reg", loss_reg), ("loss_g", loss_g)):
+                logs[k] += v.item() / A
+        logs["grad_norm_g"] = float(acc.clip_grad_norm_(self.gen.parameters(), d.max_grad_norm or math.inf))
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+        # ---- fake score: denoising loss on stopgrad(G(z))
+        for k in range(d.fake_updates_per_generator_update):
+            for m in range(A):
+                rng = SampleRNG(d.seed, STREAM_FAKE + k, step, self.indices(step, m), dev)
+                if k == 0:
+                    x, labels = xs[m], labels_dm[m]
+                else:  # DMD2's extra fake updates see fresh generator samples
+                    z = rng.randn(self.shape)
+                    labels = random_labels(rng, self.num_classes)
+                    with torch.no_grad(), acc.autocast():
+                        x = one_step(self.gen, self.param, z, labels).float()
+                sync = acc.no_sync(self.fake) if m < A - 1 else nullcontext()
+                with sync, acc.autocast():
+                    loss_f = fake_score_loss(self.fake, self.param, x, labels, rng, getattr(self.real, "alphas_cumprod", None))
+                    self._check_finite(step, {"loss_fake": loss_f})
+                    acc.backward(loss_f / A)
+                logs["loss_fake"] += loss_f.item() / A / d.fake_updates_per_generator_update
+            logs["grad_norm_fake"] = float(acc.clip_grad_norm_(self.fake.parameters(), d.max_grad_norm or math.inf))
+            self.opt_f.step()
+            self.opt_f.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                for name, v in self.unwrap(self.gen).unet.state_dict().items():
+                    self.ema[name].lerp_(v.float(), 1 - d.ema_decay)
+        logs["lr_g"], logs["lr_fake"] = self.opt_g.param_groups[0]["lr"], self.opt_f.param_groups[0]["lr"]
+        return logs
+
+    # ---- outputs
+
+    def save_networks(self, target: Path) -> None:
+        """generator/, generator_ema/ and fake_score/ as denoiser directories (main process)."""
+        gen = self.unwrap(self.gen)
+        save_denoiser(gen, target / "generator")
+        save_denoiser(self.unwrap(self.fake), target / "fake_score")
+        if self.ema is not None:
+            ema_net = load_denoiser(self.p.teacher_dir)
+            ema_net.unet.load_state_dict({k: v.to(ema_net.dtype) for k, v in self.ema.items()})
+            save_denoiser(ema_net, target / "generator_ema")
+
+    @torch.no_grad()
+    def sample_grid(self, path: Path) -> None:
+        """Fixed noise, 8 rows; one column per class for conditional models."""
+        C = self.num_classes
+        n = 8 * (C or 8)
+        rng = SampleRNG(self.d.seed, STREAM_SAMPLES, 0, range(n), self.acc.device)
+        z = rng.randn(self.shape)
+        labels = torch.arange(n, device=self.acc.device) % C if C else None
+        gen = self.unwrap(self.gen)
+        with self.acc.autocast():
+            x = one_step(gen, self.param, z, labels).float()
+        save_grid(x, path, nrow=C or 8)
+
+
+def _write_metrics(rows: list[dict], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    done = sorted(p for p in root.glob("step-*") if (p / "trainer.json").is_file())
+    return done[-1] if done else None
+
+
+def check_resume_compatible(ckpt: Path, cfg: PipelineConfig, p: DistillPlan) -> dict:
+    """The checkpoint's trainer.json, if its run is compatible with ``cfg``; else an error naming the keys."""
+    if not (ckpt / "trainer.json").is_file():
+        raise InputError(f"distill.resume_from: {ckpt} is not a distill checkpoint (no trainer.json)")
+    state = json.loads((ckpt / "trainer.json").read_text())
+    old, new = state["distill"], cfg.distill.model_dump(mode="json")
+    differ = sorted(k for k in set(old) | set(new) if k not in MAY_DIFFER_ON_RESUME and old.get(k) != new.get(k))
+    if state["teacher_digest"] != p.teacher_digest:
+        differ.append("teacher")
+    if state["pairs_digest"] != p.pairs_manifest.digest:
+        differ.append("pairs")
+    if differ:
+        raise InputError(
+            f"cannot resume from {ckpt}: its run differs in {', '.join(differ)} "
+            f"(only {', '.join(sorted(MAY_DIFFER_ON_RESUME))} may change). Fix: use the same settings or start fresh."
+        )
+    return state
+
+
+def train(cfg: PipelineConfig, p: DistillPlan, progress: bool = True) -> Manifest | None:
+    """The DMD loop under Accelerate; rank 0 writes outputs; returns the manifest on rank 0."""
+    from accelerate import Accelerator
+
+    timer = Timer()
+    d = cfg.distill
+    force_cpu = os.environ.get("DMD_FORCE_CPU") == "1" or not torch.cuda.is_available()
+    acc = Accelerator(mixed_precision=d.mixed_precision, cpu=force_cpu)
+    torch.set_num_threads(d.num_threads or max(1, (os.cpu_count() or 1) // acc.num_processes))
+    tr = Trainer(cfg, p, acc)
+    ckpt_root = p.out_dir / "checkpoints"
+    rows: list[dict] = []
+    start = 0
+    ckpt = latest_checkpoint(ckpt_root)
+    if ckpt is None and d.resume_from:
+        ckpt = Path(d.resume_from)
+        check_resume_compatible(ckpt, cfg, p)
+    if ckpt is not None:
+        state = check_resume_compatible(ckpt, cfg, p)
+        acc.load_state(str(ckpt / "accelerate"))
+        if tr.ema is not None and (ckpt / "ema.safetensors").is_file():
+            tr.ema = {k: v.to(acc.device) for k, v in load_file(str(ckpt / "ema.safetensors")).items()}
+        start = state["step"]
+        if (ckpt / "metrics.parquet").is_file():
+            rows = pq.read_table(ckpt / "metrics.parquet").to_pylist()
+        log.info("distill: resuming from %s (step %d)", ckpt, start)
+    if start >= d.steps:
+        raise InputError(f"the checkpoint {ckpt} is already at step {start} >= distill.steps={d.steps}. Fix: raise distill.steps.")
+
+    def save_checkpoint(step: int) -> None:
+        final, tmp = ckpt_root / f"step-{step:07d}", ckpt_root / f".step-{step:07d}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
+        if acc.is_main_process:
+            tr.save_networks(tmp)
+            if tr.ema is not None:
+                save_file({k: v.contiguous() for k, v in tr.ema.items()}, str(tmp / "ema.safetensors"))
+            if rows:
+                _write_metrics(rows, tmp / "metrics.parquet")
+            state = {"step": step, "distill": d.model_dump(mode="json"), "teacher_digest": p.teacher_digest, "pairs_digest": p.pairs_manifest.digest}
+            (tmp / "trainer.json").write_text(json.dumps(state, indent=2))  # written last: marks it complete
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(ckpt_root.glob("step-*"))[: -d.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    (p.out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=d.steps, initial=start, desc="distill", unit="step", disable=not progress or not acc.is_main_process, dynamic_ncols=True)
+    samples_per_step = d.batch_size * d.gradient_accumulation_steps * acc.num_processes
+    last_t, last_step = timer.seconds, start
+    for step in range(start, d.steps):
+        if step == start or step % d.checkpoint_every == 0:
+            tr.restart_data(step)
+        logs = tr.step(step)
+        done = step + 1
+        if done % d.log_every == 0 or done == d.steps:
+            now = timer.seconds
+            row = {"step": done, **logs, "samples_per_s": samples_per_step * (done - last_step) / max(now - last_t, 1e-9), "wall_time_s": now}
+            last_t, last_step = now, done
+            rows.append(row)
+            bar.set_postfix(dm=f"{logs['loss_dm']:.4f}", reg=f"{logs['loss_reg']:.4f}", fake=f"{logs['loss_fake']:.4f}")
+        if acc.is_main_process and (done % d.sample_every == 0 or done == d.steps):
+            tr.sample_grid(p.out_dir / "samples" / f"step-{done:07d}.png")
+        if done % d.checkpoint_every == 0 or done == d.steps:
+            save_checkpoint(done)
+        bar.update(1)
+    bar.close()
+    if not acc.is_main_process:
+        return None
+    return finalize(cfg, p, tr, rows, timer.seconds)
+
+
+def finalize(cfg: PipelineConfig, p: DistillPlan, tr: Trainer, rows: list[dict], wall: float) -> Manifest:
+    out = p.out_dir
+    tr.save_networks(out)
+    _write_metrics(rows, out / "metrics.parquet")
+    shutil.copyfile(sorted((out / "samples").glob("step-*.png"))[-1], out / "samples.png")
+    files = []
+    for sub in ("generator", "generator_ema", "fake_score", "samples"):
+        for f in sorted((out / sub).rglob("*")) if (out / sub).is_dir() else []:
+            if f.is_file():
+                files.append(file_entry(f).model_copy(update={"name": str(f.relative_to(out))}))
+    files += [file_entry(out / n) for n in ("metrics.parquet", "samples.png", "config.yaml")]
+    last = rows[-1] if rows else {}
+    m = Manifest(
+        stage=STAGE,
+        key=p.key,
+        code_version=CODE_VERSION,
+        config=cfg.distill.model_dump(mode="json"),
+        pipeline_config=cfg.model_dump(mode="json"),
+        upstream={"pairs": p.pairs_manifest.digest, "teacher": p.teacher_digest},
+        files=files,
+        info={
+            "pairs_dir": str(p.pairs_dir),
+            "teacher_path": str(p.teacher_dir),
+            "steps": cfg.distill.steps,
+            "num_processes": tr.world,
+            "final": {k: v for k, v in last.items() if k.startswith(("loss", "grad"))},
+            "samples_per_s": last.get("samples_per_s"),
+            "ema": tr.ema is not None,
+        },
+        wall_time_s=round(wall, 3),
+    )
+    m.save(out)
+    return m
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
+    """Train (or reuse, or resume) the one-step generator for ``cfg``; returns the verified manifest."""
+    p = plan(cfg, num_processes, progress)
+    m = verified_manifest(p.out_dir)
+    if m is not None:
+        log.info("distill: cached output %s is complete and verified", p.out_dir)
+        return m
+    p.out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(p.out_dir / "config.yaml", dump_config(cfg))
+    if num_processes > 1:
+        child = cfg.model_copy(deep=True)
+        child.distill.pairs = str(p.pairs_dir.resolve())  # workers use exactly these pairs
+        child.store = str(Path(cfg.store).resolve())
+        accelerate_launch("stages.distill", child, num_processes)
+        m = read_manifest(p.out_dir)
+        if m is None:
+            raise InputError(f"distill on {num_processes} processes wrote no manifest in {p.out_dir}")
+        return m
+    return train(cfg, p, progress)
+
+
+def run_distributed(cfg: PipelineConfig, progress: bool = True) -> Manifest | None:
+    """One process under ``accelerate launch``."""
+    p = plan(cfg, 1, progress=False)
+    return train(cfg, p, progress)
+
+
+def main() -> None:
+    from .cli import stage_app
+
+    stage_app("distill")()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Stage distill: outputs, multi-process parity, exact resume, NaN guard, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from diffusers import UNet2DModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli, write_config
+from dmd_core import load_denoiser
+from dmd_core.errors import InputError
+from stages import distill, generate
+from stages.config import load_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, edm_teacher):
+    tmp = tmp_path_factory.mktemp("distill")
+    cfg = write_config(tmp / "c.yaml", edm_teacher, tmp / "store", distill={})
+    generate.run(load_config(cfg), progress=False)
+    return tmp, cfg
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+    tmp, cfg = setup
+    m = distill.run(load_config(cfg), progress=False)
+    return cfg, Path(load_config(cfg).store) / "distill" / m.key, m
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "diffusion_pytorch_model.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def test_outputs_load_and_log(trained, edm_teacher):
+    cfg, out, m = trained
+    den = load_denoiser(out / "generator")
+    assert den.param == load_denoiser(edm_teacher).param
+    UNet2DModel.from_pretrained(str(out / "generator"))
+    load_denoiser(out / "fake_score")
+    rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for col in ("loss_dm", "loss_reg", "loss_g", "loss_fake", "grad_norm_g", "grad_norm_fake", "lr_g", "lr_fake", "samples_per_s", "wall_time_s"):
+        assert all(isinstance(r[col], float) and r[col] == r[col] for r in rows), col
+    r = rows[-1]
+    assert r["loss_g"] == pytest.approx(r["loss_dm"] + 0.25 * r["loss_reg"], rel=1e-5)
+    grid = Image.open(out / "samples.png")
+    assert grid.size[0] == 10 * 32 + 11 * 2  # one column per class
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    assert m.info["steps"] == 4 and m.upstream["teacher"]
+    # the generator moved away from the teacher
+    assert max_diff(weights(out / "generator"), weights(edm_teacher)) > 0
+
+
+def test_cached_rerun(trained):
+    cfg, out, m = trained
+    proc = run_cli("distill", "--config", str(cfg), "-q")
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    assert "cached" in proc.stderr
+
+
+def test_two_processes_take_the_same_first_step(setup):
+    tmp, cfg = setup
+    one, two = str(tmp / "one.safetensors"), str(tmp / "two.safetensors")
+    script = str(ROOT / "tests" / "distill_first_step.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, script, str(cfg), "8", one], check=True, cwd=ROOT, env=env)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]  # fmt: skip
+    subprocess.run([*launch, script, str(cfg), "8", two], check=True, cwd=ROOT, env=env)
+    a, b = load_file(one), load_file(two)
+    assert max_diff(a, b) <= 1e-5
+    la, lb = json.loads(Path(one + ".json").read_text()), json.loads(Path(two + ".json").read_text())
+    # gradient norms after all-reduce: equal only if the 2-process gradient is the mean, not the sum
+    assert la["grad_norm_g"] == pytest.approx(lb["grad_norm_g"], rel=1e-5)
+    assert la["grad_norm_fake"] == pytest.approx(lb["grad_norm_fake"], rel=1e-5)
+
+
+def test_kill_and_resume_is_exact(setup):
+    tmp, cfg = setup
+    sets = ["distill.steps=40", "distill.checkpoint_every=10"]
+    ref = distill.run(load_config(cfg, [*sets, f"store={tmp / 'ref'}", f"distill.pairs={_pairs(cfg)}"]), progress=False)
+    ref_dir = tmp / "ref" / "distill" / ref.key
+
+    store = tmp / "killed"
+    args = ["--config", str(cfg), "-q", "--set", f"store={store}", "--set", f"distill.pairs={_pairs(cfg)}", *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.Popen([sys.executable, "-m", "stages", "distill", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(store.glob("distill/*/checkpoints/step-0000010/trainer.json")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = next(store.glob("distill/*"))
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    resumed = run_cli("distill", *args)
+    assert "resuming from" in resumed.stderr
+    assert Path(resumed.stdout.strip().splitlines()[-1]) == out
+    assert max_diff(weights(out / "generator"), weights(ref_dir / "generator")) <= 1e-6
+    assert max_diff(weights(out / "fake_score"), weights(ref_dir / "fake_score")) <= 1e-6
+    assert [r["step"] for r in pq.read_table(out / "metrics.parquet").to_pylist()] == list(range(1, 41))
+
+
+def _pairs(cfg) -> str:
+    c = load_config(cfg)
+    return str(Path(c.store) / "generate" / generate.plan(c).key)
+
+
+def test_resume_from_checkpoint_with_more_steps(trained):
+    cfg, out, _ = trained
+    ckpt = out / "checkpoints" / "step-0000004"
+    longer = distill.run(load_config(cfg, ["distill.steps=6", f"distill.resume_from={ckpt}"]), progress=False)
+    rows = pq.read_table(Path(load_config(cfg).store) / "distill" / longer.key / "metrics.parquet").to_pylist()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(InputError) as e:
+        distill.run(load_config(cfg, ["distill.steps=6", f"distill.resume_from={ckpt}", "distill.regression_weight=0.5", "distill.seed=3"]), progress=False)
+    assert "regression_weight" in str(e.value) and "seed" in str(e.value)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(setup, monkeypatch):
+    tmp, cfg = setup
+    calls = {"n": 0}
+
+    def poisoned(x, y):
+        calls["n"] += 1
+        return torch.tensor(float("nan")) if calls["n"] == 3 else torch.zeros(())
+
+    monkeypatch.setattr(distill, "regression_loss_fn", lambda d: poisoned)
+    c = load_config(cfg, [f"store={tmp / 'nan'}", f"distill.pairs={_pairs(cfg)}"])
+    with pytest.raises(distill.TrainingDiverged) as e:
+        distill.run(c, progress=False)
+    assert "step 3" in str(e.value) and "loss_reg" in str(e.value)
+    out = next((tmp / "nan" / "distill").iterdir())
+    assert (out / "checkpoints" / "step-0000002" / "trainer.json").is_file()
+    assert not (out / "manifest.json").exists()
+
+
+def test_lpips_without_weights_is_refused(setup):
+    tmp, cfg = setup
+    proc = run_cli("distill", "--config", str(cfg), "--set", "distill.regression_loss=lpips", check=False, env={"TORCH_HOME": str(tmp / "empty")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "vgg16-397923af.pth" in proc.stderr and "pseudo_huber" in proc.stderr
+
+
+def test_pairs_from_another_teacher_are_refused(setup, tmp_path):
+    from conftest import make_edm_teacher
+
+    _, cfg = setup
+    other = make_edm_teacher(tmp_path / "other", seed=5)
+    with pytest.raises(InputError) as e:
+        distill.plan(load_config(cfg, [f"teacher.path={other}", f"distill.pairs={_pairs(cfg)}"]), progress=False)
+    assert "another teacher" in str(e.value) and "digest" in str(e.value)
+
+
+def test_incomplete_pairs_are_refused(setup, tmp_path):
+    _, cfg = setup
+    broken = tmp_path / "pairs"
+    shutil.copytree(_pairs(cfg), broken)
+    (broken / "manifest.json").unlink()
+    (broken / "pairs-000001.tar").unlink()
+    with pytest.raises(InputError) as e:
+        distill.plan(load_config(cfg, [f"distill.pairs={broken}"]), progress=False)
+    assert "incomplete" in str(e.value) and "pairs-000001.tar" in str(e.value) and "pairs-000000.tar" not in str(e.value)
