@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from . import generate
+from . import distill, generate
 from .config import load_config
 
 log = logging.getLogger("dmd")
@@ -13,10 +13,18 @@ log = logging.getLogger("dmd")
 
 def run(progress: bool = True) -> str:
     cfg = load_config()
-    m = generate.run(cfg, progress=progress)
-    out = Path(cfg.store) / generate.STAGE / m.key
+    g = generate.run(cfg, progress=progress)
     log.info(
         "generate: %d pairs in %d shards (%s, %d network evaluations each) -> %s",
-        m.info["num_samples"], m.info["num_shards"], m.info["solver"], m.info["nfe"], out,
+        g.info["num_samples"], g.info["num_shards"], g.info["solver"], g.info["nfe"],
+        Path(cfg.store) / generate.STAGE / g.key,
+    )  # fmt: skip
+    d = distill.run(cfg, progress=progress)
+    out = Path(cfg.store) / distill.STAGE / d.key
+    final = d.info["final"]
+    log.info(
+        "distill: %d steps, final loss_dm %.4f, loss_reg %.4f, loss_fake %.4f -> %s (sample grid: %s)",
+        d.info["steps"], final.get("loss_dm", float("nan")), final.get("loss_reg", float("nan")),
+        final.get("loss_fake", float("nan")), out, out / "samples.png",
     )  # fmt: skip
     return str(out)
