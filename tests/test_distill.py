@@ -177,3 +177,13 @@ def test_incomplete_pairs_are_refused(setup, tmp_path):
     with pytest.raises(InputError) as e:
         distill.plan(load_config(cfg, [f"distill.pairs={broken}"]), progress=False)
     assert "incomplete" in str(e.value) and "pairs-000001.tar" in str(e.value) and "pairs-000000.tar" not in str(e.value)
+
+
+def test_cli_two_processes_end_to_end(setup):
+    tmp, cfg = setup
+    store = tmp / "cli2"
+    proc = run_cli("distill", "--config", str(cfg), "-q", "-n", "2", "--set", f"store={store}", "--set", f"distill.pairs={_pairs(cfg)}")
+    out = Path(proc.stdout.strip().splitlines()[-1])
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["info"]["num_processes"] == 2 and m["info"]["steps"] == 4
+    load_denoiser(out / "generator")
