@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dmd_core.errors import InputError
 
@@ -59,6 +59,11 @@ class DistillConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up, both networks")
     max_grad_norm: float | None = Field(10.0, gt=0, description="gradient clipping (None = off)")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast precision (fp16 needs a GPU)")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        return "no" if v is False else v  # YAML 1.1 reads an unquoted `no` as false
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the generator (0 = off)")
     t_min: float = Field(0.02, ge=0, le=1, description="DM timesteps t ~ U[t_min T, t_max T]")
@@ -91,6 +96,9 @@ def _format_validation(e: ValidationError) -> str:
     return "; ".join(lines)
 
 
+YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``section.key=value`` -> (["section", "key"], value parsed as YAML scalar)."""
     if "=" not in text:
@@ -99,6 +107,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise InputError(f"--set {text!r}: empty key part; expected section.key=value")
+    if raw.strip().lower() in YAML11_BOOL_WORDS:  # `--set distill.mixed_precision=no` means the string "no"
+        return parts, raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:

@@ -334,6 +334,9 @@ def train(cfg: PipelineConfig, p: DistillPlan, progress: bool = True) -> Manifes
     timer = Timer()
     d = cfg.distill
     force_cpu = os.environ.get("DMD_FORCE_CPU") == "1" or not torch.cuda.is_available()
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # a process may run distill twice with different precisions (keeps the process group)
     acc = Accelerator(mixed_precision=d.mixed_precision, cpu=force_cpu)
     torch.set_num_threads(d.num_threads or max(1, (os.cpu_count() or 1) // acc.num_processes))
     tr = Trainer(cfg, p, acc)

@@ -22,6 +22,8 @@ def test_overrides_are_typed():
     assert parse_override("store=s3://bucket/x") == (["store"], "s3://bucket/x")
     cfg = load_config(None, ["generate.num_samples=512", "generate.dtype=float16"])
     assert cfg.generate.num_samples == 512 and cfg.generate.dtype == "float16"
+    assert load_config(None, ["distill.mixed_precision=no"]).distill.mixed_precision == "no"
+    assert PipelineConfig.model_validate({"distill": {"mixed_precision": False}}).distill.mixed_precision == "no"
     with pytest.raises(InputError, match="section.key=value"):
         parse_override("generate.num_samples")
 
