@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel
 
 MANIFEST = "manifest.json"
+RECORD_FILES = {"config.yaml"}  # written into every output for people; not part of its digest
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -84,8 +85,13 @@ class Manifest(BaseModel):
 
     @property
     def digest(self) -> str:
-        """Digest of what the stage made (file checksums), independent of timing: downstream keys use it."""
-        return digest_json([[f.name, f.sha256] for f in sorted(self.files, key=lambda f: f.name)])
+        """Digest of what the stage made (file checksums), which downstream keys use.
+
+        Leaves out ``config.yaml``: it records absolute paths and other stages' sections, which must
+        not change the identity of identical products (same shards on another machine = same digest).
+        """
+        made = sorted((f for f in self.files if f.name not in RECORD_FILES), key=lambda f: f.name)
+        return digest_json([[f.name, f.sha256] for f in made])
 
     def save(self, out_dir: str | Path) -> Path:
         path = Path(out_dir) / MANIFEST

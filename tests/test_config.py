@@ -35,3 +35,16 @@ def test_content_key_depends_on_what_changes_the_bytes():
     assert base != content_key("generate", key_config(g.model_copy(update={"seed": 1})), {"teacher": "a"}, "v1")
     assert base != content_key("generate", key_config(g), {"teacher": "b"}, "v1")
     assert base != content_key("generate", key_config(g), {"teacher": "a"}, "v2")
+
+
+def test_manifest_digest_ignores_the_config_record():
+    from stages.store import FileEntry, Manifest
+
+    def manifest(config_sha: str) -> Manifest:
+        files = [FileEntry(name="pairs-000000.tar", size=1, sha256="a"), FileEntry(name="config.yaml", size=1, sha256=config_sha)]
+        return Manifest(stage="generate", key="k", code_version="v", config={}, pipeline_config={}, upstream={}, files=files, wall_time_s=0)
+
+    assert manifest("x").digest == manifest("y").digest
+    other = manifest("x")
+    other.files[0].sha256 = "b"
+    assert other.digest != manifest("x").digest
