@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +188,3 @@ def train_digits_classifier(cfg: ClassifierTraining, progress: bool = True) -> t
 @torch.no_grad()
 def classifier_accuracy(model: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
     return (model(images).argmax(1) == labels).double().mean().item()
-
-
-def training_config_dict(cfg) -> dict:
-    return asdict(cfg)

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .denoisers import Denoiser, EDMDenoiser, Parametrization, karras_sigmas
+from .denoisers import Denoiser, Parametrization, karras_sigmas
 from .losses import distribution_matching_loss, edm_weight, eps_mse_loss
 from .shards import sample_seed
 
@@ -119,7 +119,3 @@ def fake_score_loss(fake: Callable, param: Parametrization, x: Tensor, labels: T
 def random_labels(rng: SampleRNG, num_classes: int) -> Tensor | None:
     """Class labels drawn uniformly for the distribution matching term (None if unconditional)."""
     return rng.randint(0, num_classes) if num_classes else None
-
-
-def is_edm(den: Denoiser) -> bool:
-    return isinstance(den, EDMDenoiser)

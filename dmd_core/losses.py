@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .denoisers import EDMDenoiser
@@ -73,9 +75,7 @@ def l2_loss(x: Tensor, y: Tensor) -> Tensor:
 LPIPS_BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
 
 
-def lpips_backbone_path(net: str) -> "Path":
-    from pathlib import Path
-
+def lpips_backbone_path(net: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
 
 

@@ -157,8 +157,6 @@ class Trainer:
     """Holds the networks, optimizers and data of one distill run; ``step()`` is one DMD iteration."""
 
     def __init__(self, cfg: PipelineConfig, p: DistillPlan, accelerator):
-        from accelerate import Accelerator  # noqa: F401  (type only)
-
         self.cfg, self.p, self.acc = cfg, p, accelerator
         d = self.d = cfg.distill
         dev = accelerator.device

@@ -26,7 +26,7 @@ from dmd_core.shards import sample_labels, sample_noise, shard_name, shard_range
 from dmd_core.solvers import heun_nfe, heun_sampler, pndm_nfe, pndm_sampler
 
 from .config import GenerateConfig, PipelineConfig, dump_config
-from .launch import accelerate_launch, distributed_env
+from .launch import accelerate_launch
 from .store import (
     Manifest,
     Timer,

@@ -87,3 +87,16 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: fl
     if check and proc.returncode != 0:
         raise AssertionError(f"dmd {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def kill_when(args: list[str], root: Path, pattern: str, timeout: float = 120) -> None:
+    """Start ``python -m stages <args>``, SIGKILL it as soon as ``root.glob(pattern)`` finds a file."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "stages", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list(root.glob(pattern)):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

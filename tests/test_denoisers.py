@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from conftest import make_edm_teacher, make_vp_teacher, tiny_unet
+from conftest import make_edm_teacher, make_vp_teacher
 from dmd_core import load_denoiser
 from dmd_core.denoisers import EDMDenoiser, Parametrization, VPDenoiser, cfg_combine, edm_precond, karras_sigmas
 from dmd_core.errors import InputError

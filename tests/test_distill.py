@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,7 +16,7 @@ from diffusers import UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, run_cli, write_config
+from conftest import ROOT, kill_when, run_cli, write_config
 from dmd_core import load_denoiser
 from dmd_core.errors import InputError
 from stages import distill, generate
@@ -101,12 +99,7 @@ def test_kill_and_resume_is_exact(setup):
 
     store = tmp / "killed"
     args = ["--config", str(cfg), "-q", "--set", f"store={store}", "--set", f"distill.pairs={_pairs(cfg)}", *[a for s in sets for a in ("--set", s)]]
-    proc = subprocess.Popen([sys.executable, "-m", "stages", "distill", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(store.glob("distill/*/checkpoints/step-0000010/trainer.json")):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(["distill", *args], store, "distill/*/checkpoints/step-0000010/trainer.json")
     out = next(store.glob("distill/*"))
     assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
     resumed = run_cli("distill", *args)

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
 
-from conftest import ROOT, run_cli, write_config
+from conftest import kill_when, run_cli, write_config
 from dmd_core.shards import shard_name
 from stages import generate
 from stages.config import load_config
@@ -147,13 +143,7 @@ def test_kill_and_resume_equals_uninterrupted(base, tmp_path):
     cfg, out = base
     store = tmp_path / "store"
     sets = ["--set", f"store={store}", "--set", "generate.num_samples=160", "--set", "generate.steps=8"]
-    cmd = [sys.executable, "-m", "stages", "generate", "--config", str(cfg), "-q", *sets]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(store.glob("generate/*/pairs-000001.tar")):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(["generate", "--config", str(cfg), "-q", *sets], store, "generate/*/pairs-000001.tar")
     out_dir = next(store.glob("generate/*"))
     assert not (out_dir / "manifest.json").exists()
     kept = {p.name: p.stat().st_mtime_ns for p in out_dir.glob("pairs-*.tar")}
