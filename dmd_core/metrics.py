@@ -1,10 +1,23 @@
-"""Fréchet distance through torchmetrics, with any feature network (FD-digits uses the digits classifier)."""
+"""Fréchet distance through torchmetrics (float64 statistics), with any feature network.
+
+- FD-digits: penultimate features of the digits classifier (``PenultimateFeatures``).
+- FID: torchmetrics' Inception-v3 (torch-fidelity's TF-ported weights) loaded from a local file.
+Reference statistics are ``.npz`` files with ``mu`` and ``sigma`` (pytorch-fid / EDM format) and,
+when we write them, ``n``.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
+
+from .errors import InputError
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's release asset
 
 
 class PenultimateFeatures(nn.Module):
@@ -19,11 +32,95 @@ class PenultimateFeatures(nn.Module):
         return self.classifier.features(x)
 
 
+def inception_weights_path(weights_path: str | Path | None = None) -> Path:
+    """The Inception weights file (default: the torch hub cache); an error naming it if it is absent."""
+    path = Path(weights_path) if weights_path else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if not path.is_file():
+        raise InputError(
+            f"Inception-v3 FID weights missing: expected {path}. They cannot be downloaded here. Fix: copy "
+            f"torch-fidelity's {INCEPTION_FILE} (release v0.2.0) to that path, or set evaluate.inception_weights."
+        )
+    return path
+
+
+class InceptionFeatures(nn.Module):
+    """2048-d pool features of Inception-v3 for images in [-1, 1].
+
+    Protocol: images are quantised to uint8 as a saved PNG would be, grayscale is repeated to 3
+    channels, and the network resizes to 299x299 bilinearly (torchmetrics / torch-fidelity).
+    """
+
+    def __init__(self, weights_path: str | Path | None = None):
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        path = inception_weights_path(weights_path)
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path))
+        self.num_features = 2048
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        return self.net(x).reshape(x.shape[0], -1)
+
+
+def make_fid(feature_net: nn.Module) -> FrechetInceptionDistance:
+    """A torchmetrics FID metric around ``feature_net`` with float64 states (sums across processes at compute)."""
+    fid = FrechetInceptionDistance(feature=feature_net, reset_real_features=False, normalize=False)
+    fid.set_dtype(torch.float64)
+    return fid
+
+
+def set_reference(fid: FrechetInceptionDistance, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
+    """Load reference statistics into the metric's real-side sums (inverse of its mean/cov formulas)."""
+    mu_t = torch.as_tensor(mu, dtype=torch.float64)
+    sigma_t = torch.as_tensor(sigma, dtype=torch.float64)
+    fid.real_features_sum = mu_t * n
+    fid.real_features_cov_sum = sigma_t * (n - 1) + n * torch.outer(mu_t, mu_t)
+    fid.real_features_num_samples = torch.tensor(n, dtype=torch.long)
+
+
+def clear_reference(fid: FrechetInceptionDistance) -> None:
+    """Zero real-side sums (ranks other than 0, so the all-reduce counts the reference once)."""
+    fid.real_features_sum = torch.zeros_like(fid.real_features_sum)
+    fid.real_features_cov_sum = torch.zeros_like(fid.real_features_cov_sum)
+    fid.real_features_num_samples = torch.tensor(0, dtype=torch.long)
+
+
+def side_stats(sum_: torch.Tensor, cov_sum: torch.Tensor, n: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """(mu, sigma, n) from a metric's feature sums, with the metric's own formulas."""
+    n_ = int(n)
+    mu = sum_ / n_
+    sigma = (cov_sum - n_ * torch.outer(mu, mu)) / (n_ - 1)
+    return mu.cpu().numpy(), sigma.cpu().numpy(), n_
+
+
+def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray, n: int) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, mu=mu, sigma=sigma, n=np.int64(n))
+    tmp.replace(path)
+    return path
+
+
+def load_stats(path: str | Path, default_n: int = 50_000) -> tuple[np.ndarray, np.ndarray, int]:
+    """``mu``, ``sigma`` (and ``n`` when present) from a pytorch-fid / EDM style ``.npz``."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+            n = int(f["n"]) if "n" in f.files else default_n
+    except (OSError, KeyError, ValueError) as e:
+        raise InputError(f"reference statistics {path} unreadable ({e}). Fix: give an .npz with arrays 'mu' and 'sigma'.") from None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise InputError(f"reference statistics {path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
+    return mu, sigma, n
+
+
 @torch.no_grad()
 def frechet_distance(feature_net: nn.Module, real: torch.Tensor, fake: torch.Tensor, batch_size: int = 512) -> float:
-    """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) of the two image sets' features, float64 statistics."""
-    fid = FrechetInceptionDistance(feature=PenultimateFeatures(feature_net), normalize=False)
-    fid.set_dtype(torch.float64)
+    """||mu_r - mu_f||^2 + Tr(S_r + S_f - 2 (S_r S_f)^(1/2)) of two image sets' features."""
+    fid = make_fid(PenultimateFeatures(feature_net) if hasattr(feature_net, "features") else feature_net)
     for images, is_real in ((real, True), (fake, False)):
         for start in range(0, len(images), batch_size):
             fid.update(images[start : start + batch_size].to(torch.float64), real=is_real)

@@ -84,6 +84,12 @@ def _distill() -> ModuleType:
     return distill
 
 
+def _evaluate() -> ModuleType:
+    from . import evaluate
+
+    return evaluate
+
+
 STAGE_COMMANDS = {
     "generate": stage_command(
         _generate,
@@ -99,6 +105,14 @@ STAGE_COMMANDS = {
         Finds the pairs for this config in the store (or makes them with generate), trains, and prints
         the output directory (generator/, metrics.parquet, samples.png) as the last line on stdout.
         An interrupted run resumes from its last checkpoint when rerun.""",
+    ),
+    "evaluate": stage_command(
+        _evaluate,
+        """Measure the one-step generator against its teacher: Fréchet distance, class accuracy, speed.
+
+        Writes metrics.json (teacher_fd, student_fd, fd_ratio, class accuracies, teacher_nfe, speedup),
+        metrics.parquet and grid.png (teacher | student); prints the output directory last on stdout.
+        The teacher's numbers and the reference statistics are computed once and cached in the store.""",
     ),
 }
 

@@ -80,11 +80,28 @@ class DistillConfig(Section):
     num_threads: int | None = Field(None, gt=0, description="torch threads per process; not part of the cache key")
 
 
+class EvaluateConfig(Section):
+    num_samples: int = Field(50_000, gt=1, description="one-step samples (class-balanced labels)")
+    batch_size: int = Field(500, gt=0, description="samples per generator / feature batch")
+    seed: int = Field(1234, ge=0, description="noise of evaluation sample i is seeded by (seed, i)")
+    features: Literal["inception", "digits"] = Field("inception", description="FID (Inception-v3) or FD-digits")
+    classifier: str | None = Field(None, description="digits classifier dir: FD-digits features and class accuracy")
+    inception_weights: str | None = Field(None, description="torch-fidelity Inception weights (default: torch hub cache)")
+    reference: str = Field("digits", description="'digits' (the real digits) or a .npz with mu and sigma")
+    use_ema: bool = Field(True, description="evaluate generator_ema/ when the distill output has it")
+    teacher_steps: int | None = Field(None, gt=0, description="teacher solver steps (default: generate.steps)")
+    speed_batch_size: int = Field(256, gt=0, description="batch for the images/s comparison")
+    speed_repeats: int = Field(3, gt=0, description="timed repeats per sampler (after one warm-up)")
+    distill: str | None = Field(None, description="a distill output dir; default: the one this config makes")
+    num_threads: int | None = Field(None, gt=0, description="torch threads per process; not part of the cache key")
+
+
 class PipelineConfig(Section):
     store: str = Field("runs/store", description="where stage outputs live")
     teacher: TeacherConfig = TeacherConfig()
     generate: GenerateConfig = GenerateConfig()
     distill: DistillConfig = DistillConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 def _format_validation(e: ValidationError) -> str:
@@ -96,6 +113,8 @@ def _format_validation(e: ValidationError) -> str:
     return "; ".join(lines)
 
 
+# (section, key) of config values that are paths, resolved against the config file's directory.
+RELATIVE_PATHS = [("teacher", "path"), ("evaluate", "classifier"), ("evaluate", "inception_weights"), ("evaluate", "reference")]
 YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
 
 
@@ -136,11 +155,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read the YAML (the embedded default when ``path`` is None), apply ``--set`` overrides, validate."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     data = _read_yaml(path)
-    teacher = data.get("teacher")
-    if isinstance(teacher, dict) and isinstance(teacher.get("path"), str):
-        p = Path(teacher["path"]).expanduser()
-        if not p.is_absolute() and (path.parent / p).exists():
-            teacher["path"] = str((path.parent / p).resolve())
+    for section, key in RELATIVE_PATHS:
+        node = data.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            p = Path(node[key]).expanduser()
+            if not p.is_absolute() and (path.parent / p).exists():
+                node[key] = str((path.parent / p).resolve())
     for text in overrides:
         parts, value = parse_override(text)
         node = data

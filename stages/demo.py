@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
-from . import distill, generate
+from . import distill, evaluate, generate
 from .config import load_config
 
 log = logging.getLogger("dmd")
@@ -27,4 +28,8 @@ def run(progress: bool = True) -> str:
         d.info["steps"], final.get("loss_dm", float("nan")), final.get("loss_reg", float("nan")),
         final.get("loss_fake", float("nan")), out, out / "samples.png",
     )  # fmt: skip
+    e = evaluate.run(cfg, progress=progress)
+    out = Path(cfg.store) / evaluate.STAGE / e.key
+    print(evaluate.results_table(e), file=sys.stderr)
+    log.info("evaluate: %s (grid: %s)", out, out / "grid.png")
     return str(out)

@@ -1,0 +1,362 @@
+"""Stage ``evaluate``: Fréchet distance, class accuracy and speed of the one-step generator vs its teacher.
+
+Output ``<store>/evaluate/<key>/``: ``metrics.json`` (headline numbers), ``metrics.parquet`` (one row),
+``grid.png`` (teacher | student from the same noise and labels), ``student_stats.npz``,
+``config.yaml`` and ``manifest.json``. Cached beside it, computed once: the reference statistics
+(``<store>/reference/<key>/stats.npz``, per dataset and feature network) and the teacher's numbers
+(``<store>/teacher_eval/<key>/``, per teacher, solver, steps, guidance and sampling protocol).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dmd_core.denoisers import Denoiser
+from dmd_core.digits import DigitsClassifier, load_digits_data
+from dmd_core.dmd import one_step
+from dmd_core.errors import InputError
+from dmd_core.images import grid_image
+from dmd_core.loading import load_denoiser, resolve_model_dir
+from dmd_core.metrics import (
+    InceptionFeatures,
+    PenultimateFeatures,
+    clear_reference,
+    inception_weights_path,
+    load_stats,
+    make_fid,
+    save_stats,
+    set_reference,
+    side_stats,
+)
+from dmd_core.shards import sample_labels, sample_noise
+from dmd_core.solvers import heun_nfe, heun_sampler, pndm_nfe, pndm_sampler
+
+from . import distill
+from .generate import model_shape
+from .config import EvaluateConfig, PipelineConfig, dump_config
+from .launch import accelerate_launch
+from .store import Manifest, Timer, content_key, dir_digest, file_entry, read_manifest, sha256_file, verified_manifest, write_text_atomic
+
+STAGE = "evaluate"
+CODE_VERSION = "evaluate/1"
+NOT_IN_KEY = {"num_threads", "distill"}
+log = logging.getLogger("dmd")
+
+
+@dataclass
+class EvaluatePlan:
+    out_dir: Path
+    key: str
+    distill_dir: Path
+    distill_manifest: Manifest
+    generator_dir: Path
+    teacher_dir: Path
+    teacher_digest: str
+    features_digest: str
+    reference_digest: str
+    teacher_key: str
+    reference_key: str
+
+
+def teacher_steps(cfg: PipelineConfig) -> int:
+    return cfg.evaluate.teacher_steps or cfg.generate.steps
+
+
+def _features_digest(e: EvaluateConfig) -> str:
+    if e.features == "digits":
+        if not e.classifier or not Path(e.classifier, "model.safetensors").is_file():
+            raise InputError(f"evaluate.features=digits needs evaluate.classifier (a `dmd toy classifier` dir); got {e.classifier!r}")
+        return "digits:" + dir_digest(e.classifier)
+    return "inception:" + sha256_file(inception_weights_path(e.inception_weights))
+
+
+def _reference_digest(e: EvaluateConfig) -> str:
+    if e.reference == "digits":
+        return "sklearn-digits-1797"
+    path = Path(e.reference)
+    if not path.is_file():
+        raise InputError(f"evaluate.reference: no such file {path}. Fix: give 'digits' or an .npz with mu and sigma.")
+    return "npz:" + sha256_file(path)
+
+
+def resolve_distill(cfg: PipelineConfig, num_processes: int, progress: bool) -> tuple[Path, Manifest]:
+    if cfg.evaluate.distill is None:
+        m = distill.run(cfg, num_processes, progress)
+        return Path(cfg.store) / distill.STAGE / m.key, m
+    d = Path(cfg.evaluate.distill)
+    m = verified_manifest(d)
+    if m is None:
+        raise InputError(f"evaluate.distill: {d} is not a complete distill output (no verified manifest.json). Fix: rerun `dmd distill`.")
+    return d, m
+
+
+def plan(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> EvaluatePlan:
+    e = cfg.evaluate
+    features_digest = _features_digest(e)
+    reference_digest = _reference_digest(e)
+    teacher_dir = resolve_model_dir(cfg.teacher.path)
+    teacher_digest = dir_digest(teacher_dir)
+    distill_dir, dm = resolve_distill(cfg, num_processes, progress)
+    gen_dir = distill_dir / ("generator_ema" if e.use_ema and (distill_dir / "generator_ema").is_dir() else "generator")
+    try:
+        load_denoiser(gen_dir)
+    except InputError as err:
+        raise InputError(f"the generator in {gen_dir} does not load: {err}") from None
+    protocol = {"num_samples": e.num_samples, "seed": e.seed, "batch_size": e.batch_size}
+    ref_key = content_key("reference", {}, {"features": features_digest, "reference": reference_digest}, CODE_VERSION)
+    teacher_cfg = {**protocol, "solver": cfg.generate.solver, "steps": teacher_steps(cfg), "guidance_scale": cfg.generate.guidance_scale}
+    teacher_key = content_key("teacher_eval", teacher_cfg, {"teacher": teacher_digest, "features": features_digest, "reference": reference_digest}, CODE_VERSION)
+    up = {"distill": dm.digest, "teacher": teacher_digest, "features": features_digest, "reference": reference_digest}
+    key = content_key(STAGE, {**e.model_dump(exclude=NOT_IN_KEY), "teacher": teacher_cfg}, up, CODE_VERSION)
+    return EvaluatePlan(Path(cfg.store) / STAGE / key, key, distill_dir, dm, gen_dir, teacher_dir, teacher_digest, features_digest, reference_digest, teacher_key, ref_key)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+class Evaluator:
+    """Feature network, classifier, reference statistics and the two samplers for one process."""
+
+    def __init__(self, cfg: PipelineConfig, p: EvaluatePlan, rank: int, world: int, device: torch.device):
+        self.cfg, self.p, self.e = cfg, p, cfg.evaluate
+        self.rank, self.world, self.device = rank, world, device
+        self.classifier = DigitsClassifier.load(self.e.classifier).to(device) if self.e.classifier else None
+        if self.e.features == "digits":
+            self.features: torch.nn.Module = PenultimateFeatures(self.classifier)
+        else:
+            self.features = InceptionFeatures(self.e.inception_weights)
+        if self.e.num_samples <= self.features.num_features:
+            raise InputError(
+                f"evaluate.num_samples ({self.e.num_samples}) must exceed the feature dimension ({self.features.num_features}): "
+                "with fewer samples the covariance is singular. Fix: raise evaluate.num_samples."
+            )
+        self.student: Denoiser = load_denoiser(p.generator_dir, device)
+        self.teacher: Denoiser = load_denoiser(p.teacher_dir, device)
+        self.shape = model_shape(self.student)
+        self.num_classes = self.student.num_classes
+
+    # samplers: (z, labels) -> images in model space
+    def student_sample(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return one_step(self.student, self.student.param, z, labels)
+
+    def teacher_sample(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        g, den, steps = self.cfg.generate, self.teacher, teacher_steps(self.cfg)
+        if g.solver == "heun":
+            return heun_sampler(lambda x, s: den(x, s, labels, g.guidance_scale), z, steps, den.sigma_min, den.sigma_max)
+        return pndm_sampler(den, z, steps, labels, g.guidance_scale)
+
+    def teacher_nfe(self) -> int:
+        steps = teacher_steps(self.cfg)
+        return heun_nfe(steps) if self.cfg.generate.solver == "heun" else pndm_nfe(self.teacher, steps)
+
+    def reference(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Reference statistics, computed once per (dataset, features) and cached in the store."""
+        if self.e.reference != "digits":
+            return load_stats(self.e.reference)
+        path = Path(self.cfg.store) / "reference" / self.p.reference_key / "stats.npz"
+        if path.is_file():
+            return load_stats(path)
+        fid = make_fid(self.features)
+        real, _ = load_digits_data()
+        with torch.no_grad():
+            for s in range(0, len(real), self.e.batch_size):
+                fid.update(real[s : s + self.e.batch_size].to(self.device, torch.float64), real=True)
+        mu, sigma, n = side_stats(fid.real_features_sum, fid.real_features_cov_sum, fid.real_features_num_samples)
+        if self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_stats(path, mu, sigma, n)
+        return mu, sigma, n
+
+    @torch.no_grad()
+    def measure(self, sampler: Callable, desc: str) -> dict:
+        """FD and class accuracy of ``num_samples`` class-balanced samples; batches b = rank (mod world)."""
+        e = self.e
+        fid = make_fid(self.features).to(self.device)
+        mu, sigma, n = self.reference()
+        set_reference(fid, mu, sigma, n) if self.rank == 0 else clear_reference(fid)
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        starts = list(range(0, e.num_samples, e.batch_size))[self.rank :: self.world]
+        for s in tqdm(starts, desc=desc, disable=self.rank != 0, unit="batch", dynamic_ncols=True):
+            idx = range(s, min(s + e.batch_size, e.num_samples))
+            z = sample_noise(e.seed, idx, self.shape).to(self.device)
+            labels = sample_labels(idx, self.num_classes)
+            labels = None if labels is None else labels.to(self.device)
+            x = sampler(z, labels).float().clamp(-1, 1)
+            fid.update(x.to(torch.float64), real=False)
+            if self.classifier is not None and labels is not None:
+                correct += (self.classifier(x).argmax(1) == labels).sum()
+        fd = float(fid.compute())  # torchmetrics all-reduces the float64 sums across processes
+        if self.world > 1:
+            torch.distributed.all_reduce(correct)
+        acc = float(correct) / e.num_samples if self.classifier is not None and self.num_classes else None
+        fake = side_stats(fid.fake_features_sum, fid.fake_features_cov_sum, fid.fake_features_num_samples)
+        return {"fd": fd, "class_accuracy": acc, "stats": fake}
+
+    @torch.no_grad()
+    def speed(self) -> dict:
+        """Images/s of both samplers at the same batch size, in this process (after one warm-up each)."""
+        B = self.e.speed_batch_size
+        z = sample_noise(self.e.seed + 1, range(B), self.shape).to(self.device)
+        labels = sample_labels(range(B), self.num_classes)
+        labels = None if labels is None else labels.to(self.device)
+        out = {}
+        for name, sampler in (("student", self.student_sample), ("teacher", self.teacher_sample)):
+            sampler(z, labels)
+            self._sync()
+            t0 = time.perf_counter()
+            for _ in range(self.e.speed_repeats):
+                sampler(z, labels)
+            self._sync()
+            out[f"{name}_images_per_s"] = B * self.e.speed_repeats / (time.perf_counter() - t0)
+        out["speedup"] = out["student_images_per_s"] / out["teacher_images_per_s"]
+        return out
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def grid(self, path: Path) -> None:
+        """Teacher (left) beside student (right), same noise and labels; one column per class."""
+        C = self.num_classes
+        n = 8 * (C or 8)
+        z = sample_noise(self.e.seed + 2, range(n), self.shape).to(self.device)
+        labels = sample_labels(range(n), C)
+        labels = None if labels is None else labels.to(self.device)
+        left = grid_image(self.teacher_sample(z, labels), nrow=C or 8)
+        right = grid_image(self.student_sample(z, labels), nrow=C or 8)
+        gap = 16
+        canvas = Image.new(left.mode, (left.width + gap + right.width, max(left.height, right.height)), 255)
+        canvas.paste(left, (0, 0))
+        canvas.paste(right, (left.width + gap, 0))
+        tmp = path.with_name(f".{path.name}.tmp")
+        canvas.save(tmp, format="PNG")
+        tmp.replace(path)
+
+
+def teacher_numbers(ev: Evaluator) -> dict:
+    """The teacher's FD and accuracy on this protocol: computed once, cached in <store>/teacher_eval/<key>/."""
+    path = Path(ev.cfg.store) / "teacher_eval" / ev.p.teacher_key / "metrics.json"
+    if path.is_file():
+        log.info("evaluate: teacher numbers from cache %s", path.parent)
+        return json.loads(path.read_text())
+    r = ev.measure(ev.teacher_sample, f"teacher ({ev.teacher_nfe()} NFE)")
+    result = {"teacher_fd": r["fd"], "teacher_class_accuracy": r["class_accuracy"], "teacher_nfe": ev.teacher_nfe()}
+    if ev.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_stats(path.parent / "teacher_stats.npz", *r["stats"])
+        write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def evaluate(cfg: PipelineConfig, p: EvaluatePlan, rank: int, world: int, device: torch.device, progress: bool) -> Manifest | None:
+    timer = Timer()
+    torch.set_num_threads(cfg.evaluate.num_threads or max(1, (os.cpu_count() or 1) // world))
+    ev = Evaluator(cfg, p, rank, world, device)
+    student = ev.measure(ev.student_sample, "student (1 NFE)")
+    teacher = teacher_numbers(ev)
+    if rank != 0:
+        return None
+    speed = ev.speed()
+    ev.grid(p.out_dir / "grid.png")
+    save_stats(p.out_dir / "student_stats.npz", *student["stats"])
+    metrics = {
+        **teacher,
+        "student_fd": student["fd"],
+        "fd_ratio": student["fd"] / teacher["teacher_fd"],
+        "student_class_accuracy": student["class_accuracy"],
+        "student_nfe": 1,
+        **speed,
+        "features": cfg.evaluate.features,
+        "num_samples": cfg.evaluate.num_samples,
+        "generator": p.generator_dir.name,
+        "distill_steps": p.distill_manifest.info.get("steps"),
+    }
+    write_text_atomic(p.out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    tmp = p.out_dir / ".metrics.parquet.tmp"
+    pq.write_table(pa.Table.from_pylist([{"key": p.key, **metrics}]), tmp)
+    tmp.replace(p.out_dir / "metrics.parquet")
+    names = ("metrics.json", "metrics.parquet", "grid.png", "student_stats.npz", "config.yaml")
+    m = Manifest(
+        stage=STAGE,
+        key=p.key,
+        code_version=CODE_VERSION,
+        config=cfg.evaluate.model_dump(mode="json"),
+        pipeline_config=cfg.model_dump(mode="json"),
+        upstream={"distill": p.distill_manifest.digest, "teacher": p.teacher_digest, "features": p.features_digest, "reference": p.reference_digest},
+        files=[file_entry(p.out_dir / n) for n in names],
+        info={"metrics": metrics, "distill_dir": str(p.distill_dir), "generator_dir": str(p.generator_dir), "num_processes": world},
+        wall_time_s=round(timer.seconds, 3),
+    )
+    m.save(p.out_dir)
+    return m
+
+
+def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
+    """Evaluate (or reuse the evaluation of) the generator this config distils."""
+    p = plan(cfg, num_processes, progress)
+    m = verified_manifest(p.out_dir)
+    if m is not None:
+        log.info("evaluate: cached output %s is complete and verified", p.out_dir)
+        return m
+    p.out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(p.out_dir / "config.yaml", dump_config(cfg))
+    if num_processes > 1:
+        child = cfg.model_copy(deep=True)
+        child.evaluate.distill = str(p.distill_dir.resolve())
+        child.store = str(Path(cfg.store).resolve())
+        accelerate_launch("stages.evaluate", child, num_processes)
+        m = read_manifest(p.out_dir)
+        if m is None:
+            raise InputError(f"evaluate on {num_processes} processes wrote no manifest in {p.out_dir}")
+        return m
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return evaluate(cfg, p, 0, 1, device, progress)
+
+
+def run_distributed(cfg: PipelineConfig, progress: bool = True) -> Manifest | None:
+    from accelerate import PartialState
+
+    state = PartialState(cpu=os.environ.get("DMD_FORCE_CPU") == "1" or not torch.cuda.is_available())
+    p = plan(cfg, 1, progress=False)
+    return evaluate(cfg, p, state.process_index, state.num_processes, state.device, progress)
+
+
+def results_table(m: Manifest) -> str:
+    """The headline numbers as a small text table."""
+    r = m.info["metrics"]
+    fd_name = "FD-digits" if r["features"] == "digits" else "FID"
+    acc = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    rows = [
+        ("", f"teacher ({r['teacher_nfe']} NFE)", "one-step (1 NFE)"),
+        (fd_name, f"{r['teacher_fd']:.3f}", f"{r['student_fd']:.3f}"),
+        ("class accuracy", acc(r["teacher_class_accuracy"]), acc(r["student_class_accuracy"])),
+        ("images/s", f"{r['teacher_images_per_s']:.1f}", f"{r['student_images_per_s']:.1f}"),
+    ]
+    w = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
+    lines.append(f"{fd_name} ratio (one-step / teacher): {r['fd_ratio']:.2f}   speedup: {r['speedup']:.1f}x")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from .cli import stage_app
+
+    stage_app("evaluate")()
+
+
+if __name__ == "__main__":
+    main()
