@@ -32,17 +32,15 @@ from dmd_core.losses import LPIPSLoss, l2_loss, pseudo_huber_loss
 from dmd_core.shards import pair_stream, sample_seed, shard_name, shard_ranges
 
 from . import generate
-from .config import DistillConfig, PipelineConfig, dump_config, load_config
-from .launch import accelerate_launch
+from .config import DistillConfig, PipelineConfig, load_config
+from .launch import run_or_reuse
 from .store import (
     Manifest,
     Timer,
     content_key,
     dir_digest,
     file_entry,
-    read_manifest,
     verified_manifest,
-    write_text_atomic,
 )
 
 STAGE = "distill"
@@ -354,6 +352,9 @@ def train(cfg: PipelineConfig, p: DistillPlan, progress: bool = True) -> Manifes
         if (ckpt / "metrics.parquet").is_file():
             rows = pq.read_table(ckpt / "metrics.parquet").to_pylist()
         log.info("distill: resuming from %s (step %d)", ckpt, start)
+    if start >= d.steps and not d.resume_from:  # training had finished; only its outputs were lost or damaged
+        log.info("distill: rebuilding the outputs from the final checkpoint %s", ckpt)
+        return finalize(cfg, p, tr, rows, timer.seconds) if acc.is_main_process else None
     if start >= d.steps:
         raise InputError(f"the checkpoint {ckpt} is already at step {start} >= distill.steps={d.steps}. Fix: raise distill.steps.")
 
@@ -445,22 +446,10 @@ def finalize(cfg: PipelineConfig, p: DistillPlan, tr: Trainer, rows: list[dict],
 def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
     """Train (or reuse, or resume) the one-step generator for ``cfg``; returns the verified manifest."""
     p = plan(cfg, num_processes, progress)
-    m = verified_manifest(p.out_dir)
-    if m is not None:
-        log.info("distill: cached output %s is complete and verified", p.out_dir)
-        return m
-    p.out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(p.out_dir / "config.yaml", dump_config(cfg))
-    if num_processes > 1:
-        child = cfg.model_copy(deep=True)
-        child.distill.pairs = str(p.pairs_dir.resolve())  # workers use exactly these pairs
-        child.store = str(Path(cfg.store).resolve())
-        accelerate_launch("stages.distill", child, num_processes)
-        m = read_manifest(p.out_dir)
-        if m is None:
-            raise InputError(f"distill on {num_processes} processes wrote no manifest in {p.out_dir}")
-        return m
-    return train(cfg, p, progress)
+    child = cfg.model_copy(deep=True)
+    child.distill.pairs = str(p.pairs_dir.resolve())  # workers use exactly these pairs
+    child.store = str(Path(cfg.store).resolve())
+    return run_or_reuse(STAGE, p.out_dir, cfg, num_processes, lambda: train(cfg, p, progress), child)
 
 
 def run_distributed(cfg: PipelineConfig, progress: bool = True) -> Manifest | None:

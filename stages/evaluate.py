@@ -46,9 +46,9 @@ from dmd_core.solvers import heun_nfe, heun_sampler, pndm_nfe, pndm_sampler
 
 from . import distill
 from .generate import model_shape
-from .config import EvaluateConfig, PipelineConfig, dump_config
-from .launch import accelerate_launch
-from .store import Manifest, Timer, content_key, dir_digest, file_entry, read_manifest, sha256_file, verified_manifest, write_text_atomic
+from .config import EvaluateConfig, PipelineConfig
+from .launch import run_or_reuse
+from .store import Manifest, Timer, content_key, dir_digest, file_entry, sha256_file, verified_manifest, write_text_atomic
 
 STAGE = "evaluate"
 CODE_VERSION = "evaluate/1"
@@ -308,23 +308,11 @@ def evaluate(cfg: PipelineConfig, p: EvaluatePlan, rank: int, world: int, device
 def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
     """Evaluate (or reuse the evaluation of) the generator this config distils."""
     p = plan(cfg, num_processes, progress)
-    m = verified_manifest(p.out_dir)
-    if m is not None:
-        log.info("evaluate: cached output %s is complete and verified", p.out_dir)
-        return m
-    p.out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(p.out_dir / "config.yaml", dump_config(cfg))
-    if num_processes > 1:
-        child = cfg.model_copy(deep=True)
-        child.evaluate.distill = str(p.distill_dir.resolve())
-        child.store = str(Path(cfg.store).resolve())
-        accelerate_launch("stages.evaluate", child, num_processes)
-        m = read_manifest(p.out_dir)
-        if m is None:
-            raise InputError(f"evaluate on {num_processes} processes wrote no manifest in {p.out_dir}")
-        return m
+    child = cfg.model_copy(deep=True)
+    child.evaluate.distill = str(p.distill_dir.resolve())  # workers evaluate exactly this generator
+    child.store = str(Path(cfg.store).resolve())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return evaluate(cfg, p, 0, 1, device, progress)
+    return run_or_reuse(STAGE, p.out_dir, cfg, num_processes, lambda: evaluate(cfg, p, 0, 1, device, progress), child)
 
 
 def run_distributed(cfg: PipelineConfig, progress: bool = True) -> Manifest | None:

@@ -26,15 +26,13 @@ from dmd_core.shards import sample_labels, sample_noise, shard_name, shard_range
 from dmd_core.solvers import heun_nfe, heun_sampler, pndm_nfe, pndm_sampler
 
 from .config import GenerateConfig, PipelineConfig, dump_config
-from .launch import accelerate_launch
+from .launch import run_or_reuse
 from .store import (
     Manifest,
     Timer,
-    bad_files,
     content_key,
     dir_digest,
     file_entry,
-    read_manifest,
     sha256_file,
     write_text_atomic,
 )
@@ -197,26 +195,13 @@ def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> M
     """Make (or reuse) the pair shards for ``cfg``; returns the verified manifest."""
     timer = Timer()
     p = plan(cfg)
-    m = read_manifest(p.out_dir)
-    if m is not None:
-        bad = bad_files(p.out_dir, m)
-        if not bad:
-            log.info("generate: cached output %s is complete and verified", p.out_dir)
-            return m
-        log.warning("generate: %s fails verification (%s): regenerating those", p.out_dir, ", ".join(bad))
-        (p.out_dir / "manifest.json").unlink()
-    p.out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(p.out_dir / "config.yaml", dump_config(cfg))
-    if num_processes > 1:
-        accelerate_launch("stages.generate", cfg, num_processes)
-        m = read_manifest(p.out_dir)
-        if m is None:
-            raise InputError(f"generate on {num_processes} processes wrote no manifest in {p.out_dir}")
-        return m
-    _set_threads(cfg.generate, 1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generate_shards(cfg, p, 0, 1, device, progress)
-    return finalize(cfg, p, timer.seconds)
+
+    def in_process() -> Manifest:
+        _set_threads(cfg.generate, 1)
+        generate_shards(cfg, p, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), progress)
+        return finalize(cfg, p, timer.seconds)
+
+    return run_or_reuse(STAGE, p.out_dir, cfg, num_processes, in_process)
 
 
 def run_distributed(cfg: PipelineConfig, progress: bool = True) -> Manifest | None:

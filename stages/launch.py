@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from dmd_core.errors import InputError
 
 from .config import PipelineConfig, dump_config
+from .store import MANIFEST, Manifest, bad_files, read_manifest, write_text_atomic
+
+log = logging.getLogger("dmd")
 
 
 def _free_port() -> int:
@@ -48,3 +53,36 @@ def accelerate_launch(module: str, cfg: PipelineConfig, num_processes: int, extr
         os.unlink(f.name)
     if rc != 0:
         raise InputError(f"`{module}` on {num_processes} processes exited with status {rc}; the log above names the cause")
+
+
+def run_or_reuse(
+    stage: str,
+    out_dir: Path,
+    cfg: PipelineConfig,
+    num_processes: int,
+    in_process: Callable[[], Manifest],
+    child: PipelineConfig | None = None,
+) -> Manifest:
+    """The shared skeleton of every stage's ``run``.
+
+    A complete, verified output is reused; a failing one is named and redone; otherwise the stage
+    runs in this process, or on ``num_processes`` through ``accelerate launch -m stages.<stage>``
+    (with ``child``, the config the workers get: inputs pinned to the directories resolved here).
+    """
+    m = read_manifest(out_dir)
+    if m is not None:
+        bad = bad_files(out_dir, m)
+        if not bad:
+            log.info("%s: cached output %s is complete and verified", stage, out_dir)
+            return m
+        log.warning("%s: %s fails verification (%s): redoing it", stage, out_dir, ", ".join(bad[:5]))
+        (out_dir / MANIFEST).unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "config.yaml", dump_config(cfg))
+    if num_processes == 1:
+        return in_process()
+    accelerate_launch(f"stages.{stage}", child or cfg, num_processes)
+    m = read_manifest(out_dir)
+    if m is None:
+        raise InputError(f"{stage} on {num_processes} processes wrote no manifest in {out_dir}")
+    return m

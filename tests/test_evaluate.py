@@ -15,7 +15,7 @@ from torch import nn
 from conftest import ROOT, run_cli, write_config
 from dmd_core.errors import InputError
 from dmd_core.metrics import InceptionFeatures, load_stats, make_fid, save_stats, set_reference, side_stats
-from stages import evaluate, generate
+from stages import evaluate
 from stages.config import load_config
 
 CLASSIFIER = str(ROOT / "data" / "classifier")
