@@ -90,6 +90,12 @@ def _evaluate() -> ModuleType:
     return evaluate
 
 
+def _export() -> ModuleType:
+    from . import export
+
+    return export
+
+
 STAGE_COMMANDS = {
     "generate": stage_command(
         _generate,
@@ -113,6 +119,13 @@ STAGE_COMMANDS = {
         Writes metrics.json (teacher_fd, student_fd, fd_ratio, class accuracies, teacher_nfe, speedup),
         metrics.parquet and grid.png (teacher | student); prints the output directory last on stdout.
         The teacher's numbers and the reference statistics are computed once and cached in the store.""",
+    ),
+    "export": stage_command(
+        _export,
+        """Write the one-step generator for others: diffusers layout, OneStepPipeline, ONNX, model card.
+
+        Evaluates first if needed; checks ONNX against PyTorch and a fresh-process reload bit for bit;
+        prints the export directory (with README.md, the model card) as the last line on stdout.""",
     ),
 }
 

@@ -96,12 +96,20 @@ class EvaluateConfig(Section):
     num_threads: int | None = Field(None, gt=0, description="torch threads per process; not part of the cache key")
 
 
+class ExportConfig(Section):
+    onnx: bool = Field(True, description="also write generator.onnx (checked against PyTorch with onnxruntime)")
+    opset: int = Field(17, ge=13, description="ONNX opset of generator.onnx")
+    parity_samples: int = Field(16, gt=0, description="fixed inputs of the ONNX and fresh-process parity checks")
+    onnx_tolerance: float = Field(1e-4, gt=0, description="largest accepted |ONNX - PyTorch|")
+
+
 class PipelineConfig(Section):
     store: str = Field("runs/store", description="where stage outputs live")
     teacher: TeacherConfig = TeacherConfig()
     generate: GenerateConfig = GenerateConfig()
     distill: DistillConfig = DistillConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
 
 
 def _format_validation(e: ValidationError) -> str:

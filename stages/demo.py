@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import distill, evaluate, generate
+from . import distill, evaluate, export, generate
 from .config import load_config
 
 log = logging.getLogger("dmd")
@@ -32,4 +32,7 @@ def run(progress: bool = True) -> str:
     out = Path(cfg.store) / evaluate.STAGE / e.key
     print(evaluate.results_table(e), file=sys.stderr)
     log.info("evaluate: %s (grid: %s)", out, out / "grid.png")
+    x = export.run(cfg, progress=progress)
+    out = Path(cfg.store) / export.STAGE / x.key
+    log.info("export: %s (model card: %s; ONNX max |diff| %.1e)", out, out / "README.md", x.info.get("onnx", {}).get("max_abs_diff", float("nan")))
     return str(out)

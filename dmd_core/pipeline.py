@@ -1,0 +1,102 @@
+"""The exported one-step generator as a diffusers pipeline, and as a plain module for ONNX."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, UNet2DModel
+from PIL import Image
+
+from .denoisers import EDMDenoiser, Parametrization, VPDenoiser
+from .dmd import one_step
+from .shards import sample_labels, sample_noise
+
+
+class OneStepModule(torch.nn.Module):
+    """(noise, class_labels) -> image in model space, one network evaluation: what ONNX exports."""
+
+    def __init__(self, denoiser: EDMDenoiser | VPDenoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return one_step(self.denoiser, self.denoiser.param, noise, class_labels)
+
+
+class OneStepPipeline(DiffusionPipeline):
+    """Seed and class labels to images in one call; ``OneStepPipeline.from_pretrained(export_dir)``.
+
+    The component ``generator`` is the distilled UNet (``<export>/generator/``); the parametrisation
+    is this pipeline's config (``model_index.json``), the same numbers as ``one_step.json``.
+    """
+
+    def __init__(
+        self,
+        generator: UNet2DModel,
+        kind: str = "edm",
+        sigma_max: float = 80.0,
+        sigma_data: float = 0.5,
+        num_classes: int = 0,
+        null_class: int | None = None,
+        image_shape: list[int] | None = None,
+        prediction_type: str = "epsilon",
+        alphas_cumprod: list[float] | None = None,
+    ):
+        super().__init__()
+        self.register_modules(generator=generator)
+        self.register_to_config(
+            kind=kind, sigma_max=sigma_max, sigma_data=sigma_data, num_classes=num_classes, null_class=null_class,
+            image_shape=image_shape, prediction_type=prediction_type, alphas_cumprod=alphas_cumprod,
+        )  # fmt: skip
+
+    def denoiser(self) -> EDMDenoiser | VPDenoiser:
+        c = self.config
+        param = Parametrization(
+            kind=c.kind, num_classes=c.num_classes, null_class=c.null_class, sigma_max=c.sigma_max, sigma_data=c.sigma_data,
+            prediction_type=c.prediction_type, image_shape=tuple(c.image_shape) if c.image_shape else None,
+        )  # fmt: skip
+        if c.kind == "edm":
+            return EDMDenoiser(self.generator, param)
+        return VPDenoiser(self.generator, param, torch.tensor(c.alphas_cumprod, dtype=torch.float64), {})
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: list[int] | torch.Tensor | None = None,
+        num_images: int | None = None,
+        seed: int = 0,
+        noise: torch.Tensor | None = None,
+        output_type: str = "pil",
+    ):
+        """Images for ``class_labels`` (or ``num_images`` unconditional ones), noise of image i seeded by (seed, i).
+
+        ``output_type``: "pil" (list of PIL images), "np" (uint8 array NHWC) or "pt" (tensor in [-1, 1]).
+        """
+        den = self.denoiser()
+        dev = self.generator.device
+        labels = None if class_labels is None else torch.as_tensor(class_labels, dtype=torch.long, device=dev)
+        n = len(labels) if labels is not None else (num_images or (len(noise) if noise is not None else 1))
+        if self.config.num_classes and labels is None:
+            labels = torch.full((n,), self.config.null_class, dtype=torch.long, device=dev)
+        if noise is None:
+            noise = sample_noise(seed, range(n), tuple(self.config.image_shape))
+        x = one_step(den, den.param, noise.to(dev), labels)
+        if output_type == "pt":
+            return x
+        array = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return array
+        return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in array]
+
+
+
+def sample_to_file(export_dir: str, seed: int, n: int, out_file: str) -> None:
+    """Load an export with diffusers and write one-step images of (seed, i), labels i mod C, to ``out_file`` (.npy).
+
+    Run in a fresh process by the export stage's parity check.
+    """
+    pipe = OneStepPipeline.from_pretrained(export_dir)
+    c = pipe.config
+    labels = sample_labels(range(n), c.num_classes)
+    x = pipe(class_labels=labels, num_images=n, noise=sample_noise(seed, range(n), tuple(c.image_shape)), output_type="pt")
+    np.save(out_file, x.cpu().numpy(), allow_pickle=False)

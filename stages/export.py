@@ -1,0 +1,265 @@
+"""Stage ``export``: the one-step generator as something others load without this project.
+
+Output ``<store>/export/<key>/``:
+- ``generator/``: diffusers ``save_pretrained`` layout (+ ``denoiser.json``): ``UNet2DModel.from_pretrained``;
+- ``model_index.json``: ``OneStepPipeline.from_pretrained(<export>)`` (this project's diffusers pipeline);
+- ``one_step.json``: everything needed to call the UNet once by hand;
+- ``generator.onnx`` (opset ``export.opset``), checked against PyTorch with onnxruntime;
+- ``grid.png``, ``README.md`` (model card), ``config.yaml`` and ``manifest.json``.
+Export always follows an evaluation (``evaluate.run``, cached), so every card carries its metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from dmd_core.denoisers import VPDenoiser
+from dmd_core.dmd import NUM_LEVELS, one_step
+from dmd_core.errors import InputError
+from dmd_core.loading import PARAM_FILE, load_denoiser
+from dmd_core.pipeline import OneStepModule, OneStepPipeline
+from dmd_core.shards import sample_labels, sample_noise
+
+from . import evaluate
+from .config import PipelineConfig
+from .launch import run_or_reuse
+from .store import Manifest, Timer, content_key, file_entry, sha256_file, write_text_atomic
+
+STAGE = "export"
+CODE_VERSION = "export/1"
+log = logging.getLogger("dmd")
+
+
+@dataclass
+class ExportPlan:
+    out_dir: Path
+    key: str
+    eval_dir: Path
+    eval_manifest: Manifest
+
+
+def plan(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> ExportPlan:
+    em = evaluate.run(cfg, num_processes, progress)  # evaluates first when needed (cached otherwise)
+    key = content_key(STAGE, cfg.export.model_dump(), {"evaluate": em.digest}, CODE_VERSION)
+    return ExportPlan(Path(cfg.store) / STAGE / key, key, Path(cfg.store) / evaluate.STAGE / em.key, em)
+
+
+def one_step_spec(den) -> dict:
+    p = den.param
+    spec = {
+        "parametrization": p.kind,
+        "network_evaluations": 1,
+        "image_shape": list(p.image_shape) if p.image_shape else None,
+        "data_range": list(p.data_range),
+        "num_classes": p.num_classes,
+        "null_class": p.null_class,
+    }
+    if p.kind == "edm":
+        spec.update(sigma_max=p.sigma_max, sigma_data=p.sigma_data,
+                    recipe="x = c_skip*(sigma_max*z) + c_out*UNet(c_in*(sigma_max*z), ln(sigma_max)/4, class); "
+                           "c_skip = sd^2/(s^2+sd^2), c_out = s*sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2), s = sigma_max, sd = sigma_data")  # fmt: skip
+    else:
+        spec.update(timestep=NUM_LEVELS - 1, prediction_type=p.prediction_type,
+                    recipe="x_T = z; out = UNet(z, T-1, class); convert out (epsilon / v / sample) to x0 with alphas_cumprod[T-1]")  # fmt: skip
+    return spec
+
+
+def pipeline_for(den) -> OneStepPipeline:
+    p = den.param
+    abar = den.alphas_cumprod.tolist() if isinstance(den, VPDenoiser) else None
+    return OneStepPipeline(
+        den.unet, kind=p.kind, sigma_max=p.sigma_max, sigma_data=p.sigma_data, num_classes=p.num_classes,
+        null_class=p.null_class, image_shape=list(p.image_shape) if p.image_shape else None,
+        prediction_type=p.prediction_type, alphas_cumprod=abar,
+    )  # fmt: skip
+
+
+def fixed_inputs(cfg: PipelineConfig, den) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The evaluate stage's first ``parity_samples`` noises and labels."""
+    n = cfg.export.parity_samples
+    return sample_noise(cfg.evaluate.seed, range(n), tuple(den.param.image_shape)), sample_labels(range(n), den.num_classes)
+
+
+def write_onnx(cfg: PipelineConfig, den, out: Path) -> dict:
+    """generator.onnx and its parity with PyTorch (onnxruntime, CPU) on the fixed inputs."""
+    import onnxruntime
+
+    module = OneStepModule(den).eval()
+    z, labels = fixed_inputs(cfg, den)
+    args = (z, labels) if labels is not None else (z,)
+    names = ["noise", "class_labels"][: len(args)]
+    tmp = out / ".generator.onnx.tmp"
+    with warnings.catch_warnings():
+        # diffusers' upsampler branches on the batch size (a memory-layout choice): harmless for the trace
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            module, args, str(tmp), opset_version=cfg.export.opset, dynamo=False, input_names=names, output_names=["image"],
+            dynamic_axes={n: {0: "batch"} for n in [*names, "image"]},
+        )  # fmt: skip
+    session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    got = session.run(None, {n: a.numpy() for n, a in zip(names, args)})[0]
+    with torch.no_grad():
+        want = module(*args).numpy()
+    diff = float(np.abs(got - want).max())
+    if not diff <= cfg.export.onnx_tolerance:
+        tmp.unlink()
+        raise InputError(
+            f"ONNX parity failed: max |ONNX - PyTorch| = {diff:.3g} > export.onnx_tolerance = {cfg.export.onnx_tolerance} "
+            f"on {len(z)} fixed inputs. Fix: try another export.opset, or set export.onnx=false to export without ONNX."
+        )
+    tmp.replace(out / "generator.onnx")
+    return {"opset": cfg.export.opset, "max_abs_diff": diff, "inputs": len(z), "runtime": f"onnxruntime {onnxruntime.__version__}"}
+
+
+def fresh_process_parity(cfg: PipelineConfig, p: ExportPlan, out: Path) -> dict:
+    """Load the export in a new Python process and compare with the evaluated generator, bit for bit."""
+    den = load_denoiser(p.eval_manifest.info["generator_dir"])
+    z, labels = fixed_inputs(cfg, den)
+    with torch.no_grad():
+        want = one_step(den, den.param, z, labels).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "x.npy"
+        code = "import sys; from dmd_core.pipeline import sample_to_file; sample_to_file(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])"
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(out), str(cfg.evaluate.seed), str(len(z)), str(result)], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise InputError(f"the export in {out} does not load in a fresh process: {proc.stderr.strip().splitlines()[-1:]}")
+        got = np.load(result, allow_pickle=False)
+    identical = bool(got.shape == want.shape and np.array_equal(got, want))
+    if not identical:
+        raise InputError(f"the export in {out} does not reproduce the evaluated generator bit for bit (max diff {np.abs(got - want).max():.3g})")
+    return {"bit_identical": True, "inputs": len(z)}
+
+
+def model_card(cfg: PipelineConfig, p: ExportPlan, out: Path, info: dict) -> str:
+    r = p.eval_manifest.info["metrics"]
+    pc = p.eval_manifest.pipeline_config
+    d, g = pc["distill"], pc["generate"]
+    fd = "FD-digits" if r["features"] == "digits" else "FID"
+    acc = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    files = sorted(f for f in out.rglob("*") if f.is_file() and f.name not in ("README.md", "manifest.json") and not f.name.startswith("."))
+    checksums = "\n".join(f"| `{f.relative_to(out)}` | {f.stat().st_size} | `{sha256_file(f)}` |" for f in files)
+    return f"""# One-step generator (DMD)
+
+Distilled with dmd-pipeline by Distribution Matching Distillation
+(Yin et al., CVPR 2024) from the teacher `{pc['teacher']['path']}`: one network evaluation per image instead
+of {r['teacher_nfe']}.
+
+![teacher (left) and this generator (right), same noise and labels](grid.png)
+
+## Metrics (evaluate stage, {r['num_samples']} class-balanced samples)
+
+| | teacher ({r['teacher_nfe']} NFE) | one-step (1 NFE) |
+|---|---|---|
+| {fd} | {r['teacher_fd']:.4f} | {r['student_fd']:.4f} |
+| class accuracy | {acc(r['teacher_class_accuracy'])} | {acc(r['student_class_accuracy'])} |
+| images/s (same batch, same process) | {r['teacher_images_per_s']:.1f} | {r['student_images_per_s']:.1f} |
+
+{fd} ratio (one-step / teacher): **{r['fd_ratio']:.3f}**; speedup **{r['speedup']:.1f}x**. Weights: `{r['generator']}`.
+
+## Training
+
+- Data: {g['num_samples']} (noise, image) pairs from the teacher's {g['solver']} solver, {g['steps']} steps
+  (guidance {g['guidance_scale']}).
+- Generator loss: distribution matching (real score = teacher with guidance {d['guidance_scale']}, fake score
+  trained alongside) + {d['regression_weight']} x {d['regression_loss']} regression on the pairs.
+- {d['steps']} steps, batch {d['batch_size']} per process, AdamW lr {d['generator_optimizer']['lr']} (generator) /
+  {d['fake_optimizer']['lr']} (fake score), {d['fake_updates_per_generator_update']} fake update(s) per step,
+  EMA {d['ema_decay']}, mixed precision {d['mixed_precision']}.
+
+## Use
+
+```python
+from dmd_core.pipeline import OneStepPipeline
+pipe = OneStepPipeline.from_pretrained("{out}")
+images = pipe(class_labels=[0, 1, 2, 3], seed=0)           # list of PIL images
+```
+
+Without this project, with diffusers only, see `one_step.json` (the recipe) and `generator/`
+(`UNet2DModel.from_pretrained`). ONNX: `generator.onnx`, inputs `noise` (N, {', '.join(map(str, info['image_shape']))}) and
+`class_labels` (N,), output `image` in [-1, 1], opset {info.get('onnx', {}).get('opset', 'n/a')}, max |ONNX - PyTorch| =
+{info.get('onnx', {}).get('max_abs_diff', float('nan')):.2e} on {cfg.export.parity_samples} fixed inputs. A fresh Python
+process loading this directory reproduces the evaluated generator bit for bit on the same inputs.
+
+## Files
+
+| file | bytes | sha256 |
+|---|---|---|
+{checksums}
+
+## Resolved config
+
+```yaml
+{yaml.safe_dump(pc, sort_keys=False).rstrip()}
+```
+"""
+
+
+def build(cfg: PipelineConfig, p: ExportPlan) -> Manifest:
+    timer = Timer()
+    out = p.out_dir
+    gen_dir = Path(p.eval_manifest.info["generator_dir"])
+    den = load_denoiser(gen_dir)
+    shutil.rmtree(out / "generator", ignore_errors=True)
+    pipeline_for(den).save_pretrained(str(out), safe_serialization=True)  # generator/ + model_index.json
+    shutil.copyfile(gen_dir / PARAM_FILE, out / "generator" / PARAM_FILE)
+    if (gen_dir / "scheduler").is_dir():
+        shutil.copytree(gen_dir / "scheduler", out / "generator" / "scheduler", dirs_exist_ok=True)
+    write_text_atomic(out / "one_step.json", json.dumps(one_step_spec(den), indent=2) + "\n")
+    shutil.copyfile(p.eval_dir / "grid.png", out / "grid.png")
+    info: dict = {"evaluation": str(p.eval_dir), "metrics": p.eval_manifest.info["metrics"], "image_shape": list(den.param.image_shape)}
+    if cfg.export.onnx:
+        info["onnx"] = write_onnx(cfg, den, out)
+    info["torch_parity"] = fresh_process_parity(cfg, p, out)
+    write_text_atomic(out / "README.md", model_card(cfg, p, out, info))
+    files = [
+        file_entry(f).model_copy(update={"name": str(f.relative_to(out))})
+        for f in sorted(out.rglob("*"))
+        if f.is_file() and f.name != "manifest.json" and not f.name.startswith(".")
+    ]
+    m = Manifest(
+        stage=STAGE,
+        key=p.key,
+        code_version=CODE_VERSION,
+        config=cfg.export.model_dump(),
+        pipeline_config=cfg.model_dump(mode="json"),
+        upstream={"evaluate": p.eval_manifest.digest},
+        files=files,
+        info=info,
+        wall_time_s=round(timer.seconds, 3),
+    )
+    m.save(out)
+    return m
+
+
+def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
+    """Export (or reuse the export of) the generator this config distils and evaluates."""
+    p = plan(cfg, num_processes, progress)
+    return run_or_reuse(STAGE, p.out_dir, cfg, 1, lambda: build(cfg, p))
+
+
+def run_distributed(cfg: PipelineConfig, progress: bool = True) -> Manifest | None:
+    raise InputError("export runs in one process; run `dmd export` without accelerate launch")
+
+
+def main() -> None:
+    from .cli import stage_app
+
+    stage_app("export")()
+
+
+if __name__ == "__main__":
+    main()
