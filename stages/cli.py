@@ -13,7 +13,7 @@ import typer
 from dmd_core.errors import InputError
 
 from .config import load_config
-from .launch import distributed_env
+from .launch import distributed_env, finish_distributed
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -62,6 +62,7 @@ def stage_command(load: Callable[[], ModuleType], doc: str) -> Callable[..., Non
             cfg = load_config(config, set_ or [])
             if distributed_env()[1] > 1:  # this process is one rank under accelerate launch
                 m = stage.run_distributed(cfg, progress=not quiet)
+                finish_distributed()
             else:
                 m = stage.run(cfg, num_processes, progress=not quiet)
             return None if m is None else str(Path(cfg.store) / stage.STAGE / m.key)

@@ -21,7 +21,7 @@ from .store import MANIFEST, Manifest, bad_files, read_manifest, write_text_atom
 log = logging.getLogger("dmd")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -30,6 +30,15 @@ def _free_port() -> int:
 def distributed_env() -> tuple[int, int]:
     """(rank, world size) as set by accelerate launch / torchrun; (0, 1) otherwise."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def finish_distributed() -> None:
+    """Barrier, then tear the process group down: exiting with a live gloo group can abort a rank."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def accelerate_launch(module: str, cfg: PipelineConfig, num_processes: int, extra_args: list[str] = ()) -> None:
@@ -41,7 +50,7 @@ def accelerate_launch(module: str, cfg: PipelineConfig, num_processes: int, extr
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_machines", "1", "--num_processes", str(num_processes),
         "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(free_port()),
         "-m", module, "--config", f.name, *extra_args,
     ]  # fmt: skip
     env = dict(os.environ)

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from stages import distill
 from stages.config import load_config
+from stages.launch import finish_distributed
 
 config, global_batch, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 acc = Accelerator(cpu=True)
@@ -32,3 +33,4 @@ if acc.is_main_process:
     save_file(state, out)
     with open(out + ".json", "w") as f:
         json.dump(logs, f)
+finish_distributed()

@@ -21,6 +21,7 @@ from dmd_core import load_denoiser
 from dmd_core.errors import InputError
 from stages import distill, generate
 from stages.config import load_config
+from stages.launch import free_port
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_two_processes_take_the_same_first_step(setup):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, script, str(cfg), "8", one], check=True, cwd=ROOT, env=env)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]  # fmt: skip
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]  # fmt: skip
     subprocess.run([*launch, script, str(cfg), "8", two], check=True, cwd=ROOT, env=env)
     a, b = load_file(one), load_file(two)
     assert max_diff(a, b) <= 1e-5
