@@ -52,7 +52,8 @@ from .store import Manifest, Timer, content_key, dir_digest, file_entry, sha256_
 
 STAGE = "evaluate"
 CODE_VERSION = "evaluate/1"
-NOT_IN_KEY = {"num_threads", "distill"}
+# Paths are not part of the key: the digests of what they point to are (features, reference, distill).
+NOT_IN_KEY = {"num_threads", "distill", "classifier", "inception_weights", "reference"}
 log = logging.getLogger("dmd")
 
 
