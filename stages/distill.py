@@ -415,7 +415,8 @@ def finalize(cfg: PipelineConfig, p: DistillPlan, tr: Trainer, rows: list[dict],
         for f in sorted((out / sub).rglob("*")) if (out / sub).is_dir() else []:
             if f.is_file():
                 files.append(file_entry(f).model_copy(update={"name": str(f.relative_to(out))}))
-    files += [file_entry(out / n) for n in ("metrics.parquet", "samples.png", "config.yaml")]
+    # metrics.parquet holds timings: a record, so a deterministic retrain keeps the same digest
+    files += [file_entry(out / "metrics.parquet", record=True), file_entry(out / "samples.png"), file_entry(out / "config.yaml")]
     last = rows[-1] if rows else {}
     m = Manifest(
         stage=STAGE,

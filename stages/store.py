@@ -17,7 +17,6 @@ from typing import Any
 from pydantic import BaseModel
 
 MANIFEST = "manifest.json"
-RECORD_FILES = {"config.yaml"}  # written into every output for people; not part of its digest
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -69,6 +68,7 @@ class FileEntry(BaseModel):
     size: int
     sha256: str
     samples: int | None = None
+    record: bool = False  # kept for people (resolved config, timings): not part of the output's digest
 
 
 class Manifest(BaseModel):
@@ -87,10 +87,10 @@ class Manifest(BaseModel):
     def digest(self) -> str:
         """Digest of what the stage made (file checksums), which downstream keys use.
 
-        Leaves out ``config.yaml``: it records absolute paths and other stages' sections, which must
+        Leaves out record files (``config.yaml`` with its absolute paths, logs with timings): they must
         not change the identity of identical products (same shards on another machine = same digest).
         """
-        made = sorted((f for f in self.files if f.name not in RECORD_FILES), key=lambda f: f.name)
+        made = sorted((f for f in self.files if not f.record), key=lambda f: f.name)
         return digest_json([[f.name, f.sha256] for f in made])
 
     def save(self, out_dir: str | Path) -> Path:
@@ -99,9 +99,13 @@ class Manifest(BaseModel):
         return path
 
 
-def file_entry(path: Path, samples: int | None = None, sha256: str | None = None) -> FileEntry:
-    """Size and checksum of ``path``; pass ``sha256`` when it was just computed (saves a re-read)."""
-    return FileEntry(name=path.name, size=path.stat().st_size, sha256=sha256 or sha256_file(path), samples=samples)
+def file_entry(path: Path, samples: int | None = None, sha256: str | None = None, record: bool | None = None) -> FileEntry:
+    """Size and checksum of ``path``; pass ``sha256`` when it was just computed (saves a re-read).
+
+    ``config.yaml`` is a record file unless told otherwise.
+    """
+    record = path.name == "config.yaml" if record is None else record
+    return FileEntry(name=path.name, size=path.stat().st_size, sha256=sha256 or sha256_file(path), samples=samples, record=record)
 
 
 def read_manifest(out_dir: str | Path) -> Manifest | None:

@@ -41,7 +41,7 @@ def test_manifest_digest_ignores_the_config_record():
     from stages.store import FileEntry, Manifest
 
     def manifest(config_sha: str) -> Manifest:
-        files = [FileEntry(name="pairs-000000.tar", size=1, sha256="a"), FileEntry(name="config.yaml", size=1, sha256=config_sha)]
+        files = [FileEntry(name="pairs-000000.tar", size=1, sha256="a"), FileEntry(name="config.yaml", size=1, sha256=config_sha, record=True)]
         return Manifest(stage="generate", key="k", code_version="v", config={}, pipeline_config={}, upstream={}, files=files, wall_time_s=0)
 
     assert manifest("x").digest == manifest("y").digest

@@ -1,0 +1,1 @@
+"""Prefect orchestration of the stages (the stages never import this package)."""

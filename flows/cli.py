@@ -1,0 +1,45 @@
+"""The ``dmd`` command: the stage commands plus ``dmd run``, the Prefect flow."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from stages.cli import ConfigOpt, ProcOpt, SetOpt, app, guarded
+
+STAGE_NAMES = ["generate", "distill", "evaluate", "export"]
+
+
+@app.command("run")
+def run_command(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    only: Annotated[Optional[str], typer.Option("--only", help=f"Run one stage ({', '.join(STAGE_NAMES)}) from the store's upstream outputs.")] = None,
+    refresh: Annotated[Optional[list[str]], typer.Option("--refresh", help="Force this stage (and every later one) to recompute; repeatable.")] = None,
+    num_processes: ProcOpt = 1,
+) -> None:
+    """Run the pipeline as the Prefect flow `dmd-pipeline` (a temporary local server unless PREFECT_API_URL is set).
+
+    Stages whose outputs are complete in the store are Cached; prints the export directory (with --only,
+    that stage's output) as the last line on stdout.
+    """
+    from dmd_core.errors import InputError
+
+    def body() -> str:
+        for name in [only, *(refresh or [])]:
+            if name is not None and name not in STAGE_NAMES:
+                raise InputError(f"unknown stage {name!r}; choose from {', '.join(STAGE_NAMES)}")
+        from .pipeline import dmd_pipeline
+
+        try:
+            result = dmd_pipeline(config=str(config) if config else None, overrides=set_ or [], only=only, refresh=refresh or [], num_processes=num_processes)
+        except RuntimeError as e:
+            raise InputError(str(e)) from None
+        return result["outputs"][only or "export"]
+
+    guarded(body)
+
+
+def main() -> None:
+    app()
