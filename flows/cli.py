@@ -41,5 +41,26 @@ def run_command(
     guarded(body)
 
 
+@app.command("schedule")
+def schedule_command(
+    cron: Annotated[str, typer.Option("--cron", help='Cron expression, e.g. "0 3 * * *" (03:00 every day, UTC).')],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "dmd-pipeline-scheduled",
+) -> None:
+    """Serve the pipeline as a scheduled deployment (`flow.serve`): this process runs each scheduled run.
+
+    Needs a Prefect server (PREFECT_API_URL); for work pools use `prefect deploy --all` with prefect.yaml.
+    """
+    from prefect import serve
+
+    from .pipeline import scheduled_deployment
+
+    def body() -> None:
+        serve(scheduled_deployment(cron, str(config) if config else None, set_ or [], name))
+
+    guarded(body)
+
+
 def main() -> None:
     app()

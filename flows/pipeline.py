@@ -192,3 +192,8 @@ def dmd_pipeline(
     if only is None:
         publish(results, cached)
     return {"outputs": {s: r["out_dir"] for s, r in results.items()}, "cached": cached}
+
+
+def scheduled_deployment(cron: str, config: str | None = None, overrides: list[str] | None = None, name: str = "dmd-pipeline-scheduled"):
+    """The pipeline as a deployment on a cron schedule (``dmd schedule`` serves it)."""
+    return dmd_pipeline.to_deployment(name=name, cron=cron, parameters={"config": config, "overrides": overrides or []})

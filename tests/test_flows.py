@@ -92,3 +92,36 @@ def test_only_evaluate_uses_the_store(first, tiny):
 
     r = dmd_pipeline(config=str(tiny), only="evaluate")
     assert list(r["outputs"]) == ["evaluate"] and r["cached"]["evaluate"]
+
+
+def test_scheduled_deployment_has_its_cron(harness):
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import scheduled_deployment
+
+    dep_id = scheduled_deployment("0 3 * * *", overrides=["store=/store"], name="nightly-test").apply()
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment(dep_id)
+    assert dep.name == "nightly-test" and dep.flow_id
+    assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
+    assert dep.parameters["overrides"] == ["store=/store"]
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed (.ci/run installs it)")
+def test_docker_compose_file_is_valid(tmp_path):
+    import subprocess
+
+    env = tmp_path / ".env"
+    env.write_text("POSTGRES_PASSWORD=secret\nPREFECT_SERVER_API_AUTH_STRING=admin:pass\n")
+    ok = subprocess.run(["docker-compose", "--env-file", str(env), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    # no defaults for secrets: an empty .env is refused
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    bad = subprocess.run(["docker-compose", "--env-file", str(empty), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "POSTGRES_PASSWORD" in bad.stderr
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert "ports" not in spec["services"]["postgres"]
+    assert spec["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
