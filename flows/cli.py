@@ -62,5 +62,30 @@ def schedule_command(
     guarded(body)
 
 
+@app.command("demo")
+def demo_command() -> None:
+    """The pipeline on the embedded default (digits) through the Prefect flow, then the results table."""
+
+    def body() -> str:
+        import sys
+
+        from stages import evaluate
+        from stages.store import read_manifest
+
+        from .pipeline import dmd_pipeline
+
+        result = dmd_pipeline()
+        out = result["outputs"]
+        table = evaluate.results_table(read_manifest(out["evaluate"]))
+        print(f"\n{table}\n\nsample grid: {out['evaluate']}/grid.png\nexport:      {out['export']}\nmodel card:  {out['export']}/README.md", file=sys.stderr)
+        return out["export"]
+
+    guarded(body)
+
+
 def main() -> None:
+    import os
+
+    # Prefect's temporary server: no telemetry writes (they can log a harmless SQLite "database is locked").
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     app()

@@ -183,14 +183,6 @@ def toy_report_command(
     guarded(lambda: toy.report(teacher, classifier, steps, num_samples, guidance_scale))
 
 
-@app.command("demo")
-def demo_command(quiet: QuietOpt = False) -> None:
-    """Run the pipeline on the embedded default (digits) and print where the outputs are."""
-    from . import demo
-
-    guarded(lambda: demo.run(progress=not quiet))
-
-
 def stage_app(name: str) -> typer.Typer:
     """A one-command app for ``python -m stages.<name>`` / ``accelerate launch -m stages.<name>``."""
     single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
