@@ -447,10 +447,8 @@ def finalize(cfg: PipelineConfig, p: DistillPlan, tr: Trainer, rows: list[dict],
 def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
     """Train (or reuse, or resume) the one-step generator for ``cfg``; returns the verified manifest."""
     p = plan(cfg, num_processes, progress)
-    child = cfg.model_copy(deep=True)
-    child.distill.pairs = str(p.pairs_dir.resolve())  # workers use exactly these pairs
-    child.store = str(Path(cfg.store).resolve())
-    return run_or_reuse(STAGE, p.out_dir, cfg, num_processes, lambda: train(cfg, p, progress), child)
+    # workers use exactly these pairs
+    return run_or_reuse(STAGE, p.out_dir, cfg, num_processes, lambda: train(cfg, p, progress), pin=("distill", "pairs", p.pairs_dir))
 
 
 def run_distributed(cfg: PipelineConfig, progress: bool = True) -> Manifest | None:

@@ -131,8 +131,9 @@ def plan(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> 
 class Evaluator:
     """Feature network, classifier, reference statistics and the two samplers for one process."""
 
-    def __init__(self, cfg: PipelineConfig, p: EvaluatePlan, rank: int, world: int, device: torch.device):
+    def __init__(self, cfg: PipelineConfig, p: EvaluatePlan, rank: int, world: int, device: torch.device, progress: bool = True):
         self.cfg, self.p, self.e = cfg, p, cfg.evaluate
+        self.progress = progress
         self.rank, self.world, self.device = rank, world, device
         self.classifier = DigitsClassifier.load(self.e.classifier).to(device) if self.e.classifier else None
         if self.e.features == "digits":
@@ -190,7 +191,7 @@ class Evaluator:
         set_reference(fid, mu, sigma, n) if self.rank == 0 else clear_reference(fid)
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
         starts = list(range(0, e.num_samples, e.batch_size))[self.rank :: self.world]
-        for s in tqdm(starts, desc=desc, disable=self.rank != 0, unit="batch", dynamic_ncols=True):
+        for s in tqdm(starts, desc=desc, disable=self.rank != 0 or not self.progress, unit="batch", dynamic_ncols=True):
             idx = range(s, min(s + e.batch_size, e.num_samples))
             z = sample_noise(e.seed, idx, self.shape).to(self.device)
             labels = sample_labels(idx, self.num_classes)
@@ -266,7 +267,7 @@ def teacher_numbers(ev: Evaluator) -> dict:
 def evaluate(cfg: PipelineConfig, p: EvaluatePlan, rank: int, world: int, device: torch.device, progress: bool) -> Manifest | None:
     timer = Timer()
     torch.set_num_threads(cfg.evaluate.num_threads or max(1, (os.cpu_count() or 1) // world))
-    ev = Evaluator(cfg, p, rank, world, device)
+    ev = Evaluator(cfg, p, rank, world, device, progress)
     student = ev.measure(ev.student_sample, "student (1 NFE)")
     teacher = teacher_numbers(ev)
     if rank != 0:
@@ -309,11 +310,9 @@ def evaluate(cfg: PipelineConfig, p: EvaluatePlan, rank: int, world: int, device
 def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
     """Evaluate (or reuse the evaluation of) the generator this config distils."""
     p = plan(cfg, num_processes, progress)
-    child = cfg.model_copy(deep=True)
-    child.evaluate.distill = str(p.distill_dir.resolve())  # workers evaluate exactly this generator
-    child.store = str(Path(cfg.store).resolve())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return run_or_reuse(STAGE, p.out_dir, cfg, num_processes, lambda: evaluate(cfg, p, 0, 1, device, progress), child)
+    # workers evaluate exactly this generator
+    return run_or_reuse(STAGE, p.out_dir, cfg, num_processes, lambda: evaluate(cfg, p, 0, 1, device, progress), pin=("evaluate", "distill", p.distill_dir))
 
 
 def run_distributed(cfg: PipelineConfig, progress: bool = True) -> Manifest | None:

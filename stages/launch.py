@@ -70,13 +70,14 @@ def run_or_reuse(
     cfg: PipelineConfig,
     num_processes: int,
     in_process: Callable[[], Manifest],
-    child: PipelineConfig | None = None,
+    pin: tuple[str, str, Path] | None = None,
 ) -> Manifest:
     """The shared skeleton of every stage's ``run``.
 
     A complete, verified output is reused; a failing one is named and redone; otherwise the stage
-    runs in this process, or on ``num_processes`` through ``accelerate launch -m stages.<stage>``
-    (with ``child``, the config the workers get: inputs pinned to the directories resolved here).
+    runs in this process, or on ``num_processes`` through ``accelerate launch -m stages.<stage>``.
+    ``pin`` = (section, key, dir): the workers' config points that key at the input resolved here, so
+    they read exactly it (and the store by absolute path).
     """
     m = read_manifest(out_dir)
     if m is not None:
@@ -90,7 +91,12 @@ def run_or_reuse(
     write_text_atomic(out_dir / "config.yaml", dump_config(cfg))
     if num_processes == 1:
         return in_process()
-    accelerate_launch(f"stages.{stage}", child or cfg, num_processes)
+    child = cfg.model_copy(deep=True)
+    child.store = str(Path(cfg.store).resolve())
+    if pin is not None:
+        section, key, path = pin
+        setattr(getattr(child, section), key, str(Path(path).resolve()))
+    accelerate_launch(f"stages.{stage}", child, num_processes)
     m = read_manifest(out_dir)
     if m is None:
         raise InputError(f"{stage} on {num_processes} processes wrote no manifest in {out_dir}")

@@ -81,7 +81,8 @@ def test_npz_roundtrip_and_pytorch_fid_format(tmp_path):
     mu, sigma = np.random.default_rng(0).normal(size=5), np.eye(5) * 2
     save_stats(tmp_path / "ours.npz", mu, sigma, 123)
     m2, s2, n2 = load_stats(tmp_path / "ours.npz")
-    np.testing.assert_array_equal(m2, mu) and np.testing.assert_array_equal(s2, sigma)
+    np.testing.assert_array_equal(m2, mu)
+    np.testing.assert_array_equal(s2, sigma)
     assert n2 == 123
     np.savez(tmp_path / "pytorch_fid.npz", mu=mu.astype(np.float32), sigma=sigma.astype(np.float32))  # as pytorch-fid writes them
     m3, s3, n3 = load_stats(tmp_path / "pytorch_fid.npz")
