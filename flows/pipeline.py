@@ -17,23 +17,35 @@ import base64
 import hashlib
 import io
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.context import TaskRunContext
 
 from stages import distill, evaluate, export, generate
 from stages.config import PipelineConfig, dump_config, load_config
+from stages.launch import EXIT_WITH_PARENT, kill_process_tree
+from stages.progress import ENV as PROGRESS_ENV
+from stages.progress import Progress, parse_progress
 from stages.store import verified_manifest
 
 STAGES = {"generate": generate, "distill": distill, "evaluate": evaluate, "export": export}
 ORDER = list(STAGES)
+PROGRESS_STAGES = ("generate", "distill", "evaluate")
 STDERR_TAIL = 50
 
 
@@ -59,37 +71,72 @@ def stage_cache_key(context: TaskRunContext, parameters: dict) -> str:
     return f"{parameters['stage']}-{stage_output(parameters['stage'], cfg)[0]}"
 
 
-def _pump(stream, emit, tail: deque | None) -> None:
+def _pump(stream, emit, tail: deque, progress: queue.Queue) -> None:
+    """Forward a subprocess stream line by line: progress lines to the queue, the rest to the log."""
     for line in iter(stream.readline, ""):
         line = line.rstrip("\n")
-        if tail is not None:
-            tail.append(line)
+        p = parse_progress(line)
+        if p is not None:
+            progress.put(p)
+            continue
+        tail.append(line)
         emit(line)
+
+
+class ProgressArtifact:
+    """One progress artifact per stage run (key ``dmd-<stage>-progress``), updated at most once a second."""
+
+    def __init__(self, stage: str):
+        self.id = create_progress_artifact(progress=0.0, key=f"dmd-{stage}-progress", description=f"{stage}: starting")
+        self.stage, self.last_sent, self.pending = stage, 0.0, None
+
+    def update(self, p: Progress | None = None, final: bool = False) -> None:
+        self.pending = p or self.pending
+        if self.pending is not None and (final or time.monotonic() - self.last_sent >= 1.0):
+            p, self.pending = self.pending, None
+            phase = f" — {p.phase}" if p.phase else ""
+            update_progress_artifact(self.id, p.percent, description=f"{self.stage}{phase}: {p.done}/{p.total}")
+            self.last_sent = time.monotonic()
 
 
 @task(cache_key_fn=stage_cache_key, persist_result=True, task_run_name="{stage}")
 def run_stage(stage: str, config_file: str, num_processes: int = 1) -> dict:
-    """``python -m stages <stage>``; stdout and stderr stream into the run log; returns the manifest."""
+    """``python -m stages <stage>``: output streams into the run log, progress into an artifact.
+
+    Returns the stage's verified manifest. However the task ends (failure, cancellation: Prefect turns
+    the runner's SIGTERM into an exception here), the stage's whole process tree is stopped.
+    """
     logger = get_run_logger()
-    cmd = [sys.executable, "-m", "stages", stage, "--config", config_file, "--quiet"]
+    cmd = [sys.executable, "-m", "stages", stage, "--config", config_file]
     if num_processes > 1 and stage != "export":
         cmd += ["--num-processes", str(num_processes)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+    env = {**os.environ, PROGRESS_ENV: "1", EXIT_WITH_PARENT: "1"}
+    progress = ProgressArtifact(stage) if stage in PROGRESS_STAGES else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env, start_new_session=True)
     out_lines: deque = deque(maxlen=5)
     err_tail: deque = deque(maxlen=STDERR_TAIL)
+    events: queue.Queue = queue.Queue()
     pumps = [
-        threading.Thread(target=_pump, args=(proc.stdout, logger.info, out_lines), daemon=True),
-        threading.Thread(target=_pump, args=(proc.stderr, logger.info, err_tail), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stdout, logger.info, out_lines, events), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, logger.info, err_tail, events), daemon=True),
     ]
     for t in pumps:
         t.start()
     try:
+        while proc.poll() is None or any(t.is_alive() for t in pumps):
+            try:
+                p = events.get(timeout=0.5)
+            except queue.Empty:
+                p = None
+            if progress is not None:
+                progress.update(p)
         rc = proc.wait()
     finally:
-        if proc.poll() is None:  # the task was cancelled or failed: no orphaned accelerate workers
-            os.killpg(proc.pid, 9)
-    for t in pumps:
-        t.join()
+        kill_process_tree(proc.pid)  # no-op after a clean exit; otherwise no orphaned accelerate workers
+    if progress is not None:
+        while not events.empty():
+            progress.update(events.get())
+        progress.update(final=True)
     if rc != 0:
         tail = "\n".join(err_tail)
         raise RuntimeError(f"stage {stage} exited with status {rc}; last {len(err_tail)} lines of stderr:\n{tail}")
@@ -128,7 +175,7 @@ def training_curves_png(metrics_parquet: Path) -> bytes:
     return buf.getvalue()
 
 
-def publish(results: dict[str, dict], cached: dict[str, bool]) -> None:
+def publish(results: dict[str, dict], cached: dict[str, bool], seconds: dict[str, float]) -> None:
     """Dashboards: metrics table, sample grid + training curves, link to the export (stable keys)."""
     ev = results["evaluate"]["manifest"]["info"]["metrics"]
     dist = results["distill"]["manifest"]
@@ -140,8 +187,9 @@ def publish(results: dict[str, dict], cached: dict[str, bool]) -> None:
         "one_step_class_accuracy": ev["student_class_accuracy"],
         "speedup": round(ev["speedup"], 1),
         "training_steps": dist["info"]["steps"],
-        "distill_wall_time_s": dist["wall_time_s"],
+        "distill_compute_s": dist["wall_time_s"],  # when it was computed, even if cached now
         **{f"{s}_cache": "hit" if cached[s] else "miss" for s in ORDER},
+        **{f"{s}_wall_time_s": round(seconds[s], 1) for s in ORDER},  # in this run
     }
     create_table_artifact(table=[row], key="dmd-metrics", description="Teacher vs one-step generator (evaluate stage)")
     grid = Path(results["evaluate"]["out_dir"]) / "grid.png"
@@ -173,7 +221,7 @@ def dmd_pipeline(
     cfg, config_file = resolved_config_file(config, overrides or [])
     refresh = set(refresh or [])
     stages = ORDER if only is None else [only]
-    results, cached = {}, {}
+    results, cached, seconds = {}, {}, {}
     forced = False
     for stage in stages:
         if only is not None:
@@ -186,11 +234,13 @@ def dmd_pipeline(
         if forced and out_dir.exists():
             shutil.rmtree(out_dir)  # a refreshed stage (and all after it) really recomputes
             valid = False
+        t0 = time.perf_counter()
         state = run_stage.with_options(refresh_cache=not valid)(stage, config_file, num_processes, return_state=True)
         results[stage] = state.result()
+        seconds[stage] = time.perf_counter() - t0
         cached[stage] = state.name == "Cached"
     if only is None:
-        publish(results, cached)
+        publish(results, cached, seconds)
     return {"outputs": {s: r["out_dir"] for s, r in results.items()}, "cached": cached}
 
 

@@ -13,7 +13,7 @@ import typer
 from dmd_core.errors import InputError
 
 from .config import load_config
-from .launch import distributed_env, finish_distributed
+from .launch import distributed_env, exit_with_parent, finish_distributed, terminate_on_sigterm
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -41,6 +41,8 @@ def setup_logging() -> None:
 def guarded(body: Callable[[], Optional[str]]) -> None:
     """Run a command body; InputError -> one line on stderr and exit 2; print the returned path last on stdout."""
     setup_logging()
+    exit_with_parent()
+    terminate_on_sigterm()
     try:
         out = body()
     except InputError as e:

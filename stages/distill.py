@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from dmd_core.denoisers import Denoiser
 from dmd_core.dmd import DMDSettings, SampleRNG, distribution_matching_term, fake_score_loss, one_step, random_labels
@@ -34,6 +33,7 @@ from dmd_core.shards import pair_stream, sample_seed, shard_name, shard_ranges
 from . import generate
 from .config import DistillConfig, PipelineConfig, load_config
 from .launch import run_or_reuse
+from .progress import progress_bar
 from .store import (
     Manifest,
     Timer,
@@ -380,7 +380,7 @@ def train(cfg: PipelineConfig, p: DistillPlan, progress: bool = True) -> Manifes
         acc.wait_for_everyone()
 
     (p.out_dir / "samples").mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=d.steps, initial=start, desc="distill", unit="step", disable=not progress or not acc.is_main_process, dynamic_ncols=True)
+    bar = progress_bar(STAGE, d.steps, progress and acc.is_main_process, initial=start, unit="step")
     samples_per_step = d.batch_size * d.gradient_accumulation_steps * acc.num_processes
     last_t, last_step = timer.seconds, start
     for step in range(start, d.steps):

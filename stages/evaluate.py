@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from dmd_core.denoisers import Denoiser
 from dmd_core.digits import DigitsClassifier, load_digits_data
@@ -48,6 +47,7 @@ from . import distill
 from .generate import model_shape
 from .config import EvaluateConfig, PipelineConfig
 from .launch import run_or_reuse
+from .progress import Bar, progress_bar
 from .store import Manifest, Timer, content_key, dir_digest, file_entry, sha256_file, verified_manifest, write_text_atomic
 
 STAGE = "evaluate"
@@ -182,16 +182,20 @@ class Evaluator:
             save_stats(path, mu, sigma, n)
         return mu, sigma, n
 
+    def batch_starts(self) -> list[int]:
+        """First sample index of each batch this process measures: batches b = rank (mod world)."""
+        return list(range(0, self.e.num_samples, self.e.batch_size))[self.rank :: self.world]
+
     @torch.no_grad()
-    def measure(self, sampler: Callable, desc: str) -> dict:
-        """FD and class accuracy of ``num_samples`` class-balanced samples; batches b = rank (mod world)."""
+    def measure(self, sampler: Callable, bar: Bar, phase: str) -> dict:
+        """FD and class accuracy of ``num_samples`` class-balanced samples (this process's batches)."""
         e = self.e
         fid = make_fid(self.features).to(self.device)
         mu, sigma, n = self.reference()
         set_reference(fid, mu, sigma, n) if self.rank == 0 else clear_reference(fid)
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
-        starts = list(range(0, e.num_samples, e.batch_size))[self.rank :: self.world]
-        for s in tqdm(starts, desc=desc, disable=self.rank != 0 or not self.progress, unit="batch", dynamic_ncols=True):
+        bar.set_description(phase)
+        for s in self.batch_starts():
             idx = range(s, min(s + e.batch_size, e.num_samples))
             z = sample_noise(e.seed, idx, self.shape).to(self.device)
             labels = sample_labels(idx, self.num_classes)
@@ -200,6 +204,7 @@ class Evaluator:
             fid.update(x.to(torch.float64), real=False)
             if self.classifier is not None and labels is not None:
                 correct += (self.classifier(x).argmax(1) == labels).sum()
+            bar.update(1)
         fd = float(fid.compute())  # torchmetrics all-reduces the float64 sums across processes
         if self.world > 1:
             torch.distributed.all_reduce(correct)
@@ -249,13 +254,17 @@ class Evaluator:
         tmp.replace(path)
 
 
-def teacher_numbers(ev: Evaluator) -> dict:
+def teacher_numbers_path(ev: Evaluator) -> Path:
+    return Path(ev.cfg.store) / "teacher_eval" / ev.p.teacher_key / "metrics.json"
+
+
+def teacher_numbers(ev: Evaluator, bar: Bar) -> dict:
     """The teacher's FD and accuracy on this protocol: computed once, cached in <store>/teacher_eval/<key>/."""
-    path = Path(ev.cfg.store) / "teacher_eval" / ev.p.teacher_key / "metrics.json"
+    path = teacher_numbers_path(ev)
     if path.is_file():
         log.info("evaluate: teacher numbers from cache %s", path.parent)
         return json.loads(path.read_text())
-    r = ev.measure(ev.teacher_sample, f"teacher ({ev.teacher_nfe()} NFE)")
+    r = ev.measure(ev.teacher_sample, bar, f"teacher ({ev.teacher_nfe()} NFE)")
     result = {"teacher_fd": r["fd"], "teacher_class_accuracy": r["class_accuracy"], "teacher_nfe": ev.teacher_nfe()}
     if ev.rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -268,8 +277,11 @@ def evaluate(cfg: PipelineConfig, p: EvaluatePlan, rank: int, world: int, device
     timer = Timer()
     torch.set_num_threads(cfg.evaluate.num_threads or max(1, (os.cpu_count() or 1) // world))
     ev = Evaluator(cfg, p, rank, world, device, progress)
-    student = ev.measure(ev.student_sample, "student (1 NFE)")
-    teacher = teacher_numbers(ev)
+    passes = 1 if teacher_numbers_path(ev).is_file() else 2  # the teacher's numbers may be cached
+    bar = progress_bar(STAGE, passes * len(ev.batch_starts()), progress and rank == 0, unit="batch")
+    student = ev.measure(ev.student_sample, bar, "student (1 NFE)")
+    teacher = teacher_numbers(ev, bar)
+    bar.close()
     if rank != 0:
         return None
     speed = ev.speed()

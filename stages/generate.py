@@ -17,7 +17,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dmd_core.denoisers import Denoiser, EDMDenoiser, VPDenoiser
 from dmd_core.errors import InputError
@@ -27,6 +26,7 @@ from dmd_core.solvers import heun_nfe, heun_sampler, pndm_nfe, pndm_sampler
 
 from .config import GenerateConfig, PipelineConfig, dump_config
 from .launch import run_or_reuse
+from .progress import progress_bar
 from .store import (
     Manifest,
     Timer,
@@ -118,9 +118,9 @@ def generate_shards(cfg: PipelineConfig, p: GeneratePlan, rank: int, world: int,
     store_dtype = np.dtype(g.dtype)
     ranges = shard_ranges(g.num_samples, g.shard_size)
     todo = [i for i in range(rank, len(ranges), world) if not shard_is_valid(p.out_dir, i)]
-    bar = tqdm(
-        total=sum(len(ranges[i]) for i in todo), unit="img", desc=f"generate [{rank}/{world}]",
-        disable=not progress or rank != 0, dynamic_ncols=True,
+    bar = progress_bar(
+        STAGE, sum(len(ranges[i]) for i in todo), progress and rank == 0, unit="img",
+        phase=f"{len(todo)} shards" + (f" on rank 0 of {world}" if world > 1 else ""),
     )  # fmt: skip
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=1) as writer:  # encoding and writing overlap the next shard's compute

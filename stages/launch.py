@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +40,59 @@ def finish_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def kill_process_tree(pid: int, include_root: bool = True, grace_s: float = 10.0) -> None:
+    """SIGTERM a process and all its descendants, then SIGKILL what is left after ``grace_s``.
+
+    By tree, not process group: torch elastic (under ``accelerate launch``) starts each worker in a
+    session of its own, so killing the launcher's group alone would orphan the workers.
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + ([root] if include_root else [])
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+EXIT_WITH_PARENT = "DMD_EXIT_WITH_PARENT"
+
+
+def exit_with_parent() -> None:
+    """When ``DMD_EXIT_WITH_PARENT=1`` (set by the flow): get SIGTERM if the parent process dies.
+
+    Linux's prctl(PR_SET_PDEATHSIG); no maintained package wraps just this, so ctypes. It covers a flow
+    process killed with SIGKILL, which cannot clean up after itself.
+    """
+    if os.environ.get(EXIT_WITH_PARENT) != "1" or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def terminate_on_sigterm() -> None:
+    """On SIGTERM: stop this process's children (accelerate launcher and workers), then exit 143."""
+
+    def handler(signum: int, _frame) -> None:
+        kill_process_tree(os.getpid(), include_root=False)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def accelerate_launch(module: str, cfg: PipelineConfig, num_processes: int, extra_args: list[str] = ()) -> None:

@@ -100,3 +100,45 @@ def kill_when(args: list[str], root: Path, pattern: str, timeout: float = 120) -
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def processes_mentioning(text: str) -> list:
+    """Live processes whose command line mentions ``text`` (e.g. a test's store path)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and any(text in a for a in p.info["cmdline"] or []):
+            found.append(p)
+    return found
+
+
+def wait_for_processes(text: str, module: str, count: int, timeout: float = 120) -> list:
+    """Wait until ``count`` live processes mention ``text`` and run ``-m module``; return all mentioning ``text``."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        procs = processes_mentioning(text)
+        if sum(module in p.info["cmdline"] for p in procs) >= count:
+            return procs
+        time.sleep(0.2)
+    raise AssertionError(f"{count} processes running -m {module} never appeared")
+
+
+def still_alive(procs: list, timeout: float = 30) -> list:
+    """Those of ``procs`` still running (not zombies) after waiting up to ``timeout`` for them to end."""
+    import time
+
+    import psutil
+
+    def alive(p) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(alive(p) for p in procs):
+        time.sleep(0.2)
+    return [p for p in procs if alive(p)]

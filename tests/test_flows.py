@@ -52,6 +52,19 @@ def test_first_run_completes_and_publishes(first):
     assert arts, "the metrics table artifact is missing"
     table = arts[0].data if isinstance(arts[0].data, list) else __import__("json").loads(arts[0].data)
     assert table[0]["training_steps"] == 4 and "one_step_fd" in table[0] and table[0]["export_cache"] == "miss"
+    assert table[0]["distill_wall_time_s"] > 0
+
+
+def test_progress_artifacts_reach_100_percent(first):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    keys = ["dmd-generate-progress", "dmd-distill-progress", "dmd-evaluate-progress"]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    assert sorted(a.key for a in arts) == sorted(keys)
+    assert all(a.type == "progress" and float(a.data) == 100.0 for a in arts)
+    assert "4/4" in next(a.description for a in arts if a.key == "dmd-distill-progress")  # 4 steps
 
 
 def test_second_run_is_all_cached(first, tiny):
@@ -105,6 +118,45 @@ def test_scheduled_deployment_has_its_cron(harness):
     assert dep.name == "nightly-test" and dep.flow_id
     assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
     assert dep.parameters["overrides"] == ["store=/store"]
+
+
+def test_cancelling_a_served_run_stops_every_stage_process(harness, tmp_path, edm_teacher):
+    """The UI's Cancel on a deployment run: the runner SIGTERMs the flow process, which stops the stage tree."""
+    import subprocess
+    import sys
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Cancelling
+
+    from conftest import still_alive, wait_for_processes
+
+    cfg = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={}, num_samples=100_000, steps=40, shard_size=4096, batch_size=64)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    serve = "from flows.pipeline import dmd_pipeline; dmd_pipeline.serve(name='cancel-test', print_starting_message=False)"
+    runner = subprocess.Popen([sys.executable, "-c", serve], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        with get_client(sync_client=True) as client:
+            deadline = time.time() + 60
+            while True:
+                try:
+                    dep = client.read_deployment_by_name("dmd-pipeline/cancel-test")
+                    break
+                except Exception:
+                    assert time.time() < deadline, "the runner never registered its deployment"
+                    time.sleep(0.5)
+            run = client.create_flow_run_from_deployment(dep.id, parameters={"config": str(cfg), "num_processes": 2})
+            procs = wait_for_processes(str(tmp_path), "stages.generate", 3)  # stage + launcher + 2 workers
+            client.set_flow_run_state(run.id, Cancelling(), force=True)
+            assert still_alive(procs, timeout=60) == []
+            deadline = time.time() + 60
+            while not client.read_flow_run(run.id).state.is_final() and time.time() < deadline:
+                time.sleep(0.5)
+            assert client.read_flow_run(run.id).state.name == "Cancelled"
+    finally:
+        os.killpg(runner.pid, 9)
+        runner.wait()
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed (.ci/run installs it)")
