@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -30,12 +31,13 @@ def run_command(
         for name in [only, *(refresh or [])]:
             if name is not None and name not in STAGE_NAMES:
                 raise InputError(f"unknown stage {name!r}; choose from {', '.join(STAGE_NAMES)}")
-        from .pipeline import dmd_pipeline
+        from .pipeline import dmd_pipeline, where_dashboards_are
 
         try:
             result = dmd_pipeline(config=str(config) if config else None, overrides=set_ or [], only=only, refresh=refresh or [], num_processes=num_processes)
         except RuntimeError as e:
             raise InputError(str(e)) from None
+        print(where_dashboards_are(result["flow_run_id"]), file=sys.stderr)
         return result["outputs"][only or "export"]
 
     guarded(body)
@@ -67,17 +69,19 @@ def demo_command() -> None:
     """The pipeline on the embedded default (digits) through the Prefect flow, then the results table."""
 
     def body() -> str:
-        import sys
-
         from stages import evaluate
         from stages.store import read_manifest
 
-        from .pipeline import dmd_pipeline
+        from .pipeline import dmd_pipeline, where_dashboards_are
 
         result = dmd_pipeline()
         out = result["outputs"]
         table = evaluate.results_table(read_manifest(out["evaluate"]))
-        print(f"\n{table}\n\nsample grid: {out['evaluate']}/grid.png\nexport:      {out['export']}\nmodel card:  {out['export']}/README.md", file=sys.stderr)
+        print(
+            f"\n{table}\n\nsample grid: {out['evaluate']}/grid.png\nexport:      {out['export']}\n"
+            f"model card:  {out['export']}/README.md\n{where_dashboards_are(result['flow_run_id'])}",
+            file=sys.stderr,
+        )
         return out["export"]
 
     guarded(body)

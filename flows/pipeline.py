@@ -35,6 +35,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.context import TaskRunContext
+from prefect.runtime import flow_run
 
 from stages import distill, evaluate, export, generate
 from stages.config import PipelineConfig, dump_config, load_config
@@ -216,7 +217,7 @@ def dmd_pipeline(
 ) -> dict:
     """generate -> distill -> evaluate -> export; ``only`` runs one stage from the store's upstream outputs.
 
-    Returns ``{"outputs": {stage: dir}, "cached": {stage: bool}}``.
+    Returns ``{"outputs": {stage: dir}, "cached": {stage: bool}, "flow_run_id": id}``.
     """
     cfg, config_file = resolved_config_file(config, overrides or [])
     refresh = set(refresh or [])
@@ -241,7 +242,22 @@ def dmd_pipeline(
         cached[stage] = state.name == "Cached"
     if only is None:
         publish(results, cached, seconds)
-    return {"outputs": {s: r["out_dir"] for s, r in results.items()}, "cached": cached}
+    return {"outputs": {s: r["out_dir"] for s, r in results.items()}, "cached": cached, "flow_run_id": str(flow_run.id)}
+
+
+ARTIFACT_KEYS = ["dmd-metrics", "dmd-samples", "dmd-export", *(f"dmd-{s}-progress" for s in PROGRESS_STAGES)]
+
+
+def where_dashboards_are(flow_run_id: str) -> str:
+    """A line telling where the run's artifacts can be seen (or why they cannot, on a temporary server)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    if PREFECT_API_URL.value():
+        return f"dashboards:  {PREFECT_UI_URL.value()}/runs/flow-run/{flow_run_id} (artifacts {', '.join(ARTIFACT_KEYS)})"
+    return (
+        f"dashboards:  artifacts {', '.join(ARTIFACT_KEYS)} went to a temporary Prefect server, gone now; "
+        "to keep them: `prefect server start` and PREFECT_API_URL=http://127.0.0.1:4200/api (README: Dashboards)"
+    )
 
 
 def scheduled_deployment(cron: str, config: str | None = None, overrides: list[str] | None = None, name: str = "dmd-pipeline-scheduled"):

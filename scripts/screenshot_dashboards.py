@@ -120,9 +120,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "dashboards", help="output folder (default: runs/dashboards)")
     ap.add_argument("--config", "-c", help="pipeline YAML passed to `dmd run --config` (default: the embedded data/digits.yaml)")
     ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="passed to `dmd run --set` (repeatable)")
-    ap.add_argument("--store", type=Path, help="pipeline store, i.e. --set store=... (default: OUT/store, fresh per OUT)")
+    ap.add_argument("--store", type=Path, help="pipeline store, i.e. --set store=... (default: OUT/store, reused by reruns into the same OUT)")
     ap.add_argument("--port", type=int, default=0, help="Prefect server port (default: a free one)")
-    ap.add_argument("--ui", choices=["v1", "v2"], default="v2", help="which Prefect UI to capture (v2 lives under /v2; default: v2)")
+    ap.add_argument("--ui", choices=["v1", "v2"], default="v2",
+                    help="Prefect UI to capture: v2 (default, under /v2) or v1 (whose ?tab=Artifacts falls back to Logs)")
     ap.add_argument("--window-size", default="1400,1800", help="browser viewport W,H in pixels (default: 1400,1800)")
     ap.add_argument("--budget-ms", type=int, default=15000, help="Chromium --virtual-time-budget per page (default: 15000)")
     ap.add_argument("--server-timeout", type=float, default=90, help="seconds to wait for the server's /api/health")
@@ -157,6 +158,8 @@ def main() -> int:
         pages = {"flow-run": f"{ui}/runs/flow-run/{run['id']}", "flow-run-artifacts": f"{ui}/runs/flow-run/{run['id']}?tab=Artifacts"}
         for a in artifacts:
             pages[f"artifact-{a['name']}"] = f"{ui}/artifacts/artifact/{a['id']}"
+            if a["type"] == "table":  # the table view scrolls sideways; the Raw tab shows every column
+                pages[f"artifact-{a['name']}-raw"] = f"{ui}/artifacts/artifact/{a['id']}?tab=Raw"
         if any(a["key"] == "dmd-metrics" for a in artifacts):
             pages["key-dmd-metrics"] = f"{ui}/artifacts/key/dmd-metrics"
         shots = {url: f"{name}.png" for name, url in pages.items() if screenshot(chromium, url, out / f"{name}.png", args)}

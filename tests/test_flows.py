@@ -53,6 +53,7 @@ def test_first_run_completes_and_publishes(first):
     table = arts[0].data if isinstance(arts[0].data, list) else __import__("json").loads(arts[0].data)
     assert table[0]["training_steps"] == 4 and "one_step_fd" in table[0] and table[0]["export_cache"] == "miss"
     assert table[0]["distill_wall_time_s"] > 0
+    assert str(arts[0].flow_run_id) == first["flow_run_id"]
 
 
 def test_progress_artifacts_reach_100_percent(first):
@@ -105,6 +106,31 @@ def test_only_evaluate_uses_the_store(first, tiny):
 
     r = dmd_pipeline(config=str(tiny), only="evaluate")
     assert list(r["outputs"]) == ["evaluate"] and r["cached"]["evaluate"]
+
+
+def dmd(*args: str):
+    """``dmd <args>`` in a subprocess, against the test server."""
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    return subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_dmd_run_only_prints_the_stage_output_last(first, tiny):
+    r = dmd("run", "--config", str(tiny), "--only", "evaluate")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1] == first["outputs"]["evaluate"]
+    assert "/runs/flow-run/" in r.stderr  # where the dashboards are
+
+
+def test_dmd_run_only_names_the_missing_upstream_stage(harness, tmp_path, edm_teacher):
+    cfg = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "empty-store", distill={})
+    r = dmd("run", "--config", str(cfg), "--only", "distill")
+    assert r.returncode == 2 and r.stdout == ""
+    assert "the generate output is missing from the store" in r.stderr and "--only generate" in r.stderr
 
 
 def test_scheduled_deployment_has_its_cron(harness):
