@@ -32,15 +32,17 @@ def run_command(
             if name is not None and name not in STAGE_NAMES:
                 raise InputError(f"unknown stage {name!r}; choose from {', '.join(STAGE_NAMES)}")
         from .pipeline import dmd_pipeline, where_dashboards_are
+        from .server import prefect_api
 
         try:
-            result = dmd_pipeline(config=str(config) if config else None, overrides=set_ or [], only=only, refresh=refresh or [], num_processes=num_processes)
+            with prefect_api():
+                result = dmd_pipeline(config=str(config) if config else None, overrides=set_ or [], only=only, refresh=refresh or [], num_processes=num_processes)
         except RuntimeError as e:
             raise InputError(str(e)) from None
         print(where_dashboards_are(result["flow_run_id"]), file=sys.stderr)
         return result["outputs"][only or "export"]
 
-    guarded(body)
+    guarded(body, kill_children_on_sigterm=False)  # the flow stops its stages; server.py its server
 
 
 @app.command("schedule")
@@ -61,7 +63,7 @@ def schedule_command(
     def body() -> None:
         serve(scheduled_deployment(cron, str(config) if config else None, set_ or [], name))
 
-    guarded(body)
+    guarded(body, kill_children_on_sigterm=False)  # the flow stops its stages; server.py its server
 
 
 @app.command("demo")
@@ -73,8 +75,10 @@ def demo_command() -> None:
         from stages.store import read_manifest
 
         from .pipeline import dmd_pipeline, where_dashboards_are
+        from .server import prefect_api
 
-        result = dmd_pipeline()
+        with prefect_api():
+            result = dmd_pipeline()
         out = result["outputs"]
         table = evaluate.results_table(read_manifest(out["evaluate"]))
         print(
@@ -84,7 +88,7 @@ def demo_command() -> None:
         )
         return out["export"]
 
-    guarded(body)
+    guarded(body, kill_children_on_sigterm=False)  # the flow stops its stages; server.py its server
 
 
 def main() -> None:

@@ -132,8 +132,9 @@ def run_stage(stage: str, config_file: str, num_processes: int = 1) -> dict:
             if progress is not None:
                 progress.update(p)
         rc = proc.wait()
-    finally:
-        kill_process_tree(proc.pid)  # no-op after a clean exit; otherwise no orphaned accelerate workers
+    except BaseException:  # cancelled (Prefect raises on the runner's SIGTERM), interrupted, or failed
+        kill_process_tree(proc.pid)  # the whole tree: no orphaned accelerate workers
+        raise
     if progress is not None:
         while not events.empty():
             progress.update(events.get())

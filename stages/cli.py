@@ -38,11 +38,11 @@ def setup_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
-def guarded(body: Callable[[], Optional[str]]) -> None:
+def guarded(body: Callable[[], Optional[str]], kill_children_on_sigterm: bool = True) -> None:
     """Run a command body; InputError -> one line on stderr and exit 2; print the returned path last on stdout."""
     setup_logging()
     exit_with_parent()
-    terminate_on_sigterm()
+    terminate_on_sigterm(kill_children_on_sigterm)
     try:
         out = body()
     except InputError as e:

@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -42,6 +44,24 @@ def finish_distributed() -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def signals_ignored(*signums: int) -> Iterator[None]:
+    """Ignore these signals inside the block (main thread only, where Python runs signal handlers).
+
+    Termination signals come in bursts (a runner, ``timeout`` and a terminal's Ctrl-C each signal a
+    whole process group): a second one must not abort the clean-up the first one started.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
 def kill_process_tree(pid: int, include_root: bool = True, grace_s: float = 10.0) -> None:
     """SIGTERM a process and all its descendants, then SIGKILL what is left after ``grace_s``.
 
@@ -50,22 +70,23 @@ def kill_process_tree(pid: int, include_root: bool = True, grace_s: float = 10.0
     """
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        procs = root.children(recursive=True) + ([root] if include_root else [])
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
+    with signals_ignored(signal.SIGTERM, signal.SIGINT):
         try:
-            p.send_signal(signal.SIGTERM)
+            root = psutil.Process(pid)
+            procs = root.children(recursive=True) + ([root] if include_root else [])
         except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+            return
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 EXIT_WITH_PARENT = "DMD_EXIT_WITH_PARENT"
@@ -85,11 +106,16 @@ def exit_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def terminate_on_sigterm() -> None:
-    """On SIGTERM: stop this process's children (accelerate launcher and workers), then exit 143."""
+def terminate_on_sigterm(kill_children: bool = True) -> None:
+    """On SIGTERM: stop this process's children (accelerate launcher and workers), then exit 143.
+
+    Exiting by SystemExit rather than the default action lets ``finally`` blocks and context managers
+    (a local Prefect server) clean up.
+    """
 
     def handler(signum: int, _frame) -> None:
-        kill_process_tree(os.getpid(), include_root=False)
+        if kill_children:
+            kill_process_tree(os.getpid(), include_root=False)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)

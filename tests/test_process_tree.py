@@ -37,3 +37,27 @@ def test_a_stage_whose_parent_is_killed_hard_stops_with_its_workers(tmp_path, ed
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     assert still_alive(procs) == []
+
+
+def test_ctrl_c_on_dmd_run_stops_stage_and_local_server_in_seconds(tmp_path, edm_teacher):
+    """A terminal's Ctrl-C (SIGINT to the whole foreground group) while generate runs under the flow."""
+    import time
+
+    import psutil
+
+    cfg = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={}, **LONG)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the flow's own local server
+    reset_sigint = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    dmd = subprocess.Popen(
+        [sys.executable, "-c", reset_sigint, sys.executable, "-c", "from flows.cli import main; main()", "run", "--config", str(cfg)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    wait_for_processes(str(tmp_path), "generate", 1)
+    tree = psutil.Process(dmd.pid).children(recursive=True)
+    assert any("server" in p.cmdline() for p in tree) and any("generate" in p.cmdline() for p in tree)
+    t0 = time.monotonic()
+    os.killpg(dmd.pid, signal.SIGINT)
+    _, err = dmd.communicate(timeout=60)
+    assert time.monotonic() - t0 < 30 and dmd.returncode == 130, err[-2000:]
+    assert "interrupted: finished work is kept" in err
+    assert still_alive(tree, timeout=5) == []

@@ -1,0 +1,96 @@
+"""A local Prefect server for commands run without ``PREFECT_API_URL``.
+
+Why not Prefect's own temporary server: it runs in the terminal's process group, so Ctrl-C stops it at
+the same moment as the flow, and the flow then spends minutes retrying to report its end to a dead
+server. This one runs in a session of its own, outlives the flow's clean-up, and is stopped last.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+from stages.launch import free_port, signals_ignored
+
+STARTUP_TIMEOUT_S = 90
+
+
+@contextmanager
+def local_server(port: int | None = None, ui: bool = False, log: Path | None = None) -> Iterator[str]:
+    """``prefect server start`` on 127.0.0.1 in its own session; yields the API URL, stops it after."""
+    port = port or free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off", "--no-scheduler", "--no-late-runs"]
+    cmd.append("--ui" if ui else "--no-ui")
+    env = {**os.environ, "PREFECT_UI_API_URL": api}  # the UI must call this port, not 4200
+    env.pop("PREFECT_API_URL", None)
+    with open(log, "w+") if log else tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            _wait_healthy(api, proc, out)
+            yield api
+        finally:
+            with signals_ignored(signal.SIGINT, signal.SIGTERM):
+                _drain_prefect_clients()
+                stop_session(proc)
+
+
+def stop_session(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the session ``proc`` leads, SIGKILL it after ``grace_s``; fine if it already ended."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_healthy(api: str, proc: subprocess.Popen, out) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    out.flush()
+    out.seek(0)
+    tail = out.read()[-2000:]
+    raise RuntimeError(f"the local Prefect server at {api} did not start within {STARTUP_TIMEOUT_S} s:\n{tail}")
+
+
+def _drain_prefect_clients() -> None:
+    """Send queued run logs and events while the server is still up (as prefect_test_harness does)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=10)
+
+
+@contextmanager
+def prefect_api() -> Iterator[str]:
+    """The API to run flows against: ``PREFECT_API_URL`` when set, else a :func:`local_server`."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
+        return
+    with local_server() as api, temporary_settings(updates={PREFECT_API_URL: api}):
+        yield api
