@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import logging
 import os
 import queue
 import shutil
@@ -63,7 +64,13 @@ def resolved_config_file(config: str | None, overrides: list[str]) -> tuple[Pipe
 
 def stage_output(stage: str, cfg: PipelineConfig) -> tuple[str, Path]:
     """(content key, output dir) of a stage; its upstream outputs must exist (they ran before it)."""
-    p = STAGES[stage].plan(cfg, progress=False) if stage != "generate" else generate.plan(cfg)
+    stage_log = logging.getLogger("dmd")
+    level = stage_log.level
+    stage_log.setLevel(logging.WARNING)  # planning re-verifies upstream outputs: the stage itself logs that
+    try:
+        p = STAGES[stage].plan(cfg, progress=False) if stage != "generate" else generate.plan(cfg)
+    finally:
+        stage_log.setLevel(level)
     return p.key, p.out_dir
 
 
@@ -89,15 +96,23 @@ class ProgressArtifact:
 
     def __init__(self, stage: str):
         self.id = create_progress_artifact(progress=0.0, key=f"dmd-{stage}-progress", description=f"{stage}: starting")
-        self.stage, self.last_sent, self.pending = stage, 0.0, None
+        self.stage, self.latest, self.sent_at, self.unsent = stage, None, 0.0, False
 
-    def update(self, p: Progress | None = None, final: bool = False) -> None:
-        self.pending = p or self.pending
-        if self.pending is not None and (final or time.monotonic() - self.last_sent >= 1.0):
-            p, self.pending = self.pending, None
+    def update(self, p: Progress | None = None) -> None:
+        if p is not None:
+            self.latest, self.unsent = p, True
+        if self.unsent and time.monotonic() - self.sent_at >= 1.0:
+            p = self.latest
             phase = f" — {p.phase}" if p.phase else ""
             update_progress_artifact(self.id, p.percent, description=f"{self.stage}{phase}: {p.done}/{p.total}")
-            self.last_sent = time.monotonic()
+            self.sent_at, self.unsent = time.monotonic(), False
+
+    def finish(self, rc: int) -> None:
+        if rc == 0:
+            update_progress_artifact(self.id, 100.0, description=f"{self.stage}: finished")
+        else:
+            percent = self.latest.percent if self.latest else 0.0
+            update_progress_artifact(self.id, percent, description=f"{self.stage}: failed (exit status {rc})")
 
 
 @task(cache_key_fn=stage_cache_key, persist_result=True, task_run_name="{stage}")
@@ -138,7 +153,7 @@ def run_stage(stage: str, config_file: str, num_processes: int = 1) -> dict:
     if progress is not None:
         while not events.empty():
             progress.update(events.get())
-        progress.update(final=True)
+        progress.finish(rc)
     if rc != 0:
         tail = "\n".join(err_tail)
         raise RuntimeError(f"stage {stage} exited with status {rc}; last {len(err_tail)} lines of stderr:\n{tail}")
@@ -177,7 +192,7 @@ def training_curves_png(metrics_parquet: Path) -> bytes:
     return buf.getvalue()
 
 
-def publish(results: dict[str, dict], cached: dict[str, bool], seconds: dict[str, float]) -> None:
+def publish(results: dict[str, dict], cache: dict[str, str], seconds: dict[str, float]) -> None:
     """Dashboards: metrics table, sample grid + training curves, link to the export (stable keys)."""
     ev = results["evaluate"]["manifest"]["info"]["metrics"]
     dist = results["distill"]["manifest"]
@@ -190,7 +205,7 @@ def publish(results: dict[str, dict], cached: dict[str, bool], seconds: dict[str
         "speedup": round(ev["speedup"], 1),
         "training_steps": dist["info"]["steps"],
         "distill_compute_s": dist["wall_time_s"],  # when it was computed, even if cached now
-        **{f"{s}_cache": "hit" if cached[s] else "miss" for s in ORDER},
+        **{f"{s}_cache": cache[s] for s in ORDER},
         **{f"{s}_wall_time_s": round(seconds[s], 1) for s in ORDER},  # in this run
     }
     create_table_artifact(table=[row], key="dmd-metrics", description="Teacher vs one-step generator (evaluate stage)")
@@ -223,7 +238,7 @@ def dmd_pipeline(
     cfg, config_file = resolved_config_file(config, overrides or [])
     refresh = set(refresh or [])
     stages = ORDER if only is None else [only]
-    results, cached, seconds = {}, {}, {}
+    results, cached, cache, seconds = {}, {}, {}, {}
     forced = False
     for stage in stages:
         if only is not None:
@@ -241,8 +256,11 @@ def dmd_pipeline(
         results[stage] = state.result()
         seconds[stage] = time.perf_counter() - t0
         cached[stage] = state.name == "Cached"
+        # hit: Prefect's cache record; store: no record (e.g. a new PREFECT_HOME) but the stage found
+        # its verified output in the store and reused it; miss: computed.
+        cache[stage] = "hit" if cached[stage] else "store" if valid else "miss"
     if only is None:
-        publish(results, cached, seconds)
+        publish(results, cache, seconds)
     return {"outputs": {s: r["out_dir"] for s, r in results.items()}, "cached": cached, "flow_run_id": str(flow_run.id)}
 
 

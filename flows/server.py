@@ -25,14 +25,19 @@ STARTUP_TIMEOUT_S = 90
 
 
 @contextmanager
-def local_server(port: int | None = None, ui: bool = False, log: Path | None = None) -> Iterator[str]:
-    """``prefect server start`` on 127.0.0.1 in its own session; yields the API URL, stops it after."""
+def local_server(port: int | None = None, ui: bool = False, log: Path | None = None, home: Path | None = None) -> Iterator[str]:
+    """``prefect server start`` on 127.0.0.1 in its own session; yields the API URL, stops it after.
+
+    ``home``: its PREFECT_HOME (database), default the user's; ``log``: where its output goes.
+    """
     port = port or free_port()
     api = f"http://127.0.0.1:{port}/api"
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--analytics-off", "--no-scheduler", "--no-late-runs"]
     cmd.append("--ui" if ui else "--no-ui")
     env = {**os.environ, "PREFECT_UI_API_URL": api}  # the UI must call this port, not 4200
     env.pop("PREFECT_API_URL", None)
+    if home is not None:
+        env["PREFECT_HOME"] = str(home)
     with open(log, "w+") if log else tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:

@@ -1,7 +1,7 @@
 """Run the pipeline against a real Prefect server and screenshot its dashboards with headless Chromium.
 
-Starts ``prefect server start`` on a free port (throwaway PREFECT_HOME), runs ``dmd run`` against it with
-a fresh store, finds the flow run and its artifacts, and saves PNGs of the flow run page and of every
+Starts ``prefect server start`` with its UI on a free port (``flows.server.local_server``, throwaway
+PREFECT_HOME), runs ``dmd run`` against it with a fresh store, finds the flow run and its artifacts, and saves PNGs of the flow run page and of every
 artifact page plus ``index.json`` (url -> png) in the output folder. The server is always stopped.
 
 Example (quick, ~1-2 min on 2 cores):
@@ -15,16 +15,14 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 VENV = ROOT / ".venv"
 BIN = VENV / "bin" if (VENV / "bin" / "dmd").is_file() else Path(sys.executable).parent
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -34,40 +32,29 @@ class Failure(Exception):
     """A short, user-facing reason to exit non-zero."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    """Poll ``url`` until it answers 200; fail early if the server process dies."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise Failure(f"prefect server exited with code {proc.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise Failure(f"prefect server did not answer {url} within {timeout:.0f} s; see {log}")
 
 
-def run_pipeline(args: argparse.Namespace, env: dict[str, str], log: Path) -> int:
-    """``dmd run`` with the server's API; its output goes to the console and to ``log``."""
+
+
+def start_pipeline(args: argparse.Namespace, env: dict[str, str]) -> subprocess.Popen:
+    """``dmd run`` against the server, in its own process group so that we decide when it stops."""
     cmd = [str(BIN / "dmd"), "run", "--set", f"store={args.store}"]
     cmd += ["--config", args.config] if args.config else []
     for s in args.set:
         cmd += ["--set", s]
     print("+", " ".join(cmd), flush=True)
-    with log.open("w") as f, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as p:
-        for line in p.stdout:
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+
+
+def stream(proc: subprocess.Popen, log: Path) -> int:
+    """Copy the output of ``proc`` to the console and to ``log``; its exit code."""
+    with log.open("w") as f:
+        for line in proc.stdout:
             sys.stdout.write(line)
             f.write(line)
-    return p.returncode
+    return proc.wait()
 
 
 def find_run(api: str) -> tuple[dict, list[dict]]:
@@ -126,7 +113,6 @@ def main() -> int:
                     help="Prefect UI to capture: v2 (default, under /v2) or v1 (whose ?tab=Artifacts falls back to Logs)")
     ap.add_argument("--window-size", default="1400,1800", help="browser viewport W,H in pixels (default: 1400,1800)")
     ap.add_argument("--budget-ms", type=int, default=15000, help="Chromium --virtual-time-budget per page (default: 15000)")
-    ap.add_argument("--server-timeout", type=float, default=90, help="seconds to wait for the server's /api/health")
     ap.add_argument("--chromium", help="Chromium binary (default: the first of %s on PATH)" % ", ".join(CHROMIUM_NAMES))
     args = ap.parse_args()
 
@@ -136,51 +122,58 @@ def main() -> int:
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     args.store = (args.store or out / "store").resolve()
-    port = args.port or free_port()
-    base, api = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
-    home = Path(tempfile.mkdtemp(prefix="prefect-home-"))
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": api}
-    env.pop("PREFECT_API_URL", None)  # the server must not think it is a client of another one
+    from flows.server import local_server
+
     server_log = out / "server.log"
-    print(f"starting prefect server on {base} (PREFECT_HOME={home}, log {server_log})", flush=True)
-    with server_log.open("w") as slog:
-        server = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=slog, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        wait_healthy(f"{api}/health", server, server_log, args.server_timeout)
-        t0 = time.monotonic()
-        rc = run_pipeline(args, {**env, "PREFECT_API_URL": api}, out / "dmd-run.log")
-        print(f"dmd run exited with {rc} after {time.monotonic() - t0:.0f} s", flush=True)
-        run, artifacts = find_run(api)
-        ui = base + ("/v2" if args.ui == "v2" else "")
-        pages = {"flow-run": f"{ui}/runs/flow-run/{run['id']}", "flow-run-artifacts": f"{ui}/runs/flow-run/{run['id']}?tab=Artifacts"}
-        for a in artifacts:
-            pages[f"artifact-{a['name']}"] = f"{ui}/artifacts/artifact/{a['id']}"
-            if a["type"] == "table":  # the table view scrolls sideways; the Raw tab shows every column
-                pages[f"artifact-{a['name']}-raw"] = f"{ui}/artifacts/artifact/{a['id']}?tab=Raw"
-        if any(a["key"] == "dmd-metrics" for a in artifacts):
-            pages["key-dmd-metrics"] = f"{ui}/artifacts/key/dmd-metrics"
-        shots = {url: f"{name}.png" for name, url in pages.items() if screenshot(chromium, url, out / f"{name}.png", args)}
-        index = {"flow_run": run, "artifacts": artifacts, "ui": args.ui, "screenshots": shots, "dmd_run_exit_code": rc}
-        (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
-        print(f"{len(shots)}/{len(pages)} screenshots in {out} (index.json)", flush=True)
-        if rc != 0:
-            raise Failure(f"dmd run failed (exit {rc}); see {out / 'dmd-run.log'}")
-        if len(shots) < len(pages):
-            raise Failure("some screenshots failed (see above)")
-        return 0
-    finally:
+    with tempfile.TemporaryDirectory(prefix="prefect-home-") as home:
+        print(f"starting prefect server (PREFECT_HOME={home}, log {server_log})", flush=True)
         try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        shutil.rmtree(home, ignore_errors=True)
+            with local_server(args.port or None, ui=True, log=server_log, home=Path(home)) as api:
+                return run_and_shoot(args, chromium, out, api, home)
+        except RuntimeError as e:  # the server did not start
+            raise Failure(str(e)) from None
+
+
+def run_and_shoot(args: argparse.Namespace, chromium: str, out: Path, api: str, home: str) -> int:
+    """``dmd run`` against ``api``, then one screenshot per page of its flow run and artifacts."""
+    import httpx
+
+    from flows.server import stop_session
+
+    base = api.removesuffix("/api")
+    env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": api}
+    dmd: subprocess.Popen | None = None
+    try:
+        t0 = time.monotonic()
+        dmd = start_pipeline(args, env)
+        rc = stream(dmd, out / "dmd-run.log")
+        print(f"dmd run exited with {rc} after {time.monotonic() - t0:.0f} s", flush=True)
+    finally:
+        # An interrupted run is stopped while the server is still up, so it can report its end.
+        if dmd is not None:
+            stop_session(dmd, grace_s=60)
+    try:
+        httpx.get(f"{api}/health", timeout=5).raise_for_status()
+    except httpx.HTTPError:
+        raise Failure(f"the prefect server died during the run; see {out / 'server.log'}") from None
+    run, artifacts = find_run(api)
+    ui = base + ("/v2" if args.ui == "v2" else "")
+    pages = {"flow-run": f"{ui}/runs/flow-run/{run['id']}", "flow-run-artifacts": f"{ui}/runs/flow-run/{run['id']}?tab=Artifacts"}
+    for a in artifacts:
+        pages[f"artifact-{a['name']}"] = f"{ui}/artifacts/artifact/{a['id']}"
+        if a["type"] == "table":  # the table view scrolls sideways; the Raw tab shows every column
+            pages[f"artifact-{a['name']}-raw"] = f"{ui}/artifacts/artifact/{a['id']}?tab=Raw"
+    if any(a["key"] == "dmd-metrics" for a in artifacts):
+        pages["key-dmd-metrics"] = f"{ui}/artifacts/key/dmd-metrics"
+    shots = {url: f"{name}.png" for name, url in pages.items() if screenshot(chromium, url, out / f"{name}.png", args)}
+    index = {"flow_run": run, "artifacts": artifacts, "ui": args.ui, "screenshots": shots, "dmd_run_exit_code": rc}
+    (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    print(f"{len(shots)}/{len(pages)} screenshots in {out} (index.json)", flush=True)
+    if rc != 0:
+        raise Failure(f"dmd run failed (exit {rc}); see {out / 'dmd-run.log'}")
+    if len(shots) < len(pages):
+        raise Failure("some screenshots failed (see above)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -36,3 +36,27 @@ def test_ordinary_lines_and_quiet_bars(capsys, monkeypatch):
     monkeypatch.delenv("DMD_PROGRESS_LINES")
     progress_bar("generate", 10, show=True).update(10)  # a terminal: tqdm on stderr, stdout untouched
     assert capsys.readouterr().out == ""
+
+
+def test_the_flow_turns_progress_lines_into_throttled_artifact_updates(monkeypatch):
+    import io
+    import queue
+    from collections import deque
+
+    import flows.pipeline as fp
+
+    calls, clock = [], [0.0]
+    monkeypatch.setattr(fp, "create_progress_artifact", lambda **kw: "artifact-id")
+    monkeypatch.setattr(fp, "update_progress_artifact", lambda aid, progress, description: calls.append((progress, description)))
+    monkeypatch.setattr(fp.time, "monotonic", lambda: clock[0])
+    stream = io.StringIO("".join(f"dmd-progress distill {n} 10\nstep {n} done\n" for n in range(1, 11)))
+    events, tail, logged = queue.Queue(), deque(), []
+    fp._pump(stream, logged.append, tail, events)
+    assert logged == [f"step {n} done" for n in range(1, 11)]  # progress lines never reach the log
+    art = fp.ProgressArtifact("distill")
+    while not events.empty():
+        clock[0] += 0.4  # an event every 0.4 s: at most one update per second goes out
+        art.update(events.get())
+    art.finish(0)
+    assert calls[:-1] == [(30.0, "distill: 3/10"), (60.0, "distill: 6/10"), (90.0, "distill: 9/10")]
+    assert calls[-1] == (100.0, "distill: finished")
