@@ -208,7 +208,10 @@ def publish(results: dict[str, dict], cache: dict[str, str], seconds: dict[str, 
         **{f"{s}_cache": cache[s] for s in ORDER},
         **{f"{s}_wall_time_s": round(seconds[s], 1) for s in ORDER},  # in this run
     }
-    create_table_artifact(table=[row], key="dmd-metrics", description="Teacher vs one-step generator (evaluate stage)")
+    # One row per metric: 16 columns would scroll sideways in the UI's table view.
+    create_table_artifact(
+        table=[{"metric": k, "value": v} for k, v in row.items()], key="dmd-metrics", description="Teacher vs one-step generator (evaluate stage)"
+    )
     grid = Path(results["evaluate"]["out_dir"]) / "grid.png"
     curves = base64.b64encode(training_curves_png(Path(results["distill"]["out_dir"]) / "metrics.parquet")).decode()
     create_markdown_artifact(
