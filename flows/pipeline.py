@@ -1,7 +1,9 @@
 """The ``dmd-pipeline`` Prefect flow: generate -> distill -> evaluate -> export, one task per stage.
 
 Each task runs its stage as a subprocess (``python -m stages <stage> --config <resolved> -n N``), so
-multi-process stages go through ``accelerate launch`` and every output line reaches the run logs.
+multi-process stages go through ``accelerate launch`` and every output line reaches the run logs, except
+the stage's ``dmd-progress`` lines, which update its progress artifact. A task that stops early
+(cancelled, interrupted, failed) stops the stage's whole process tree.
 
 Cache keys: a task's key is its stage's content address in the store (``<stage>-<key>``: a hash of the
 stage config, the upstream outputs' digests and the stage code version), never the flow run, so hits
