@@ -5,9 +5,9 @@ multi-process stages go through ``accelerate launch`` and every output line reac
 the stage's ``dmd-progress`` lines, which update its progress artifact. A task that stops early
 (cancelled, interrupted, failed) stops the stage's whole process tree.
 
-Cache keys: a task's key is its stage's content address in the store (``<stage>-<key>``: a hash of the
-stage config, the upstream outputs' digests and the stage code version), never the flow run, so hits
-carry across runs. Prefect's record is trusted only while the store output it points to is complete
+Cache keys: a task's key is its stage's content address in the store (a hash of the stage config, the
+upstream outputs' digests and the stage code version) plus the store's location, never the flow run,
+so hits carry across runs. Prefect's record is trusted only while the store output it points to is complete
 and its checksums verify: the flow checks that before each task and otherwise refreshes the cache, so a
 deleted or damaged output is recomputed instead of returned stale. ``refresh`` forces a stage and
 everything after it.
@@ -77,8 +77,11 @@ def stage_output(stage: str, cfg: PipelineConfig) -> tuple[str, Path]:
 
 
 def stage_cache_key(context: TaskRunContext, parameters: dict) -> str:
-    cfg = load_config(parameters["config_file"])
-    return f"{parameters['stage']}-{stage_output(parameters['stage'], cfg)[0]}"
+    """``<stage>-<content key>-<store>``: one Prefect database can serve several stores (checkouts,
+    users), and a record must never hand one store the output directory of another."""
+    key, out_dir = stage_output(parameters["stage"], load_config(parameters["config_file"]))
+    store = hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:12]
+    return f"{parameters['stage']}-{key}-{store}"
 
 
 def _pump(stream, emit, tail: deque, progress: queue.Queue) -> None:
@@ -159,7 +162,7 @@ def run_stage(stage: str, config_file: str, num_processes: int = 1) -> dict:
     if rc != 0:
         tail = "\n".join(err_tail)
         raise RuntimeError(f"stage {stage} exited with status {rc}; last {len(err_tail)} lines of stderr:\n{tail}")
-    out_dir = Path(out_lines[-1])
+    out_dir = Path(out_lines[-1]).resolve()
     m = verified_manifest(out_dir)
     if m is None:
         raise RuntimeError(f"stage {stage} printed {out_dir}, which holds no verified manifest")

@@ -45,7 +45,6 @@ def local_server(port: int | None = None, ui: bool = False, log: Path | None = N
             yield api
         finally:
             with signals_ignored(signal.SIGINT, signal.SIGTERM):
-                _drain_prefect_clients()
                 stop_session(proc)
 
 
@@ -98,4 +97,10 @@ def prefect_api() -> Iterator[str]:
         yield PREFECT_API_URL.value()
         return
     with local_server() as api, temporary_settings(updates={PREFECT_API_URL: api}):
-        yield api
+        try:
+            yield api
+        finally:
+            # Still inside these settings: drained outside them, the queued logs and events would
+            # make Prefect start its own temporary server (seconds) just to receive them.
+            with signals_ignored(signal.SIGINT, signal.SIGTERM):
+                _drain_prefect_clients()

@@ -311,7 +311,9 @@ def evaluate(cfg: PipelineConfig, p: EvaluatePlan, rank: int, world: int, device
         config=cfg.evaluate.model_dump(mode="json"),
         pipeline_config=cfg.model_dump(mode="json"),
         upstream={"distill": p.distill_manifest.digest, "teacher": p.teacher_digest, "features": p.features_digest, "reference": p.reference_digest},
-        files=[file_entry(p.out_dir / n) for n in names],
+        # metrics.json/.parquet hold the images/s timings: records, so a recompute keeps the digest
+        # (the FDs they hold are functions of student_stats.npz, which is in it)
+        files=[file_entry(p.out_dir / n, record=n.startswith("metrics.") or None) for n in names],
         info={"metrics": metrics, "distill_dir": str(p.distill_dir), "generator_dir": str(p.generator_dir), "num_processes": world},
         wall_time_s=round(timer.seconds, 3),
     )

@@ -96,6 +96,17 @@ def test_deleted_distill_output_is_recomputed(first, tiny):
     assert r["cached"]["evaluate"]  # training is deterministic: the same generator, the same evaluation
 
 
+def test_same_config_in_another_store_is_not_served_from_the_first(first, tiny, tmp_path):
+    """One Prefect database, two stores (e.g. two checkouts): each store gets its own outputs."""
+    from flows.pipeline import dmd_pipeline
+
+    other = tmp_path / "other-store"
+    r = dmd_pipeline(config=str(tiny), overrides=[f"store={other}"])
+    assert not any(r["cached"].values())
+    assert all(Path(d).is_relative_to(other) and (Path(d) / "manifest.json").is_file() for d in r["outputs"].values())
+    assert [Path(d).name for d in r["outputs"].values()] == [Path(d).name for d in first["outputs"].values()]  # same content keys
+
+
 def test_failing_stage_fails_the_flow_with_its_stderr(first, tiny):
     from flows.pipeline import dmd_pipeline
 
