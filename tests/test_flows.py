@@ -199,6 +199,28 @@ def test_cancelling_a_served_run_stops_every_stage_process(harness, tmp_path, ed
         runner.wait()
 
 
+def test_prefect_yaml_deploys_the_pipeline_and_one_deployment_per_stage(harness):
+    """`prefect deploy --all` with prefect.yaml, as a team does for its work pool."""
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import ORDER
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    prefect = [sys.executable, "-m", "prefect"]
+    subprocess.run([*prefect, "work-pool", "create", "gpu-process", "--type", "process"], cwd=ROOT, env=env, check=True, capture_output=True)
+    r = subprocess.run([*prefect, "--no-prompt", "deploy", "--all"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    with get_client(sync_client=True) as client:
+        deps = {d.name: d for d in client.read_deployments() if d.work_pool_name == "gpu-process"}
+    assert set(deps) == {"pipeline", "generate", "distill", "evaluate", "export"}
+    assert [s.schedule.cron for s in deps["pipeline"].schedules] == ["0 3 * * *"]
+    assert all(deps[s].parameters["only"] == s for s in ORDER) and "only" not in deps["pipeline"].parameters
+
+
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed (.ci/run installs it)")
 def test_docker_compose_file_is_valid(tmp_path):
     import subprocess
