@@ -57,11 +57,25 @@ def schedule_command(
     Needs a Prefect server (PREFECT_API_URL); for work pools use `prefect deploy --all` with prefect.yaml.
     """
     from prefect import serve
+    from prefect.settings import PREFECT_API_URL
+
+    from dmd_core.errors import InputError
+    from stages.config import load_config
 
     from .pipeline import scheduled_deployment
 
     def body() -> None:
-        serve(scheduled_deployment(cron, str(config) if config else None, set_ or [], name))
+        if not PREFECT_API_URL.value():
+            raise InputError(
+                "dmd schedule needs a Prefect server that outlives it. Fix: run `prefect server start` and "
+                "export PREFECT_API_URL=http://127.0.0.1:4200/api (README: Dashboards)"
+            )
+        load_config(config, set_ or [])  # a bad config fails now, not at the first scheduled run
+        try:
+            deployment = scheduled_deployment(cron, str(config) if config else None, set_ or [], name)
+        except ValueError:
+            raise InputError(f'invalid --cron {cron!r}. Fix: five fields "minute hour day month weekday", e.g. "0 3 * * *"') from None
+        serve(deployment)
 
     guarded(body, kill_children_on_sigterm=False)  # the flow stops its stages; server.py its server
 

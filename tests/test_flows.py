@@ -199,6 +199,19 @@ def test_cancelling_a_served_run_stops_every_stage_process(harness, tmp_path, ed
         runner.wait()
 
 
+def test_dmd_schedule_refuses_what_would_fail_later(harness, tmp_path):
+    r = dmd("schedule", "--cron", "not a cron")
+    assert r.returncode == 2 and "invalid --cron" in r.stderr
+    r = dmd("schedule", "--cron", "0 3 * * *", "--set", "distill.stepz=3")
+    assert r.returncode == 2 and "stepz" in r.stderr
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    r = subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", "schedule", "--cron", "0 3 * * *"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "PREFECT_API_URL" in r.stderr and "prefect server start" in r.stderr
+
+
 def test_prefect_yaml_deploys_the_pipeline_and_one_deployment_per_stage(harness):
     """`prefect deploy --all` with prefect.yaml, as a team does for its work pool."""
     import subprocess
