@@ -76,12 +76,16 @@ def stage_output(stage: str, cfg: PipelineConfig) -> tuple[str, Path]:
     return p.key, p.out_dir
 
 
-def stage_cache_key(context: TaskRunContext, parameters: dict) -> str:
+def task_cache_key(stage: str, key: str, out_dir: Path) -> str:
     """``<stage>-<content key>-<store>``: one Prefect database can serve several stores (checkouts,
     users), and a record must never hand one store the output directory of another."""
-    key, out_dir = stage_output(parameters["stage"], load_config(parameters["config_file"]))
     store = hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:12]
-    return f"{parameters['stage']}-{key}-{store}"
+    return f"{stage}-{key}-{store}"
+
+
+def cache_key_parameter(context: TaskRunContext, parameters: dict) -> str:
+    # The flow plans each stage once (planning verifies upstream checksums) and passes the key in.
+    return parameters["cache_key"]
 
 
 def _pump(stream, emit, tail: deque, progress: queue.Queue) -> None:
@@ -120,8 +124,8 @@ class ProgressArtifact:
             update_progress_artifact(self.id, percent, description=f"{self.stage}: failed (exit status {rc})")
 
 
-@task(cache_key_fn=stage_cache_key, persist_result=True, task_run_name="{stage}")
-def run_stage(stage: str, config_file: str, num_processes: int = 1) -> dict:
+@task(cache_key_fn=cache_key_parameter, persist_result=True, task_run_name="{stage}")
+def run_stage(stage: str, config_file: str, cache_key: str, num_processes: int = 1) -> dict:
     """``python -m stages <stage>``: output streams into the run log, progress into an artifact.
 
     Returns the stage's verified manifest. However the task ends (failure, cancellation: Prefect turns
@@ -254,13 +258,14 @@ def dmd_pipeline(
                 if verified_manifest(stage_output(up, cfg)[1]) is None:
                     raise RuntimeError(f"--only {stage}: the {up} output is missing from the store; run the pipeline (or --only {up}) first")
         forced = forced or stage in refresh
-        out_dir = stage_output(stage, cfg)[1]
+        key, out_dir = stage_output(stage, cfg)
         valid = verified_manifest(out_dir) is not None
         if forced and out_dir.exists():
             shutil.rmtree(out_dir)  # a refreshed stage (and all after it) really recomputes
             valid = False
         t0 = time.perf_counter()
-        state = run_stage.with_options(refresh_cache=not valid)(stage, config_file, num_processes, return_state=True)
+        run = run_stage.with_options(refresh_cache=not valid)
+        state = run(stage, config_file, task_cache_key(stage, key, out_dir), num_processes, return_state=True)
         results[stage] = state.result()
         seconds[stage] = time.perf_counter() - t0
         cached[stage] = state.name == "Cached"
