@@ -250,7 +250,7 @@ def dmd_pipeline(
     cfg, config_file = resolved_config_file(config, overrides or [])
     refresh = set(refresh or [])
     stages = ORDER if only is None else [only]
-    results, cached, cache, seconds = {}, {}, {}, {}
+    results, cache, seconds = {}, {}, {}
     forced = False
     for stage in stages:
         if only is not None:
@@ -268,13 +268,12 @@ def dmd_pipeline(
         state = run(stage, config_file, task_cache_key(stage, key, out_dir), num_processes, return_state=True)
         results[stage] = state.result()
         seconds[stage] = time.perf_counter() - t0
-        cached[stage] = state.name == "Cached"
         # hit: Prefect's cache record; store: no record (e.g. a new PREFECT_HOME) but the stage found
         # its verified output in the store and reused it; miss: computed.
-        cache[stage] = "hit" if cached[stage] else "store" if valid else "miss"
+        cache[stage] = "hit" if state.name == "Cached" else "store" if valid else "miss"
     if only is None:
         publish(results, cache, seconds)
-    return {"outputs": {s: r["out_dir"] for s, r in results.items()}, "cached": cached, "flow_run_id": str(flow_run.id)}
+    return {"outputs": {s: r["out_dir"] for s, r in results.items()}, "cached": {s: c == "hit" for s, c in cache.items()}, "flow_run_id": str(flow_run.id)}
 
 
 ARTIFACT_KEYS = ["dmd-metrics", "dmd-samples", "dmd-export", *(f"dmd-{s}-progress" for s in PROGRESS_STAGES)]

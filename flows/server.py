@@ -19,7 +19,7 @@ from typing import Iterator
 
 import httpx
 
-from stages.launch import free_port, signals_ignored
+from stages.launch import free_port, kill_process_tree, signals_ignored
 
 STARTUP_TIMEOUT_S = 90
 
@@ -44,22 +44,8 @@ def local_server(port: int | None = None, ui: bool = False, log: Path | None = N
             _wait_healthy(api, proc, out)
             yield api
         finally:
-            with signals_ignored(signal.SIGINT, signal.SIGTERM):
-                stop_session(proc)
-
-
-def stop_session(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the session ``proc`` leads, SIGKILL it after ``grace_s``; fine if it already ended."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            kill_process_tree(proc.pid)  # the CLI and its uvicorn child
+            proc.wait()
 
 
 def _wait_healthy(api: str, proc: subprocess.Popen, out) -> None:

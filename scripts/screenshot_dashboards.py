@@ -138,7 +138,7 @@ def run_and_shoot(args: argparse.Namespace, chromium: str, out: Path, api: str, 
     """``dmd run`` against ``api``, then one screenshot per page of its flow run and artifacts."""
     import httpx
 
-    from flows.server import stop_session
+    from stages.launch import kill_process_tree
 
     base = api.removesuffix("/api")
     env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": api}
@@ -150,8 +150,9 @@ def run_and_shoot(args: argparse.Namespace, chromium: str, out: Path, api: str, 
         print(f"dmd run exited with {rc} after {time.monotonic() - t0:.0f} s", flush=True)
     finally:
         # An interrupted run is stopped while the server is still up, so it can report its end.
-        if dmd is not None:
-            stop_session(dmd, grace_s=60)
+        if dmd is not None and dmd.poll() is None:
+            kill_process_tree(dmd.pid, grace_s=60)
+            dmd.wait()
     try:
         httpx.get(f"{api}/health", timeout=5).raise_for_status()
     except httpx.HTTPError:
