@@ -8,6 +8,7 @@ when we write them, ``n``.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +22,18 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's
 
 
 class PenultimateFeatures(nn.Module):
-    """Adapter: a classifier's ``features`` as the feature network torchmetrics expects."""
+    """Adapter: a classifier's ``features`` as the feature network torchmetrics expects.
+
+    Runs a float64 copy of the classifier (the caller's stays as it is): FD-digits features in float64.
+    """
 
     def __init__(self, classifier: nn.Module):
         super().__init__()
-        self.classifier = classifier
+        self.classifier = copy.deepcopy(classifier).double()
         self.num_features = classifier.num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(x)
+        return self.classifier.features(x.to(torch.float64))
 
 
 def inception_weights_path(weights_path: str | Path | None = None) -> Path:
@@ -62,14 +66,17 @@ class InceptionFeatures(nn.Module):
         x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
-        return self.net(x).reshape(x.shape[0], -1)
+        return self.net(x).reshape(x.shape[0], -1).to(torch.float64)
 
 
 def make_fid(feature_net: nn.Module) -> FrechetInceptionDistance:
-    """A torchmetrics FID metric around ``feature_net`` with float64 states (sums across processes at compute)."""
-    fid = FrechetInceptionDistance(feature=feature_net, reset_real_features=False, normalize=False)
-    fid.set_dtype(torch.float64)
-    return fid
+    """A torchmetrics FID metric around ``feature_net`` (float64 sums, all-reduced across processes at compute).
+
+    The metric's sums are float64 already; ``set_dtype(float64)`` is not called because it would also
+    cast ``feature_net`` (Inception would then get float64 weights and float32 inputs and fail). The
+    feature networks here return float64 features, so ``compute`` returns float64 too.
+    """
+    return FrechetInceptionDistance(feature=feature_net, reset_real_features=False, normalize=False)
 
 
 def set_reference(fid: FrechetInceptionDistance, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 
 from conftest import ROOT, run_cli, write_config
 from dmd_core.errors import InputError
-from dmd_core.metrics import InceptionFeatures, load_stats, make_fid, save_stats, set_reference, side_stats
+from dmd_core.metrics import load_stats, make_fid, save_stats, set_reference, side_stats
 from stages import evaluate
 from stages.config import load_config
 
@@ -91,25 +91,6 @@ def test_npz_roundtrip_and_pytorch_fid_format(tmp_path):
     np.savez(tmp_path / "bad.npz", mu=mu, sigma=np.eye(4))
     with pytest.raises(InputError, match="do not fit"):
         load_stats(tmp_path / "bad.npz")
-
-
-def test_inception_path_loads_a_local_file(tmp_path, monkeypatch):
-    """RANDOM WEIGHTS: an identically shaped Inception-v3 saved to a temp file loads by path, 2048-d features."""
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
-
-    monkeypatch.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-    monkeypatch.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: None)
-    torch.manual_seed(0)
-    random_net = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    monkeypatch.undo()
-    path = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
-    torch.save(random_net.state_dict(), path)
-    feats = InceptionFeatures(path)
-    x = torch.rand(2, 1, 8, 8) * 2 - 1
-    out = feats(x)
-    assert out.shape == (2, 2048) and torch.isfinite(out).all()
-    with pytest.raises(InputError, match="weights-inception-2015-12-05-6726825d.pth"):
-        InceptionFeatures(tmp_path / "missing" / "weights-inception-2015-12-05-6726825d.pth")
 
 
 @pytest.fixture(scope="module")
