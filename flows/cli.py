@@ -9,7 +9,7 @@ import typer
 
 from stages.cli import ConfigOpt, ProcOpt, SetOpt, app, guarded
 
-STAGE_NAMES = ["generate", "distill", "evaluate", "export"]
+from stages.registry import ORDER as STAGE_NAMES
 
 
 @app.command("run")
@@ -35,11 +35,11 @@ def run_command(
         from .server import prefect_api
 
         try:
-            with prefect_api():
+            with prefect_api() as local:
                 result = dmd_pipeline(config=str(config) if config else None, overrides=set_ or [], only=only, refresh=refresh or [], num_processes=num_processes)
         except RuntimeError as e:
             raise InputError(str(e)) from None
-        print(where_dashboards_are(result["flow_run_id"]), file=sys.stderr)
+        print(where_dashboards_are(result["flow_run_id"], local), file=sys.stderr)
         return result["outputs"][only or "export"]
 
     guarded(body, kill_children_on_sigterm=False)  # the flow stops its stages; server.py its server
@@ -91,13 +91,13 @@ def demo_command() -> None:
         from .pipeline import dmd_pipeline, where_dashboards_are
         from .server import prefect_api
 
-        with prefect_api():
+        with prefect_api() as local:
             result = dmd_pipeline()
         out = result["outputs"]
         table = evaluate.results_table(read_manifest(out["evaluate"]))
         print(
             f"\n{table}\n\nsample grid: {out['evaluate']}/grid.png\nexport:      {out['export']}\n"
-            f"model card:  {out['export']}/README.md\n{where_dashboards_are(result['flow_run_id'])}",
+            f"model card:  {out['export']}/README.md\n{where_dashboards_are(result['flow_run_id'], local)}",
             file=sys.stderr,
         )
         return out["export"]

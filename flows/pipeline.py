@@ -1,27 +1,30 @@
 """The ``dmd-pipeline`` Prefect flow: generate -> distill -> evaluate -> export, one task per stage.
 
-Each task runs its stage as a subprocess (``python -m stages <stage> --config <resolved> -n N``), so
-multi-process stages go through ``accelerate launch`` and every output line reaches the run logs, except
-the stage's ``dmd-progress`` lines, which update its progress artifact. A task that stops early
-(cancelled, interrupted, failed) stops the stage's whole process tree.
+The flow walks the stages with the project's one resolver (``stages.chain.walk``): the teacher is
+resolved once, each stage is planned once, from the output the previous task returned, and its task
+gets that plan. A task runs its stage as a subprocess (``python -m stages <stage> --plan <plan>``: no
+re-planning there), so multi-process stages go through ``accelerate launch`` and every output line
+reaches the run logs, except the stage's ``dmd-progress`` lines, which update its progress artifact.
+Each task takes the previous task's result as its ``upstream`` input, so the run graph in the UI shows
+generate -> distill -> evaluate -> export. A task that stops early stops the stage's whole process tree.
 
 Cache keys: a task's key is its stage's content address in the store (a hash of the stage config, the
 upstream outputs' digests and the stage code version) plus the store's location, never the flow run,
 so hits carry across runs. Prefect's record is trusted only while the store output it points to is complete
-and its checksums verify: the flow checks that before each task and otherwise refreshes the cache, so a
-deleted or damaged output is recomputed instead of returned stale. ``refresh`` forces a stage and
-everything after it.
+and its checksums verify (cheap: the store's verification records): the flow checks that before each
+task and otherwise refreshes the cache, so a deleted or damaged output is recomputed instead of
+returned stale. ``refresh`` forces a stage and everything after it.
 """
 
 from __future__ import annotations
 
 import base64
+import contextvars
 import hashlib
 import io
 import logging
 import os
 import queue
-import shutil
 import subprocess
 import sys
 import threading
@@ -40,16 +43,16 @@ from prefect.artifacts import (
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
-from stages import distill, evaluate, export, generate
+from stages import chain
+from stages.chain import Plan
 from stages.config import PipelineConfig, dump_config, load_config
 from stages.launch import EXIT_WITH_PARENT, kill_process_tree
 from stages.progress import ENV as PROGRESS_ENV
 from stages.progress import Progress, parse_progress
-from stages.store import verified_manifest
+from stages.registry import ORDER, STAGES, StageSpec
+from stages.store import Manifest, StageOutput, remove_output, verified_manifest
 
-STAGES = {"generate": generate, "distill": distill, "evaluate": evaluate, "export": export}
-ORDER = list(STAGES)
-PROGRESS_STAGES = ("generate", "distill", "evaluate")
+PROGRESS_STAGES = tuple(s.name for s in STAGES if s.progress)
 STDERR_TAIL = 50
 
 
@@ -64,18 +67,6 @@ def resolved_config_file(config: str | None, overrides: list[str]) -> tuple[Pipe
     return cfg, str(path)
 
 
-def stage_output(stage: str, cfg: PipelineConfig) -> tuple[str, Path]:
-    """(content key, output dir) of a stage; its upstream outputs must exist (they ran before it)."""
-    stage_log = logging.getLogger("dmd")
-    level = stage_log.level
-    stage_log.setLevel(logging.WARNING)  # planning re-verifies upstream outputs: the stage itself logs that
-    try:
-        p = STAGES[stage].plan(cfg, progress=False) if stage != "generate" else generate.plan(cfg)
-    finally:
-        stage_log.setLevel(level)
-    return p.key, p.out_dir
-
-
 def task_cache_key(stage: str, key: str, out_dir: Path) -> str:
     """``<stage>-<content key>-<store>``: one Prefect database can serve several stores (checkouts,
     users), and a record must never hand one store the output directory of another."""
@@ -84,7 +75,7 @@ def task_cache_key(stage: str, key: str, out_dir: Path) -> str:
 
 
 def cache_key_parameter(context: TaskRunContext, parameters: dict) -> str:
-    # The flow plans each stage once (planning verifies upstream checksums) and passes the key in.
+    # The flow plans each stage once and passes the key in (see task_cache_key).
     return parameters["cache_key"]
 
 
@@ -125,15 +116,17 @@ class ProgressArtifact:
 
 
 @task(cache_key_fn=cache_key_parameter, persist_result=True, task_run_name="{stage}")
-def run_stage(stage: str, config_file: str, cache_key: str, num_processes: int = 1) -> dict:
-    """``python -m stages <stage>``: output streams into the run log, progress into an artifact.
+def run_stage(stage: str, config_file: str, plan_file: str, cache_key: str, upstream: dict | None = None, num_processes: int = 1) -> dict:
+    """``python -m stages <stage> --plan <plan>``: output streams into the run log, progress into an artifact.
 
-    Returns the stage's verified manifest. However the task ends (failure, cancellation: Prefect turns
-    the runner's SIGTERM into an exception here), the stage's whole process tree is stopped.
+    ``upstream`` is the previous stage's task result (its output directory and manifest): passing it
+    makes the dependency visible in the run graph. Returns this stage's verified output the same way.
+    However the task ends (failure, cancellation: Prefect turns the runner's SIGTERM into an exception
+    here), the stage's whole process tree is stopped.
     """
     logger = get_run_logger()
-    cmd = [sys.executable, "-m", "stages", stage, "--config", config_file]
-    if num_processes > 1 and stage != "export":
+    cmd = [sys.executable, "-m", "stages", stage, "--config", config_file, "--plan", plan_file]
+    if num_processes > 1:
         cmd += ["--num-processes", str(num_processes)]
     env = {**os.environ, PROGRESS_ENV: "1", EXIT_WITH_PARENT: "1"}
     progress = ProgressArtifact(stage) if stage in PROGRESS_STAGES else None
@@ -141,9 +134,11 @@ def run_stage(stage: str, config_file: str, cache_key: str, num_processes: int =
     out_lines: deque = deque(maxlen=5)
     err_tail: deque = deque(maxlen=STDERR_TAIL)
     events: queue.Queue = queue.Queue()
+    # Each pump runs in a copy of this context: Prefect's settings (the flow's own API URL) live in
+    # context variables, and a plain thread would log to a server of its own (a temporary one).
     pumps = [
-        threading.Thread(target=_pump, args=(proc.stdout, logger.info, out_lines, events), daemon=True),
-        threading.Thread(target=_pump, args=(proc.stderr, logger.info, err_tail, events), daemon=True),
+        threading.Thread(target=contextvars.copy_context().run, args=(_pump, proc.stdout, logger.info, out_lines, events), daemon=True),
+        threading.Thread(target=contextvars.copy_context().run, args=(_pump, proc.stderr, logger.info, err_tail, events), daemon=True),
     ]
     for t in pumps:
         t.start()
@@ -235,6 +230,37 @@ def publish(results: dict[str, dict], cache: dict[str, str], seconds: dict[str, 
     create_link_artifact(key="dmd-export", link=card.as_uri(), link_text=f"model card: {card}", description="The exported one-step generator")
 
 
+class StageTasks:
+    """``chain.walk``'s way of obtaining an output inside the flow: a ``run_stage`` task per stage."""
+
+    def __init__(self, cfg: PipelineConfig, config_file: str, num_processes: int, refresh: set[str]):
+        self.cfg, self.config_file, self.num_processes, self.refresh = cfg, config_file, num_processes, refresh
+        self.futures: dict = {}  # stage -> the task's future: the next task takes it as its upstream
+        self.results: dict[str, dict] = {}
+        self.cache: dict[str, str] = {}
+        self.seconds: dict[str, float] = {}
+        self.forced = False
+
+    def __call__(self, s: StageSpec, p: Plan) -> StageOutput:
+        self.forced = self.forced or s.name in self.refresh
+        valid = verified_manifest(p.out_dir) is not None
+        if self.forced and p.out_dir.exists():
+            remove_output(p.out_dir)  # a refreshed stage (and all after it) really recomputes
+            valid = False
+        plan_file = p.save(Path(self.cfg.store) / ".flow-plans" / f"{s.name}-{p.key}.json")
+        n = self.num_processes if s.multi_process else 1
+        t0 = time.perf_counter()
+        task_run = run_stage.with_options(refresh_cache=not valid)
+        future = task_run.submit(s.name, self.config_file, str(plan_file), task_cache_key(s.name, p.key, p.out_dir), self.futures.get(s.upstream), n)
+        result = self.results[s.name] = future.result()
+        self.futures[s.name] = future
+        self.seconds[s.name] = time.perf_counter() - t0
+        # hit: Prefect's cache record; store: no record (e.g. a new PREFECT_HOME) but the stage found
+        # its verified output in the store and reused it; miss: computed.
+        self.cache[s.name] = "hit" if future.state.name == "Cached" else "store" if valid else "miss"
+        return StageOutput(Path(result["out_dir"]), Manifest.model_validate(result["manifest"]))
+
+
 @flow(name="dmd-pipeline", log_prints=True)
 def dmd_pipeline(
     config: str | None = None,
@@ -248,46 +274,28 @@ def dmd_pipeline(
     Returns ``{"outputs": {stage: dir}, "cached": {stage: bool}, "flow_run_id": id}``.
     """
     cfg, config_file = resolved_config_file(config, overrides or [])
-    refresh = set(refresh or [])
-    stages = ORDER if only is None else [only]
-    results, cache, seconds = {}, {}, {}
-    forced = False
-    for stage in stages:
-        if only is not None:
-            for up in ORDER[: ORDER.index(stage)]:
-                if verified_manifest(stage_output(up, cfg)[1]) is None:
-                    raise RuntimeError(f"--only {stage}: the {up} output is missing from the store; run the pipeline (or --only {up}) first")
-        forced = forced or stage in refresh
-        key, out_dir = stage_output(stage, cfg)
-        valid = verified_manifest(out_dir) is not None
-        if forced and out_dir.exists():
-            shutil.rmtree(out_dir)  # a refreshed stage (and all after it) really recomputes
-            valid = False
-        t0 = time.perf_counter()
-        run = run_stage.with_options(refresh_cache=not valid)
-        state = run(stage, config_file, task_cache_key(stage, key, out_dir), num_processes, return_state=True)
-        results[stage] = state.result()
-        seconds[stage] = time.perf_counter() - t0
-        # hit: Prefect's cache record; store: no record (e.g. a new PREFECT_HOME) but the stage found
-        # its verified output in the store and reused it; miss: computed.
-        cache[stage] = "hit" if state.name == "Cached" else "store" if valid else "miss"
+    tasks = StageTasks(cfg, config_file, num_processes, set(refresh or []))
+    # --only: the upstream outputs must be in the store already (an error names the first missing one)
+    chain.walk(cfg, only or ORDER[-1], tasks, chain.require_existing if only else None)
     if only is None:
-        publish(results, cache, seconds)
-    return {"outputs": {s: r["out_dir"] for s, r in results.items()}, "cached": {s: c == "hit" for s, c in cache.items()}, "flow_run_id": str(flow_run.id)}
+        publish(tasks.results, tasks.cache, tasks.seconds)
+    outputs = {s: r["out_dir"] for s, r in tasks.results.items()}
+    return {"outputs": outputs, "cached": {s: c == "hit" for s, c in tasks.cache.items()}, "flow_run_id": str(flow_run.id)}
 
 
 ARTIFACT_KEYS = ["dmd-metrics", "dmd-samples", "dmd-export", *(f"dmd-{s}-progress" for s in PROGRESS_STAGES)]
 
 
-def where_dashboards_are(flow_run_id: str) -> str:
-    """A line telling where the run's artifacts can be seen (or why they cannot, on a temporary server)."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+def where_dashboards_are(flow_run_id: str, local_server: bool) -> str:
+    """A line telling where the run's artifacts can be seen."""
+    from prefect.settings import PREFECT_HOME, PREFECT_UI_URL
 
-    if PREFECT_API_URL.value():
+    if not local_server:
         return f"dashboards:  {PREFECT_UI_URL.value()}/runs/flow-run/{flow_run_id} (artifacts {', '.join(ARTIFACT_KEYS)})"
     return (
-        f"dashboards:  artifacts {', '.join(ARTIFACT_KEYS)} went to a temporary Prefect server, gone now; "
-        "to keep them: `prefect server start` and PREFECT_API_URL=http://127.0.0.1:4200/api (README: Dashboards)"
+        f"dashboards:  artifacts {', '.join(ARTIFACT_KEYS)} are kept in the local Prefect database under "
+        f"{PREFECT_HOME.value()}; to see them: `prefect server start`, then http://127.0.0.1:4200/runs/flow-run/{flow_run_id} "
+        "(README: Dashboards)"
     )
 
 

@@ -75,16 +75,16 @@ def _drain_prefect_clients() -> None:
 
 
 @contextmanager
-def prefect_api() -> Iterator[str]:
-    """The API to run flows against: ``PREFECT_API_URL`` when set, else a :func:`local_server`."""
+def prefect_api() -> Iterator[bool]:
+    """Where flows run: ``PREFECT_API_URL`` when set (yields False), else a :func:`local_server` (yields True)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
-        yield PREFECT_API_URL.value()
+        yield False
         return
     with local_server() as api, temporary_settings(updates={PREFECT_API_URL: api}):
         try:
-            yield api
+            yield True
         finally:
             # Still inside these settings: drained outside them, the queued logs and events would
             # make Prefect start its own temporary server (seconds) just to receive them.

@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Annotated, Callable, Optional
 
 import typer
 
 from dmd_core.errors import InputError
 
-from .config import load_config
+from .config import dump_config, load_config
 from .launch import distributed_env, exit_with_parent, finish_distributed, terminate_on_sigterm
+from .registry import ORDER, STAGES
+from .store import write_text_atomic
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -55,19 +56,38 @@ def guarded(body: Callable[[], Optional[str]], kill_children_on_sigterm: bool = 
         typer.echo(out)
 
 
-def stage_command(load: Callable[[], ModuleType], doc: str) -> Callable[..., None]:
-    """A CLI command for a stage module (``STAGE``, ``run``, ``run_distributed``): same options for every stage."""
+PlanOpt = Annotated[
+    Optional[Path], typer.Option("--plan", hidden=True, help="A plan made by the chain or the flow (internal: accelerate workers, flow tasks).")
+]
 
-    def command(config: ConfigOpt = None, set_: SetOpt = None, num_processes: ProcOpt = 1, quiet: QuietOpt = False) -> None:
+
+def stage_output(name: str, cfg, num_processes: int, progress: bool, plan_file: Optional[Path]) -> Optional[Path]:
+    """Run one stage: from a plan file (already planned by a flow task or the launcher), or through the chain."""
+    from .chain import Plan, local_obtain, plan, run
+    from .registry import spec
+
+    rank, world = distributed_env()
+    if world > 1:  # this process is one rank under accelerate launch
+        p = Plan.load(plan_file) if plan_file else plan(cfg, name)
+        p.out_dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0 and not (p.out_dir / "config.yaml").is_file():
+            write_text_atomic(p.out_dir / "config.yaml", dump_config(cfg))
+        m = spec(name).module.run_distributed(cfg, p, progress)
+        finish_distributed()
+        return None if m is None else p.out_dir
+    if plan_file is not None:
+        p = Plan.load(plan_file)
+        return local_obtain(cfg, num_processes, progress)(spec(name), p).out_dir
+    return run(cfg, name, num_processes, progress).out_dir
+
+
+def stage_command(name: str, doc: str) -> Callable[..., None]:
+    """The CLI command of a stage: the same options for every stage."""
+
+    def command(config: ConfigOpt = None, set_: SetOpt = None, num_processes: ProcOpt = 1, quiet: QuietOpt = False, plan_file: PlanOpt = None) -> None:
         def body() -> Optional[str]:
-            stage = load()
-            cfg = load_config(config, set_ or [])
-            if distributed_env()[1] > 1:  # this process is one rank under accelerate launch
-                m = stage.run_distributed(cfg, progress=not quiet)
-                finish_distributed()
-            else:
-                m = stage.run(cfg, num_processes, progress=not quiet)
-            return None if m is None else str(Path(cfg.store) / stage.STAGE / m.key)
+            out = stage_output(name, load_config(config, set_ or []), num_processes, not quiet, plan_file)
+            return None if out is None else str(out)
 
         guarded(body)
 
@@ -75,72 +95,47 @@ def stage_command(load: Callable[[], ModuleType], doc: str) -> Callable[..., Non
     return command
 
 
-def _generate() -> ModuleType:
-    from . import generate
-
-    return generate
-
-
-def _distill() -> ModuleType:
-    from . import distill
-
-    return distill
-
-
-def _evaluate() -> ModuleType:
-    from . import evaluate
-
-    return evaluate
-
-
-def _export() -> ModuleType:
-    from . import export
-
-    return export
-
-
-STAGE_COMMANDS = {
-    "generate": stage_command(
-        _generate,
-        """Solve the teacher's ODE from seeded noise and write (noise, image, class) WebDataset shards.
-
-        The output directory is content-addressed in the store and printed as the last line on stdout;
-        a rerun reuses a complete output and resumes an interrupted one.""",
-    ),
-    "distill": stage_command(
-        _distill,
-        """Train the one-step generator with DMD (distribution matching + regression), on Accelerate.
-
-        Finds the pairs for this config in the store (or makes them with generate), trains, and prints
-        the output directory (generator/, metrics.parquet, samples.png) as the last line on stdout.
-        An interrupted run resumes from its last checkpoint when rerun.""",
-    ),
-    "evaluate": stage_command(
-        _evaluate,
-        """Measure the one-step generator against its teacher: Fréchet distance, class accuracy, speed.
-
-        Writes metrics.json (teacher_fd, student_fd, fd_ratio, class accuracies, teacher_nfe, speedup),
-        metrics.parquet and grid.png (teacher | student); prints the output directory last on stdout.
-        The teacher's numbers and the reference statistics are computed once and cached in the store.""",
-    ),
-    "export": stage_command(
-        _export,
-        """Write the one-step generator for others: diffusers layout, OneStepPipeline, ONNX, model card.
-
-        Evaluates first if needed; checks ONNX against PyTorch and a fresh-process reload bit for bit;
-        prints the export directory (with README.md, the model card) as the last line on stdout.""",
-    ),
-}
+STAGE_COMMANDS = {s.name: stage_command(s.name, s.help) for s in STAGES}
 
 app = typer.Typer(
     name="dmd",
-    help="Distil a diffusion model into a one-step generator (DMD). Stages: generate -> distill -> evaluate -> export.",
+    help=f"Distil a diffusion model into a one-step generator (DMD). Stages: {' -> '.join(ORDER)}.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
 for _name, _fn in STAGE_COMMANDS.items():
     app.command(_name)(_fn)
+
+@app.command("verify")
+def verify_command(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    deep: Annotated[bool, typer.Option("--deep", help="Re-hash every file, ignoring the verification records.")] = False,
+) -> None:
+    """Check every output in the store against its manifest's checksums; exit 1 if any fails.
+
+    Normally a file is re-hashed only when its size, mtime or inode changed since it was last checked
+    (the store's .verified.json records); --deep re-hashes everything, which also catches a file
+    changed in place that kept all three.
+    """
+    from .store import MANIFEST, bad_files, read_manifest
+
+    def body() -> None:
+        store = Path(load_config(config, set_ or []).store)
+        failed = 0
+        for name in [*ORDER, "reference", "teacher_eval"]:
+            for out in sorted((store / name).glob(f"*/{MANIFEST}")):
+                m = read_manifest(out.parent)
+                bad = ["manifest.json unreadable"] if m is None else bad_files(out.parent, m, deep)
+                failed += bool(bad)
+                typer.echo(f"{'FAIL' if bad else 'ok  '}  {name:<12} {out.parent.name}" + (f"  ({', '.join(bad[:5])})" if bad else ""))
+        typer.echo(f"{failed} output(s) failed verification" if failed else "all outputs verify", err=True)
+        if failed:
+            raise typer.Exit(1)
+
+    guarded(body)
+
 
 toy_app = typer.Typer(help="Build the embedded default's assets (digits teacher and classifier) under data/.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dmd_core.dmd import DMDSettings
 from dmd_core.errors import InputError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +51,9 @@ class DistillConfig(Section):
     steps: int = Field(1000, gt=0, description="generator updates")
     batch_size: int = Field(64, gt=0, description="samples per process per step, for both loss terms")
     regression_loss: Literal["lpips", "pseudo_huber", "l2"] = Field("lpips", description="l in loss_reg = l(G(z_ref), y_ref)")
-    regression_weight: float = Field(0.25, ge=0, description="lambda_reg")
+    regression_weight: float = Field(DMDSettings.regression_weight, ge=0, description="lambda_reg")
     lpips_net: Literal["vgg", "alex"] = Field("vgg", description="LPIPS backbone (weights from the torch hub cache)")
-    guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance of the real score")
+    guidance_scale: float = Field(DMDSettings.guidance_scale, ge=0, description="classifier-free guidance of the real score")
     fake_updates_per_generator_update: int = Field(1, ge=1, description="fake-score steps per generator step (DMD2: 5)")
     generator_optimizer: OptimizerConfig = OptimizerConfig()
     fake_optimizer: OptimizerConfig = OptimizerConfig()
@@ -66,8 +67,8 @@ class DistillConfig(Section):
         return "no" if v is False else v  # YAML 1.1 reads an unquoted `no` as false
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the generator (0 = off)")
-    t_min: float = Field(0.02, ge=0, le=1, description="DM timesteps t ~ U[t_min T, t_max T]")
-    t_max: float = Field(0.98, ge=0, le=1)
+    t_min: float = Field(DMDSettings.t_min, ge=0, le=1, description="DM timesteps t ~ U[t_min T, t_max T]")
+    t_max: float = Field(DMDSettings.t_max, ge=0, le=1, description="t_max = 1 reaches the noisiest level, T - 1")
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(500, gt=0, description="steps between checkpoints (the data stream restarts there)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")

@@ -8,13 +8,14 @@ Output ``<store>/distill/<key>/``: ``generator/`` (and ``generator_ema/``) in di
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,32 +24,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dmd_core.denoisers import Denoiser
-from dmd_core.dmd import DMDSettings, SampleRNG, distribution_matching_term, fake_score_loss, one_step, random_labels
+from dmd_core.dmd import DMDSettings, FakeScoreLoss, GeneratorLoss, SampleRNG, one_step, random_labels
 from dmd_core.errors import InputError
 from dmd_core.images import save_grid
-from dmd_core.loading import load_denoiser, resolve_model_dir, save_denoiser
+from dmd_core.loading import save_denoiser
 from dmd_core.losses import LPIPSLoss, l2_loss, pseudo_huber_loss
-from dmd_core.shards import pair_stream, sample_seed, shard_name, shard_ranges
+from dmd_core.shards import pair_stream, sample_seed, shard_name
 
-from . import generate
-from .config import DistillConfig, PipelineConfig, load_config
-from .launch import run_or_reuse
+from . import chain
+from .chain import Plan, Teacher
+from .config import DistillConfig, PipelineConfig
+from .launch import launch_plan
 from .progress import progress_bar
-from .store import (
-    Manifest,
-    Timer,
-    content_key,
-    dir_digest,
-    file_entry,
-    verified_manifest,
-)
+from .registry import spec
+from .store import Manifest, StageOutput, Timer, file_entry
 
 STAGE = "distill"
-CODE_VERSION = "distill/1"
-# Settings that change only what is logged, never the weights: not part of the cache key.
-NOT_IN_KEY = {"log_every", "sample_every", "keep_checkpoints", "num_threads"}
+SPEC = spec(STAGE)
 # Settings a run may change when it continues from another run's checkpoint (resume_from).
-MAY_DIFFER_ON_RESUME = NOT_IN_KEY | {"steps", "checkpoint_every", "num_workers", "resume_from", "pairs"}
+MAY_DIFFER_ON_RESUME = SPEC.not_in_key | {"steps", "checkpoint_every", "num_workers", "resume_from", "pairs"}
 # SampleRNG streams: independent draws for each purpose.
 STREAM_GENERATOR, STREAM_SAMPLES, STREAM_DATA, STREAM_FAKE = 0, 1, 2, 10
 log = logging.getLogger("dmd")
@@ -56,56 +50,6 @@ log = logging.getLogger("dmd")
 
 class TrainingDiverged(InputError):
     """A loss term became NaN or Inf."""
-
-
-@dataclass
-class DistillPlan:
-    out_dir: Path
-    key: str
-    pairs_dir: Path
-    pairs_manifest: Manifest
-    teacher_dir: Path
-    teacher_digest: str
-
-
-def key_config(d: DistillConfig) -> dict:
-    return d.model_dump(exclude=NOT_IN_KEY | {"pairs"})
-
-
-def _missing_shards(pairs_dir: Path) -> list[str]:
-    cfg_file = pairs_dir / "config.yaml"
-    if not cfg_file.is_file():
-        raise InputError(f"{pairs_dir} is not a generate output (no config.yaml). Fix: point distill.pairs at a `dmd generate` output directory.")
-    g = load_config(cfg_file).generate
-    return [
-        shard_name(i)
-        for i in range(len(shard_ranges(g.num_samples, g.shard_size)))
-        if not generate.shard_is_valid(pairs_dir, i)
-    ]
-
-
-def resolve_pairs(cfg: PipelineConfig, teacher_digest: str, num_processes: int, progress: bool) -> tuple[Path, Manifest]:
-    """The pair shards for this config: ``distill.pairs`` if given (verified), else made by the generate stage."""
-    if cfg.distill.pairs is None:
-        m = generate.run(cfg, num_processes, progress)
-        pairs_dir = Path(cfg.store) / generate.STAGE / m.key
-    else:
-        pairs_dir = Path(cfg.distill.pairs)
-        if not pairs_dir.is_dir():
-            raise InputError(f"distill.pairs: no such directory {pairs_dir}. Fix: run `dmd generate` and pass the directory it prints.")
-        m = verified_manifest(pairs_dir)
-        if m is None:
-            missing = _missing_shards(pairs_dir)
-            raise InputError(
-                f"generate output {pairs_dir} is incomplete (no verified manifest.json; missing or corrupt shards: "
-                f"{', '.join(missing[:8]) or 'none'}{' ...' if len(missing) > 8 else ''}). Fix: rerun `dmd generate` with its config to resume it."
-            )
-    if m.upstream.get("teacher") != teacher_digest:
-        raise InputError(
-            f"the pairs in {pairs_dir} were made by another teacher (digest {m.upstream.get('teacher', '?')[:16]}) "
-            f"than the configured teacher.path (digest {teacher_digest[:16]}). Fix: regenerate the pairs with this teacher."
-        )
-    return pairs_dir, m
 
 
 def check_regression_loss(d: DistillConfig) -> None:
@@ -117,21 +61,26 @@ def check_regression_loss(d: DistillConfig) -> None:
             LPIPSLoss(d.lpips_net)  # raises the InputError naming the file and the alternatives
 
 
-def plan(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> DistillPlan:
+def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput) -> Plan:
+    """Check the settings against the teacher and the pairs; key = (config, pairs digest, teacher digest)."""
     d = cfg.distill
     if d.t_min >= d.t_max:
         raise InputError(f"distill.t_min ({d.t_min}) must be below distill.t_max ({d.t_max})")
     if d.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise InputError("distill.mixed_precision=fp16 needs a CUDA GPU. Fix: --set distill.mixed_precision=bf16 (or no) on CPU.")
     check_regression_loss(d)
-    teacher_dir = resolve_model_dir(cfg.teacher.path)
-    teacher = load_denoiser(teacher_dir)  # fails fast on a bad teacher
-    if d.guidance_scale != 1.0 and teacher.num_classes == 0:
+    if d.guidance_scale != 1.0 and teacher.param.num_classes == 0:
         raise InputError("distill.guidance_scale != 1 needs a class-conditional teacher. Fix: --set distill.guidance_scale=1")
-    teacher_digest = dir_digest(teacher_dir)
-    pairs_dir, pm = resolve_pairs(cfg, teacher_digest, num_processes, progress)
-    key = content_key(STAGE, key_config(d), {"pairs": pm.digest, "teacher": teacher_digest}, CODE_VERSION)
-    return DistillPlan(Path(cfg.store) / STAGE / key, key, pairs_dir, pm, teacher_dir, teacher_digest)
+    pm = pairs.manifest
+    if pm.upstream.get("teacher") != teacher.digest:
+        raise InputError(
+            f"the pairs in {pairs.out_dir} were made by another teacher (digest {pm.upstream.get('teacher', '?')[:16]}) "
+            f"than the configured teacher.path (digest {teacher.digest[:16]}). Fix: regenerate the pairs with this teacher."
+        )
+    up = {"pairs": pm.digest, "teacher": teacher.digest}
+    key = SPEC.key(cfg, up)
+    info = {"image_shape": pm.info["image_shape"], "num_shards": pm.info["num_shards"]}
+    return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, {"teacher": str(teacher.path), "pairs": str(pairs.out_dir)}, info)
 
 
 # ---------------------------------------------------------------- the training loop
@@ -147,21 +96,22 @@ def lr_at(step: int, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / warmup) if warmup else base
 
 
-def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    return None if a is None else torch.cat([a, b])
+def dmd_settings(d: DistillConfig) -> DMDSettings:
+    """The algorithm's settings, by DMDSettings' own field names (it is their single source)."""
+    return DMDSettings(**{f.name: getattr(d, f.name) for f in dataclasses.fields(DMDSettings)})
 
 
 class Trainer:
     """Holds the networks, optimizers and data of one distill run; ``step()`` is one DMD iteration."""
 
-    def __init__(self, cfg: PipelineConfig, p: DistillPlan, accelerator):
+    def __init__(self, cfg: PipelineConfig, p: Plan, accelerator):
         self.cfg, self.p, self.acc = cfg, p, accelerator
         d = self.d = cfg.distill
         dev = accelerator.device
-        self.real: Denoiser = load_denoiser(p.teacher_dir, dev)  # frozen teacher
-        gen, fake = load_denoiser(p.teacher_dir), load_denoiser(p.teacher_dir)  # theta, phi <- teacher
+        self.real: Denoiser = p.teacher().load(dev)  # frozen teacher, loaded once
+        gen, fake = copy.deepcopy(self.real), copy.deepcopy(self.real)  # theta, phi <- teacher
         self.param = gen.param
-        self.shape = tuple(p.pairs_manifest.info["image_shape"])
+        self.shape = tuple(p.info["image_shape"])
         self.num_classes = gen.num_classes
         for net in (gen, fake):
             net.requires_grad_(True).train()
@@ -169,11 +119,12 @@ class Trainer:
         opt = lambda net, o: torch.optim.AdamW(net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=True)  # noqa: E731
         self.gen, self.fake, self.opt_g, self.opt_f = accelerator.prepare(gen, fake, opt(gen, d.generator_optimizer), opt(fake, d.fake_optimizer))
         self.ema = {k: v.detach().clone().float() for k, v in self.unwrap(self.gen).unet.state_dict().items()} if d.ema_decay else None
-        self.reg_loss = regression_loss_fn(d)
-        if isinstance(self.reg_loss, torch.nn.Module):
-            self.reg_loss.to(dev)
-        self.settings = DMDSettings(d.guidance_scale, d.regression_weight, d.t_min, d.t_max)
-        self.urls = [str(p.pairs_dir / shard_name(i)) for i in range(p.pairs_manifest.info["num_shards"])]
+        reg_loss = regression_loss_fn(d) if d.regression_weight > 0 else None
+        if isinstance(reg_loss, torch.nn.Module):
+            reg_loss.to(dev)
+        self.gen_loss = GeneratorLoss(dmd_settings(d), reg_loss)
+        self.fake_loss = FakeScoreLoss.for_teacher(self.real)
+        self.urls = [str(Path(p.inputs["pairs"]) / shard_name(i)) for i in range(p.info["num_shards"])]
         self.data = None
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
 
@@ -226,16 +177,12 @@ class Trainer:
             labels_ref = None if labels_ref is None else labels_ref.to(dev)
             sync = acc.no_sync(self.gen) if m < A - 1 else nullcontext()
             with sync, acc.autocast():
-                x_all = one_step(self.gen, self.param, torch.cat([z, z_ref]), _cat(labels, labels_ref)).float()
-                x, x_reg = x_all[: len(z)], x_all[len(z) :]
-                loss_dm, _ = distribution_matching_term(x, labels, self.real, self.fake, self.settings, rng)
-                loss_reg = self.reg_loss(x_reg, y_ref) if d.regression_weight > 0 else torch.zeros((), device=dev)
-                loss_g = loss_dm + d.regression_weight * loss_reg
-                self._check_finite(step, {"loss_dm": loss_dm, "loss_reg": loss_reg})
+                loss_g, terms, x = self.gen_loss(self.gen, self.real, self.fake, z, labels, rng, z_ref, y_ref, labels_ref)
+                self._check_finite(step, terms)
                 acc.backward(loss_g / A)
-            xs.append(x.detach())
+            xs.append(x)
             labels_dm.append(labels)
-            for k, v in (("loss_dm", loss_dm), ("loss_reg", loss_reg), ("loss_g", loss_g)):
+            for k, v in (*terms.items(), ("loss_g", loss_g)):
                 logs[k] += v.item() / A
         logs["grad_norm_g"] = float(acc.clip_grad_norm_(self.gen.parameters(), d.max_grad_norm or math.inf))
         self.opt_g.step()
@@ -253,7 +200,7 @@ class Trainer:
                         x = one_step(self.gen, self.param, z, labels).float()
                 sync = acc.no_sync(self.fake) if m < A - 1 else nullcontext()
                 with sync, acc.autocast():
-                    loss_f = fake_score_loss(self.fake, self.param, x, labels, rng, getattr(self.real, "alphas_cumprod", None))
+                    loss_f = self.fake_loss(self.fake, x, labels, rng)
                     self._check_finite(step, {"loss_fake": loss_f})
                     acc.backward(loss_f / A)
                 logs["loss_fake"] += loss_f.item() / A / d.fake_updates_per_generator_update
@@ -275,7 +222,7 @@ class Trainer:
         save_denoiser(gen, target / "generator")
         save_denoiser(self.unwrap(self.fake), target / "fake_score")
         if self.ema is not None:
-            ema_net = load_denoiser(self.p.teacher_dir)
+            ema_net = copy.deepcopy(gen)
             ema_net.unet.load_state_dict({k: v.to(ema_net.dtype) for k, v in self.ema.items()})
             save_denoiser(ema_net, target / "generator_ema")
 
@@ -304,16 +251,16 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def check_resume_compatible(ckpt: Path, cfg: PipelineConfig, p: DistillPlan) -> dict:
+def check_resume_compatible(ckpt: Path, cfg: PipelineConfig, p: Plan) -> dict:
     """The checkpoint's trainer.json, if its run is compatible with ``cfg``; else an error naming the keys."""
     if not (ckpt / "trainer.json").is_file():
         raise InputError(f"distill.resume_from: {ckpt} is not a distill checkpoint (no trainer.json)")
     state = json.loads((ckpt / "trainer.json").read_text())
     old, new = state["distill"], cfg.distill.model_dump(mode="json")
     differ = sorted(k for k in set(old) | set(new) if k not in MAY_DIFFER_ON_RESUME and old.get(k) != new.get(k))
-    if state["teacher_digest"] != p.teacher_digest:
+    if state["teacher_digest"] != p.upstream["teacher"]:
         differ.append("teacher")
-    if state["pairs_digest"] != p.pairs_manifest.digest:
+    if state["pairs_digest"] != p.upstream["pairs"]:
         differ.append("pairs")
     if differ:
         raise InputError(
@@ -323,7 +270,7 @@ def check_resume_compatible(ckpt: Path, cfg: PipelineConfig, p: DistillPlan) -> 
     return state
 
 
-def train(cfg: PipelineConfig, p: DistillPlan, progress: bool = True) -> Manifest | None:
+def train(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | None:
     """The DMD loop under Accelerate; rank 0 writes outputs; returns the manifest on rank 0."""
     from accelerate import Accelerator
 
@@ -342,7 +289,6 @@ def train(cfg: PipelineConfig, p: DistillPlan, progress: bool = True) -> Manifes
     ckpt = latest_checkpoint(ckpt_root)
     if ckpt is None and d.resume_from:
         ckpt = Path(d.resume_from)
-        check_resume_compatible(ckpt, cfg, p)
     if ckpt is not None:
         state = check_resume_compatible(ckpt, cfg, p)
         acc.load_state(str(ckpt / "accelerate"))
@@ -371,7 +317,7 @@ def train(cfg: PipelineConfig, p: DistillPlan, progress: bool = True) -> Manifes
                 save_file({k: v.contiguous() for k, v in tr.ema.items()}, str(tmp / "ema.safetensors"))
             if rows:
                 _write_metrics(rows, tmp / "metrics.parquet")
-            state = {"step": step, "distill": d.model_dump(mode="json"), "teacher_digest": p.teacher_digest, "pairs_digest": p.pairs_manifest.digest}
+            state = {"step": step, "distill": d.model_dump(mode="json"), "teacher_digest": p.upstream["teacher"], "pairs_digest": p.upstream["pairs"]}
             (tmp / "trainer.json").write_text(json.dumps(state, indent=2))  # written last: marks it complete
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -405,11 +351,15 @@ def train(cfg: PipelineConfig, p: DistillPlan, progress: bool = True) -> Manifes
     return finalize(cfg, p, tr, rows, timer.seconds)
 
 
-def finalize(cfg: PipelineConfig, p: DistillPlan, tr: Trainer, rows: list[dict], wall: float) -> Manifest:
+def finalize(cfg: PipelineConfig, p: Plan, tr: Trainer, rows: list[dict], wall: float) -> Manifest:
     out = p.out_dir
     tr.save_networks(out)
     _write_metrics(rows, out / "metrics.parquet")
-    shutil.copyfile(sorted((out / "samples").glob("step-*.png"))[-1], out / "samples.png")
+    final_grid = out / "samples" / f"step-{cfg.distill.steps:07d}.png"
+    if not final_grid.is_file():  # rebuilding from the final checkpoint after samples/ was lost
+        final_grid.parent.mkdir(parents=True, exist_ok=True)
+        tr.sample_grid(final_grid)
+    shutil.copyfile(final_grid, out / "samples.png")
     files = []
     for sub in ("generator", "generator_ema", "fake_score", "samples"):
         for f in sorted((out / sub).rglob("*")) if (out / sub).is_dir() else []:
@@ -421,14 +371,14 @@ def finalize(cfg: PipelineConfig, p: DistillPlan, tr: Trainer, rows: list[dict],
     m = Manifest(
         stage=STAGE,
         key=p.key,
-        code_version=CODE_VERSION,
+        code_version=SPEC.code_version,
         config=cfg.distill.model_dump(mode="json"),
         pipeline_config=cfg.model_dump(mode="json"),
-        upstream={"pairs": p.pairs_manifest.digest, "teacher": p.teacher_digest},
+        upstream=p.upstream,
         files=files,
         info={
-            "pairs_dir": str(p.pairs_dir),
-            "teacher_path": str(p.teacher_dir),
+            "pairs_dir": p.inputs["pairs"],
+            "teacher_path": p.inputs["teacher"],
             "steps": cfg.distill.steps,
             "num_processes": tr.world,
             "final": {k: v for k, v in last.items() if k.startswith(("loss", "grad"))},
@@ -444,17 +394,21 @@ def finalize(cfg: PipelineConfig, p: DistillPlan, tr: Trainer, rows: list[dict],
 # ---------------------------------------------------------------- entry points
 
 
+def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool = True) -> Manifest:
+    """Train (or resume) the generator the plan names."""
+    if num_processes > 1:
+        return launch_plan(STAGE, cfg, p, num_processes)
+    return train(cfg, p, progress)
+
+
+def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | None:
+    """One process under ``accelerate launch``."""
+    return train(cfg, p, progress)
+
+
 def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
     """Train (or reuse, or resume) the one-step generator for ``cfg``; returns the verified manifest."""
-    p = plan(cfg, num_processes, progress)
-    # workers use exactly these pairs
-    return run_or_reuse(STAGE, p.out_dir, cfg, num_processes, lambda: train(cfg, p, progress), pin=("distill", "pairs", p.pairs_dir))
-
-
-def run_distributed(cfg: PipelineConfig, progress: bool = True) -> Manifest | None:
-    """One process under ``accelerate launch``."""
-    p = plan(cfg, 1, progress=False)
-    return train(cfg, p, progress)
+    return chain.run(cfg, STAGE, num_processes, progress).manifest
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +27,7 @@ from dmd_core.digits import DigitsClassifier, load_digits_data
 from dmd_core.dmd import one_step
 from dmd_core.errors import InputError
 from dmd_core.images import grid_image
-from dmd_core.loading import load_denoiser, resolve_model_dir
+from dmd_core.loading import load_denoiser
 from dmd_core.metrics import (
     InceptionFeatures,
     PenultimateFeatures,
@@ -41,97 +40,89 @@ from dmd_core.metrics import (
     side_stats,
 )
 from dmd_core.shards import sample_labels, sample_noise
-from dmd_core.solvers import heun_nfe, heun_sampler, pndm_nfe, pndm_sampler
+from dmd_core.solvers import check_solver, teacher_sampler
 
-from . import distill
-from .generate import model_shape
+from . import chain
+from .chain import Plan, Teacher
 from .config import EvaluateConfig, PipelineConfig
-from .launch import run_or_reuse
+from .generate import model_shape
+from .launch import launch_plan
 from .progress import Bar, progress_bar
-from .store import Manifest, Timer, content_key, dir_digest, file_entry, sha256_file, verified_manifest, write_text_atomic
+from .registry import spec
+from .store import (
+    Manifest,
+    StageOutput,
+    Timer,
+    content_key,
+    dir_digest,
+    file_digest,
+    file_entry,
+    save_side_output,
+    verified_manifest,
+    write_text_atomic,
+)
 
 STAGE = "evaluate"
-CODE_VERSION = "evaluate/1"
-# Paths are not part of the key: the digests of what they point to are (features, reference, distill).
-NOT_IN_KEY = {"num_threads", "distill", "classifier", "inception_weights", "reference"}
+SPEC = spec(STAGE)
 log = logging.getLogger("dmd")
-
-
-@dataclass
-class EvaluatePlan:
-    out_dir: Path
-    key: str
-    distill_dir: Path
-    distill_manifest: Manifest
-    generator_dir: Path
-    teacher_dir: Path
-    teacher_digest: str
-    features_digest: str
-    reference_digest: str
-    teacher_key: str
-    reference_key: str
 
 
 def teacher_steps(cfg: PipelineConfig) -> int:
     return cfg.evaluate.teacher_steps or cfg.generate.steps
 
 
-def _features_digest(e: EvaluateConfig) -> str:
+def _features_digest(e: EvaluateConfig, store: str) -> str:
     if e.features == "digits":
         if not e.classifier or not Path(e.classifier, "model.safetensors").is_file():
             raise InputError(f"evaluate.features=digits needs evaluate.classifier (a `dmd toy classifier` dir); got {e.classifier!r}")
-        return "digits:" + dir_digest(e.classifier)
-    return "inception:" + sha256_file(inception_weights_path(e.inception_weights))
+        return "digits:" + dir_digest(e.classifier, store)
+    return "inception:" + file_digest(inception_weights_path(e.inception_weights), store)
 
 
-def _reference_digest(e: EvaluateConfig) -> str:
+def _reference_digest(e: EvaluateConfig, store: str) -> str:
     if e.reference == "digits":
         return "sklearn-digits-1797"
     path = Path(e.reference)
     if not path.is_file():
         raise InputError(f"evaluate.reference: no such file {path}. Fix: give 'digits' or an .npz with mu and sigma.")
-    return "npz:" + sha256_file(path)
+    return "npz:" + file_digest(path, store)
 
 
-def resolve_distill(cfg: PipelineConfig, num_processes: int, progress: bool) -> tuple[Path, Manifest]:
-    if cfg.evaluate.distill is None:
-        m = distill.run(cfg, num_processes, progress)
-        return Path(cfg.store) / distill.STAGE / m.key, m
-    d = Path(cfg.evaluate.distill)
-    m = verified_manifest(d)
-    if m is None:
-        raise InputError(f"evaluate.distill: {d} is not a complete distill output (no verified manifest.json). Fix: rerun `dmd distill`.")
-    return d, m
-
-
-def plan(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> EvaluatePlan:
+def plan(cfg: PipelineConfig, teacher: Teacher, distilled: StageOutput) -> Plan:
+    """Key = (evaluate config, teacher protocol, digests of the generator, teacher, features, reference)."""
     e = cfg.evaluate
-    features_digest = _features_digest(e)
-    reference_digest = _reference_digest(e)
-    teacher_dir = resolve_model_dir(cfg.teacher.path)
-    teacher_digest = dir_digest(teacher_dir)
-    distill_dir, dm = resolve_distill(cfg, num_processes, progress)
-    gen_dir = distill_dir / ("generator_ema" if e.use_ema and (distill_dir / "generator_ema").is_dir() else "generator")
-    try:
-        load_denoiser(gen_dir)
-    except InputError as err:
-        raise InputError(f"the generator in {gen_dir} does not load: {err}") from None
+    check_solver(cfg.generate.solver, teacher.param.kind)
+    features = _features_digest(e, cfg.store)
+    reference = _reference_digest(e, cfg.store)
+    dm = distilled.manifest
+    has_ema = any(f.name.startswith("generator_ema/") for f in dm.files)
+    gen_dir = distilled.out_dir / ("generator_ema" if e.use_ema and has_ema else "generator")
     protocol = {"num_samples": e.num_samples, "seed": e.seed, "batch_size": e.batch_size}
-    ref_key = content_key("reference", {}, {"features": features_digest, "reference": reference_digest}, CODE_VERSION)
+    ref_key = content_key("reference", {}, {"features": features, "reference": reference}, SPEC.code_version)
     teacher_cfg = {**protocol, "solver": cfg.generate.solver, "steps": teacher_steps(cfg), "guidance_scale": cfg.generate.guidance_scale}
-    teacher_key = content_key("teacher_eval", teacher_cfg, {"teacher": teacher_digest, "features": features_digest, "reference": reference_digest}, CODE_VERSION)
-    up = {"distill": dm.digest, "teacher": teacher_digest, "features": features_digest, "reference": reference_digest}
-    key = content_key(STAGE, {**e.model_dump(exclude=NOT_IN_KEY), "teacher": teacher_cfg}, up, CODE_VERSION)
-    return EvaluatePlan(Path(cfg.store) / STAGE / key, key, distill_dir, dm, gen_dir, teacher_dir, teacher_digest, features_digest, reference_digest, teacher_key, ref_key)
+    teacher_key = content_key("teacher_eval", teacher_cfg, {"teacher": teacher.digest, "features": features, "reference": reference}, SPEC.code_version)
+    up = {"distill": dm.digest, "teacher": teacher.digest, "features": features, "reference": reference}
+    key = SPEC.key(cfg, up, {"teacher": teacher_cfg})
+    info = {"generator_dir": str(gen_dir.resolve()), "teacher_key": teacher_key, "reference_key": ref_key, "distill_steps": dm.info.get("steps")}
+    return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, {"teacher": str(teacher.path), "distill": str(distilled.out_dir)}, info)
 
 
 # ---------------------------------------------------------------- measuring
 
 
+def cached_side_output(out: Path) -> bool:
+    """Whether a side cache (reference statistics, teacher numbers) is complete and verifies."""
+    if verified_manifest(out) is not None:
+        return True
+    if (out / "manifest.json").is_file():
+        log.warning("evaluate: %s fails verification: recomputing it", out)
+    return False
+
+
 class Evaluator:
     """Feature network, classifier, reference statistics and the two samplers for one process."""
 
-    def __init__(self, cfg: PipelineConfig, p: EvaluatePlan, rank: int, world: int, device: torch.device, progress: bool = True):
+    def __init__(self, cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.device, progress: bool = True):
         self.cfg, self.p, self.e = cfg, p, cfg.evaluate
         self.progress = progress
         self.rank, self.world, self.device = rank, world, device
@@ -145,8 +136,14 @@ class Evaluator:
                 f"evaluate.num_samples ({self.e.num_samples}) must exceed the feature dimension ({self.features.num_features}): "
                 "with fewer samples the covariance is singular. Fix: raise evaluate.num_samples."
             )
-        self.student: Denoiser = load_denoiser(p.generator_dir, device)
-        self.teacher: Denoiser = load_denoiser(p.teacher_dir, device)
+        gen_dir = p.info["generator_dir"]
+        try:
+            self.student: Denoiser = load_denoiser(gen_dir, device)
+        except InputError as err:
+            raise InputError(f"the generator in {gen_dir} does not load: {err}") from None
+        self.teacher: Denoiser = p.teacher().load(device)
+        g = cfg.generate
+        self.teacher_sample, self.teacher_nfe = teacher_sampler(self.teacher, g.solver, teacher_steps(cfg), g.guidance_scale)
         self.shape = model_shape(self.student)
         self.num_classes = self.student.num_classes
 
@@ -154,23 +151,13 @@ class Evaluator:
     def student_sample(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return one_step(self.student, self.student.param, z, labels)
 
-    def teacher_sample(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        g, den, steps = self.cfg.generate, self.teacher, teacher_steps(self.cfg)
-        if g.solver == "heun":
-            return heun_sampler(lambda x, s: den(x, s, labels, g.guidance_scale), z, steps, den.sigma_min, den.sigma_max)
-        return pndm_sampler(den, z, steps, labels, g.guidance_scale)
-
-    def teacher_nfe(self) -> int:
-        steps = teacher_steps(self.cfg)
-        return heun_nfe(steps) if self.cfg.generate.solver == "heun" else pndm_nfe(self.teacher, steps)
-
     def reference(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """Reference statistics, computed once per (dataset, features) and cached in the store."""
+        """Reference statistics, computed once per (dataset, features) and cached (verified) in the store."""
         if self.e.reference != "digits":
             return load_stats(self.e.reference)
-        path = Path(self.cfg.store) / "reference" / self.p.reference_key / "stats.npz"
-        if path.is_file():
-            return load_stats(path)
+        out = Path(self.cfg.store) / "reference" / self.p.info["reference_key"]
+        if cached_side_output(out):
+            return load_stats(out / "stats.npz")
         fid = make_fid(self.features)
         real, _ = load_digits_data()
         with torch.no_grad():
@@ -178,8 +165,9 @@ class Evaluator:
                 fid.update(real[s : s + self.e.batch_size].to(self.device, torch.float64), real=True)
         mu, sigma, n = side_stats(fid.real_features_sum, fid.real_features_cov_sum, fid.real_features_num_samples)
         if self.rank == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_stats(path, mu, sigma, n)
+            out.mkdir(parents=True, exist_ok=True)
+            save_stats(out / "stats.npz", mu, sigma, n)
+            save_side_output(out, "reference", self.p.info["reference_key"], SPEC.code_version, ["stats.npz"], {k: self.p.upstream[k] for k in ("features", "reference")})
         return mu, sigma, n
 
     def batch_starts(self) -> list[int]:
@@ -254,30 +242,32 @@ class Evaluator:
         tmp.replace(path)
 
 
-def teacher_numbers_path(ev: Evaluator) -> Path:
-    return Path(ev.cfg.store) / "teacher_eval" / ev.p.teacher_key / "metrics.json"
+def teacher_numbers_dir(ev: Evaluator) -> Path:
+    return Path(ev.cfg.store) / "teacher_eval" / ev.p.info["teacher_key"]
 
 
 def teacher_numbers(ev: Evaluator, bar: Bar) -> dict:
-    """The teacher's FD and accuracy on this protocol: computed once, cached in <store>/teacher_eval/<key>/."""
-    path = teacher_numbers_path(ev)
-    if path.is_file():
-        log.info("evaluate: teacher numbers from cache %s", path.parent)
-        return json.loads(path.read_text())
-    r = ev.measure(ev.teacher_sample, bar, f"teacher ({ev.teacher_nfe()} NFE)")
-    result = {"teacher_fd": r["fd"], "teacher_class_accuracy": r["class_accuracy"], "teacher_nfe": ev.teacher_nfe()}
+    """The teacher's FD and accuracy on this protocol: computed once, cached (verified) in <store>/teacher_eval/<key>/."""
+    out = teacher_numbers_dir(ev)
+    if cached_side_output(out):
+        log.info("evaluate: teacher numbers from cache %s", out)
+        return json.loads((out / "metrics.json").read_text())
+    r = ev.measure(ev.teacher_sample, bar, f"teacher ({ev.teacher_nfe} NFE)")
+    result = {"teacher_fd": r["fd"], "teacher_class_accuracy": r["class_accuracy"], "teacher_nfe": ev.teacher_nfe}
     if ev.rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_stats(path.parent / "teacher_stats.npz", *r["stats"])
-        write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+        out.mkdir(parents=True, exist_ok=True)
+        save_stats(out / "teacher_stats.npz", *r["stats"])
+        write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+        up = {k: ev.p.upstream[k] for k in ("teacher", "features", "reference")}
+        save_side_output(out, "teacher_eval", ev.p.info["teacher_key"], SPEC.code_version, ["metrics.json", "teacher_stats.npz"], up)
     return result
 
 
-def evaluate(cfg: PipelineConfig, p: EvaluatePlan, rank: int, world: int, device: torch.device, progress: bool) -> Manifest | None:
+def evaluate(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.device, progress: bool) -> Manifest | None:
     timer = Timer()
     torch.set_num_threads(cfg.evaluate.num_threads or max(1, (os.cpu_count() or 1) // world))
     ev = Evaluator(cfg, p, rank, world, device, progress)
-    passes = 1 if teacher_numbers_path(ev).is_file() else 2  # the teacher's numbers may be cached
+    passes = 1 if verified_manifest(teacher_numbers_dir(ev)) is not None else 2  # the teacher's numbers may be cached
     bar = progress_bar(STAGE, passes * len(ev.batch_starts()), progress and rank == 0, unit="batch")
     student = ev.measure(ev.student_sample, bar, "student (1 NFE)")
     teacher = teacher_numbers(ev, bar)
@@ -296,8 +286,8 @@ def evaluate(cfg: PipelineConfig, p: EvaluatePlan, rank: int, world: int, device
         **speed,
         "features": cfg.evaluate.features,
         "num_samples": cfg.evaluate.num_samples,
-        "generator": p.generator_dir.name,
-        "distill_steps": p.distill_manifest.info.get("steps"),
+        "generator": Path(p.info["generator_dir"]).name,
+        "distill_steps": p.info["distill_steps"],
     }
     write_text_atomic(p.out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     tmp = p.out_dir / ".metrics.parquet.tmp"
@@ -307,34 +297,38 @@ def evaluate(cfg: PipelineConfig, p: EvaluatePlan, rank: int, world: int, device
     m = Manifest(
         stage=STAGE,
         key=p.key,
-        code_version=CODE_VERSION,
+        code_version=SPEC.code_version,
         config=cfg.evaluate.model_dump(mode="json"),
         pipeline_config=cfg.model_dump(mode="json"),
-        upstream={"distill": p.distill_manifest.digest, "teacher": p.teacher_digest, "features": p.features_digest, "reference": p.reference_digest},
+        upstream=p.upstream,
         # metrics.json/.parquet hold the images/s timings: records, so a recompute keeps the digest
         # (the FDs they hold are functions of student_stats.npz, which is in it)
         files=[file_entry(p.out_dir / n, record=n.startswith("metrics.") or None) for n in names],
-        info={"metrics": metrics, "distill_dir": str(p.distill_dir), "generator_dir": str(p.generator_dir), "num_processes": world},
+        info={"metrics": metrics, "distill_dir": p.inputs["distill"], "generator_dir": p.info["generator_dir"], "num_processes": world},
         wall_time_s=round(timer.seconds, 3),
     )
     m.save(p.out_dir)
     return m
 
 
-def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
-    """Evaluate (or reuse the evaluation of) the generator this config distils."""
-    p = plan(cfg, num_processes, progress)
+def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool = True) -> Manifest:
+    """Evaluate the generator the plan names."""
+    if num_processes > 1:
+        return launch_plan(STAGE, cfg, p, num_processes)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # workers evaluate exactly this generator
-    return run_or_reuse(STAGE, p.out_dir, cfg, num_processes, lambda: evaluate(cfg, p, 0, 1, device, progress), pin=("evaluate", "distill", p.distill_dir))
+    return evaluate(cfg, p, 0, 1, device, progress)
 
 
-def run_distributed(cfg: PipelineConfig, progress: bool = True) -> Manifest | None:
+def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | None:
     from accelerate import PartialState
 
     state = PartialState(cpu=os.environ.get("DMD_FORCE_CPU") == "1" or not torch.cuda.is_available())
-    p = plan(cfg, 1, progress=False)
     return evaluate(cfg, p, state.process_index, state.num_processes, state.device, progress)
+
+
+def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
+    """Evaluate (or reuse the evaluation of) the generator this config distils."""
+    return chain.run(cfg, STAGE, num_processes, progress).manifest
 
 
 def results_table(m: Manifest) -> str:

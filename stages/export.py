@@ -6,7 +6,7 @@ Output ``<store>/export/<key>/``:
 - ``one_step.json``: everything needed to call the UNet once by hand;
 - ``generator.onnx`` (opset ``export.opset``), checked against PyTorch with onnxruntime;
 - ``grid.png``, ``README.md`` (model card), ``config.yaml`` and ``manifest.json``.
-Export always follows an evaluation (``evaluate.run``, cached), so every card carries its metrics.
+Export always follows an evaluation (run first by the chain when missing), so every card carries its metrics.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,28 +31,23 @@ from dmd_core.loading import PARAM_FILE, load_denoiser
 from dmd_core.pipeline import OneStepModule, OneStepPipeline
 from dmd_core.shards import sample_labels, sample_noise
 
-from . import evaluate
+from . import chain
+from .chain import Plan, Teacher
 from .config import PipelineConfig
-from .launch import run_or_reuse
-from .store import Manifest, Timer, content_key, file_entry, sha256_file, write_text_atomic
+from .registry import spec
+from .store import Manifest, StageOutput, Timer, file_entry, read_manifest, sha256_file, write_text_atomic
 
 STAGE = "export"
-CODE_VERSION = "export/1"
+SPEC = spec(STAGE)
 log = logging.getLogger("dmd")
 
 
-@dataclass
-class ExportPlan:
-    out_dir: Path
-    key: str
-    eval_dir: Path
-    eval_manifest: Manifest
-
-
-def plan(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> ExportPlan:
-    em = evaluate.run(cfg, num_processes, progress)  # evaluates first when needed (cached otherwise)
-    key = content_key(STAGE, cfg.export.model_dump(), {"evaluate": em.digest}, CODE_VERSION)
-    return ExportPlan(Path(cfg.store) / STAGE / key, key, Path(cfg.store) / evaluate.STAGE / em.key, em)
+def plan(cfg: PipelineConfig, teacher: Teacher, evaluation: StageOutput) -> Plan:
+    """Key = (export config, the evaluation's digest); every card carries its evaluation's metrics."""
+    up = {"evaluate": evaluation.manifest.digest}
+    key = SPEC.key(cfg, up)
+    info = {"generator_dir": evaluation.manifest.info["generator_dir"]}
+    return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, {"teacher": str(teacher.path), "evaluate": str(evaluation.out_dir)}, info)
 
 
 def one_step_spec(den) -> dict:
@@ -123,9 +117,9 @@ def write_onnx(cfg: PipelineConfig, den, out: Path) -> dict:
     return {"opset": cfg.export.opset, "max_abs_diff": diff, "inputs": len(z), "runtime": f"onnxruntime {onnxruntime.__version__}"}
 
 
-def fresh_process_parity(cfg: PipelineConfig, p: ExportPlan, out: Path) -> dict:
+def fresh_process_parity(cfg: PipelineConfig, p: Plan, out: Path) -> dict:
     """Load the export in a new Python process and compare with the evaluated generator, bit for bit."""
-    den = load_denoiser(p.eval_manifest.info["generator_dir"])
+    den = load_denoiser(p.info["generator_dir"])
     z, labels = fixed_inputs(cfg, den)
     with torch.no_grad():
         want = one_step(den, den.param, z, labels).numpy()
@@ -144,9 +138,9 @@ def fresh_process_parity(cfg: PipelineConfig, p: ExportPlan, out: Path) -> dict:
     return {"bit_identical": True, "inputs": len(z)}
 
 
-def model_card(cfg: PipelineConfig, p: ExportPlan, out: Path, info: dict) -> str:
-    r = p.eval_manifest.info["metrics"]
-    pc = p.eval_manifest.pipeline_config
+def model_card(cfg: PipelineConfig, em: Manifest, out: Path, info: dict) -> str:
+    r = em.info["metrics"]
+    pc = em.pipeline_config
     d, g = pc["distill"], pc["generate"]
     fd = "FD-digits" if r["features"] == "digits" else "FID"
     acc = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
@@ -208,10 +202,13 @@ process loading this directory reproduces the evaluated generator bit for bit on
 """
 
 
-def build(cfg: PipelineConfig, p: ExportPlan) -> Manifest:
+def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool = True) -> Manifest:
+    """Write the export the plan names (one process)."""
     timer = Timer()
     out = p.out_dir
-    gen_dir = Path(p.eval_manifest.info["generator_dir"])
+    eval_dir = Path(p.inputs["evaluate"])
+    em = read_manifest(eval_dir)
+    gen_dir = Path(p.info["generator_dir"])
     den = load_denoiser(gen_dir)
     shutil.rmtree(out / "generator", ignore_errors=True)
     pipeline_for(den).save_pretrained(str(out), safe_serialization=True)  # generator/ + model_index.json
@@ -219,12 +216,12 @@ def build(cfg: PipelineConfig, p: ExportPlan) -> Manifest:
     if (gen_dir / "scheduler").is_dir():
         shutil.copytree(gen_dir / "scheduler", out / "generator" / "scheduler", dirs_exist_ok=True)
     write_text_atomic(out / "one_step.json", json.dumps(one_step_spec(den), indent=2) + "\n")
-    shutil.copyfile(p.eval_dir / "grid.png", out / "grid.png")
-    info: dict = {"evaluation": str(p.eval_dir), "metrics": p.eval_manifest.info["metrics"], "image_shape": list(den.param.image_shape)}
+    shutil.copyfile(eval_dir / "grid.png", out / "grid.png")
+    info: dict = {"evaluation": str(eval_dir), "metrics": em.info["metrics"], "image_shape": list(den.param.image_shape)}
     if cfg.export.onnx:
         info["onnx"] = write_onnx(cfg, den, out)
     info["torch_parity"] = fresh_process_parity(cfg, p, out)
-    write_text_atomic(out / "README.md", model_card(cfg, p, out, info))
+    write_text_atomic(out / "README.md", model_card(cfg, em, out, info))
     files = [
         file_entry(f).model_copy(update={"name": str(f.relative_to(out))})
         for f in sorted(out.rglob("*"))
@@ -233,10 +230,10 @@ def build(cfg: PipelineConfig, p: ExportPlan) -> Manifest:
     m = Manifest(
         stage=STAGE,
         key=p.key,
-        code_version=CODE_VERSION,
+        code_version=SPEC.code_version,
         config=cfg.export.model_dump(),
         pipeline_config=cfg.model_dump(mode="json"),
-        upstream={"evaluate": p.eval_manifest.digest},
+        upstream=p.upstream,
         files=files,
         info=info,
         wall_time_s=round(timer.seconds, 3),
@@ -245,14 +242,13 @@ def build(cfg: PipelineConfig, p: ExportPlan) -> Manifest:
     return m
 
 
+def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | None:
+    raise InputError("export runs in one process; run `dmd export` without accelerate launch")
+
+
 def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
     """Export (or reuse the export of) the generator this config distils and evaluates."""
-    p = plan(cfg, num_processes, progress)
-    return run_or_reuse(STAGE, p.out_dir, cfg, 1, lambda: build(cfg, p))
-
-
-def run_distributed(cfg: PipelineConfig, progress: bool = True) -> Manifest | None:
-    raise InputError("export runs in one process; run `dmd export` without accelerate launch")
+    return chain.run(cfg, STAGE, num_processes, progress).manifest
 
 
 def main() -> None:

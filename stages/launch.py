@@ -12,14 +12,14 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
 from dmd_core.errors import InputError
 
 from .config import PipelineConfig, dump_config
-from .store import MANIFEST, Manifest, bad_files, read_manifest, write_text_atomic
+from .store import Manifest, read_manifest
 
 log = logging.getLogger("dmd")
 
@@ -121,17 +121,23 @@ def terminate_on_sigterm(kill_children: bool = True) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def accelerate_launch(module: str, cfg: PipelineConfig, num_processes: int, extra_args: list[str] = ()) -> None:
-    """``accelerate launch --num_processes N -m module --config <resolved config>``; stdout goes to stderr."""
+def accelerate_launch(stage: str, cfg: PipelineConfig, plan_file: Path, num_processes: int) -> None:
+    """``accelerate launch --num_processes N -m stages.<stage> --config <resolved> --plan <plan>``.
+
+    The workers get the plan made here (no re-planning) and the store by absolute path; their
+    stdout goes to this process's stderr.
+    """
+    child = cfg.model_copy(deep=True)
+    child.store = str(Path(cfg.store).resolve())
     Path(cfg.store).mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=".launch-", dir=cfg.store, delete=False) as f:
-        f.write(dump_config(cfg))
+        f.write(dump_config(child))
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_machines", "1", "--num_processes", str(num_processes),
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
-        "-m", module, "--config", f.name, *extra_args,
+        "-m", f"stages.{stage}", "--config", f.name, "--plan", str(Path(plan_file).resolve()),
     ]  # fmt: skip
     env = dict(os.environ)
     if not torch.cuda.is_available():
@@ -141,43 +147,14 @@ def accelerate_launch(module: str, cfg: PipelineConfig, num_processes: int, extr
     finally:
         os.unlink(f.name)
     if rc != 0:
-        raise InputError(f"`{module}` on {num_processes} processes exited with status {rc}; the log above names the cause")
+        raise InputError(f"`stages.{stage}` on {num_processes} processes exited with status {rc}; the log above names the cause")
 
 
-def run_or_reuse(
-    stage: str,
-    out_dir: Path,
-    cfg: PipelineConfig,
-    num_processes: int,
-    in_process: Callable[[], Manifest],
-    pin: tuple[str, str, Path] | None = None,
-) -> Manifest:
-    """The shared skeleton of every stage's ``run``.
-
-    A complete, verified output is reused; a failing one is named and redone; otherwise the stage
-    runs in this process, or on ``num_processes`` through ``accelerate launch -m stages.<stage>``.
-    ``pin`` = (section, key, dir): the workers' config points that key at the input resolved here, so
-    they read exactly it (and the store by absolute path).
-    """
-    m = read_manifest(out_dir)
-    if m is not None:
-        bad = bad_files(out_dir, m)
-        if not bad:
-            log.info("%s: cached output %s is complete and verified", stage, out_dir)
-            return m
-        log.warning("%s: %s fails verification (%s): redoing it", stage, out_dir, ", ".join(bad[:5]))
-        (out_dir / MANIFEST).unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "config.yaml", dump_config(cfg))
-    if num_processes == 1:
-        return in_process()
-    child = cfg.model_copy(deep=True)
-    child.store = str(Path(cfg.store).resolve())
-    if pin is not None:
-        section, key, path = pin
-        setattr(getattr(child, section), key, str(Path(path).resolve()))
-    accelerate_launch(f"stages.{stage}", child, num_processes)
-    m = read_manifest(out_dir)
+def launch_plan(stage: str, cfg: PipelineConfig, plan, num_processes: int) -> Manifest:
+    """Run a planned stage on ``num_processes`` processes; returns the manifest rank 0 wrote."""
+    plan_file = plan.save(plan.out_dir / ".plan.json")
+    accelerate_launch(stage, cfg, plan_file, num_processes)
+    m = read_manifest(plan.out_dir)
     if m is None:
-        raise InputError(f"{stage} on {num_processes} processes wrote no manifest in {out_dir}")
+        raise InputError(f"{stage} on {num_processes} processes wrote no manifest in {plan.out_dir}")
     return m

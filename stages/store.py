@@ -1,22 +1,54 @@
-"""Content-addressed stage outputs: keys, manifests, checksums, atomic writes.
+"""Content-addressed stage outputs: keys, manifests, checksums, verification records, the cache policy.
 
 A stage's output directory is ``<store>/<stage>/<key>`` where ``key`` hashes (stage name, stage
 config, upstream digests, stage code version). ``manifest.json`` is written last: its presence and
-verified checksums mean the output is complete.
+verified checksums mean the output is complete (docs/formats.md).
+
+Verification is cheap after the first time: beside each output a hidden ``.verified.json`` records,
+per file, (size, mtime_ns, inode, sha256) as of its last full check. A later check re-hashes only the
+files whose stat changed; ``dmd verify --deep`` re-hashes everything (a file edited in place that kept
+its size, mtime and inode is caught only then). Directory digests of inputs outside the store (the
+teacher, the classifier) are cached the same way under ``<store>/.digests/``.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import logging
 import os
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 from pydantic import BaseModel
 
 MANIFEST = "manifest.json"
+RECORD = ".verified.json"  # hidden: never part of a manifest or a directory digest
+DIGESTS = ".digests"
+HASH_LOG = "DMD_HASH_LOG"  # a file each process appends "<pid> <bytes hashed>" to at exit (benchmarks)
+log = logging.getLogger("dmd")
+
+
+class _HashCounter:
+    """Bytes this process has hashed: the benchmark's measure of verification work."""
+
+    bytes = 0
+
+
+HASHED = _HashCounter()
+
+
+def _report_hashed() -> None:
+    path = os.environ.get(HASH_LOG)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()} {HASHED.bytes}\n")
+
+
+atexit.register(_report_hashed)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -24,6 +56,7 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            HASHED.bytes += len(block)
     return h.hexdigest()
 
 
@@ -32,15 +65,95 @@ def digest_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def dir_digest(path: str | Path) -> str:
-    """sha256 over (relative path, file sha256) of every non-hidden file below ``path``."""
-    root = Path(path)
-    entries = sorted(
-        (str(p.relative_to(root)), sha256_file(p))
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+# ---------------------------------------------------------------- verification records
+
+
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+# (path, size, mtime_ns, inode) -> sha256, for this process: a file state is hashed at most once.
+_SEEN: dict[tuple[str, int, int, int], str] = {}
+
+
+def _read_record(path: Path) -> dict[str, list]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_record(path: Path, record: dict[str, list]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(record, sort_keys=True))
+    except OSError:  # a read-only store: verification still works, it is just not remembered
+        pass
+
+
+def file_hashes(root: Path, names: list[str], record_path: Path, deep: bool = False) -> dict[str, str | None]:
+    """sha256 of each ``root/name`` (None if absent), re-hashing only files whose stat changed since
+    ``record_path`` was written (every file when ``deep``); the record is updated."""
+    record = {} if deep else _read_record(record_path)
+    out: dict[str, str | None] = {}
+    fresh: dict[str, list] = {}
+    for name in names:
+        path = root / name
+        st = _stat_key(path) if path.is_file() else None
+        if st is None:
+            out[name] = None
+            continue
+        seen_key = (str(path.resolve()), *st)
+        old = record.get(name)
+        if old is not None and tuple(old[:3]) == st:
+            sha = old[3]
+        elif not deep and seen_key in _SEEN:
+            sha = _SEEN[seen_key]
+        else:
+            sha = sha256_file(path)
+        _SEEN[seen_key] = sha
+        out[name] = sha
+        fresh[name] = [*st, sha]
+    if fresh != {k: v for k, v in record.items() if k in fresh} or deep:
+        _write_record(record_path, {**record, **fresh})
+    return out
+
+
+def tree_files(path: Path) -> list[str]:
+    """Relative names of the non-hidden files below ``path``, sorted."""
+    return sorted(
+        str(p.relative_to(path))
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
-    return digest_json(entries)
+
+
+def _digest_record_path(store: str | Path, path: Path) -> Path:
+    return Path(store) / DIGESTS / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24] + ".json")
+
+
+def dir_digest(path: str | Path, store: str | Path | None = None) -> str:
+    """sha256 over (relative path, file sha256) of every non-hidden file below ``path``.
+
+    With ``store``, per-file hashes are remembered in ``<store>/.digests/`` (re-hashed when their stat changes).
+    """
+    root = Path(path)
+    names = tree_files(root)
+    if store is None:
+        return digest_json([(n, sha256_file(root / n)) for n in names])
+    hashes = file_hashes(root, names, _digest_record_path(store, root))
+    return digest_json([(n, hashes[n]) for n in names])
+
+
+def file_digest(path: str | Path, store: str | Path) -> str:
+    """sha256 of one file outside the store (weights, reference statistics), remembered like dir_digest."""
+    p = Path(path)
+    return file_hashes(p.parent, [p.name], _digest_record_path(store, p))[p.name] or ""
 
 
 def content_key(stage: str, config: dict, upstream: dict[str, str], code_version: str) -> str:
@@ -94,7 +207,15 @@ class Manifest(BaseModel):
         return digest_json([[f.name, f.sha256] for f in made])
 
     def save(self, out_dir: str | Path) -> Path:
-        path = Path(out_dir) / MANIFEST
+        """Write manifest.json (last) and the verification record of the files it lists."""
+        out_dir = Path(out_dir)
+        record = {}
+        for f in self.files:
+            st = _stat_key(out_dir / f.name)
+            if st is not None and st[0] == f.size:
+                record[f.name] = [*st, f.sha256]
+        _write_record(out_dir / RECORD, record)
+        path = out_dir / MANIFEST
         write_text_atomic(path, self.model_dump_json(indent=2) + "\n")
         return path
 
@@ -118,21 +239,54 @@ def read_manifest(out_dir: str | Path) -> Manifest | None:
         return None
 
 
-def bad_files(out_dir: str | Path, manifest: Manifest) -> list[str]:
+def bad_files(out_dir: str | Path, manifest: Manifest, deep: bool = False) -> list[str]:
     """Names of the manifest's files that are missing or whose size or sha256 does not match."""
     out_dir = Path(out_dir)
-    bad = []
-    for f in manifest.files:
-        p = out_dir / f.name
-        if not p.is_file() or p.stat().st_size != f.size or sha256_file(p) != f.sha256:
-            bad.append(f.name)
-    return bad
+    hashes = file_hashes(out_dir, [f.name for f in manifest.files], out_dir / RECORD, deep)
+    return [f.name for f in manifest.files if hashes[f.name] != f.sha256]
 
 
-def verified_manifest(out_dir: str | Path) -> Manifest | None:
+def verified_manifest(out_dir: str | Path, deep: bool = False) -> Manifest | None:
     """The manifest if the output is complete and every checksum verifies, else None."""
     m = read_manifest(out_dir)
-    return m if m is not None and not bad_files(out_dir, m) else None
+    return m if m is not None and not bad_files(out_dir, m, deep) else None
+
+
+class StageOutput(NamedTuple):
+    """A complete, verified stage output: where it is and what its manifest says."""
+
+    out_dir: Path
+    manifest: Manifest
+
+
+def reuse_or_build(stage: str, out_dir: Path, config_text: str, build: Callable[[], Manifest]) -> Manifest:
+    """The cache policy of every stage: a complete, verified output is reused; a failing one is named
+    and redone (its finished parts kept for resume); otherwise ``build`` makes it."""
+    m = read_manifest(out_dir)
+    if m is not None:
+        bad = bad_files(out_dir, m)
+        if not bad:
+            log.info("%s: cached output %s is complete and verified", stage, out_dir)
+            return m
+        log.warning("%s: %s fails verification (%s): redoing it", stage, out_dir, ", ".join(bad[:5]))
+        (out_dir / MANIFEST).unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "config.yaml", config_text)
+    return build()
+
+
+def save_side_output(out_dir: Path, stage: str, key: str, code_version: str, names: list[str], upstream: dict[str, str]) -> Manifest:
+    """A manifest for a cache beside the stages (reference statistics, the teacher's numbers): such
+    caches are trusted only when they verify, like every stage output."""
+    m = Manifest(stage=stage, key=key, code_version=code_version, config={}, pipeline_config={}, upstream=upstream,
+                 files=[file_entry(out_dir / n) for n in names], wall_time_s=0.0, created_unix=time.time())  # fmt: skip
+    m.save(out_dir)
+    return m
+
+
+def remove_output(out_dir: Path) -> None:
+    """Delete an output (``--refresh``), its verification record included."""
+    shutil.rmtree(out_dir, ignore_errors=True)
 
 
 class Timer:

@@ -142,3 +142,12 @@ def still_alive(procs: list, timeout: float = 30) -> list:
     while time.time() < deadline and any(alive(p) for p in procs):
         time.sleep(0.2)
     return [p for p in procs if alive(p)]
+
+
+def add_tiny_evaluate(cfg: Path, batch_size: int = 25) -> Path:
+    """Append a small FD-digits evaluate section (100 samples, the committed digits classifier)."""
+    cfg.write_text(cfg.read_text() + (
+        f"evaluate:\n  num_samples: 100\n  batch_size: {batch_size}\n  features: digits\n"
+        f"  classifier: {ROOT / 'data' / 'classifier'}\n  speed_batch_size: 8\n  speed_repeats: 1\n  num_threads: 1\n"
+    ))  # fmt: skip
+    return cfg

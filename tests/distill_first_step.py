@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from stages import distill
+from stages import chain, distill
 from stages.config import load_config
 from stages.launch import finish_distributed
 
@@ -20,7 +20,7 @@ acc = Accelerator(cpu=True)
 per_process = global_batch // acc.num_processes
 cfg = load_config(config, [f"distill.batch_size={per_process}"])
 torch.set_num_threads(1)
-trainer = distill.Trainer(cfg, distill.plan(cfg, progress=False), acc)
+trainer = distill.Trainer(cfg, chain.plan(cfg, "distill"), acc)
 g = torch.Generator().manual_seed(123)  # the same regression pairs, whatever the split
 z_ref = torch.randn(global_batch, 1, 8, 8, generator=g)
 y_ref = torch.rand(global_batch, 1, 8, 8, generator=g) * 2 - 1

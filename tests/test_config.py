@@ -6,7 +6,7 @@ import pytest
 
 from dmd_core.errors import InputError
 from stages.config import DEFAULT_CONFIG, PipelineConfig, load_config, parse_override
-from stages.generate import key_config
+from stages.registry import spec
 from stages.store import content_key
 
 
@@ -29,12 +29,13 @@ def test_overrides_are_typed():
 
 
 def test_content_key_depends_on_what_changes_the_bytes():
-    g = PipelineConfig().generate
-    base = content_key("generate", key_config(g), {"teacher": "a"}, "v1")
-    assert base == content_key("generate", key_config(g.model_copy(update={"num_threads": 2})), {"teacher": "a"}, "v1")
-    assert base != content_key("generate", key_config(g.model_copy(update={"seed": 1})), {"teacher": "a"}, "v1")
-    assert base != content_key("generate", key_config(g), {"teacher": "b"}, "v1")
-    assert base != content_key("generate", key_config(g), {"teacher": "a"}, "v2")
+    cfg, gen = PipelineConfig(), spec("generate")
+    base = gen.key(cfg, {"teacher": "a"})
+    assert base == content_key("generate", gen.key_config(cfg), {"teacher": "a"}, gen.code_version)
+    assert base == gen.key(PipelineConfig.model_validate({"generate": {"num_threads": 2}}), {"teacher": "a"})
+    assert base != gen.key(PipelineConfig.model_validate({"generate": {"seed": 1}}), {"teacher": "a"})
+    assert base != gen.key(cfg, {"teacher": "b"})
+    assert base != content_key("generate", gen.key_config(cfg), {"teacher": "a"}, "v2")
 
 
 def test_manifest_digest_ignores_the_config_record():

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, kill_when, run_cli, write_config
 from dmd_core import load_denoiser
 from dmd_core.errors import InputError
-from stages import distill, generate
+from stages import chain, distill, generate
 from stages.config import load_config
 from stages.launch import free_port
 
@@ -113,8 +113,7 @@ def test_kill_and_resume_is_exact(setup):
 
 
 def _pairs(cfg) -> str:
-    c = load_config(cfg)
-    return str(Path(c.store) / "generate" / generate.plan(c).key)
+    return str(chain.plan(load_config(cfg), "generate").out_dir)
 
 
 def test_resume_from_checkpoint_with_more_steps(trained):
@@ -159,7 +158,7 @@ def test_pairs_from_another_teacher_are_refused(setup, tmp_path):
     _, cfg = setup
     other = make_edm_teacher(tmp_path / "other", seed=5)
     with pytest.raises(InputError) as e:
-        distill.plan(load_config(cfg, [f"teacher.path={other}", f"distill.pairs={_pairs(cfg)}"]), progress=False)
+        chain.plan(load_config(cfg, [f"teacher.path={other}", f"distill.pairs={_pairs(cfg)}"]), "distill")
     assert "another teacher" in str(e.value) and "digest" in str(e.value)
 
 
@@ -170,8 +169,9 @@ def test_incomplete_pairs_are_refused(setup, tmp_path):
     (broken / "manifest.json").unlink()
     (broken / "pairs-000001.tar").unlink()
     with pytest.raises(InputError) as e:
-        distill.plan(load_config(cfg, [f"distill.pairs={broken}"]), progress=False)
-    assert "incomplete" in str(e.value) and "pairs-000001.tar" in str(e.value) and "pairs-000000.tar" not in str(e.value)
+        chain.plan(load_config(cfg, [f"distill.pairs={broken}"]), "distill")
+    msg = str(e.value)
+    assert "not a complete generate output" in msg and "pairs-000001.tar" in msg and "pairs-000000.tar" not in msg
 
 
 def test_cli_two_processes_end_to_end(setup):
@@ -194,7 +194,7 @@ def test_gradient_accumulation_equals_the_larger_batch(setup):
     results = []
     for batch, accum in ((8, 1), (4, 2)):
         c = load_config(cfg, [f"distill.batch_size={batch}", f"distill.gradient_accumulation_steps={accum}", f"distill.pairs={_pairs(cfg)}"])
-        tr = distill.Trainer(c, distill.plan(c, progress=False), Accelerator(cpu=True))
+        tr = distill.Trainer(c, chain.plan(c, "distill"), Accelerator(cpu=True))
         parts = [(z_ref[i : i + batch], y_ref[i : i + batch], labels_ref[i : i + batch]) for i in range(0, 8, batch)]
         logs = tr.step(0, batches=parts)
         results.append((logs, {k: v.clone() for k, v in tr.gen.unet.state_dict().items()}))

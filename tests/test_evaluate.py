@@ -15,7 +15,7 @@ from torch import nn
 from conftest import ROOT, run_cli, write_config
 from dmd_core.errors import InputError
 from dmd_core.metrics import load_stats, make_fid, save_stats, set_reference, side_stats
-from stages import evaluate
+from stages import chain, evaluate
 from stages.config import load_config
 
 CLASSIFIER = str(ROOT / "data" / "classifier")
@@ -157,8 +157,8 @@ def test_broken_generator_is_named(tiny, tmp_path):
     dm.files = [file_entry(broken / f.name).model_copy(update={"name": f.name}) for f in dm.files]
     dm.save(broken)
     with pytest.raises(InputError) as e:
-        evaluate.plan(load_config(cfg, [f"evaluate.distill={broken}"]), progress=False)
+        evaluate.run(load_config(cfg, [f"evaluate.distill={broken}", f"store={tmp_path / 'store'}"]), progress=False)
     assert str(broken / "generator") in str(e.value) and "do not match" in str(e.value)
     shutil.rmtree(broken / "generator")
     with pytest.raises(InputError, match="not a complete distill output"):
-        evaluate.plan(load_config(cfg, [f"evaluate.distill={broken}"]), progress=False)
+        chain.plan(load_config(cfg, [f"evaluate.distill={broken}"]), "evaluate")

@@ -1,0 +1,168 @@
+"""The one resolver: teacher -> generate -> distill -> evaluate -> export, walked once.
+
+``walk`` resolves the teacher and its digest once, plans each stage from the previous stage's output
+(a plan is a pure function of the config and that output) and asks ``obtain`` for each output: the
+command line reuses or builds it here, the flow runs a Prefect task, ``--only`` requires it to exist.
+A stage whose explicit input is set (``distill.pairs``, ``evaluate.distill``) starts the chain there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from dmd_core.denoisers import Denoiser, Parametrization
+from dmd_core.errors import InputError
+from dmd_core.loading import load_denoiser, read_parametrization, resolve_model_dir
+
+from .config import PipelineConfig, dump_config
+from .registry import STAGES, StageSpec, spec
+from .store import DIGESTS, StageOutput, dir_digest, reuse_or_build, verified_manifest, write_text_atomic
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The resolved teacher: where it is, its digest and its parametrisation (no weights loaded)."""
+
+    path: Path
+    digest: str
+    param: Parametrization
+
+    def load(self, device="cpu") -> Denoiser:
+        """The weights, loaded when a stage is about to use them (a bad file fails here, named)."""
+        return load_denoiser(self.path, device)
+
+
+def resolve_teacher(cfg: PipelineConfig) -> Teacher:
+    """Resolve ``teacher.path`` and its digest (cached in the store); load its weights only when the
+    digest is new here, so a bad teacher fails before anything is written and a cached run loads nothing."""
+    path = resolve_model_dir(cfg.teacher.path)
+    teacher = Teacher(path, dir_digest(path, cfg.store), read_parametrization(path))
+    marker = Path(cfg.store) / DIGESTS / f"loads-{teacher.digest}"
+    if not marker.is_file():
+        teacher.load()  # raises an InputError naming the file and the fix
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:  # read-only store: validated again next time
+            pass
+    return teacher
+
+
+@dataclass
+class Plan:
+    """What a stage will make: its content key and output directory, and the inputs it reads."""
+
+    stage: str
+    key: str
+    out_dir: Path
+    upstream: dict[str, str]  # name -> digest of each input (they are in the key)
+    inputs: dict[str, str]  # name -> path of each input directory
+    info: dict = field(default_factory=dict)  # stage-specific facts decided at planning time
+
+    def save(self, path: str | Path) -> Path:
+        # absolute paths: the reader (an accelerate worker, a flow task) may run elsewhere in the tree
+        data = {**asdict(self), "out_dir": str(self.out_dir.resolve()), "inputs": {k: str(Path(v).resolve()) for k, v in self.inputs.items()}}
+        write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        data = json.loads(Path(path).read_text())
+        return cls(**{**data, "out_dir": Path(data["out_dir"])})
+
+    def teacher(self) -> Teacher:
+        """The teacher this plan was made for (digest as planned: no re-hash)."""
+        path = Path(self.inputs["teacher"])
+        return Teacher(path, self.upstream["teacher"], read_parametrization(path))
+
+
+Obtain = Callable[[StageSpec, Plan], StageOutput]
+
+
+def explicit_input(cfg: PipelineConfig, s: StageSpec) -> str | None:
+    """The upstream output directory the config names for ``s`` (e.g. distill.pairs), if any."""
+    return getattr(getattr(cfg, s.section), s.input_key) if s.input_key else None
+
+
+def stages_for(cfg: PipelineConfig, target: str) -> list[StageSpec]:
+    """The stages to walk for ``target``: back through its upstreams until one is given explicitly."""
+    chain = [spec(target)]
+    while chain[0].upstream is not None and explicit_input(cfg, chain[0]) is None:
+        chain.insert(0, spec(chain[0].upstream))
+    return chain
+
+
+def given_output(s: StageSpec, path: str) -> StageOutput:
+    """An explicitly configured upstream output (e.g. distill.pairs): complete and verified, or an error."""
+    up = spec(s.upstream)
+    where = f"{s.section}.{s.input_key}"
+    d = Path(path)
+    if not d.is_dir():
+        raise InputError(f"{where}: no such directory {d}. Fix: run `dmd {up.name}` and pass the directory it prints.")
+    m = verified_manifest(d)
+    if m is None:
+        detail = getattr(up.module, "incomplete_detail", lambda _: "")(d)
+        raise InputError(
+            f"{where}: {d} is not a complete {up.name} output (no verified manifest.json{detail}). "
+            f"Fix: rerun `dmd {up.name}` with its config to finish it."
+        )
+    if m.stage != up.name:
+        raise InputError(f"{where}: {d} is a {m.stage} output, not a {up.name} output. Fix: point it at a `dmd {up.name}` output directory.")
+    return StageOutput(d, m)
+
+
+def walk(cfg: PipelineConfig, target: str, obtain: Obtain, obtain_upstream: Obtain | None = None) -> dict[str, StageOutput]:
+    """Plan each stage up to ``target`` once and obtain its output; returns the outputs by stage."""
+    teacher = resolve_teacher(cfg)
+    stages = stages_for(cfg, target)
+    given = explicit_input(cfg, stages[0])
+    up = given_output(stages[0], given) if given is not None else None
+    outputs: dict[str, StageOutput] = {}
+    for s in stages:
+        p = s.module.plan(cfg, teacher, up)
+        get = obtain if s.name == target or obtain_upstream is None else obtain_upstream
+        up = outputs[s.name] = get(s, p)
+    return outputs
+
+
+def local_obtain(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Obtain:
+    """Reuse a verified output in the store, else build it here (or on ``num_processes`` processes)."""
+    text = dump_config(cfg)
+
+    def obtain(s: StageSpec, p: Plan) -> StageOutput:
+        n = num_processes if s.multi_process else 1
+        m = reuse_or_build(s.name, p.out_dir, text, lambda: s.module.build(cfg, p, n, progress))
+        return StageOutput(p.out_dir, m)
+
+    return obtain
+
+
+def require_existing(s: StageSpec, p: Plan) -> StageOutput:
+    """The stage's verified output in the store, or an error naming the stage to run first."""
+    m = verified_manifest(p.out_dir)
+    if m is None:
+        raise InputError(f"the {s.name} output is missing from the store ({p.out_dir}); run the pipeline (or --only {s.name}) first")
+    return StageOutput(p.out_dir, m)
+
+
+def run(cfg: PipelineConfig, target: str, num_processes: int = 1, progress: bool = True) -> StageOutput:
+    """``target``'s output for ``cfg``, running whatever upstream stage is missing first."""
+    return walk(cfg, target, local_obtain(cfg, num_processes, progress))[target]
+
+
+def plan(cfg: PipelineConfig, target: str) -> Plan:
+    """``target``'s plan; its upstream outputs must already be in the store."""
+    found: list[Plan] = []
+
+    def capture(s: StageSpec, p: Plan) -> StageOutput:
+        found.append(p)
+        return StageOutput(p.out_dir, None)  # type: ignore[arg-type]
+
+    walk(cfg, target, capture, require_existing)
+    return found[-1]
+
+
+__all__ = ["Plan", "Teacher", "STAGES", "walk", "run", "plan", "resolve_teacher", "local_obtain", "require_existing", "given_output"]
