@@ -35,7 +35,7 @@ from . import chain
 from .chain import Plan, Teacher
 from .config import PipelineConfig
 from .registry import spec
-from .store import Manifest, StageOutput, Timer, file_entry, read_manifest, sha256_file, write_text_atomic
+from .store import FileEntry, Manifest, StageOutput, Timer, file_entry, read_manifest, write_text_atomic
 
 STAGE = "export"
 SPEC = spec(STAGE)
@@ -138,14 +138,13 @@ def fresh_process_parity(cfg: PipelineConfig, p: Plan, out: Path) -> dict:
     return {"bit_identical": True, "inputs": len(z)}
 
 
-def model_card(cfg: PipelineConfig, em: Manifest, out: Path, info: dict) -> str:
+def model_card(cfg: PipelineConfig, em: Manifest, out: Path, info: dict, files: list[FileEntry]) -> str:
     r = em.info["metrics"]
     pc = em.pipeline_config
     d, g = pc["distill"], pc["generate"]
     fd = "FD-digits" if r["features"] == "digits" else "FID"
     acc = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
-    files = sorted(f for f in out.rglob("*") if f.is_file() and f.name not in ("README.md", "manifest.json") and not f.name.startswith("."))
-    checksums = "\n".join(f"| `{f.relative_to(out)}` | {f.stat().st_size} | `{sha256_file(f)}` |" for f in files)
+    checksums = "\n".join(f"| `{f.name}` | {f.size} | `{f.sha256}` |" for f in files)
     return f"""# One-step generator (DMD)
 
 Distilled with dmd-pipeline by Distribution Matching Distillation
@@ -221,12 +220,13 @@ def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool =
     if cfg.export.onnx:
         info["onnx"] = write_onnx(cfg, den, out)
     info["torch_parity"] = fresh_process_parity(cfg, p, out)
-    write_text_atomic(out / "README.md", model_card(cfg, em, out, info))
     files = [
         file_entry(f).model_copy(update={"name": str(f.relative_to(out))})
         for f in sorted(out.rglob("*"))
-        if f.is_file() and f.name != "manifest.json" and not f.name.startswith(".")
+        if f.is_file() and f.name not in ("manifest.json", "README.md") and not f.name.startswith(".")
     ]
+    write_text_atomic(out / "README.md", model_card(cfg, em, out, info, files))
+    files.append(file_entry(out / "README.md"))
     m = Manifest(
         stage=STAGE,
         key=p.key,

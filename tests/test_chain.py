@@ -37,7 +37,7 @@ def test_first_run_hashes_each_file_at_most_once(done, edm_teacher):
     cfg, outputs, hashed = done
     assert list(outputs) == ORDER
     dupes = sorted({p for p in hashed if hashed.count(p) > 1})
-    assert dupes == []
+    assert dupes == [], "\n".join(dupes)
     teacher_files = [str(p.resolve()) for p in Path(edm_teacher).iterdir()]
     assert sorted(p for p in hashed if p in teacher_files) == sorted(teacher_files)  # the teacher: once each
 
