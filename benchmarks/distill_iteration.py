@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from dmd_core.dmd import SampleRNG, one_step
-from stages import distill
+from stages import chain, distill
 from stages.config import load_config
 
 
@@ -38,7 +38,8 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config(None, [f"store={tempfile.mkdtemp(prefix='dmd-bench-')}"])
     cfg.distill.pairs = None
-    plan = distill.plan(cfg, progress=False)  # makes the pairs once (cached in the temporary store)
+    chain.run(cfg, "generate", progress=False)  # the pairs, once (in the temporary store)
+    plan = chain.plan(cfg, "distill")
     acc = Accelerator(cpu=True)
     torch.set_num_threads(torch.get_num_threads())
     tr = distill.Trainer(cfg, plan, acc)
@@ -67,7 +68,7 @@ def main() -> None:
 
     def regression_fwd_bwd():
         x = z_ref.clone().requires_grad_(True)
-        tr.reg_loss(x, y_ref).backward()
+        tr.gen_loss.regression_loss(x, y_ref).backward()
 
     step = [0]
 

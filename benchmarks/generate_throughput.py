@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 
 from dmd_core.shards import sample_labels, sample_noise
-from stages import generate
+from dmd_core.solvers import teacher_sampler
+from stages import chain, generate
 from stages.config import load_config
 
 
 def bare_loop(cfg, den) -> float:
     """Seconds for the solver alone on the stage's batches (noise made beforehand, results discarded)."""
     g = cfg.generate
-    solve, _ = generate.make_solver(den, g)
+    solve, _ = teacher_sampler(den, g.solver, g.steps, g.guidance_scale)
     shape = generate.model_shape(den)
     batches = []
     for shard in range(0, g.num_samples, g.shard_size):
@@ -55,9 +56,9 @@ def main() -> None:
     for r in range(args.repeats):
         store = Path(tempfile.mkdtemp(prefix="dmd-bench-"))
         cfg = load_config(None, [f"store={store}", f"generate.num_samples={args.num_samples}"])
-        den = generate.plan(cfg).denoiser
+        den = chain.resolve_teacher(cfg).load()
         if r == 0:  # warm-up: oneDNN primitive creation and allocator growth, outside both timings
-            solve, _ = generate.make_solver(den, cfg.generate)
+            solve, _ = teacher_sampler(den, cfg.generate.solver, cfg.generate.steps, cfg.generate.guidance_scale)
             solve(torch.randn(cfg.generate.batch_size, *generate.model_shape(den)), None)
         # alternate the order so neither side always runs first
         for name in (("bare_s", "stage_s") if r % 2 == 0 else ("stage_s", "bare_s")):

@@ -1,7 +1,7 @@
 """Teacher denoisers: x0 ("mean") predictors around any diffusers UNet.
 
 Two parametrisations share one calling convention, ``den(x_t, level, class_labels, guidance_scale)``
-returning x0 (DESIGN.md, "The math"):
+returning x0 (docs/math.md §2, §3):
 - ``EDMDenoiser``: VE, alpha = 1, ``level`` is sigma; EDM preconditioning (Karras et al. 2022, Table 1).
 - ``VPDenoiser``: DDPM / Stable Diffusion, ``level`` is the integer timestep t; alpha_t, sigma_t from
   the scheduler's alphas_cumprod; epsilon / v / sample predictions converted to x0.
@@ -19,7 +19,7 @@ Tensor = torch.Tensor
 
 
 def edm_precond(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """EDM preconditioning (Karras et al. 2022, Table 1): c_skip, c_out, c_in, c_noise."""
+    """EDM preconditioning (Karras et al. 2022, Table 1; docs/math.md §2): c_skip, c_out, c_in, c_noise."""
     sd2 = sigma_data**2
     c_skip = sd2 / (sigma**2 + sd2)
     c_out = sigma * sigma_data / (sigma**2 + sd2).sqrt()
@@ -29,7 +29,7 @@ def edm_precond(sigma: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tenso
 
 
 def cfg_combine(uncond: Tensor, cond: Tensor, guidance_scale: float) -> Tensor:
-    """Classifier-free guidance: mu_uncond + g * (mu_cond - mu_uncond)."""
+    """Classifier-free guidance: mu_uncond + g * (mu_cond - mu_uncond) (docs/math.md §3)."""
     return uncond + guidance_scale * (cond - uncond)
 
 
@@ -173,9 +173,16 @@ class VPDenoiser(Denoiser):
         return abar.sqrt(), (1 - abar).sqrt()
 
     def model_output(
-        self, x: Tensor, t: float | Tensor, class_labels: Tensor | None = None, guidance_scale: float = 1.0, **cond
+        self,
+        x: Tensor,
+        t: float | Tensor,
+        class_labels: Tensor | None = None,
+        guidance_scale: float = 1.0,
+        *,
+        prediction_type: str | None = None,
+        **cond,
     ) -> Tensor:
-        """The network's raw prediction (in its own prediction_type), guided.
+        """The guided prediction as ``prediction_type`` (default: the network's own) says: epsilon, v or x0.
 
         CFG on the raw output equals CFG on x0: the map between them is affine in the output with
         coefficients that do not depend on the condition.
@@ -186,13 +193,15 @@ class VPDenoiser(Denoiser):
         a, s = alpha.reshape(-1, 1, 1, 1), sigma.reshape(-1, 1, 1, 1)
         xd = x.to(torch.float64)
         x0 = x0.to(torch.float64)
-        kind = self.param.prediction_type
+        kind = prediction_type or self.param.prediction_type
         if kind == "epsilon":
             out = (xd - a * x0) / s
         elif kind == "v_prediction":  # v = alpha eps - sigma x0, eps = (x - alpha x0) / sigma
             out = a * (xd - a * x0) / s - s * x0
-        else:
+        elif kind == "sample":
             out = x0
+        else:
+            raise ValueError(f"unknown prediction_type {kind!r}")
         return out.to(x.dtype)
 
     def _x0(self, x: Tensor, t: Tensor, labels: Tensor | None, **cond) -> Tensor:

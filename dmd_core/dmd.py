@@ -1,13 +1,14 @@
-"""One DMD iteration, written as the paper's Algorithm 1 (Yin et al. 2024) with DESIGN.md's details.
+"""One DMD iteration, written as the paper's Algorithm 1 (Yin et al. 2024) with docs/math.md's details.
 
-    x = G(z)                                   one step from noise
-    loss_G = loss_DM(x) + lambda_reg * l(G(z_ref), y_ref)
-    loss_fake = denoising loss of mu_fake on stopgrad(x)
+    x = G(z)                                                one step from noise (§5)
+    loss_G = loss_DM(x) + lambda_reg * l(G(z_ref), y_ref)   GeneratorLoss (§6, §8)
+    loss_fake = denoising loss of mu_fake on stopgrad(x)    FakeScoreLoss (§7)
 
 The three networks are denoisers (``dmd_core.denoisers``): the generator and the fake score are
 trainable copies of the teacher; the real score is the frozen teacher. Randomness comes from a
 ``SampleRNG``: every draw of sample i at step s depends only on (seed, s, i), so a batch split over
-processes draws exactly what one process would.
+processes draws exactly what one process would (§9). Nothing here returns a Python float: reading
+one back forces a device sync on every micro-step.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ NUM_LEVELS = 1000  # T: VP's training timesteps; for EDM the size of the Karras 
 
 
 class SampleRNG:
-    """Per-sample generators seeded by (seed, stream, step, global sample index)."""
+    """Per-sample generators seeded by (seed, stream, step, global sample index) (docs/math.md §9)."""
 
     def __init__(self, seed: int, stream: int, step: int, indices: range | list[int], device: torch.device | str = "cpu"):
         self.gens = [torch.Generator().manual_seed(sample_seed(seed, stream, step, i)) for i in indices]
@@ -41,9 +42,9 @@ class SampleRNG:
 
 
 def noise_levels(param: Parametrization, t: Tensor, alphas_cumprod: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(alpha_t, sigma_t, level) for integer t in [0, T): level is what the denoiser takes.
+    """(alpha_t, sigma_t, level) for integer t in [0, T): level is what the denoiser takes (docs/math.md §6 step 1).
 
-    EDM: alpha = 1, sigma = the t-th of T Karras sigmas, smallest first (DESIGN.md step 1).
+    EDM: alpha = 1, sigma = the t-th of T Karras sigmas, smallest first.
     VP: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), level = t.
     """
     if param.kind == "edm":
@@ -55,67 +56,119 @@ def noise_levels(param: Parametrization, t: Tensor, alphas_cumprod: Tensor | Non
 
 
 def one_step(generator: Callable, param: Parametrization, z: Tensor, labels: Tensor | None) -> Tensor:
-    """G(z) = mu_theta(sigma_max z, sigma_max, c) for EDM; mu_theta(z, T - 1, c) for VP (DESIGN.md)."""
+    """G(z) = mu_theta(sigma_max z, sigma_max, c) for EDM; mu_theta(z, T - 1, c) for VP (docs/math.md §5)."""
     if param.kind == "edm":
         return generator(z * param.sigma_max, param.sigma_max, labels)
     return generator(z, NUM_LEVELS - 1, labels)
+
+
+def random_labels(rng: SampleRNG, num_classes: int) -> Tensor | None:
+    """Class labels drawn uniformly for the distribution matching term (None if unconditional)."""
+    return rng.randint(0, num_classes) if num_classes else None
 
 
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
 
 
+def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return None if a is None else torch.cat([a, b])
+
+
 @dataclass
 class DMDSettings:
-    guidance_scale: float = 1.0  # on the real score only
+    """The distribution matching settings of one run (docs/math.md §3, §6, §8)."""
+
+    guidance_scale: float = 1.0  # CFG on the real score only
     regression_weight: float = 0.25  # lambda_reg
     t_min: float = 0.02  # DM timesteps t ~ U[t_min T, t_max T]
     t_max: float = 0.98
 
 
 def dm_timestep_range(s: DMDSettings) -> tuple[int, int]:
-    """[low, high) integer range of t for the distribution matching loss."""
-    return int(s.t_min * NUM_LEVELS), int(s.t_max * NUM_LEVELS) + 1
+    """[low, high) integer range of t for the distribution matching loss; t_max = 1 means level T - 1."""
+    return int(s.t_min * NUM_LEVELS), min(int(s.t_max * NUM_LEVELS) + 1, NUM_LEVELS)
 
 
-def distribution_matching_term(
-    x: Tensor,
-    labels: Tensor | None,
-    real: Denoiser,
-    fake: Callable,
-    settings: DMDSettings,
-    rng: SampleRNG,
-) -> tuple[Tensor, dict[str, float]]:
-    """DESIGN.md steps 1-5: perturb x (detached), score it with the guided real and unguided fake denoisers."""
-    low, high = dm_timestep_range(settings)
-    t = rng.randint(low, high)
-    eps = rng.randn(tuple(x.shape[1:])).to(x.dtype)
-    alpha, sigma, level = noise_levels(real.param, t, getattr(real, "alphas_cumprod", None))
-    x_t = _bcast(alpha, x) * x.detach() + _bcast(sigma, x) * eps
-    with torch.no_grad():
-        p_real = real(x_t, level, labels, settings.guidance_scale)
-        p_fake = fake(x_t, level, labels)
-    loss = distribution_matching_loss(x, p_real.to(x.dtype), p_fake.to(x.dtype))
-    return loss, {"dm_t_mean": t.float().mean().item()}
+class DistributionMatchingLoss:
+    """loss_DM of generator samples x (docs/math.md §6): guided real score against unguided fake score."""
+
+    def __init__(self, settings: DMDSettings):
+        self.settings = settings
+
+    def __call__(self, x: Tensor, labels: Tensor | None, real: Denoiser, fake: Callable, rng: SampleRNG) -> Tensor:
+        t = rng.randint(*dm_timestep_range(self.settings))
+        eps = rng.randn(tuple(x.shape[1:])).to(x.dtype)
+        alpha, sigma, level = noise_levels(real.param, t, getattr(real, "alphas_cumprod", None))
+        x_t = _bcast(alpha, x) * x.detach() + _bcast(sigma, x) * eps
+        with torch.no_grad():
+            p_real = real(x_t, level, labels, self.settings.guidance_scale)
+            p_fake = fake(x_t, level, labels)
+        return distribution_matching_loss(x, p_real.to(x.dtype), p_fake.to(x.dtype))
 
 
-def fake_score_loss(fake: Callable, param: Parametrization, x: Tensor, labels: Tensor | None, rng: SampleRNG, alphas_cumprod: Tensor | None = None) -> Tensor:
-    """Denoising loss of the fake score on generator samples, t ~ U over the full range (DESIGN.md).
+class GeneratorLoss:
+    """loss_G = loss_DM(G(z)) + lambda_reg * l(G(z_ref), y_ref) (docs/math.md §5, §6, §8).
 
-    EDM: (1/sigma^2 + 1/sigma_data^2) ||mu_fake(x_t) - x||^2; VP: epsilon-MSE.
+    Returns (loss_G, {"loss_dm", "loss_reg"} as tensors, x = stopgrad(G(z)) for the fake-score update).
+    G has the teacher's parametrisation (it is initialised from it), so ``real.param`` describes it;
+    ``gen`` itself may be wrapped (DDP) and need not carry one.
     """
-    x = x.detach()
-    t = rng.randint(0, NUM_LEVELS)
-    eps = rng.randn(tuple(x.shape[1:])).to(x.dtype)
-    alpha, sigma, level = noise_levels(param, t, alphas_cumprod)
-    a, s = _bcast(alpha, x), _bcast(sigma, x)
-    x_t = a * x + s * eps
-    pred = fake(x_t, level, labels)
-    if param.kind == "edm":
-        return (edm_weight(s, param.sigma_data) * (pred - x) ** 2).mean()
-    return eps_mse_loss((x_t - a * pred) / s, eps)
+
+    def __init__(self, settings: DMDSettings, regression_loss: Callable[[Tensor, Tensor], Tensor] | None = None):
+        if settings.regression_weight > 0 and regression_loss is None:
+            raise ValueError("regression_weight > 0 needs a regression_loss")
+        self.settings = settings
+        self.dm = DistributionMatchingLoss(settings)
+        self.regression_loss = regression_loss
+
+    def __call__(
+        self,
+        gen: Callable,
+        real: Denoiser,
+        fake: Callable,
+        z: Tensor,
+        labels: Tensor | None,
+        rng: SampleRNG,
+        z_ref: Tensor | None = None,
+        y_ref: Tensor | None = None,
+        labels_ref: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        lam = self.settings.regression_weight
+        regress = lam > 0 and z_ref is not None
+        # One generator call on both batches, as one forward/backward through G is cheaper than two.
+        z_all, labels_all = (torch.cat([z, z_ref]), _cat(labels, labels_ref)) if regress else (z, labels)
+        x_all = one_step(gen, real.param, z_all, labels_all).float()
+        x, x_reg = x_all[: len(z)], x_all[len(z) :]
+        loss_dm = self.dm(x, labels, real, fake, rng)
+        loss_reg = self.regression_loss(x_reg, y_ref) if regress else x.new_zeros(())
+        loss_g = loss_dm + lam * loss_reg
+        return loss_g, {"loss_dm": loss_dm, "loss_reg": loss_reg}, x.detach()
 
 
-def random_labels(rng: SampleRNG, num_classes: int) -> Tensor | None:
-    """Class labels drawn uniformly for the distribution matching term (None if unconditional)."""
-    return rng.randint(0, num_classes) if num_classes else None
+class FakeScoreLoss:
+    """Denoising loss of the fake score on x = stopgrad(G(z)), t ~ U over all T levels (docs/math.md §7).
+
+    EDM: (1/sigma^2 + 1/sigma_data^2) ||mu_fake(x_t) - x||^2; VP: epsilon-MSE. Per-element mean.
+    """
+
+    def __init__(self, param: Parametrization, alphas_cumprod: Tensor | None = None):
+        if param.kind == "vp" and alphas_cumprod is None:
+            raise ValueError("a VP fake score needs the teacher's alphas_cumprod")
+        self.param, self.alphas_cumprod = param, alphas_cumprod
+
+    @classmethod
+    def for_teacher(cls, teacher: Denoiser) -> "FakeScoreLoss":
+        return cls(teacher.param, getattr(teacher, "alphas_cumprod", None))
+
+    def __call__(self, fake: Callable, x: Tensor, labels: Tensor | None, rng: SampleRNG) -> Tensor:
+        x = x.detach()
+        t = rng.randint(0, NUM_LEVELS)
+        eps = rng.randn(tuple(x.shape[1:])).to(x.dtype)
+        alpha, sigma, level = noise_levels(self.param, t, self.alphas_cumprod)
+        a, s = _bcast(alpha, x), _bcast(sigma, x)
+        x_t = a * x + s * eps
+        pred = fake(x_t, level, labels)
+        if self.param.kind == "edm":
+            return (edm_weight(s, self.param.sigma_data) * (pred - x) ** 2).mean()
+        return eps_mse_loss((x_t - a * pred) / s, eps)

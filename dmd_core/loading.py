@@ -12,6 +12,7 @@ so ``UNet2DModel.from_pretrained(dir)`` loads the network and ``load_denoiser(di
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -86,14 +87,36 @@ def load_unet(model_dir: str | os.PathLike) -> torch.nn.Module:
     return unet.eval()
 
 
-def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -> Denoiser:
-    """Load a denoiser directory (see module doc) as an EDM or VP x0-predictor, frozen, in eval mode."""
-    model_dir = resolve_model_dir(path)
+def image_shape_from_config(cfg, where: Path) -> tuple[int, int, int]:
+    """(C, H, W) of model space from a UNet config: in_channels and sample_size (an int or [h, w])."""
+    size = cfg.get("sample_size")
+    if isinstance(size, int):
+        size = (size, size)
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and cfg.get("in_channels")):
+        raise InputError(
+            f"{where / PARAM_FILE} has no image_shape and {where}/config.json has no usable in_channels / sample_size "
+            f"(sample_size={cfg.get('sample_size')!r}). Fix: add \"image_shape\": [C, H, W] to {PARAM_FILE}."
+        )
+    return int(cfg["in_channels"]), int(size[0]), int(size[1])
+
+
+def read_parametrization(path: str | os.PathLike) -> Parametrization:
+    """A denoiser directory's parametrisation without loading weights (image_shape from config.json if absent)."""
+    model_dir = Path(path)
     raw = _read_json(model_dir / PARAM_FILE, "denoiser parametrisation (denoiser.json)")
     try:
         param = Parametrization.from_dict(raw)
     except (TypeError, ValueError) as e:
         raise InputError(f"{model_dir / PARAM_FILE}: {e}") from None
+    if param.image_shape is None:  # older denoiser.json files: the UNet config knows it
+        param = dataclasses.replace(param, image_shape=image_shape_from_config(_read_json(model_dir / "config.json", "UNet config"), model_dir))
+    return param
+
+
+def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -> Denoiser:
+    """Load a denoiser directory (see module doc) as an EDM or VP x0-predictor, frozen, in eval mode."""
+    model_dir = resolve_model_dir(path)
+    param = read_parametrization(model_dir)
     unet = load_unet(model_dir)
     if param.kind == "edm":
         den: Denoiser = EDMDenoiser(unet, param)

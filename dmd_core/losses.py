@@ -1,4 +1,4 @@
-"""Losses, each a small function with its equation named (DESIGN.md, "The math")."""
+"""Losses, each a small function with its equation named (docs/math.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ Tensor = torch.Tensor
 
 
 def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
-    """EDM's loss weight lambda(sigma) = 1/sigma^2 + 1/sigma_data^2 (Karras et al. 2022, Table 1)."""
+    """EDM's loss weight lambda(sigma) = 1/sigma^2 + 1/sigma_data^2 (Karras et al. 2022, Table 1; docs/math.md §7)."""
     return 1 / sigma**2 + 1 / sigma_data**2
 
 
@@ -34,12 +34,12 @@ def edm_training_sigmas(n: int, generator: torch.Generator, p_mean: float = -1.2
 
 
 def dm_normalizer(x: Tensor, p_real: Tensor) -> Tensor:
-    """w = mean over (C, H, W) of |x - p_real|, per sample: DMD's CS / ||mu_base(x_t, t) - x||_1 (Eq. 8)."""
+    """w = mean over (C, H, W) of |x - p_real|, per sample: DMD's CS / ||mu_base(x_t, t) - x||_1 (Eq. 8; docs/math.md §6 step 4)."""
     return (x - p_real).abs().mean(dim=tuple(range(1, x.ndim)), keepdim=True)
 
 
 def distribution_matching_loss(x: Tensor, p_real: Tensor, p_fake: Tensor) -> Tensor:
-    """0.5 * mean((x - sg(x - grad))^2) with grad = (p_fake - p_real) / w (DMD Eq. 7-8, DESIGN.md steps 3-5).
+    """0.5 * mean((x - sg(x - grad))^2) with grad = (p_fake - p_real) / w (DMD Eq. 7-8, docs/math.md §6 steps 4-6).
 
     Its gradient with respect to x is grad / x.numel(): x moves along p_real - p_fake.
     NaN or Inf in grad (e.g. w = 0) are replaced by 0.
@@ -51,7 +51,7 @@ def distribution_matching_loss(x: Tensor, p_real: Tensor, p_fake: Tensor) -> Ten
 
 
 def eps_mse_loss(eps_pred: Tensor, eps: Tensor) -> Tensor:
-    """||eps_theta(x_t, t) - eps||^2 (DDPM's simple loss), per-element mean: the VP fake-score loss."""
+    """||eps_theta(x_t, t) - eps||^2 (DDPM's simple loss), per-element mean: the VP fake-score loss (docs/math.md §7)."""
     return torch.nn.functional.mse_loss(eps_pred, eps)
 
 
@@ -59,7 +59,7 @@ def eps_mse_loss(eps_pred: Tensor, eps: Tensor) -> Tensor:
 
 
 def pseudo_huber_loss(x: Tensor, y: Tensor) -> Tensor:
-    """sqrt(||x - y||^2 + c^2) - c per sample, c = 0.00054 sqrt(dim) (iCT, Song & Dhariwal 2023); batch mean."""
+    """sqrt(||x - y||^2 + c^2) - c per sample, c = 0.00054 sqrt(dim) (iCT, Song & Dhariwal 2023); batch mean (docs/math.md §8)."""
     dim = x[0].numel()
     c = 0.00054 * dim**0.5
     sq = (x - y).flatten(1).pow(2).sum(1)
@@ -80,7 +80,7 @@ def lpips_backbone_path(net: str) -> Path:
 
 
 class LPIPSLoss(torch.nn.Module):
-    """LPIPS (Zhang et al. 2018) through the ``lpips`` package, as DMD's regression loss.
+    """LPIPS (Zhang et al. 2018) through the ``lpips`` package, as DMD's regression loss (docs/math.md §8).
 
     Inputs in [-1, 1]; grayscale repeated to 3 channels; images smaller than 224 upsampled bilinearly
     to 224 first, as the DMD re-implementations do. ``random_backbone=True`` skips the ImageNet weights

@@ -1,4 +1,4 @@
-"""Teacher ODE solvers: plain functions from noise z to the ODE's solution y (the regression targets)."""
+"""Teacher ODE solvers: plain functions from noise z to the ODE's solution y (the regression targets, docs/math.md §4)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ from typing import Callable
 
 import torch
 
-from .denoisers import VPDenoiser, karras_sigmas
+from .denoisers import Denoiser, VPDenoiser, karras_sigmas
+from .errors import InputError
 
 Tensor = torch.Tensor
 # x0-predictor at a noise level: (x, sigma or timestep) -> x0.
 DenoiseFn = Callable[[Tensor, Tensor], Tensor]
+# A teacher's sampler: (z, class labels) -> images.
+Sampler = Callable[[Tensor, Tensor | None], Tensor]
 
 
 def heun_nfe(steps: int) -> int:
@@ -46,11 +49,16 @@ def heun_sampler(
     return x.to(z.dtype)
 
 
+def pndm_prediction_type(den: VPDenoiser) -> str:
+    """What the scheduler steps on: PNDMScheduler takes epsilon or v only, so x0 ("sample") teachers give epsilon."""
+    return "epsilon" if den.param.prediction_type == "sample" else den.param.prediction_type
+
+
 def pndm_scheduler(den: VPDenoiser, steps: int = 50):
     """diffusers' PNDMScheduler from the teacher's scheduler config, PLMS only (skip_prk_steps=True)."""
     from diffusers import PNDMScheduler
 
-    sched = PNDMScheduler.from_config(den.scheduler_config, skip_prk_steps=True)
+    sched = PNDMScheduler.from_config(den.scheduler_config, skip_prk_steps=True, prediction_type=pndm_prediction_type(den))
     sched.set_timesteps(steps)
     return sched
 
@@ -73,8 +81,35 @@ def pndm_sampler(
     The Stable Diffusion setting of DMD's LAION pairs (50 steps). Returns the model-space x0 (latents for SD).
     """
     sched = pndm_scheduler(den, steps)
+    kind = sched.config.prediction_type
     x = z * sched.init_noise_sigma
     for t in sched.timesteps:
-        out = den.model_output(x, int(t), class_labels, guidance_scale, **cond)
+        out = den.model_output(x, int(t), class_labels, guidance_scale, prediction_type=kind, **cond)
         x = sched.step(out, t, x, return_dict=False)[0]
     return x
+
+
+def check_solver(solver: str, kind: str) -> None:
+    """Heun for EDM teachers, PNDM for VP ones: a mismatch is an InputError that says what to set."""
+    if solver == "heun" and kind != "edm":
+        raise InputError("generate.solver=heun needs an EDM teacher; this teacher is VP. Fix: --set generate.solver=pndm")
+    if solver == "pndm" and kind != "vp":
+        raise InputError("generate.solver=pndm needs a VP teacher; this teacher is EDM. Fix: --set generate.solver=heun")
+    if solver not in ("heun", "pndm"):
+        raise InputError(f"unknown solver {solver!r}. Fix: --set generate.solver=heun (EDM teachers) or pndm (VP teachers)")
+
+
+def teacher_sampler(den: Denoiser, solver: str, steps: int, guidance_scale: float = 1.0) -> tuple[Sampler, int]:
+    """(z, labels) -> images with the teacher's ODE solver, and its network evaluations per sample."""
+    check_solver(solver, den.param.kind)
+    if solver == "heun":
+
+        def heun(z: Tensor, labels: Tensor | None, **cond) -> Tensor:
+            return heun_sampler(lambda x, s: den(x, s, labels, guidance_scale, **cond), z, steps, den.sigma_min, den.sigma_max)
+
+        return heun, heun_nfe(steps)
+
+    def pndm(z: Tensor, labels: Tensor | None, **cond) -> Tensor:
+        return pndm_sampler(den, z, steps, labels, guidance_scale, **cond)
+
+    return pndm, pndm_nfe(den, steps)

@@ -65,6 +65,7 @@ class Plan:
     def save(self, path: str | Path) -> Path:
         # absolute paths: the reader (an accelerate worker, a flow task) may run elsewhere in the tree
         data = {**asdict(self), "out_dir": str(self.out_dir.resolve()), "inputs": {k: str(Path(v).resolve()) for k, v in self.inputs.items()}}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(data, indent=2) + "\n")
         return Path(path)
 

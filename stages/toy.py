@@ -22,7 +22,7 @@ from dmd_core.digits import (
 from dmd_core.loading import load_denoiser, save_denoiser
 from dmd_core.metrics import class_accuracy, frechet_distance
 from dmd_core.shards import sample_labels, sample_noise
-from dmd_core.solvers import heun_nfe, heun_sampler
+from dmd_core.solvers import heun_nfe, teacher_sampler
 
 log = logging.getLogger("dmd")
 
@@ -58,10 +58,8 @@ def sample_teacher(teacher_dir: Path, num_samples: int, steps: int = 18, guidanc
     idx = range(num_samples)
     z = sample_noise(seed, idx, (1, 8, 8))
     labels = sample_labels(idx, den.num_classes)
-    out = []
-    for s in range(0, num_samples, batch_size):
-        lab = labels[s : s + batch_size]
-        out.append(heun_sampler(lambda x, sig: den(x, sig, lab, guidance_scale), z[s : s + batch_size], steps, den.sigma_min, den.sigma_max))
+    sampler, _ = teacher_sampler(den, "heun", steps, guidance_scale)
+    out = [sampler(z[s : s + batch_size], labels[s : s + batch_size]) for s in range(0, num_samples, batch_size)]
     return torch.cat(out).clamp(-1, 1), labels
 
 

@@ -91,6 +91,10 @@ def test_vp_conversion_recovers_x0(prediction_type):
     den = VPDenoiser(Oracle(), Parametrization(kind="vp", prediction_type=prediction_type), abar, {})
     torch.testing.assert_close(den(xt, t), x0, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(den.model_output(xt, t), target, rtol=1e-9, atol=1e-9)
+    for kind, want in (("epsilon", eps), ("v_prediction", a * eps - s * x0), ("sample", x0)):  # any type on request
+        torch.testing.assert_close(den.model_output(xt, t, prediction_type=kind), want, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="unknown prediction_type"):
+        den.model_output(xt, t, prediction_type="flow")
     alpha, sigma = den.alpha_sigma(t)
     torch.testing.assert_close(alpha**2 + sigma**2, torch.ones(4, dtype=torch.float64))
 
@@ -133,4 +137,28 @@ def test_load_errors(tmp_path):
     cfg["block_out_channels"] = [16, 32]
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError, match="do not match"):
+        load_denoiser(path)
+
+
+@pytest.mark.parametrize("sample_size", [8, [8, 8]])
+def test_image_shape_comes_from_the_unet_config_when_absent(tmp_path, sample_size):
+    path = make_edm_teacher(tmp_path / "t")
+    param = json.loads((path / "denoiser.json").read_text())
+    del param["image_shape"]
+    (path / "denoiser.json").write_text(json.dumps(param))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["sample_size"] = sample_size
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert load_denoiser(path).param.image_shape == (1, 8, 8)
+
+
+def test_image_shape_neither_in_denoiser_json_nor_unet_config(tmp_path):
+    path = make_edm_teacher(tmp_path / "t")
+    param = json.loads((path / "denoiser.json").read_text())
+    param["image_shape"] = None
+    (path / "denoiser.json").write_text(json.dumps(param))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["sample_size"] = None
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="image_shape"):
         load_denoiser(path)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, write_config
+from stages.registry import ORDER
 
 CLASSIFIER = str(ROOT / "data" / "classifier")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -57,6 +58,20 @@ def test_first_run_completes_and_publishes(first):
     ev = json.loads((Path(first["outputs"]["evaluate"]) / "metrics.json").read_text())
     assert table["one_step_fd"] == round(ev["student_fd"], 4) and table["teacher_fd"] == round(ev["teacher_fd"], 4)
     assert str(arts[0].flow_run_id) == first["flow_run_id"]
+
+
+def test_run_graph_shows_the_stage_dependencies(first):
+    """Each task takes the previous task's result as its input: the UI draws generate -> distill -> evaluate -> export."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first["flow_run_id"]])))
+    by_name = {r.name: r for r in runs}
+    assert sorted(by_name) == sorted(ORDER)
+    assert by_name["generate"].task_inputs["upstream"] == []
+    for up, down in zip(ORDER, ORDER[1:]):
+        assert [i.id for i in by_name[down].task_inputs["upstream"]] == [by_name[up].id], down
 
 
 def test_progress_artifacts_reach_100_percent(first):
@@ -140,6 +155,21 @@ def test_dmd_run_only_prints_the_stage_output_last(first, tiny):
     assert "/runs/flow-run/" in r.stderr  # where the dashboards are
 
 
+def test_dmd_run_on_its_own_server_starts_no_other(first, tiny, tmp_path):
+    """Without PREFECT_API_URL, dmd run starts one local server; every log line of the run goes there
+    (the stage-output threads too), so Prefect never starts a temporary server of its own."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    r = subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", "run", "--config", str(tiny), "--only", "evaluate"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "temporary server" not in (r.stdout + r.stderr).lower()
+    assert f"kept in the local Prefect database under {tmp_path / 'prefect-home'}" in r.stderr
+
+
 def test_dmd_run_only_names_the_missing_upstream_stage(harness, tmp_path, edm_teacher):
     cfg = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "empty-store", distill={})
     r = dmd("run", "--config", str(cfg), "--only", "distill")
@@ -219,8 +249,6 @@ def test_prefect_yaml_deploys_the_pipeline_and_one_deployment_per_stage(harness)
 
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
-
-    from flows.pipeline import ORDER
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     prefect = [sys.executable, "-m", "prefect"]

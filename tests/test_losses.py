@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 
-from dmd_core.denoisers import Parametrization
-from dmd_core.dmd import DMDSettings, SampleRNG, distribution_matching_term, dm_timestep_range, noise_levels
+from conftest import tiny_unet
+from dmd_core import load_denoiser
+from dmd_core.denoisers import EDMDenoiser, Parametrization
+from dmd_core.dmd import NUM_LEVELS, DistributionMatchingLoss, DMDSettings, FakeScoreLoss, SampleRNG, dm_timestep_range, noise_levels
 from dmd_core.errors import InputError
 from dmd_core.losses import LPIPSLoss, distribution_matching_loss, dm_normalizer, l2_loss, pseudo_huber_loss
 
@@ -16,12 +18,16 @@ from dmd_core.losses import LPIPSLoss, distribution_matching_loss, dm_normalizer
 def test_dm_gradient_is_normalised_score_difference():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    p_real = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
-    p_fake = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    # p_real at a different distance from x per sample, so w is far from 1 and differs between samples
+    scale = torch.tensor([0.02, 0.3, 3.0, 40.0], dtype=torch.float64).reshape(-1, 1, 1, 1)
+    p_real = x.detach() + scale * torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+    p_fake = p_real + torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
     distribution_matching_loss(x, p_real, p_fake).backward()
-    w = (x.detach() - p_real).abs().mean(dim=(1, 2, 3), keepdim=True)
-    torch.testing.assert_close(x.grad, (p_fake - p_real) / w / x.numel(), rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(dm_normalizer(x.detach(), p_real), w)
+    by_hand = [sum(abs(a - b) for a, b in zip(xi.flatten().tolist(), pi.flatten().tolist())) / 75 for xi, pi in zip(x.detach(), p_real)]
+    w = torch.tensor(by_hand, dtype=torch.float64).reshape(-1, 1, 1, 1)  # mean |x - p_real| per sample
+    assert ((w.log().abs()) > 0.5).all()  # no sample has w near 1
+    torch.testing.assert_close(x.grad, (p_fake - p_real) / (w * x.numel()), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(dm_normalizer(x.detach(), p_real), w, rtol=1e-12, atol=0)
 
 
 def test_dm_loss_value():
@@ -69,7 +75,7 @@ def test_distribution_matching_moves_affine_generator_to_gaussian_target():
         x = a * z + b
         # the fake score: closed-form denoiser of the generator's current distribution N(b, a^2)
         fake = GaussianDenoiser(b.detach(), a.detach().abs())
-        loss, _ = distribution_matching_term(x, None, real, fake, settings, rng)
+        loss = DistributionMatchingLoss(settings)(x, None, real, fake, rng)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -88,12 +94,71 @@ def test_noise_levels_edm_grid():
     assert torch.equal(level, sigma)
 
 
+def test_t_max_one_reaches_the_last_level_and_no_further():
+    assert dm_timestep_range(DMDSettings(t_max=1.0)) == (20, NUM_LEVELS)
+    real = GaussianDenoiser(0.0, 1.0)
+    seen = []
+
+    def fake(x, sigma, labels=None):
+        seen.append(sigma)
+        return real(x, sigma)
+
+    loss = DistributionMatchingLoss(DMDSettings(t_max=1.0))
+    for step in range(4):  # 4096 draws: before the fix, about 4 of them were level 1000 (an IndexError)
+        rng = SampleRNG(0, 0, step, range(1024))
+        loss(torch.zeros(1024, 1, 1, 1, dtype=torch.float64), None, real, fake, rng)
+    sigmas = torch.cat(seen)
+    assert sigmas.max().item() == pytest.approx(80.0)  # the top of the grid (level 999) is reached
+
+
 def test_noise_levels_vp():
     abar = torch.linspace(0.99, 0.01, 1000, dtype=torch.float64)
     alpha, sigma, level = noise_levels(Parametrization(kind="vp"), torch.tensor([3, 500]), abar)
     torch.testing.assert_close(alpha**2, abar[[3, 500]])
     torch.testing.assert_close(alpha**2 + sigma**2, torch.ones(2, dtype=torch.float64))
     assert level.tolist() == [3, 500]
+
+
+def _fake_score_case(den, alphas_cumprod=None):
+    """The callable's loss and the same draws (t, then eps, per sample) replayed for the formula."""
+    torch.set_num_threads(1)
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2 - 1
+    labels = torch.tensor([0, 4, 9])
+    loss = FakeScoreLoss(den.param, alphas_cumprod)(den, x, labels, SampleRNG(3, 10, 2, range(6, 9)))
+    replay = SampleRNG(3, 10, 2, range(6, 9))
+    t = replay.randint(0, 1000)
+    eps = replay.randn((1, 8, 8)).double()
+    return x, labels, loss, t, eps
+
+
+def test_fake_score_loss_edm_formula():
+    den = EDMDenoiser(tiny_unet(11), Parametrization(kind="edm", num_classes=10, null_class=10))
+    x, labels, loss, t, eps = _fake_score_case(den)
+    total = 0.0
+    for i in range(3):  # level t of 1000 Karras sigmas, smallest first: sigma_t = sigma_{999 - t} of the largest-first grid
+        k = 999 - int(t[i])
+        sigma = (80 ** (1 / 7) + k / 999 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+        pred = den(x[i : i + 1] + sigma * eps[i : i + 1], sigma, labels[i : i + 1])
+        total += ((1 / sigma**2 + 1 / 0.5**2) * (pred - x[i : i + 1]) ** 2).sum().item()
+    assert loss.item() == pytest.approx(total / x.numel(), rel=1e-6)
+
+
+def test_fake_score_loss_vp_formula(vp_teacher):
+    den = load_denoiser(vp_teacher)
+    x, labels, loss, t, eps = _fake_score_case(den, den.alphas_cumprod)
+    total = 0.0
+    for i in range(3):
+        abar = den.alphas_cumprod[int(t[i])].item()
+        a, s = math.sqrt(abar), math.sqrt(1 - abar)
+        x_t = a * x[i : i + 1] + s * eps[i : i + 1]
+        pred = den(x_t, int(t[i]), labels[i : i + 1])
+        total += (((x_t - a * pred) / s - eps[i : i + 1]) ** 2).sum().item()
+    assert loss.item() == pytest.approx(total / x.numel(), rel=1e-6)
+
+
+def test_fake_score_loss_vp_needs_alphas_cumprod():
+    with pytest.raises(ValueError, match="alphas_cumprod"):
+        FakeScoreLoss(Parametrization(kind="vp"))
 
 
 def test_pseudo_huber_and_l2_known_values():
@@ -105,20 +170,38 @@ def test_pseudo_huber_and_l2_known_values():
     assert pseudo_huber_loss(x, x).item() == pytest.approx(0.0, abs=1e-9)
 
 
-def test_lpips_random_backbone_matches_direct_call():
-    """RANDOM BACKBONE (the ImageNet weights cannot be downloaded here): checks our preprocessing only."""
-    import torch.nn.functional as F
-
+def _random_lpips() -> LPIPSLoss:
+    """RANDOM BACKBONE (the ImageNet weights cannot be downloaded here): the values test our preprocessing only."""
     torch.manual_seed(0)
-    loss = LPIPSLoss("alex", random_backbone=True)
+    return LPIPSLoss("alex", random_backbone=True)
+
+
+def _pair(shape):
     g = torch.Generator().manual_seed(1)
-    x = torch.rand(2, 1, 8, 8, generator=g) * 2 - 1
-    y = torch.rand(2, 1, 8, 8, generator=g) * 2 - 1
-    up = lambda t: F.interpolate(t.repeat(1, 3, 1, 1), size=(224, 224), mode="bilinear", align_corners=False)  # noqa: E731
-    direct = loss.lpips(up(x), up(y)).mean()
-    assert loss(x, y).item() == pytest.approx(direct.item(), rel=1e-6)
-    assert loss(x, x).item() == pytest.approx(0.0, abs=1e-7)
-    assert loss(x, y).item() > 0
+    return torch.rand(*shape, generator=g) * 2 - 1, torch.rand(*shape, generator=g) * 2 - 1
+
+
+# LPIPSLoss (alex, torch.manual_seed(0) random backbone) on _pair((2, 1, 8, 8)); reproduced in fresh processes.
+LPIPS_GOLDEN = 0.21240603923797607
+
+
+def test_lpips_preprocessing_properties():
+    torch.set_num_threads(1)
+    loss = _random_lpips()
+    x, y = _pair((2, 1, 8, 8))
+    assert loss(x, x).item() == 0.0
+    v = loss(x, y).item()
+    assert v > 0
+    assert loss(x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1)).item() == pytest.approx(v, rel=1e-6)  # gray = 3 equal channels
+    for size in (224, 256):  # 224 and larger go to LPIPS as they are (resizing 256 to 224 would change the value)
+        big_x, big_y = _pair((1, 3, size, size))
+        assert loss(big_x, big_y).item() == pytest.approx(loss.lpips(big_x, big_y).mean().item(), rel=1e-6)
+
+
+def test_lpips_golden_value():
+    torch.set_num_threads(1)
+    x, y = _pair((2, 1, 8, 8))
+    assert _random_lpips()(x, y).item() == pytest.approx(LPIPS_GOLDEN, rel=1e-6)
 
 
 def test_lpips_missing_weights_names_the_file(tmp_path, monkeypatch):

@@ -8,8 +8,10 @@ import pytest
 import torch
 from diffusers import PNDMScheduler
 
+from conftest import make_vp_teacher
 from dmd_core import load_denoiser
-from dmd_core.solvers import heun_nfe, heun_sampler, pndm_nfe, pndm_sampler
+from dmd_core.errors import InputError
+from dmd_core.solvers import heun_nfe, heun_sampler, pndm_nfe, pndm_sampler, teacher_sampler
 
 M, S = 0.3, 0.1  # data ~ N(M, S^2 I)
 SMIN, SMAX = 0.002, 80.0
@@ -75,3 +77,55 @@ def test_pndm_matches_diffusers_loop(vp_teacher):
             x = sched.step(eps, t, x).prev_sample
     torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
     assert pndm_nfe(den, 50) == 51  # PLMS with skip_prk_steps: 50 steps + the warm-up repeat
+
+
+def test_pndm_sample_teacher_steps_on_epsilon(tmp_path):
+    """PNDMScheduler takes epsilon or v only: an x0 ("sample") teacher's prediction is fed to it as epsilon."""
+    path = make_vp_teacher(tmp_path / "vp-sample", prediction_type="sample")
+    den = load_denoiser(path)
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 2, 3])
+    ours = pndm_sampler(den, z, steps=20, class_labels=labels)
+
+    sched = PNDMScheduler.from_pretrained(str(path / "scheduler"), skip_prk_steps=True, prediction_type="epsilon")
+    sched.set_timesteps(20)
+    abar = sched.alphas_cumprod.to(torch.float64)
+    x = z * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x0 = den.unet(x, t, class_labels=labels).sample
+            alpha, sigma = abar[t].sqrt(), (1 - abar[t]).sqrt()
+            eps = ((x.double() - alpha * x0.double()) / sigma).float()
+            x = sched.step(eps, t, x).prev_sample
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, x, rtol=0, atol=1e-5)
+
+
+def test_teacher_sampler_heun_is_heun_sampler(edm_teacher):
+    den = load_denoiser(edm_teacher)
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([4, 7])
+    sample, nfe = teacher_sampler(den, "heun", 3, guidance_scale=1.5)
+    direct = heun_sampler(lambda x, s: den(x, s, labels, 1.5), z, 3, den.sigma_min, den.sigma_max)
+    assert torch.equal(sample(z, labels), direct)
+    assert nfe == 5 and teacher_sampler(den, "heun", 18, 1.0)[1] == 35
+
+
+def test_teacher_sampler_pndm_is_pndm_sampler(vp_teacher):
+    den = load_denoiser(vp_teacher)
+    z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([4, 7])
+    sample, nfe = teacher_sampler(den, "pndm", 5, guidance_scale=2.0)
+    assert torch.equal(sample(z, labels), pndm_sampler(den, z, 5, labels, 2.0))
+    assert nfe == pndm_nfe(den, 5) and teacher_sampler(den, "pndm", 50)[1] == pndm_nfe(den, 50) == 51
+
+
+def test_teacher_sampler_refuses_the_wrong_teacher_kind(edm_teacher, vp_teacher):
+    with pytest.raises(InputError) as e:
+        teacher_sampler(load_denoiser(vp_teacher), "heun", 18, 1.0)
+    assert str(e.value) == "generate.solver=heun needs an EDM teacher; this teacher is VP. Fix: --set generate.solver=pndm"
+    with pytest.raises(InputError) as e:
+        teacher_sampler(load_denoiser(edm_teacher), "pndm", 50, 1.0)
+    assert str(e.value) == "generate.solver=pndm needs a VP teacher; this teacher is EDM. Fix: --set generate.solver=heun"
+    with pytest.raises(InputError, match="unknown solver 'euler'"):
+        teacher_sampler(load_denoiser(edm_teacher), "euler", 18, 1.0)
