@@ -235,8 +235,7 @@ class StageTasks:
 
     def __init__(self, cfg: PipelineConfig, config_file: str, num_processes: int, refresh: set[str]):
         self.cfg, self.config_file, self.num_processes, self.refresh = cfg, config_file, num_processes, refresh
-        self.futures: dict = {}  # stage -> the task's future: the next task takes it as its upstream
-        self.results: dict[str, dict] = {}
+        self.results: dict[str, dict] = {}  # stage -> its task's result: the next task takes it as its upstream
         self.cache: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
         self.forced = False
@@ -251,13 +250,15 @@ class StageTasks:
         n = self.num_processes if s.multi_process else 1
         t0 = time.perf_counter()
         task_run = run_stage.with_options(refresh_cache=not valid)
-        future = task_run.submit(s.name, self.config_file, str(plan_file), task_cache_key(s.name, p.key, p.out_dir), self.futures.get(s.upstream), n)
-        result = self.results[s.name] = future.result()
-        self.futures[s.name] = future
+        # Called, not submitted: the task runs in this (main) thread, so a Ctrl-C reaches it and it stops
+        # its stage. Passing the previous task's result object is what draws the edge in the run graph.
+        up = self.results.get(s.upstream) if s.upstream else None
+        state = task_run(s.name, self.config_file, str(plan_file), task_cache_key(s.name, p.key, p.out_dir), up, n, return_state=True)
+        result = self.results[s.name] = state.result()
         self.seconds[s.name] = time.perf_counter() - t0
         # hit: Prefect's cache record; store: no record (e.g. a new PREFECT_HOME) but the stage found
         # its verified output in the store and reused it; miss: computed.
-        self.cache[s.name] = "hit" if future.state.name == "Cached" else "store" if valid else "miss"
+        self.cache[s.name] = "hit" if state.name == "Cached" else "store" if valid else "miss"
         return StageOutput(Path(result["out_dir"]), Manifest.model_validate(result["manifest"]))
 
 

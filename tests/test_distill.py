@@ -65,8 +65,12 @@ def test_outputs_load_and_log(trained, edm_teacher):
     assert grid.size[0] == 10 * 32 + 11 * 2  # one column per class
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
     assert m.info["steps"] == 4 and m.upstream["teacher"]
-    # the generator moved away from the teacher
-    assert max_diff(weights(out / "generator"), weights(edm_teacher)) > 0
+    # step 1: the fake score is the teacher (same weights, both unguided here), so p_fake == p_real
+    # exactly and loss_DM is 0; it must not stay 0 once the fake score has been trained
+    assert abs(rows[0]["loss_dm"]) < 1e-9 and all(r["loss_dm"] > 1e-6 for r in rows[1:])
+    assert all(r["lr_g"] == 1e-4 and r["lr_fake"] == 1e-4 for r in rows)
+    # the checkpoint of the last step holds exactly the final generator
+    assert max_diff(weights(out / "generator"), weights(out / "checkpoints" / "step-0000004" / "generator")) == 0
 
 
 def test_cached_rerun(trained):
@@ -208,8 +212,10 @@ def test_gradient_accumulation_equals_the_larger_batch(setup):
 
 def test_damaged_output_is_rebuilt_from_the_final_checkpoint(trained):
     cfg, out, m = trained
-    before = weights(out / "generator")
+    before, grid = weights(out / "generator"), (out / "samples.png").read_bytes()
     (out / "generator" / "diffusion_pytorch_model.safetensors").write_bytes(b"damaged")
+    shutil.rmtree(out / "samples")  # used to fail the rebuild with an IndexError
     proc = run_cli("distill", "--config", str(cfg), "-q")
     assert "fails verification" in proc.stderr and "rebuilding the outputs" in proc.stderr
     assert max_diff(weights(out / "generator"), before) == 0
+    assert (out / "samples.png").read_bytes() == grid  # the final grid, redrawn from the final checkpoint
