@@ -20,7 +20,7 @@ def run_command(
     refresh: Annotated[Optional[list[str]], typer.Option("--refresh", help="Force this stage (and every later one) to recompute; repeatable.")] = None,
     num_processes: ProcOpt = 1,
 ) -> None:
-    """Run the pipeline as the Prefect flow `dmd-pipeline` (a temporary local server unless PREFECT_API_URL is set).
+    """Run the pipeline as the Prefect flow `dmd-pipeline` (on its own local Prefect server unless PREFECT_API_URL is set).
 
     Stages whose outputs are complete in the store are Cached; prints the export directory (with --only,
     that stage's output) as the last line on stdout.

@@ -115,9 +115,7 @@ def verify_command(
 ) -> None:
     """Check every output in the store against its manifest's checksums; exit 1 if any fails.
 
-    Normally a file is re-hashed only when its size, mtime or inode changed since it was last checked
-    (the store's .verified.json records); --deep re-hashes everything, which also catches a file
-    changed in place that kept all three.
+    Normally a file is re-hashed only when its size, mtime or inode changed since it was last checked (the store's .verified.json records); --deep re-hashes everything, which also catches a file changed in place that kept all three.
     """
     from .store import MANIFEST, bad_files, read_manifest
 
