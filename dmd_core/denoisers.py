@@ -39,6 +39,9 @@ def _per_sample(value: float | Tensor, batch: int, device: torch.device) -> Tens
     return v.expand(batch) if v.ndim == 0 else v.reshape(batch)
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
 @dataclass(frozen=True)
 class Parametrization:
     """The small JSON (``denoiser.json``) saved beside a model's ``save_pretrained`` files."""
@@ -72,6 +75,8 @@ class Parametrization:
             d["data_range"] = tuple(d["data_range"])
         if d.get("kind") not in ("edm", "vp"):
             raise ValueError(f"kind must be 'edm' or 'vp', got {d.get('kind')!r}")
+        if d.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)} (diffusers' names), got {d['prediction_type']!r}")
         return cls(**d)
 
 

@@ -8,6 +8,12 @@ Layout of a denoiser directory (teacher, generator, fake score alike)::
     scheduler/scheduler_config.json        # VP only: the diffusers scheduler (alphas_cumprod)
 
 so ``UNet2DModel.from_pretrained(dir)`` loads the network and ``load_denoiser(dir)`` the denoiser.
+
+A teacher may also be a diffusers pipeline folder (``DDPMPipeline(unet, scheduler).save_pretrained``:
+``model_index.json``, ``unet/``, ``scheduler/``), as a user or the Hugging Face cache has it. It is a VP
+denoiser whose parametrisation comes from the scheduler (prediction type) and the UNet config (image
+shape; ``num_class_embeds`` = classes + 1, the last one the null class); an optional ``denoiser.json``
+beside ``model_index.json`` overrides it and is checked against the scheduler.
 """
 
 from __future__ import annotations
@@ -25,9 +31,17 @@ from .denoisers import Denoiser, EDMDenoiser, Parametrization, VPDenoiser
 from .errors import InputError
 
 PARAM_FILE = "denoiser.json"
+PIPELINE_INDEX = "model_index.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 # The UNet classes a denoiser directory may name in config.json's "_class_name" (an explicit whitelist).
 UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+
+
+LAYOUTS = (
+    "a diffusers pipeline folder (model_index.json, unet/, scheduler/: what DDPMPipeline.save_pretrained writes) "
+    "or a denoiser directory (config.json, diffusion_pytorch_model.safetensors and denoiser.json, "
+    'e.g. {"kind": "edm", "num_classes": 10, "null_class": 10, "image_shape": [1, 8, 8]}; `dmd toy teacher` makes one)'
+)
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:
@@ -45,9 +59,8 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
             pass
     raise InputError(
         f"model directory not found: {path}. "
-        "Fix: point teacher.path at a directory holding config.json, diffusion_pytorch_model.safetensors "
-        "and denoiser.json (for the embedded default run `dmd toy teacher`), or a Hugging Face repo id "
-        "already downloaded into the local cache (HF_HOME)."
+        f"Fix: point teacher.path at {LAYOUTS}, or at a Hugging Face repo id of one already downloaded into "
+        "the local cache (HF_HOME)."
     )
 
 
@@ -100,14 +113,68 @@ def image_shape_from_config(cfg, where: Path) -> tuple[int, int, int]:
     return int(cfg["in_channels"]), int(size[0]), int(size[1])
 
 
-def read_parametrization(path: str | os.PathLike) -> Parametrization:
-    """A denoiser directory's parametrisation without loading weights (image_shape from config.json if absent)."""
-    model_dir = Path(path)
-    raw = _read_json(model_dir / PARAM_FILE, "denoiser parametrisation (denoiser.json)")
+def is_pipeline_folder(model_dir: Path) -> bool:
+    return (Path(model_dir) / PIPELINE_INDEX).is_file()
+
+
+def _parametrization(raw: dict, where: Path) -> Parametrization:
     try:
-        param = Parametrization.from_dict(raw)
+        return Parametrization.from_dict(raw)
     except (TypeError, ValueError) as e:
-        raise InputError(f"{model_dir / PARAM_FILE}: {e}") from None
+        raise InputError(f"{where}: {e}") from None
+
+
+def _pipeline_parametrization(root: Path) -> Parametrization:
+    """A pipeline folder's parametrisation: scheduler + UNet config, then the optional denoiser.json override."""
+    index = _read_json(root / PIPELINE_INDEX, "pipeline index (model_index.json)")
+    for part in ("unet", "scheduler"):
+        if not isinstance(index, dict) or part not in index or not (root / part).is_dir():
+            raise InputError(
+                f"{root} is a diffusers pipeline folder without {part}/. Fix: save the pipeline with its UNet and "
+                "scheduler, e.g. DDPMPipeline(unet, scheduler).save_pretrained(dir)."
+            )
+    unet_cfg = _read_json(root / "unet" / "config.json", "UNet config")
+    sched_path = root / "scheduler" / "scheduler_config.json"
+    prediction = _read_json(sched_path, "scheduler config").get("prediction_type", "epsilon")
+    embeds = unet_cfg.get("num_class_embeds")
+    derived = {
+        "kind": "vp",
+        "prediction_type": prediction,
+        "num_classes": embeds - 1 if embeds else 0,  # the last embedding is the null class (label dropout)
+        "null_class": embeds - 1 if embeds else None,
+    }
+    override = root / PARAM_FILE
+    if override.is_file():
+        raw = _read_json(override, "denoiser parametrisation (denoiser.json)")
+        if not isinstance(raw, dict):
+            raise InputError(f"{override} must be a JSON object")
+        if raw.get("prediction_type", prediction) != prediction:
+            raise InputError(
+                f"{override} says prediction_type {raw['prediction_type']!r} but {sched_path} says {prediction!r}. "
+                "Fix: make them agree (the scheduler's is what the UNet was trained with) or drop it from denoiser.json."
+            )
+        if raw.get("kind", "vp") != "vp":
+            raise InputError(f"{override}: a pipeline folder's teacher is VP (its scheduler defines alpha_t, sigma_t), got kind {raw['kind']!r}")
+        derived.update(raw)
+    elif unet_cfg.get("class_embed_type") and not embeds:
+        raise InputError(
+            f"{root}/unet is class-conditional ({unet_cfg['class_embed_type']!r} embedding) but the number of classes "
+            f'cannot be read from its config. Fix: add {override} with {{"num_classes": N, "null_class": K}}.'
+        )
+    param = _parametrization(derived, override if override.is_file() else root)
+    if param.image_shape is None:
+        param = dataclasses.replace(param, image_shape=image_shape_from_config(unet_cfg, root / "unet"))
+    return param
+
+
+def read_parametrization(path: str | os.PathLike) -> Parametrization:
+    """A teacher's parametrisation without loading weights (image_shape from the UNet config if absent)."""
+    model_dir = Path(path)
+    if is_pipeline_folder(model_dir):
+        return _pipeline_parametrization(model_dir)
+    if not (model_dir / PARAM_FILE).is_file():
+        raise InputError(f"{model_dir} is not a teacher: no {PARAM_FILE} and no {PIPELINE_INDEX}. Fix: point teacher.path at {LAYOUTS}.")
+    param = _parametrization(_read_json(model_dir / PARAM_FILE, "denoiser parametrisation (denoiser.json)"), model_dir / PARAM_FILE)
     if param.image_shape is None:  # older denoiser.json files: the UNet config knows it
         param = dataclasses.replace(param, image_shape=image_shape_from_config(_read_json(model_dir / "config.json", "UNet config"), model_dir))
     return param
@@ -117,13 +184,18 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     """Load a denoiser directory (see module doc) as an EDM or VP x0-predictor, frozen, in eval mode."""
     model_dir = resolve_model_dir(path)
     param = read_parametrization(model_dir)
-    unet = load_unet(model_dir)
+    unet = load_unet(model_dir / "unet" if is_pipeline_folder(model_dir) else model_dir)
     if param.kind == "edm":
         den: Denoiser = EDMDenoiser(unet, param)
     else:
         sched_dir = model_dir / "scheduler"
         _read_json(sched_dir / "scheduler_config.json", "VP scheduler config")
         scheduler = DDPMScheduler.from_pretrained(str(sched_dir))
+        if scheduler.config.prediction_type != param.prediction_type:
+            raise InputError(
+                f"{model_dir / PARAM_FILE} says prediction_type {param.prediction_type!r} but {sched_dir}/scheduler_config.json "
+                f"says {scheduler.config.prediction_type!r}. Fix: make them agree (the scheduler's is what the UNet was trained with)."
+            )
         den = VPDenoiser(unet, param, scheduler.alphas_cumprod, dict(scheduler.config))
     den.requires_grad_(False)
     return den.to(device)

@@ -1,0 +1,108 @@
+"""Teachers in the layouts people have: a diffusers DDPMPipeline folder, the same in the HF cache; one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
+
+from conftest import make_vp_teacher, run_cli, tiny_unet, write_config
+from dmd_core.denoisers import Parametrization
+from dmd_core.errors import InputError
+from dmd_core.loading import load_denoiser, read_parametrization
+
+
+def ddpm_pipeline(path: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
+    """What a diffusers user has: DDPMPipeline(unet, scheduler).save_pretrained(dir), nothing else."""
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    DDPMPipeline(unet=tiny_unet(11, seed), scheduler=sched).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    """The same UNet and scheduler as a pipeline folder and as a denoiser directory."""
+    tmp = tmp_path_factory.mktemp("layouts")
+    return ddpm_pipeline(tmp / "pipeline"), make_vp_teacher(tmp / "denoiser")
+
+
+def test_pipeline_folder_is_a_teacher_with_no_extra_file(both):
+    pipe_dir, den_dir = both
+    assert not (pipe_dir / "denoiser.json").exists()
+    derived = read_parametrization(pipe_dir)
+    assert derived == read_parametrization(den_dir)
+    assert derived == Parametrization(kind="vp", num_classes=10, null_class=10, prediction_type="epsilon", image_shape=(1, 8, 8))
+    a, b = load_denoiser(pipe_dir), load_denoiser(den_dir)
+    x, t, labels = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500, 999]), torch.tensor([1, 2, 10])
+    with torch.no_grad():
+        assert torch.equal(a(x, t, labels, 2.0), b(x, t, labels, 2.0))
+    assert torch.equal(a.alphas_cumprod, b.alphas_cumprod)
+
+
+def test_pipeline_folder_and_denoiser_dir_give_the_same_pairs(both, tmp_path):
+    outs = []
+    for name, teacher in zip(("pipe", "den"), both):
+        cfg = write_config(tmp_path / f"{name}.yaml", teacher, tmp_path / f"store-{name}", solver="pndm", num_samples=16, steps=3, guidance_scale=1.5)
+        outs.append(Path(run_cli("generate", "--config", str(cfg), "-q").stdout.strip().splitlines()[-1]))
+    shards = [sorted(p.read_bytes() for p in out.glob("pairs-*.tar")) for out in outs]
+    assert shards[0] == shards[1] and len(shards[0]) == 1
+
+
+def test_a_cached_hugging_face_repo_id_is_a_teacher(both, tmp_path):
+    """The HF cache layout (models--org--name/snapshots/<rev>, refs/main), offline: teacher.path=org/name."""
+    pipe_dir, _ = both
+    repo = tmp_path / "hub" / "models--tiny-org--ddpm-digits"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(pipe_dir, repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    cfg = write_config(tmp_path / "c.yaml", pipe_dir, tmp_path / "store", solver="pndm", num_samples=16, steps=3)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    proc = run_cli("generate", "--config", str(cfg), "--set", "teacher.path=tiny-org/ddpm-digits", "-q", env=env)
+    m = json.loads((Path(proc.stdout.strip().splitlines()[-1]) / "manifest.json").read_text())
+    assert m["info"]["teacher_path"].endswith(rev) and m["info"]["parametrization"] == "vp"
+
+
+def test_an_override_must_agree_with_the_scheduler(both, tmp_path):
+    pipe = shutil.copytree(both[0], tmp_path / "pipe")
+    (pipe / "denoiser.json").write_text(json.dumps({"prediction_type": "v_prediction"}))
+    with pytest.raises(InputError, match="'v_prediction' but .*scheduler_config.json says 'epsilon'"):
+        read_parametrization(pipe)
+    (pipe / "denoiser.json").write_text(json.dumps({"num_classes": 9, "null_class": 9}))  # overrides what may differ
+    assert read_parametrization(pipe).num_classes == 9
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.mark.parametrize("case", ["eps", "scheduler_disagrees", "no_unet", "nothing"])
+def test_bad_teachers_give_one_line(both, tmp_path, case):
+    pipe_dir, den_dir = both
+    if case == "eps":
+        teacher = shutil.copytree(den_dir, tmp_path / "t")
+        (teacher / "denoiser.json").write_text(json.dumps({**json.loads((teacher / "denoiser.json").read_text()), "prediction_type": "eps"}))
+        needles = ("prediction_type must be one of epsilon, v_prediction, sample", "'eps'")
+    elif case == "scheduler_disagrees":
+        teacher = shutil.copytree(den_dir, tmp_path / "t")
+        cfg = teacher / "scheduler" / "scheduler_config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "prediction_type": "v_prediction"}))
+        needles = ("'epsilon'", "'v_prediction'", "Fix:")
+    elif case == "no_unet":
+        teacher = shutil.copytree(pipe_dir, tmp_path / "t")
+        shutil.rmtree(teacher / "unet")
+        needles = ("pipeline folder without unet/", "save_pretrained")
+    else:
+        teacher = tmp_path / "t"
+        teacher.mkdir()
+        needles = ("not a teacher", "model_index.json", "denoiser.json")
+    cfg = write_config(tmp_path / "c.yaml", teacher, tmp_path / "store", solver="pndm")
+    assert_one_line_error(run_cli("generate", "--config", str(cfg), check=False), *needles)
