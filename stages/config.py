@@ -101,7 +101,7 @@ class ExportConfig(Section):
     onnx: bool = Field(True, description="also write generator.onnx (checked against PyTorch with onnxruntime)")
     opset: int = Field(17, ge=13, description="ONNX opset of generator.onnx")
     parity_samples: int = Field(16, gt=0, description="fixed inputs of the ONNX and fresh-process parity checks")
-    onnx_tolerance: float = Field(1e-4, gt=0, description="largest accepted |ONNX - PyTorch|")
+    onnx_tolerance: float = Field(1e-4, gt=0, description="largest accepted max|ONNX - PyTorch| / max|PyTorch| on the fixed inputs")
 
 
 class PipelineConfig(Section):

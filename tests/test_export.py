@@ -46,9 +46,13 @@ def test_layout_and_checks_recorded(exported):
                  "model_index.json", "one_step.json", "generator.onnx", "grid.png", "README.md"):  # fmt: skip
         assert (out / name).is_file(), name
     assert m.info["onnx"]["max_abs_diff"] <= 1e-4 and m.info["onnx"]["inputs"] == 16 and m.info["onnx"]["opset"] == 17
+    lo, hi = m.info["output_range"]
+    assert m.info["onnx"]["max_rel_diff"] == pytest.approx(m.info["onnx"]["max_abs_diff"] / max(-lo, hi), rel=1e-9)
+    assert f"[{lo:.3f}, {hi:.3f}]" in (out / "README.md").read_text()
     assert m.info["torch_parity"] == {"bit_identical": True, "inputs": 16}
     spec = json.loads((out / "one_step.json").read_text())
     assert spec["parametrization"] == "edm" and spec["sigma_max"] == 80.0 and spec["num_classes"] == 10 and spec["null_class"] == 10
+    assert spec["alpha"] == 1.0 and spec["sigma"] == 80.0
 
 
 def test_fresh_process_reproduces_evaluated_images_bit_for_bit(exported, tmp_path):
@@ -113,3 +117,18 @@ def test_onnx_parity_failure_is_refused(exported, tmp_path):
         export.run(c, progress=False)
     bad = next((tmp_path / "store" / "export").iterdir())
     assert not (bad / "generator.onnx").exists() and not (bad / "manifest.json").exists()
+
+
+def test_one_step_json_lets_plain_diffusers_reproduce_a_vp_generator(vp_teacher):
+    """alpha and sigma of the generator's timestep are in one_step.json: x0 = (z - sigma * UNet(z, T-1)) / alpha."""
+    from dmd_core.dmd import one_step
+
+    den = load_denoiser(vp_teacher)
+    spec = export.one_step_spec(den)
+    abar = float(den.alphas_cumprod[999])
+    assert spec["timestep"] == 999 and spec["alpha"] == pytest.approx(abar**0.5, rel=1e-12) and spec["sigma"] == pytest.approx((1 - abar) ** 0.5, rel=1e-12)
+    z, labels = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.arange(4)
+    with torch.no_grad():
+        eps = den.unet(z, torch.full((4,), spec["timestep"]), class_labels=labels).sample
+        want = one_step(den, den.param, z, labels)
+    assert torch.allclose((z - spec["sigma"] * eps) / spec["alpha"], want, atol=1e-5 * float(want.abs().max()))

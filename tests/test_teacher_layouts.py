@@ -106,3 +106,31 @@ def test_bad_teachers_give_one_line(both, tmp_path, case):
         needles = ("not a teacher", "model_index.json", "denoiser.json")
     cfg = write_config(tmp_path / "c.yaml", teacher, tmp_path / "store", solver="pndm")
     assert_one_line_error(run_cli("generate", "--config", str(cfg), check=False), *needles)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_pairs_equal_plain_diffusers_plms(both, tmp_path, guidance):
+    """The stored pairs, recomputed from noise.npy with DDPMPipeline + PNDMScheduler(skip_prk_steps=True) (README)."""
+    import numpy as np
+    import webdataset as wds
+    from diffusers import PNDMScheduler
+
+    pipe_dir, _ = both
+    cfg = write_config(tmp_path / "c.yaml", pipe_dir, tmp_path / "store", solver="pndm", num_samples=6, steps=10, shard_size=6, batch_size=6, guidance_scale=guidance)
+    out = Path(run_cli("generate", "--config", str(cfg), "-q").stdout.strip().splitlines()[-1])
+    samples = list(wds.WebDataset(str(out / "pairs-000000.tar"), shardshuffle=False).decode())
+    z = torch.from_numpy(np.stack([s["noise.npy"] for s in samples]))
+    c = torch.tensor([int(s["cls.txt"]) for s in samples])
+    pipe = DDPMPipeline.from_pretrained(str(pipe_dir))
+    sched = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    sched.set_timesteps(10)
+    x = z * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps = pipe.unet(x, t, class_labels=c).sample
+            if guidance != 1.0:
+                uncond = pipe.unet(x, t, class_labels=torch.full_like(c, 10)).sample
+                eps = uncond + guidance * (eps - uncond)
+            x = sched.step(eps, t, x).prev_sample
+    stored = torch.from_numpy(np.stack([s["image.npy"] for s in samples]))
+    torch.testing.assert_close(stored, x, rtol=1e-5, atol=1e-5)
