@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .denoisers import EDMDenoiser, Parametrization
+from .denoisers import Denoiser, EDMDenoiser, Parametrization, VPDenoiser
 from .errors import InputError
-from .losses import edm_denoising_loss, edm_training_sigmas
+from .losses import ddpm_denoising_loss, edm_denoising_loss, edm_training_sigmas
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
@@ -72,13 +72,25 @@ class TeacherTraining:
     seed: int = 0
 
 
-def train_toy_teacher(cfg: TeacherTraining, progress: bool = True) -> tuple[EDMDenoiser, list[float]]:
-    """Train the digits teacher with EDM's loss and preconditioning; returns the EMA denoiser and losses."""
+def vp_scheduler():
+    """Stable Diffusion's training schedule (scaled_linear betas 0.00085..0.012, T = 1000), epsilon prediction."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon")
+
+
+def train_toy_teacher(cfg: TeacherTraining, progress: bool = True, kind: str = "edm") -> tuple[Denoiser, list[float]]:
+    """Train the digits teacher, EDM (its loss and preconditioning) or VP (DDPM's epsilon loss on
+    ``vp_scheduler()``); returns the EMA denoiser and the losses."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     images, labels = load_digits_data()
-    param = Parametrization(kind="edm", num_classes=NUM_CLASSES, null_class=NUM_CLASSES, image_shape=IMAGE_SHAPE)
-    den = EDMDenoiser(toy_unet(), param).train()
+    param = Parametrization(kind=kind, num_classes=NUM_CLASSES, null_class=NUM_CLASSES, image_shape=IMAGE_SHAPE)
+    if kind == "edm":
+        den: Denoiser = EDMDenoiser(toy_unet(), param).train()
+    else:
+        sched = vp_scheduler()
+        den = VPDenoiser(toy_unet(), param, sched.alphas_cumprod, dict(sched.config)).train()
     ema = copy.deepcopy(den).eval().requires_grad_(False)
     opt = torch.optim.Adam(den.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
@@ -88,9 +100,12 @@ def train_toy_teacher(cfg: TeacherTraining, progress: bool = True) -> tuple[EDMD
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
         x, y = images[idx], labels[idx].clone()
         y[torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout] = NUM_CLASSES
-        sigma = edm_training_sigmas(cfg.batch_size, gen)
-        noise = torch.randn(x.shape, generator=gen)
-        loss = edm_denoising_loss(den, x, sigma, noise, y)
+        if kind == "edm":
+            sigma = edm_training_sigmas(cfg.batch_size, gen)
+            loss = edm_denoising_loss(den, x, sigma, torch.randn(x.shape, generator=gen), y)
+        else:
+            t = torch.randint(0, den.num_train_timesteps, (cfg.batch_size,), generator=gen)
+            loss = ddpm_denoising_loss(den, x, t, torch.randn(x.shape, generator=gen), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -25,6 +25,16 @@ def edm_denoising_loss(
     return (edm_weight(s, den.sigma_data) * (pred - x) ** 2).mean()
 
 
+def ddpm_denoising_loss(den, x: Tensor, t: Tensor, noise: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    """E[ ||eps_theta(sqrt(abar_t) x + sqrt(1 - abar_t) eps, t) - eps||^2 ] (DDPM's simple loss; docs/math.md §2), per-element mean.
+
+    ``den`` is an epsilon-prediction ``VPDenoiser``; t are integer timesteps.
+    """
+    abar = den.alphas_cumprod.to(x.device)[t].reshape(-1, 1, 1, 1).to(x.dtype)
+    x_t = abar.sqrt() * x + (1 - abar).sqrt() * noise
+    return torch.nn.functional.mse_loss(den.unet(x_t, t, class_labels=class_labels).sample, noise)
+
+
 def edm_training_sigmas(n: int, generator: torch.Generator, p_mean: float = -1.2, p_std: float = 1.2) -> Tensor:
     """Training noise levels ln(sigma) ~ N(P_mean, P_std^2) (EDM, Table 1)."""
     return (torch.randn(n, generator=generator, dtype=torch.float64) * p_std + p_mean).exp()

@@ -157,11 +157,17 @@ def toy_teacher_command(
     steps: Annotated[int, typer.Option(min=1)] = 4000,
     seed: Annotated[int, typer.Option()] = 0,
     classifier: Annotated[Path, typer.Option(help="Classifier used to report the teacher's quality.")] = Path("data/classifier"),
+    kind: Annotated[str, typer.Option(help="edm: a denoiser directory (EDM loss and preconditioning); vp: a DDPMPipeline folder (DDPM epsilon loss, Stable Diffusion's scaled_linear schedule).")] = "edm",
 ) -> None:
-    """Train the class-conditional digits teacher (EDM loss and preconditioning, label dropout for CFG)."""
+    """Train the class-conditional digits teacher (label dropout for CFG): EDM, or VP as a plain DDPMPipeline folder."""
     from . import toy
 
-    guarded(lambda: toy.make_teacher(out, steps=steps, seed=seed, classifier_dir=classifier))
+    def body() -> str:
+        if kind not in ("edm", "vp"):
+            raise InputError(f"--kind {kind!r}: choose edm or vp")
+        return toy.make_teacher(out, steps=steps, seed=seed, classifier_dir=classifier, kind=kind)
+
+    guarded(body)
 
 
 @toy_app.command("report")
@@ -172,7 +178,7 @@ def toy_report_command(
     num_samples: Annotated[int, typer.Option(min=100)] = 2000,
     guidance_scale: Annotated[float, typer.Option()] = 1.0,
 ) -> None:
-    """Measure a teacher's FD-digits and class accuracy at Heun-N against the real digits."""
+    """Measure a teacher's FD-digits and class accuracy at Heun-N (VP teachers: PLMS-N) against the real digits."""
     from . import toy
 
     guarded(lambda: toy.report(teacher, classifier, steps, num_samples, guidance_scale))

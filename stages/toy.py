@@ -22,7 +22,7 @@ from dmd_core.digits import (
 from dmd_core.loading import load_denoiser, save_denoiser
 from dmd_core.metrics import class_accuracy, frechet_distance
 from dmd_core.shards import sample_labels, sample_noise
-from dmd_core.solvers import heun_nfe, teacher_sampler
+from dmd_core.solvers import teacher_sampler
 
 log = logging.getLogger("dmd")
 
@@ -38,40 +38,48 @@ def make_classifier(out: Path, epochs: int = 40, seed: int = 0) -> str:
     return str(out)
 
 
-def make_teacher(out: Path, steps: int = 4000, seed: int = 0, classifier_dir: Path | None = None) -> str:
+def make_teacher(out: Path, steps: int = 4000, seed: int = 0, classifier_dir: Path | None = None, kind: str = "edm") -> str:
+    """EDM: a denoiser directory. VP: a plain diffusers ``DDPMPipeline`` folder, as a diffusers user would have it."""
     cfg = TeacherTraining(steps=steps, seed=seed)
     t0 = time.perf_counter()
-    den, losses = train_toy_teacher(cfg)
-    save_denoiser(den, out)
-    info = {"training": asdict(cfg), "final_loss_mean_last_200": sum(losses[-200:]) / 200, "seconds": round(time.perf_counter() - t0, 1)}
+    den, losses = train_toy_teacher(cfg, kind=kind)
+    if kind == "edm":
+        save_denoiser(den, out)
+    else:
+        from diffusers import DDPMPipeline, DDPMScheduler
+
+        DDPMPipeline(unet=den.unet, scheduler=DDPMScheduler.from_config(den.scheduler_config)).save_pretrained(str(out))
+    info = {"kind": kind, "training": asdict(cfg), "final_loss_mean_last_200": sum(losses[-200:]) / 200, "seconds": round(time.perf_counter() - t0, 1)}
     # Kept beside (not inside) the teacher directory so the teacher's digest covers only the model.
     out.parent.joinpath(f"{out.name}-training.json").write_text(json.dumps(info, indent=2) + "\n")
     if classifier_dir is not None and (classifier_dir / "model.safetensors").is_file():
-        report(out, classifier_dir)
+        report(out, classifier_dir, steps=18 if kind == "edm" else 50)
     return str(out)
 
 
 @torch.no_grad()
 def sample_teacher(teacher_dir: Path, num_samples: int, steps: int = 18, guidance_scale: float = 1.0, seed: int = 1234, batch_size: int = 500):
-    """Class-balanced Heun-N samples of a digits teacher: (images, labels)."""
+    """Class-balanced samples of a digits teacher (Heun-N for EDM, PLMS-N for VP): (images, labels)."""
     den = load_denoiser(teacher_dir)
     idx = range(num_samples)
     z = sample_noise(seed, idx, (1, 8, 8))
     labels = sample_labels(idx, den.num_classes)
-    sampler, _ = teacher_sampler(den, "heun", steps, guidance_scale)
+    sampler, _ = teacher_sampler(den, "heun" if den.param.kind == "edm" else "pndm", steps, guidance_scale)
     out = [sampler(z[s : s + batch_size], labels[s : s + batch_size]) for s in range(0, num_samples, batch_size)]
     return torch.cat(out).clamp(-1, 1), labels
 
 
 def report(teacher_dir: Path, classifier_dir: Path, steps: int = 18, num_samples: int = 2000, guidance_scale: float = 1.0) -> str:
-    """FD-digits (vs all 1,797 real digits) and class accuracy of the teacher at Heun-``steps``."""
+    """FD-digits (vs all 1,797 real digits) and class accuracy of the teacher at Heun-``steps`` (VP: PLMS-``steps``)."""
     clf = DigitsClassifier.load(classifier_dir)
     real, real_labels = load_digits_data()
     fake, labels = sample_teacher(teacher_dir, num_samples, steps, guidance_scale)
+    den = load_denoiser(teacher_dir)
+    solver = "heun" if den.param.kind == "edm" else "pndm"
     result = {
         "teacher": str(teacher_dir),
-        "solver": f"heun-{steps}",
-        "nfe": heun_nfe(steps),
+        "solver": f"{'heun' if solver == 'heun' else 'plms'}-{steps}",
+        "nfe": teacher_sampler(den, solver, steps)[1],
         "guidance_scale": guidance_scale,
         "num_samples": num_samples,
         "fd_digits": frechet_distance(clf, real, fake),

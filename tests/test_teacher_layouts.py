@@ -134,3 +134,27 @@ def test_pairs_equal_plain_diffusers_plms(both, tmp_path, guidance):
             x = sched.step(eps, t, x).prev_sample
     stored = torch.from_numpy(np.stack([s["image.npy"] for s in samples]))
     torch.testing.assert_close(stored, x, rtol=1e-5, atol=1e-5)
+
+
+def test_toy_vp_teacher_is_a_plain_ddpm_pipeline(tmp_path):
+    """`dmd toy teacher --kind vp` writes what a diffusers user has: no denoiser.json, loads as a teacher."""
+    from stages import toy
+
+    out = Path(toy.make_teacher(tmp_path / "teacher-vp", steps=2, kind="vp"))
+    assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "scheduler", "unet"]
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "DDPMPipeline"
+    assert read_parametrization(out) == Parametrization(kind="vp", num_classes=10, null_class=10, prediction_type="epsilon", image_shape=(1, 8, 8))
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert (sched["beta_schedule"], sched["beta_start"], sched["beta_end"]) == ("scaled_linear", 0.00085, 0.012)
+
+
+def test_ddpm_loss_is_its_formula(both):
+    from dmd_core.losses import ddpm_denoising_loss
+
+    den = load_denoiser(both[1])
+    g = torch.Generator().manual_seed(1)
+    x, noise, t, labels = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.randn(4, 1, 8, 8, generator=g), torch.tensor([0, 10, 500, 999]), torch.arange(4)
+    abar = den.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+    with torch.no_grad():
+        eps = den.unet(abar.sqrt() * x + (1 - abar).sqrt() * noise, t, class_labels=labels).sample
+        assert float(ddpm_denoising_loss(den, x, t, noise, labels)) == pytest.approx(float(((eps - noise) ** 2).mean()), rel=1e-6)
