@@ -49,3 +49,13 @@ def test_manifest_digest_ignores_the_config_record():
     other = manifest("x")
     other.files[0].sha256 = "b"
     assert other.digest != manifest("x").digest
+
+
+def test_embedded_vp_config_points_at_the_vp_teacher():
+    from stages.config import DEFAULT_CONFIG
+
+    cfg = load_config(DEFAULT_CONFIG.parent / "digits-vp.yaml")
+    assert cfg.teacher.path == str((DEFAULT_CONFIG.parent / "teacher-vp").resolve())
+    assert (cfg.generate.solver, cfg.generate.steps) == ("pndm", 50)
+    default = load_config()
+    assert cfg.distill == default.distill and cfg.evaluate == default.evaluate  # only the teacher and solver differ
