@@ -246,10 +246,10 @@ def teacher_numbers_dir(ev: Evaluator) -> Path:
     return Path(ev.cfg.store) / "teacher_eval" / ev.p.info["teacher_key"]
 
 
-def teacher_numbers(ev: Evaluator, bar: Bar) -> dict:
+def teacher_numbers(ev: Evaluator, bar: Bar, cached: bool) -> dict:
     """The teacher's FD and accuracy on this protocol: computed once, cached (verified) in <store>/teacher_eval/<key>/."""
     out = teacher_numbers_dir(ev)
-    if cached_side_output(out):
+    if cached:
         log.info("evaluate: teacher numbers from cache %s", out)
         return json.loads((out / "metrics.json").read_text())
     r = ev.measure(ev.teacher_sample, bar, f"teacher ({ev.teacher_nfe} NFE)")
@@ -267,10 +267,10 @@ def evaluate(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.
     timer = Timer()
     torch.set_num_threads(cfg.evaluate.num_threads or max(1, (os.cpu_count() or 1) // world))
     ev = Evaluator(cfg, p, rank, world, device, progress)
-    passes = 1 if verified_manifest(teacher_numbers_dir(ev)) is not None else 2  # the teacher's numbers may be cached
-    bar = progress_bar(STAGE, passes * len(ev.batch_starts()), progress and rank == 0, unit="batch")
+    cached = cached_side_output(teacher_numbers_dir(ev))  # the teacher's numbers may be cached
+    bar = progress_bar(STAGE, (1 if cached else 2) * len(ev.batch_starts()), progress and rank == 0, unit="batch")
     student = ev.measure(ev.student_sample, bar, "student (1 NFE)")
-    teacher = teacher_numbers(ev, bar)
+    teacher = teacher_numbers(ev, bar, cached)
     bar.close()
     if rank != 0:
         return None

@@ -87,8 +87,8 @@ def fixed_inputs(cfg: PipelineConfig, den) -> tuple[torch.Tensor, torch.Tensor |
     return sample_noise(cfg.evaluate.seed, range(n), tuple(den.param.image_shape)), sample_labels(range(n), den.num_classes)
 
 
-def write_onnx(cfg: PipelineConfig, den, out: Path) -> dict:
-    """generator.onnx and its parity with PyTorch (onnxruntime, CPU) on the fixed inputs."""
+def write_onnx(cfg: PipelineConfig, den, out: Path, want: np.ndarray) -> dict:
+    """generator.onnx and its parity with PyTorch (``want``: the generator on the fixed inputs) under onnxruntime, CPU."""
     import onnxruntime
 
     module = OneStepModule(den).eval()
@@ -105,8 +105,6 @@ def write_onnx(cfg: PipelineConfig, den, out: Path) -> dict:
         )  # fmt: skip
     session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     got = session.run(None, {n: a.numpy() for n, a in zip(names, args)})[0]
-    with torch.no_grad():
-        want = module(*args).numpy()
     diff = float(np.abs(got - want).max())
     # relative to the output's scale: a generator whose outputs span [-10, 6] carries larger float error
     rel = diff / max(float(np.abs(want).max()), 1e-12)
@@ -120,25 +118,20 @@ def write_onnx(cfg: PipelineConfig, den, out: Path) -> dict:
     return {"opset": cfg.export.opset, "max_abs_diff": diff, "max_rel_diff": rel, "inputs": len(z), "runtime": f"onnxruntime {onnxruntime.__version__}"}
 
 
-def measured_output_range(cfg: PipelineConfig, den) -> list[float]:
-    """Smallest and largest value the generator outputs on the fixed inputs (the model card states it)."""
+def reference_output(cfg: PipelineConfig, den) -> np.ndarray:
+    """The evaluated generator on the fixed inputs: what ONNX and a fresh process must reproduce."""
     z, labels = fixed_inputs(cfg, den)
     with torch.no_grad():
-        x = one_step(den, den.param, z, labels)
-    return [float(x.min()), float(x.max())]
+        return one_step(den, den.param, z, labels).numpy()
 
 
-def fresh_process_parity(cfg: PipelineConfig, p: Plan, out: Path) -> dict:
-    """Load the export in a new Python process and compare with the evaluated generator, bit for bit."""
-    den = load_denoiser(p.info["generator_dir"])
-    z, labels = fixed_inputs(cfg, den)
-    with torch.no_grad():
-        want = one_step(den, den.param, z, labels).numpy()
+def fresh_process_parity(cfg: PipelineConfig, out: Path, want: np.ndarray) -> dict:
+    """Load the export in a new Python process and compare with ``want``, bit for bit."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "x.npy"
         code = "import sys; from dmd_core.pipeline import sample_to_file; sample_to_file(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])"
         proc = subprocess.run(
-            [sys.executable, "-c", code, str(out), str(cfg.evaluate.seed), str(len(z)), str(result)], capture_output=True, text=True
+            [sys.executable, "-c", code, str(out), str(cfg.evaluate.seed), str(len(want)), str(result)], capture_output=True, text=True
         )
         if proc.returncode != 0:
             raise InputError(f"the export in {out} does not load in a fresh process: {proc.stderr.strip().splitlines()[-1:]}")
@@ -146,12 +139,11 @@ def fresh_process_parity(cfg: PipelineConfig, p: Plan, out: Path) -> dict:
     identical = bool(got.shape == want.shape and np.array_equal(got, want))
     if not identical:
         raise InputError(f"the export in {out} does not reproduce the evaluated generator bit for bit (max diff {np.abs(got - want).max():.3g})")
-    return {"bit_identical": True, "inputs": len(z)}
+    return {"bit_identical": True, "inputs": len(want)}
 
 
 def model_card(cfg: PipelineConfig, em: Manifest, out: Path, info: dict, files: list[FileEntry]) -> str:
     r = em.info["metrics"]
-    den_range = json.loads((out / "one_step.json").read_text())["data_range"]
     pc = em.pipeline_config
     d, g = pc["distill"], pc["generate"]
     fd = "FD-digits" if r["features"] == "digits" else "FID"
@@ -195,7 +187,7 @@ images = pipe(class_labels=[0, 1, 2, 3], seed=0)           # list of PIL images
 
 Without this project, with diffusers only, see `one_step.json` (the recipe) and `generator/`
 (`UNet2DModel.from_pretrained`). ONNX: `generator.onnx`, inputs `noise` (N, {', '.join(map(str, info['image_shape']))}) and
-`class_labels` (N,), output `image` (data range {list(den_range)}; measured on {cfg.export.parity_samples} fixed inputs:
+`class_labels` (N,), output `image` (data range {info['data_range']}; measured on {cfg.export.parity_samples} fixed inputs:
 [{info['output_range'][0]:.3f}, {info['output_range'][1]:.3f}]), opset {info.get('onnx', {}).get('opset', 'n/a')}, max |ONNX - PyTorch| =
 {info.get('onnx', {}).get('max_abs_diff', float('nan')):.2e} (relative to the output's scale
 {info.get('onnx', {}).get('max_rel_diff', float('nan')):.2e}) on {cfg.export.parity_samples} fixed inputs. A fresh Python
@@ -230,11 +222,12 @@ def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool =
         shutil.copytree(gen_dir / "scheduler", out / "generator" / "scheduler", dirs_exist_ok=True)
     write_text_atomic(out / "one_step.json", json.dumps(one_step_spec(den), indent=2) + "\n")
     shutil.copyfile(eval_dir / "grid.png", out / "grid.png")
+    want = reference_output(cfg, den)  # computed once: the card's output range, the ONNX and fresh-process checks
     info: dict = {"evaluation": str(eval_dir), "metrics": em.info["metrics"], "image_shape": list(den.param.image_shape),
-                  "output_range": measured_output_range(cfg, den)}  # fmt: skip
+                  "output_range": [float(want.min()), float(want.max())], "data_range": list(den.param.data_range)}  # fmt: skip
     if cfg.export.onnx:
-        info["onnx"] = write_onnx(cfg, den, out)
-    info["torch_parity"] = fresh_process_parity(cfg, p, out)
+        info["onnx"] = write_onnx(cfg, den, out, want)
+    info["torch_parity"] = fresh_process_parity(cfg, out, want)
     files = [
         file_entry(f).model_copy(update={"name": str(f.relative_to(out))})
         for f in sorted(out.rglob("*"))

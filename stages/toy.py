@@ -58,13 +58,11 @@ def make_teacher(out: Path, steps: int = 4000, seed: int = 0, classifier_dir: Pa
 
 
 @torch.no_grad()
-def sample_teacher(teacher_dir: Path, num_samples: int, steps: int = 18, guidance_scale: float = 1.0, seed: int = 1234, batch_size: int = 500):
-    """Class-balanced samples of a digits teacher (Heun-N for EDM, PLMS-N for VP): (images, labels)."""
-    den = load_denoiser(teacher_dir)
+def sample_teacher(den, sampler, num_samples: int, seed: int = 1234, batch_size: int = 500):
+    """Class-balanced samples of a digits teacher with ``sampler``: (images, labels)."""
     idx = range(num_samples)
     z = sample_noise(seed, idx, (1, 8, 8))
     labels = sample_labels(idx, den.num_classes)
-    sampler, _ = teacher_sampler(den, "heun" if den.param.kind == "edm" else "pndm", steps, guidance_scale)
     out = [sampler(z[s : s + batch_size], labels[s : s + batch_size]) for s in range(0, num_samples, batch_size)]
     return torch.cat(out).clamp(-1, 1), labels
 
@@ -73,13 +71,14 @@ def report(teacher_dir: Path, classifier_dir: Path, steps: int = 18, num_samples
     """FD-digits (vs all 1,797 real digits) and class accuracy of the teacher at Heun-``steps`` (VP: PLMS-``steps``)."""
     clf = DigitsClassifier.load(classifier_dir)
     real, real_labels = load_digits_data()
-    fake, labels = sample_teacher(teacher_dir, num_samples, steps, guidance_scale)
     den = load_denoiser(teacher_dir)
     solver = "heun" if den.param.kind == "edm" else "pndm"
+    sampler, nfe = teacher_sampler(den, solver, steps, guidance_scale)
+    fake, labels = sample_teacher(den, sampler, num_samples)
     result = {
         "teacher": str(teacher_dir),
         "solver": f"{'heun' if solver == 'heun' else 'plms'}-{steps}",
-        "nfe": teacher_sampler(den, solver, steps)[1],
+        "nfe": nfe,
         "guidance_scale": guidance_scale,
         "num_samples": num_samples,
         "fd_digits": frechet_distance(clf, real, fake),

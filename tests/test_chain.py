@@ -91,8 +91,6 @@ def test_changed_in_place_is_caught_only_by_deep(done):
 
 def test_damaged_side_cache_is_recomputed_not_trusted(done):
     cfg, outputs, _ = done
-    from stages import evaluate
-
     teacher_eval = next((Path(load_config(cfg).store) / "teacher_eval").iterdir())
     good = (teacher_eval / "metrics.json").read_text()
     (teacher_eval / "metrics.json").write_text(good.replace('"teacher_fd": ', '"teacher_fd": 1'))
@@ -101,7 +99,6 @@ def test_damaged_side_cache_is_recomputed_not_trusted(done):
     assert (teacher_eval / "metrics.json").read_text() == good
     m = store.read_manifest(Path(proc.stdout.strip().splitlines()[-1]))
     assert m.info["metrics"]["teacher_fd"] == outputs["evaluate"].manifest.info["metrics"]["teacher_fd"]
-    assert evaluate.STAGE == "evaluate"
 
 
 def test_plan_never_runs_a_stage(tmp_path, edm_teacher):
