@@ -18,7 +18,7 @@ import time
 import torch
 from accelerate import Accelerator
 
-from dmd_core.dmd import SampleRNG, one_step
+from dmd_core.dmd import SampleRNG
 from stages import chain, distill
 from stages.config import load_config
 
@@ -52,7 +52,7 @@ def main() -> None:
     sigma = torch.full((B,), 1.0, dtype=torch.float64)
 
     def gen_fwd_bwd():
-        x = one_step(tr.gen, tr.param, torch.cat([z, z_ref]), torch.cat([labels, labels_ref]))
+        x = tr.one_step(tr.gen, torch.cat([z, z_ref]), torch.cat([labels, labels_ref]))
         x.square().mean().backward()
 
     def real_fwd():

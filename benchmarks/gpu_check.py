@@ -18,7 +18,7 @@ import torch
 
 from dmd_core import load_denoiser
 from dmd_core.digits import DigitsClassifier, load_digits_data
-from dmd_core.dmd import one_step
+from dmd_core.dmd import OneStep
 from dmd_core.metrics import class_accuracy, frechet_distance
 from dmd_core.shards import sample_labels, sample_noise
 from stages import distill, generate
@@ -31,7 +31,7 @@ def one_step_quality(gen_dir: Path, n: int = 2000) -> dict:
     G = load_denoiser(gen_dir, dev)
     idx = range(n)
     z, labels = sample_noise(1234, idx, (1, 8, 8)).to(dev), sample_labels(idx, 10).to(dev)
-    x = one_step(G, G.param, z, labels).float().clamp(-1, 1).cpu()
+    x = OneStep.of(G)(G, z, labels).float().clamp(-1, 1).cpu()
     clf = DigitsClassifier.load(DEFAULT_CONFIG.parent / "classifier")
     real, _ = load_digits_data()
     return {"fd_digits": frechet_distance(clf, real, x), "class_accuracy": class_accuracy(clf, x, labels.cpu())}

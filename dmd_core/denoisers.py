@@ -55,6 +55,7 @@ class Parametrization:
     prediction_type: str = "epsilon"  # VP: epsilon | v_prediction | sample
     image_shape: tuple[int, int, int] | None = None  # (C, H, W) of model space
     data_range: tuple[float, float] = (-1.0, 1.0)
+    one_step_timestep: int | None = None  # VP one-step generators: t* of G(z) = x0(z, t*); None = T - 1
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -77,6 +78,9 @@ class Parametrization:
             raise ValueError(f"kind must be 'edm' or 'vp', got {d.get('kind')!r}")
         if d.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)} (diffusers' names), got {d['prediction_type']!r}")
+        t = d.get("one_step_timestep")
+        if t is not None and (d["kind"] != "vp" or not isinstance(t, int) or not 0 < t < 1000):
+            raise ValueError(f"one_step_timestep must be an integer in [1, 999] of a VP model, got {t!r} (kind {d['kind']!r})")
         return cls(**d)
 
 

@@ -55,11 +55,34 @@ def noise_levels(param: Parametrization, t: Tensor, alphas_cumprod: Tensor | Non
     return abar.sqrt(), (1 - abar).sqrt(), t
 
 
-def one_step(generator: Callable, param: Parametrization, z: Tensor, labels: Tensor | None) -> Tensor:
-    """G(z) = mu_theta(sigma_max z, sigma_max, c) for EDM; mu_theta(z, T - 1, c) for VP (docs/math.md §5)."""
-    if param.kind == "edm":
-        return generator(z * param.sigma_max, param.sigma_max, labels)
-    return generator(z, NUM_LEVELS - 1, labels)
+# DMD's own choice for VP generators is T - 1; there x0 = (x - sigma eps) / alpha multiplies any error
+# of the network's eps by sigma/alpha (14.6 for Stable Diffusion's schedule, 157 for DDPM's). The measured
+# default is mid-range (docs/math.md §5 has the numbers).
+VP_GENERATOR_TIMESTEP = 500
+
+
+@dataclass(frozen=True)
+class OneStep:
+    """G(z) = mu_theta(scale * z, level, c): one network evaluation from z ~ N(0, I) (docs/math.md §5).
+
+    EDM: level = scale = sigma_max (x_T = sigma_max z, as the teacher's sampler starts).
+    VP: level = t*, scale = 1 (z itself, as DMD takes x_T = z; a standard DDIM step at t* then
+    reproduces G); t* = the generator's ``one_step_timestep``, T - 1 when unset (DMD's choice).
+    """
+
+    level: float
+    scale: float
+
+    @classmethod
+    def of(cls, den: Denoiser) -> "OneStep":
+        p = den.param
+        if p.kind == "edm":
+            return cls(p.sigma_max, p.sigma_max)
+        return cls(NUM_LEVELS - 1 if p.one_step_timestep is None else p.one_step_timestep, 1.0)
+
+    def __call__(self, generator: Callable, z: Tensor, labels: Tensor | None) -> Tensor:
+        """``generator`` may be wrapped (DDP); this object carries the parametrisation."""
+        return generator(z * self.scale, self.level, labels)
 
 
 def random_labels(rng: SampleRNG, num_classes: int) -> Tensor | None:
@@ -111,14 +134,20 @@ class GeneratorLoss:
     """loss_G = loss_DM(G(z)) + lambda_reg * l(G(z_ref), y_ref) (docs/math.md §5, §6, §8).
 
     Returns (loss_G, {"loss_dm", "loss_reg"} as tensors, x = stopgrad(G(z)) for the fake-score update).
-    G has the teacher's parametrisation (it is initialised from it), so ``real.param`` describes it;
-    ``gen`` itself may be wrapped (DDP) and need not carry one.
+    ``one_step`` is G's parametrisation (default: the teacher's, ``OneStep.of(real)``); ``gen`` itself
+    may be wrapped (DDP) and need not carry one.
     """
 
-    def __init__(self, settings: DMDSettings, regression_loss: Callable[[Tensor, Tensor], Tensor] | None = None):
+    def __init__(
+        self,
+        settings: DMDSettings,
+        regression_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+        one_step: OneStep | None = None,
+    ):
         if settings.regression_weight > 0 and regression_loss is None:
             raise ValueError("regression_weight > 0 needs a regression_loss")
         self.settings = settings
+        self.one_step = one_step
         self.dm = DistributionMatchingLoss(settings)
         self.regression_loss = regression_loss
 
@@ -138,7 +167,7 @@ class GeneratorLoss:
         regress = lam > 0 and z_ref is not None
         # One generator call on both batches, as one forward/backward through G is cheaper than two.
         z_all, labels_all = (torch.cat([z, z_ref]), _cat(labels, labels_ref)) if regress else (z, labels)
-        x_all = one_step(gen, real.param, z_all, labels_all).float()
+        x_all = (self.one_step or OneStep.of(real))(gen, z_all, labels_all).float()
         x, x_reg = x_all[: len(z)], x_all[len(z) :]
         loss_dm = self.dm(x, labels, real, fake, rng)
         loss_reg = self.regression_loss(x_reg, y_ref) if regress else x.new_zeros(())

@@ -8,7 +8,7 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from PIL import Image
 
 from .denoisers import EDMDenoiser, Parametrization, VPDenoiser
-from .dmd import one_step
+from .dmd import OneStep
 from .shards import sample_labels, sample_noise
 
 
@@ -18,9 +18,10 @@ class OneStepModule(torch.nn.Module):
     def __init__(self, denoiser: EDMDenoiser | VPDenoiser):
         super().__init__()
         self.denoiser = denoiser
+        self.one_step = OneStep.of(denoiser)
 
     def forward(self, noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        return one_step(self.denoiser, self.denoiser.param, noise, class_labels)
+        return self.one_step(self.denoiser, noise, class_labels)
 
 
 class OneStepPipeline(DiffusionPipeline):
@@ -41,6 +42,7 @@ class OneStepPipeline(DiffusionPipeline):
         image_shape: list[int] | None = None,
         prediction_type: str = "epsilon",
         alphas_cumprod: list[float] | None = None,
+        one_step_timestep: int | None = None,
     ):
         super().__init__()
         # Frozen, like every loaded denoiser: on CPU, torch picks another linear kernel for weights that
@@ -51,6 +53,7 @@ class OneStepPipeline(DiffusionPipeline):
         self.register_to_config(
             kind=kind, sigma_max=sigma_max, sigma_data=sigma_data, num_classes=num_classes, null_class=null_class,
             image_shape=image_shape, prediction_type=prediction_type, alphas_cumprod=alphas_cumprod,
+            one_step_timestep=one_step_timestep,
         )  # fmt: skip
 
     def denoiser(self) -> EDMDenoiser | VPDenoiser:
@@ -58,6 +61,7 @@ class OneStepPipeline(DiffusionPipeline):
         param = Parametrization(
             kind=c.kind, num_classes=c.num_classes, null_class=c.null_class, sigma_max=c.sigma_max, sigma_data=c.sigma_data,
             prediction_type=c.prediction_type, image_shape=tuple(c.image_shape) if c.image_shape else None,
+            one_step_timestep=c.get("one_step_timestep"),
         )  # fmt: skip
         if c.kind == "edm":
             return EDMDenoiser(self.generator, param)
@@ -84,7 +88,7 @@ class OneStepPipeline(DiffusionPipeline):
             labels = torch.full((n,), self.config.null_class, dtype=torch.long, device=dev)
         if noise is None:
             noise = sample_noise(seed, range(n), tuple(self.config.image_shape))
-        x = one_step(den, den.param, noise.to(dev), labels)
+        x = OneStep.of(den)(den, noise.to(dev), labels)
         if output_type == "pt":
             return x
         array = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dmd_core.dmd import DMDSettings
+from dmd_core.dmd import VP_GENERATOR_TIMESTEP, DMDSettings
 from dmd_core.errors import InputError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,9 @@ class DistillConfig(Section):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the generator (0 = off)")
     t_min: float = Field(DMDSettings.t_min, ge=0, le=1, description="DM timesteps t ~ U[t_min T, t_max T]")
     t_max: float = Field(DMDSettings.t_max, ge=0, le=1, description="t_max = 1 reaches the noisiest level, T - 1")
+    generator_timestep: int | None = Field(
+        None, ge=1, le=999, description=f"VP teachers: t* of G(z) = x0(z, t*) (default {VP_GENERATOR_TIMESTEP}; DMD's is 999)"
+    )
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(500, gt=0, description="steps between checkpoints (the data stream restarts there)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
-from dmd_core.denoisers import Denoiser
-from dmd_core.dmd import DMDSettings, FakeScoreLoss, GeneratorLoss, SampleRNG, one_step, random_labels
+from dmd_core.denoisers import Denoiser, Parametrization
+from dmd_core.dmd import VP_GENERATOR_TIMESTEP, DMDSettings, FakeScoreLoss, GeneratorLoss, OneStep, SampleRNG, random_labels
 from dmd_core.errors import InputError
 from dmd_core.images import save_grid
 from dmd_core.loading import save_denoiser
@@ -69,6 +69,10 @@ def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput) -> Plan:
     if d.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise InputError("distill.mixed_precision=fp16 needs a CUDA GPU. Fix: --set distill.mixed_precision=bf16 (or no) on CPU.")
     check_regression_loss(d)
+    if d.generator_timestep is not None and teacher.param.kind != "vp":
+        raise InputError(
+            "distill.generator_timestep applies to VP teachers; an EDM generator starts at sigma_max. Fix: drop distill.generator_timestep."
+        )
     if d.guidance_scale != 1.0 and teacher.param.num_classes == 0:
         raise InputError("distill.guidance_scale != 1 needs a class-conditional teacher. Fix: --set distill.guidance_scale=1")
     pm = pairs.manifest
@@ -101,6 +105,13 @@ def dmd_settings(d: DistillConfig) -> DMDSettings:
     return DMDSettings(**{f.name: getattr(d, f.name) for f in dataclasses.fields(DMDSettings)})
 
 
+def generator_parametrization(d: DistillConfig, teacher: Parametrization) -> Parametrization:
+    """The teacher's, plus (VP) the timestep t* the one-step generator is conditioned on (docs/math.md §5)."""
+    if teacher.kind != "vp":
+        return teacher
+    return dataclasses.replace(teacher, one_step_timestep=d.generator_timestep or VP_GENERATOR_TIMESTEP)
+
+
 class Trainer:
     """Holds the networks, optimizers and data of one distill run; ``step()`` is one DMD iteration."""
 
@@ -110,7 +121,8 @@ class Trainer:
         dev = accelerator.device
         self.real: Denoiser = p.teacher().load(dev)  # frozen teacher, loaded once
         gen, fake = copy.deepcopy(self.real), copy.deepcopy(self.real)  # theta, phi <- teacher
-        self.param = gen.param
+        gen.param = generator_parametrization(d, self.real.param)
+        self.one_step = OneStep.of(gen)
         self.shape = tuple(p.info["image_shape"])
         self.num_classes = gen.num_classes
         for net in (gen, fake):
@@ -122,7 +134,7 @@ class Trainer:
         reg_loss = regression_loss_fn(d) if d.regression_weight > 0 else None
         if isinstance(reg_loss, torch.nn.Module):
             reg_loss.to(dev)
-        self.gen_loss = GeneratorLoss(dmd_settings(d), reg_loss)
+        self.gen_loss = GeneratorLoss(dmd_settings(d), reg_loss, self.one_step)
         self.fake_loss = FakeScoreLoss.for_teacher(self.real)
         self.urls = [str(Path(p.inputs["pairs"]) / shard_name(i)) for i in range(p.info["num_shards"])]
         self.data = None
@@ -197,7 +209,7 @@ class Trainer:
                     z = rng.randn(self.shape)
                     labels = random_labels(rng, self.num_classes)
                     with torch.no_grad(), acc.autocast():
-                        x = one_step(self.gen, self.param, z, labels).float()
+                        x = self.one_step(self.gen, z, labels).float()
                 sync = acc.no_sync(self.fake) if m < A - 1 else nullcontext()
                 with sync, acc.autocast():
                     loss_f = self.fake_loss(self.fake, x, labels, rng)
@@ -236,7 +248,7 @@ class Trainer:
         labels = torch.arange(n, device=self.acc.device) % C if C else None
         gen = self.unwrap(self.gen)
         with self.acc.autocast():
-            x = one_step(gen, self.param, z, labels).float()
+            x = self.one_step(gen, z, labels).float()
         save_grid(x, path, nrow=C or 8)
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from dmd_core.denoisers import Denoiser
 from dmd_core.digits import DigitsClassifier, load_digits_data
-from dmd_core.dmd import one_step
+from dmd_core.dmd import OneStep
 from dmd_core.errors import InputError
 from dmd_core.images import grid_image
 from dmd_core.loading import load_denoiser
@@ -144,12 +144,13 @@ class Evaluator:
         self.teacher: Denoiser = p.teacher().load(device)
         g = cfg.generate
         self.teacher_sample, self.teacher_nfe = teacher_sampler(self.teacher, g.solver, teacher_steps(cfg), g.guidance_scale)
+        self.one_step = OneStep.of(self.student)
         self.shape = model_shape(self.student)
         self.num_classes = self.student.num_classes
 
     # samplers: (z, labels) -> images in model space
     def student_sample(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return one_step(self.student, self.student.param, z, labels)
+        return self.one_step(self.student, z, labels)
 
     def reference(self) -> tuple[np.ndarray, np.ndarray, int]:
         """Reference statistics, computed once per (dataset, features) and cached (verified) in the store."""

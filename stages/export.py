@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from dmd_core.denoisers import VPDenoiser
-from dmd_core.dmd import NUM_LEVELS, one_step
+from dmd_core.dmd import OneStep
 from dmd_core.errors import InputError
 from dmd_core.loading import PARAM_FILE, load_denoiser
 from dmd_core.pipeline import OneStepModule, OneStepPipeline
@@ -65,9 +65,10 @@ def one_step_spec(den) -> dict:
                     recipe="x = c_skip*(sigma_max*z) + c_out*UNet(c_in*(sigma_max*z), ln(sigma_max)/4, class); "
                            "c_skip = sd^2/(s^2+sd^2), c_out = s*sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2), s = sigma_max, sd = sigma_data")  # fmt: skip
     else:
-        abar = float(den.alphas_cumprod[NUM_LEVELS - 1])
-        spec.update(timestep=NUM_LEVELS - 1, alpha=abar**0.5, sigma=(1 - abar) ** 0.5, prediction_type=p.prediction_type,
-                    recipe="x_T = z; out = UNet(z, T-1, class); x0 = (z - sigma*out)/alpha (epsilon), alpha*z - sigma*out (v_prediction), out (sample)")  # fmt: skip
+        g = OneStep.of(den)
+        abar = float(den.alphas_cumprod[g.level])
+        spec.update(timestep=g.level, alpha=abar**0.5, sigma=(1 - abar) ** 0.5, input_scale=g.scale, prediction_type=p.prediction_type,
+                    recipe="x = input_scale*z (= z); out = UNet(x, timestep, class); x0 = (x - sigma*out)/alpha (epsilon), alpha*x - sigma*out (v_prediction), out (sample)")  # fmt: skip
     return spec
 
 
@@ -77,7 +78,7 @@ def pipeline_for(den) -> OneStepPipeline:
     return OneStepPipeline(
         den.unet, kind=p.kind, sigma_max=p.sigma_max, sigma_data=p.sigma_data, num_classes=p.num_classes,
         null_class=p.null_class, image_shape=list(p.image_shape) if p.image_shape else None,
-        prediction_type=p.prediction_type, alphas_cumprod=abar,
+        prediction_type=p.prediction_type, alphas_cumprod=abar, one_step_timestep=p.one_step_timestep,
     )  # fmt: skip
 
 
@@ -122,7 +123,7 @@ def reference_output(cfg: PipelineConfig, den) -> np.ndarray:
     """The evaluated generator on the fixed inputs: what ONNX and a fresh process must reproduce."""
     z, labels = fixed_inputs(cfg, den)
     with torch.no_grad():
-        return one_step(den, den.param, z, labels).numpy()
+        return OneStep.of(den)(den, z, labels).numpy()
 
 
 def fresh_process_parity(cfg: PipelineConfig, out: Path, want: np.ndarray) -> dict:

@@ -103,7 +103,7 @@ STAGES: tuple[StageSpec, ...] = (
     ),
     StageSpec(
         name="distill",
-        code_version="distill/1",
+        code_version="distill/2",
         upstream="generate",
         summary="DMD training on Accelerate (distribution matching + regression), checkpoints, metrics",
         help="""Train the one-step generator with DMD (distribution matching + regression), on Accelerate.
@@ -133,7 +133,7 @@ STAGES: tuple[StageSpec, ...] = (
     ),
     StageSpec(
         name="export",
-        code_version="export/1",
+        code_version="export/2",
         upstream="evaluate",
         summary="diffusers layout, `OneStepPipeline`, ONNX with parity check, model card",
         help="""Write the one-step generator for others: diffusers layout, OneStepPipeline, ONNX, model card.

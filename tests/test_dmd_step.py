@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, make_edm_teacher
 from dmd_core import load_denoiser
-from dmd_core.dmd import DistributionMatchingLoss, DMDSettings, FakeScoreLoss, GeneratorLoss, SampleRNG, one_step, random_labels
+from dmd_core.dmd import DistributionMatchingLoss, DMDSettings, FakeScoreLoss, GeneratorLoss, OneStep, SampleRNG, random_labels
 from dmd_core.losses import pseudo_huber_loss
 
 TEACHER = ROOT / "data" / "teacher"
@@ -136,8 +136,8 @@ def test_generator_loss_is_dm_plus_weighted_regression(tiny):
     settings = DMDSettings(regression_weight=0.7)
     loss_g, terms, x = GeneratorLoss(settings, pseudo_huber_loss)(gen, real, fake, z, labels, rng, z_ref, y_ref, labels_ref)
     # the same pieces, computed one by one with the same draws
-    x_alone = one_step(gen, real.param, z, labels)
-    x_reg = one_step(gen, real.param, z_ref, labels_ref)
+    x_alone = OneStep.of(real)(gen, z, labels)
+    x_reg = OneStep.of(real)(gen, z_ref, labels_ref)
     _, _, replay, _ = _batch(step=1)  # an rng that has drawn z and labels, as rng had
     loss_dm = DistributionMatchingLoss(settings)(x_alone, labels, real, fake, replay)
     loss_reg = pseudo_huber_loss(x_reg, y_ref)

@@ -119,7 +119,6 @@ def test_metrics_json_has_the_headline_keys(tiny):
 def test_student_numbers_equal_an_independent_computation(tiny):
     """FD against scipy on separately extracted float64 features; accuracy counted by hand; same batches."""
     from dmd_core.digits import DigitsClassifier, load_digits_data
-    from dmd_core.dmd import one_step
     from dmd_core.loading import load_denoiser
     from dmd_core.shards import sample_labels, sample_noise
 
@@ -133,7 +132,8 @@ def test_student_numbers_equal_an_independent_computation(tiny):
         for s in range(0, e.num_samples, e.batch_size):
             idx = range(s, s + e.batch_size)
             labels = sample_labels(idx, 10)
-            x = one_step(gen, gen.param, sample_noise(e.seed, idx, (1, 8, 8)), labels).float().clamp(-1, 1)
+            s_max = gen.param.sigma_max  # EDM: G(z) = D(sigma_max z; sigma_max)
+            x = gen(s_max * sample_noise(e.seed, idx, (1, 8, 8)), s_max, labels).float().clamp(-1, 1)
             correct += int((clf(x).argmax(1) == labels).sum())
             fake.append(clf64.features(x.double()).numpy())
         real = clf64.features(load_digits_data()[0].double()).numpy()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -14,7 +15,7 @@ import torch
 
 from conftest import ROOT, write_config
 from dmd_core import load_denoiser
-from dmd_core.dmd import one_step
+from dmd_core.dmd import OneStep
 from dmd_core.errors import InputError
 from dmd_core.shards import sample_labels, sample_noise
 from stages import export
@@ -62,7 +63,7 @@ def test_fresh_process_reproduces_evaluated_images_bit_for_bit(exported, tmp_pat
     assert Path(evaluation_info(m)["generator_dir"]).name == "generator_ema"
     z, labels = sample_noise(c.evaluate.seed, range(16), (1, 8, 8)), sample_labels(range(16), 10)
     with torch.no_grad():
-        want = one_step(den, den.param, z, labels).numpy()
+        want = OneStep.of(den)(den, z, labels).numpy()
     result = tmp_path / "x.npy"
     code = "import sys; from dmd_core.pipeline import sample_to_file; sample_to_file(sys.argv[1], int(sys.argv[2]), 16, sys.argv[3])"
     subprocess.run([sys.executable, "-c", code, str(out), str(c.evaluate.seed), str(result)], check=True, cwd=ROOT)
@@ -78,7 +79,7 @@ def test_onnx_matches_pytorch(exported):
     z, labels = torch.randn(5, 1, 8, 8, generator=g), torch.tensor([0, 3, 5, 9, 10])  # 10: the null class
     got = onnxruntime.InferenceSession(str(out / "generator.onnx")).run(None, {"noise": z.numpy(), "class_labels": labels.numpy()})[0]
     with torch.no_grad():
-        want = one_step(den, den.param, z, labels).numpy()
+        want = OneStep.of(den)(den, z, labels).numpy()
     assert np.abs(got - want).max() <= 1e-4
 
 
@@ -99,7 +100,7 @@ def test_readme_recipe_without_the_project(exported):
 
     cfg, out, m = exported
     readme = (ROOT / "README.md").read_text()
-    code = re.search(r"```python\n(# Without dmd-pipeline.*?)```", readme, re.S).group(1)
+    code = re.search(r"```python\n(# Without dmd-pipeline:.*?)```", readme, re.S).group(1)
     scope: dict = {}
     exec(code.replace("EXPORT_DIR", str(out)), scope)
     pipe = OneStepPipeline.from_pretrained(str(out))
@@ -119,16 +120,31 @@ def test_onnx_parity_failure_is_refused(exported, tmp_path):
     assert not (bad / "generator.onnx").exists() and not (bad / "manifest.json").exists()
 
 
-def test_one_step_json_lets_plain_diffusers_reproduce_a_vp_generator(vp_teacher):
-    """alpha and sigma of the generator's timestep are in one_step.json: x0 = (z - sigma * UNet(z, T-1)) / alpha."""
-    from dmd_core.dmd import one_step
-
+@pytest.mark.parametrize("timestep", [None, 500])
+def test_one_step_json_lets_plain_diffusers_reproduce_a_vp_generator(vp_teacher, timestep, tmp_path):
+    """one_step.json's recipe by hand: x0 = (z - sigma * UNet(z, t*)) / alpha, alpha and sigma at t* (T-1 if unset)."""
     den = load_denoiser(vp_teacher)
+    den.param = dataclasses.replace(den.param, one_step_timestep=timestep)
     spec = export.one_step_spec(den)
-    abar = float(den.alphas_cumprod[999])
-    assert spec["timestep"] == 999 and spec["alpha"] == pytest.approx(abar**0.5, rel=1e-12) and spec["sigma"] == pytest.approx((1 - abar) ** 0.5, rel=1e-12)
+    t = timestep or 999
+    abar = float(den.alphas_cumprod[t])
+    assert spec["timestep"] == t and spec["alpha"] == pytest.approx(abar**0.5, rel=1e-12) and spec["sigma"] == pytest.approx((1 - abar) ** 0.5, rel=1e-12)
+    assert spec["input_scale"] == 1.0
     z, labels = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.arange(4)
     with torch.no_grad():
-        eps = den.unet(z, torch.full((4,), spec["timestep"]), class_labels=labels).sample
-        want = one_step(den, den.param, z, labels)
-    assert torch.allclose((z - spec["sigma"] * eps) / spec["alpha"], want, atol=1e-5 * float(want.abs().max()))
+        x = z
+        eps = den.unet(x, torch.full((4,), spec["timestep"]), class_labels=labels).sample
+        want = OneStep.of(den)(den, z, labels)
+        pipe = export.pipeline_for(den)
+        got_pipe = pipe(class_labels=labels, noise=z, output_type="pt")
+    assert torch.allclose((x - spec["sigma"] * eps) / spec["alpha"], want, atol=1e-5 * float(want.abs().max()))
+    assert pipe.config.one_step_timestep == timestep and torch.equal(got_pipe, want)
+    # the README's VP recipe on this generator saved as an export (pipeline + one_step.json)
+    pipe.save_pretrained(str(tmp_path))
+    (tmp_path / "one_step.json").write_text(json.dumps(spec))
+    code = re.search(r"```python\n(# Without dmd-pipeline, VP.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    scope: dict = {}
+    exec(code.replace("EXPORT_DIR", str(tmp_path)), scope)
+    with torch.no_grad():
+        want = OneStep.of(den)(den, scope["z"], scope["labels"])
+    assert torch.allclose(scope["image"], want.float(), atol=1e-5 * float(want.abs().max()))
