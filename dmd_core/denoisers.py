@@ -55,6 +55,7 @@ class Parametrization:
     prediction_type: str = "epsilon"  # VP: epsilon | v_prediction | sample
     image_shape: tuple[int, int, int] | None = None  # (C, H, W) of model space
     data_range: tuple[float, float] = (-1.0, 1.0)
+    text_conditioned: bool = False  # UNet2DConditionModel on prompt embeddings (Stable Diffusion layout)
     one_step_timestep: int | None = None  # VP one-step generators: t* of G(z) = x0(z, t*); None = T - 1
 
     def to_dict(self) -> dict:
@@ -85,20 +86,35 @@ class Parametrization:
 
 
 class Denoiser(nn.Module):
-    """Shared CFG logic; subclasses implement ``_x0(x, level, class_labels, **cond)``."""
+    """Shared CFG logic; subclasses implement ``_x0(x, level, class_labels, **cond)``.
+
+    Text-conditioned models take prompt indices as their labels: index i is row i of the prompt table
+    (``set_prompts``), whose last row, the empty prompt, is the "null class" of CFG (dmd_core.text).
+    """
 
     def __init__(self, unet: nn.Module, param: Parametrization):
         super().__init__()
         self.unet = unet
         self.param = param
+        self.register_buffer("prompt_table", None, persistent=False)
+
+    def set_prompts(self, table: Tensor) -> None:
+        """(N + 1, L, D) prompt embeddings, the empty prompt's last; labels then index its rows."""
+        if not self.param.text_conditioned:
+            raise ValueError("set_prompts: this denoiser is not text-conditioned")
+        self.register_buffer("prompt_table", table.detach(), persistent=False)
 
     @property
     def num_classes(self) -> int:
+        if self.param.text_conditioned:
+            if self.prompt_table is None:
+                raise ValueError("a text-conditioned denoiser needs its prompts first (set_prompts)")
+            return len(self.prompt_table) - 1
         return self.param.num_classes
 
     @property
     def null_class(self) -> int | None:
-        return self.param.null_class
+        return self.num_classes if self.param.text_conditioned else self.param.null_class
 
     @property
     def dtype(self) -> torch.dtype:
@@ -138,7 +154,9 @@ class Denoiser(nn.Module):
 
     def _unet(self, x: Tensor, t: Tensor, labels: Tensor | None, **cond) -> Tensor:
         kwargs = dict(cond)
-        if labels is not None:
+        if self.param.text_conditioned:
+            kwargs["encoder_hidden_states"] = self.prompt_table[labels].to(self.dtype)
+        elif labels is not None:
             kwargs["class_labels"] = labels
         return self.unet(x.to(self.dtype), t, **kwargs, return_dict=False)[0]
 

@@ -117,6 +117,64 @@ def is_pipeline_folder(model_dir: Path) -> bool:
     return (Path(model_dir) / PIPELINE_INDEX).is_file()
 
 
+TEXT_PARTS = ("text_encoder", "tokenizer", "vae")
+
+
+def is_text_pipeline(root: Path, index: dict) -> bool:
+    """A Stable-Diffusion-style folder: a text encoder, its tokenizer and a VAE beside unet/ and scheduler/."""
+    named = [part for part in TEXT_PARTS if index.get(part) and index[part][0] is not None]
+    if not named:
+        return False
+    missing = [part for part in TEXT_PARTS if part not in named or not (root / part).is_dir()]
+    if missing:
+        raise InputError(
+            f"{root} is a text-to-image pipeline folder without {', '.join(p + '/' for p in missing)}. Fix: save the whole "
+            "pipeline (StableDiffusionPipeline.save_pretrained writes unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
+        )
+    return True
+
+
+def load_prompt_encoder(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """The pipeline's own tokenizer and text encoder (frozen) as a ``dmd_core.text.PromptEncoder``."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .text import PromptEncoder
+
+    hf_logging.disable_progress_bar()  # a bar per small file load: noise in every stage's log
+
+    root = resolve_model_dir(path)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+        encoder = CLIPTextModel.from_pretrained(str(root / "text_encoder"), local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise InputError(f"the text encoder or tokenizer in {root} does not load: {str(e).splitlines()[0]}") from None
+    return PromptEncoder(tokenizer, encoder.requires_grad_(False).eval().to(device))
+
+
+def latent_decoder(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """latents in model space -> images: ``vae.decode(latents / scaling_factor)`` (differentiable)."""
+    vae = load_vae(path, device)
+    scale = vae.config.scaling_factor
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return vae.decode((latents / scale).to(vae.dtype)).sample.float()
+
+    return decode
+
+
+def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """The pipeline's AutoencoderKL (frozen); ``vae.config.scaling_factor`` maps its latents to model space."""
+    from diffusers import AutoencoderKL
+
+    root = resolve_model_dir(path)
+    try:
+        vae = AutoencoderKL.from_pretrained(str(root / "vae"), local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise InputError(f"the VAE in {root}/vae does not load: {str(e).splitlines()[0]}") from None
+    return vae.requires_grad_(False).eval().to(device)
+
+
 def _parametrization(raw: dict, where: Path) -> Parametrization:
     try:
         return Parametrization.from_dict(raw)
@@ -137,11 +195,13 @@ def _pipeline_parametrization(root: Path) -> Parametrization:
     sched_path = root / "scheduler" / "scheduler_config.json"
     prediction = _read_json(sched_path, "scheduler config").get("prediction_type", "epsilon")
     embeds = unet_cfg.get("num_class_embeds")
+    text = is_text_pipeline(root, index)
     derived = {
         "kind": "vp",
         "prediction_type": prediction,
-        "num_classes": embeds - 1 if embeds else 0,  # the last embedding is the null class (label dropout)
-        "null_class": embeds - 1 if embeds else None,
+        "num_classes": embeds - 1 if embeds and not text else 0,  # the last embedding is the null class (label dropout)
+        "null_class": embeds - 1 if embeds and not text else None,
+        "text_conditioned": text,
     }
     override = root / PARAM_FILE
     if override.is_file():

@@ -119,3 +119,26 @@ class LPIPSLoss(torch.nn.Module):
             x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
             y = torch.nn.functional.interpolate(y, size=(224, 224), mode="bilinear", align_corners=False)
         return self.lpips(x, y).mean()
+
+
+class DecodedLoss(torch.nn.Module):
+    """l(decode(x), decode(y)) for latent models: the regression on images, through the frozen decoder.
+
+    DMD's Stable Diffusion regression is LPIPS on VAE-decoded images; the gradient reaches the latents
+    through the decoder (its weights stay frozen). ``size``: resize the decoded images first (bilinear,
+    antialiased), which bounds the memory of both the decoder's backward and LPIPS (docs/math.md §8).
+    """
+
+    def __init__(self, loss: torch.nn.Module, decode, size: int | None = None):
+        super().__init__()
+        self.loss, self.decode, self.size = loss, decode, size
+
+    def _resize(self, x: Tensor) -> Tensor:
+        if self.size is None or x.shape[-1] == self.size:
+            return x
+        return torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        with torch.no_grad():
+            target = self._resize(self.decode(y))
+        return self.loss(self._resize(self.decode(x)), target)

@@ -108,3 +108,42 @@ def sample_to_file(export_dir: str, seed: int, n: int, out_file: str) -> None:
     labels = sample_labels(range(n), c.num_classes)
     x = pipe(class_labels=labels, num_images=n, noise=sample_noise(seed, range(n), tuple(c.image_shape)), output_type="pt")
     np.save(out_file, x.cpu().numpy(), allow_pickle=False)
+
+
+def one_step_scheduler(scheduler_config: dict, timestep: int):
+    """A diffusers DDIM scheduler whose single step at ``timestep`` (t*) is the one-step generator's x0 map.
+
+    The schedule is cut after t*: ``trained_betas`` = the teacher's first t* + 1 betas (so alpha_t is
+    unchanged up to t*), and ``timestep_spacing="trailing"`` makes t* the only timestep of one inference
+    step. ``set_alpha_to_one`` makes the step's target alpha = 1, so DDIM (eta 0) returns its x0
+    prediction ``(z - sigma_t* eps) / alpha_t*`` unclipped: exactly G(z) (docs/math.md §5). (Stable
+    Diffusion pipelines reset any ``steps_offset`` other than 1, so "leading" spacing cannot do this.)
+    """
+    from diffusers import DDIMScheduler
+
+    keep = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    betas = DDIMScheduler.from_config(keep).betas[: int(timestep) + 1].tolist()
+    return DDIMScheduler.from_config({
+        **keep, "num_train_timesteps": len(betas), "trained_betas": betas, "rescale_betas_zero_snr": False,
+        "timestep_spacing": "trailing", "steps_offset": 1, "set_alpha_to_one": True, "clip_sample": False, "thresholding": False,
+    })  # fmt: skip
+
+
+def stable_diffusion_latents_to_file(export_dir: str, prompts_json: str, seed: int, out_file: str) -> None:
+    """Plain diffusers: ``StableDiffusionPipeline.from_pretrained(export)(prompts, num_inference_steps=1,
+    guidance_scale=1, latents=z)`` latents for noise (seed, i), written to ``out_file`` (.npy).
+
+    Run in a fresh process by the export stage's parity check.
+    """
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(export_dir)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = json.loads(open(prompts_json).read())
+    u = pipe.unet.config
+    z = sample_noise(seed, range(len(prompts)), (u.in_channels, u.sample_size, u.sample_size))
+    with torch.no_grad():
+        out = pipe(prompts, latents=z, num_inference_steps=1, guidance_scale=1.0, output_type="latent").images
+    np.save(out_file, out.cpu().numpy(), allow_pickle=False)

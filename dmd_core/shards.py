@@ -1,7 +1,8 @@
 """Pair shards: WebDataset tar files of (noise, image, class) written reproducibly.
 
 Shard ``i`` holds global indices [i*K, (i+1)*K); the sample key is the zero-padded global index;
-members are ``noise.npy``, ``image.npy`` and ``cls.txt`` (conditional models). Tar members carry
+members are ``noise.npy``, ``image.npy``, ``cls.txt`` (conditional models: the class, or for
+text-to-image teachers the prompt's index) and ``prompt.txt`` (text-to-image only). Tar members carry
 mtime 0 and fixed owner and mode, so the same samples give byte-identical shards.
 """
 
@@ -49,8 +50,10 @@ def sample_labels(indices: range | list[int], num_classes: int) -> torch.Tensor 
     return torch.tensor([i % num_classes for i in indices], dtype=torch.long)
 
 
-def write_shard(path: str | Path, indices: range, noise: np.ndarray, image: np.ndarray, labels: np.ndarray | None) -> None:
-    """Write one tar shard (to ``path`` as given; the caller renames it into place)."""
+def write_shard(
+    path: str | Path, indices: range, noise: np.ndarray, image: np.ndarray, labels: np.ndarray | None, prompts: list[str] | None = None
+) -> None:
+    """Write one tar shard (to ``path`` as given; the caller renames it into place); ``prompts``: the list labels index."""
     with open(path, "wb") as f:
         # mtime 0 and fixed user/mode: rebuilt shards are byte-identical.
         # Members are encoded here (np.save with allow_pickle=False), so no pickle can enter a shard.
@@ -59,6 +62,8 @@ def write_shard(path: str | Path, indices: range, noise: np.ndarray, image: np.n
                 sample = {"__key__": f"{idx:0{KEY_DIGITS}d}", "noise.npy": npy_bytes(noise[j]), "image.npy": npy_bytes(image[j])}
                 if labels is not None:
                     sample["cls.txt"] = str(int(labels[j])).encode()
+                if prompts is not None:
+                    sample["prompt.txt"] = prompts[int(labels[j])].encode()
                 sink.write(sample)
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 from dmd_core.denoisers import Denoiser, Parametrization
 from dmd_core.errors import InputError
-from dmd_core.loading import load_denoiser, read_parametrization, resolve_model_dir
+from dmd_core.loading import latent_decoder, load_denoiser, load_prompt_encoder, load_vae, read_parametrization, resolve_model_dir
 
 from .config import PipelineConfig, dump_config
 from .registry import STAGES, StageSpec, spec
@@ -30,9 +30,19 @@ class Teacher:
     digest: str
     param: Parametrization
 
-    def load(self, device="cpu") -> Denoiser:
-        """The weights, loaded when a stage is about to use them (a bad file fails here, named)."""
-        return load_denoiser(self.path, device)
+    def load(self, device="cpu", prompts: list[str] | None = None) -> Denoiser:
+        """The weights, loaded when a stage is about to use them (a bad file fails here, named).
+
+        A text-to-image teacher gets the prompt table of ``prompts`` from its own text encoder.
+        """
+        den = load_denoiser(self.path, device)
+        if self.param.text_conditioned and prompts is not None:
+            den.set_prompts(load_prompt_encoder(self.path, device).table(prompts))
+        return den
+
+    def pixel_decoder(self, device="cpu") -> Callable:
+        """Model space -> pixels: the pipeline's VAE decoder for latent (text-to-image) teachers, else identity."""
+        return latent_decoder(self.path, device) if self.param.text_conditioned else (lambda x: x)
 
 
 def resolve_teacher(cfg: PipelineConfig) -> Teacher:
@@ -43,6 +53,8 @@ def resolve_teacher(cfg: PipelineConfig) -> Teacher:
     marker = Path(cfg.store) / DIGESTS / f"loads-{teacher.digest}"
     if not marker.is_file():
         teacher.load()  # raises an InputError naming the file and the fix
+        if teacher.param.text_conditioned:
+            load_prompt_encoder(path), load_vae(path)
         try:
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.touch()

@@ -36,6 +36,8 @@ class GenerateConfig(Section):
     seed: int = Field(0, ge=0, description="noise of sample i is seeded by (seed, i)")
     dtype: Literal["float16", "float32"] = Field("float32", description="storage dtype of noise.npy and image.npy")
     guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance of the teacher (1 = none)")
+    prompts: str | None = Field(None, description="text-to-image teachers: a .parquet or text file of prompts; pair i uses prompt i mod N")
+    prompt_column: str = Field("prompt", description="the prompt column of a Parquet prompt file")
     num_threads: int | None = Field(
         None, gt=0, description="torch threads per process (default: cores / processes); not part of the cache key"
     )
@@ -53,6 +55,9 @@ class DistillConfig(Section):
     regression_loss: Literal["lpips", "pseudo_huber", "l2"] = Field("lpips", description="l in loss_reg = l(G(z_ref), y_ref)")
     regression_weight: float = Field(DMDSettings.regression_weight, ge=0, description="lambda_reg")
     lpips_net: Literal["vgg", "alex"] = Field("vgg", description="LPIPS backbone (weights from the torch hub cache)")
+    lpips_resolution: int | None = Field(
+        None, gt=0, description="latent teachers: resize the VAE-decoded images to this size before LPIPS (less memory)"
+    )
     guidance_scale: float = Field(DMDSettings.guidance_scale, ge=0, description="classifier-free guidance of the real score")
     fake_updates_per_generator_update: int = Field(1, ge=1, description="fake-score steps per generator step (DMD2: 5)")
     generator_optimizer: OptimizerConfig = OptimizerConfig()
@@ -66,6 +71,10 @@ class DistillConfig(Section):
     def _yaml_no(cls, v):
         return "no" if v is False else v  # YAML 1.1 reads an unquoted `no` as false
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    gradient_checkpointing: bool = Field(False, description="recompute the generator's and fake score's activations in backward (less memory)")
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the frozen real score's weights (the prompt table is computed once); float16 needs a GPU"
+    )
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the generator (0 = off)")
     t_min: float = Field(DMDSettings.t_min, ge=0, le=1, description="DM timesteps t ~ U[t_min T, t_max T]")
     t_max: float = Field(DMDSettings.t_max, ge=0, le=1, description="t_max = 1 reaches the noisiest level, T - 1")
@@ -97,6 +106,9 @@ class EvaluateConfig(Section):
     speed_batch_size: int = Field(256, gt=0, description="batch for the images/s comparison")
     speed_repeats: int = Field(3, gt=0, description="timed repeats per sampler (after one warm-up)")
     distill: str | None = Field(None, description="a distill output dir; default: the one this config makes")
+    prompts: str | None = Field(None, description="text-to-image teachers: held-out prompts (.parquet or text); sample i uses prompt i mod N")
+    prompt_column: str = Field("prompt", description="the prompt column of a Parquet prompt file")
+    prompt_labels: str | None = Field(None, description="a Parquet column with each prompt's class (e.g. the digit it names), for the accuracy")
     num_threads: int | None = Field(None, gt=0, description="torch threads per process; not part of the cache key")
 
 
@@ -126,7 +138,10 @@ def _format_validation(e: ValidationError) -> str:
 
 
 # (section, key) of config values that are paths, resolved against the config file's directory.
-RELATIVE_PATHS = [("teacher", "path"), ("evaluate", "classifier"), ("evaluate", "inception_weights"), ("evaluate", "reference")]
+RELATIVE_PATHS = [
+    ("teacher", "path"), ("generate", "prompts"), ("evaluate", "prompts"),
+    ("evaluate", "classifier"), ("evaluate", "inception_weights"), ("evaluate", "reference"),
+]  # fmt: skip
 YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
 
 

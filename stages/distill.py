@@ -28,12 +28,13 @@ from dmd_core.dmd import VP_GENERATOR_TIMESTEP, DMDSettings, FakeScoreLoss, Gene
 from dmd_core.errors import InputError
 from dmd_core.images import save_grid
 from dmd_core.loading import save_denoiser
-from dmd_core.losses import LPIPSLoss, l2_loss, pseudo_huber_loss
+from dmd_core.losses import DecodedLoss, LPIPSLoss, l2_loss, pseudo_huber_loss
 from dmd_core.shards import pair_stream, sample_seed, shard_name
 
 from . import chain
 from .chain import Plan, Teacher
 from .config import DistillConfig, PipelineConfig
+from .generate import pair_prompts
 from .launch import launch_plan
 from .progress import progress_bar
 from .registry import spec
@@ -66,6 +67,8 @@ def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput) -> Plan:
     d = cfg.distill
     if d.t_min >= d.t_max:
         raise InputError(f"distill.t_min ({d.t_min}) must be below distill.t_max ({d.t_max})")
+    if d.frozen_dtype == "float16" and not torch.cuda.is_available():
+        raise InputError("distill.frozen_dtype=float16 needs a CUDA GPU. Fix: --set distill.frozen_dtype=bfloat16 (or float32) on CPU.")
     if d.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise InputError("distill.mixed_precision=fp16 needs a CUDA GPU. Fix: --set distill.mixed_precision=bf16 (or no) on CPU.")
     check_regression_loss(d)
@@ -73,7 +76,7 @@ def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput) -> Plan:
         raise InputError(
             "distill.generator_timestep applies to VP teachers; an EDM generator starts at sigma_max. Fix: drop distill.generator_timestep."
         )
-    if d.guidance_scale != 1.0 and teacher.param.num_classes == 0:
+    if d.guidance_scale != 1.0 and teacher.param.num_classes == 0 and not teacher.param.text_conditioned:
         raise InputError("distill.guidance_scale != 1 needs a class-conditional teacher. Fix: --set distill.guidance_scale=1")
     pm = pairs.manifest
     if pm.upstream.get("teacher") != teacher.digest:
@@ -119,12 +122,19 @@ class Trainer:
         self.cfg, self.p, self.acc = cfg, p, accelerator
         d = self.d = cfg.distill
         dev = accelerator.device
-        self.real: Denoiser = p.teacher().load(dev)  # frozen teacher, loaded once
+        # frozen teacher, loaded once; text-to-image: with the pairs' prompts (the DM term draws from them too)
+        self.real: Denoiser = p.teacher().load(dev, pair_prompts(p.inputs["pairs"]))
         gen, fake = copy.deepcopy(self.real), copy.deepcopy(self.real)  # theta, phi <- teacher
+        # memory: the frozen score's weights need not be float32 (alphas and prompt table stay as they are)
+        self.real.unet.to(getattr(torch, d.frozen_dtype))
+        if d.gradient_checkpointing:
+            for net in (gen, fake):
+                net.unet.enable_gradient_checkpointing()
         gen.param = generator_parametrization(d, self.real.param)
         self.one_step = OneStep.of(gen)
         self.shape = tuple(p.info["image_shape"])
         self.num_classes = gen.num_classes
+        self.to_pixels = p.teacher().pixel_decoder(dev)
         for net in (gen, fake):
             net.requires_grad_(True).train()
         # fused AdamW: one kernel over all tensors, about 4x cheaper than the per-tensor loop on CPU
@@ -134,6 +144,8 @@ class Trainer:
         reg_loss = regression_loss_fn(d) if d.regression_weight > 0 else None
         if isinstance(reg_loss, torch.nn.Module):
             reg_loss.to(dev)
+        if d.regression_loss == "lpips" and reg_loss is not None and self.real.param.text_conditioned:
+            reg_loss = DecodedLoss(reg_loss, self.to_pixels, d.lpips_resolution)  # LPIPS sees images, not latents
         self.gen_loss = GeneratorLoss(dmd_settings(d), reg_loss, self.one_step)
         self.fake_loss = FakeScoreLoss.for_teacher(self.real)
         self.urls = [str(Path(p.inputs["pairs"]) / shard_name(i)) for i in range(p.info["num_shards"])]
@@ -240,15 +252,15 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self, path: Path) -> None:
-        """Fixed noise, 8 rows; one column per class for conditional models."""
-        C = self.num_classes
+        """Fixed noise, 8 rows; one column per class (text-to-image: per prompt, the first 10), decoded to pixels."""
+        C = min(self.num_classes, 10) if self.real.param.text_conditioned else self.num_classes
         n = 8 * (C or 8)
         rng = SampleRNG(self.d.seed, STREAM_SAMPLES, 0, range(n), self.acc.device)
         z = rng.randn(self.shape)
         labels = torch.arange(n, device=self.acc.device) % C if C else None
         gen = self.unwrap(self.gen)
         with self.acc.autocast():
-            x = self.one_step(gen, z, labels).float()
+            x = self.to_pixels(self.one_step(gen, z, labels).float())
         save_grid(x, path, nrow=C or 8)
 
 

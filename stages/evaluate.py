@@ -27,7 +27,7 @@ from dmd_core.digits import DigitsClassifier, load_digits_data
 from dmd_core.dmd import OneStep
 from dmd_core.errors import InputError
 from dmd_core.images import grid_image
-from dmd_core.loading import load_denoiser
+from dmd_core.loading import load_denoiser, load_prompt_encoder
 from dmd_core.metrics import (
     InceptionFeatures,
     PenultimateFeatures,
@@ -41,11 +41,12 @@ from dmd_core.metrics import (
 )
 from dmd_core.shards import sample_labels, sample_noise
 from dmd_core.solvers import check_solver, teacher_sampler
+from dmd_core.text import read_prompt_labels, read_prompts
 
 from . import chain
 from .chain import Plan, Teacher
 from .config import EvaluateConfig, PipelineConfig
-from .generate import model_shape
+from .generate import check_prompts, model_shape
 from .launch import launch_plan
 from .progress import Bar, progress_bar
 from .registry import spec
@@ -92,6 +93,13 @@ def plan(cfg: PipelineConfig, teacher: Teacher, distilled: StageOutput) -> Plan:
     """Key = (evaluate config, teacher protocol, digests of the generator, teacher, features, reference)."""
     e = cfg.evaluate
     check_solver(cfg.generate.solver, teacher.param.kind)
+    check_prompts(teacher, e.prompts, STAGE)
+    prompts = {}
+    if e.prompts:
+        read_prompts(e.prompts, e.prompt_column)  # a bad file fails here
+        if e.prompt_labels:
+            read_prompt_labels(e.prompts, e.prompt_labels)
+        prompts = {"prompts": file_digest(e.prompts, cfg.store)}
     features = _features_digest(e, cfg.store)
     reference = _reference_digest(e, cfg.store)
     dm = distilled.manifest
@@ -99,12 +107,14 @@ def plan(cfg: PipelineConfig, teacher: Teacher, distilled: StageOutput) -> Plan:
     gen_dir = distilled.out_dir / ("generator_ema" if e.use_ema and has_ema else "generator")
     protocol = {"num_samples": e.num_samples, "seed": e.seed, "batch_size": e.batch_size}
     ref_key = content_key("reference", {}, {"features": features, "reference": reference}, SPEC.code_version)
-    teacher_cfg = {**protocol, "solver": cfg.generate.solver, "steps": teacher_steps(cfg), "guidance_scale": cfg.generate.guidance_scale}
-    teacher_key = content_key("teacher_eval", teacher_cfg, {"teacher": teacher.digest, "features": features, "reference": reference}, SPEC.code_version)
-    up = {"distill": dm.digest, "teacher": teacher.digest, "features": features, "reference": reference}
+    teacher_cfg = {**protocol, "solver": cfg.generate.solver, "steps": teacher_steps(cfg), "guidance_scale": cfg.generate.guidance_scale,
+                   "prompt_column": e.prompt_column, "prompt_labels": e.prompt_labels}  # fmt: skip
+    teacher_key = content_key("teacher_eval", teacher_cfg, {"teacher": teacher.digest, "features": features, "reference": reference, **prompts}, SPEC.code_version)
+    up = {"distill": dm.digest, "teacher": teacher.digest, "features": features, "reference": reference, **prompts}
     key = SPEC.key(cfg, up, {"teacher": teacher_cfg})
     info = {"generator_dir": str(gen_dir.resolve()), "teacher_key": teacher_key, "reference_key": ref_key, "distill_steps": dm.info.get("steps")}
-    return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, {"teacher": str(teacher.path), "distill": str(distilled.out_dir)}, info)
+    inputs = {"teacher": str(teacher.path), "distill": str(distilled.out_dir), **({"prompts": e.prompts} if e.prompts else {})}
+    return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, inputs, info)
 
 
 # ---------------------------------------------------------------- measuring
@@ -141,16 +151,39 @@ class Evaluator:
             self.student: Denoiser = load_denoiser(gen_dir, device)
         except InputError as err:
             raise InputError(f"the generator in {gen_dir} does not load: {err}") from None
-        self.teacher: Denoiser = p.teacher().load(device)
+        teacher = p.teacher()
+        # text-to-image: labels are indices of the held-out prompts; the accuracy is against each prompt's class
+        self.prompts = read_prompts(p.inputs["prompts"], self.e.prompt_column) if "prompts" in p.inputs else None
+        self.prompt_classes = None
+        if self.prompts is not None and self.e.prompt_labels:
+            self.prompt_classes = torch.tensor(read_prompt_labels(p.inputs["prompts"], self.e.prompt_labels), device=device)
+        self.teacher: Denoiser = teacher.load(device, self.prompts)
+        if self.prompts is not None:
+            self.student.set_prompts(self.teacher.prompt_table)
+            self.prompt_encoder = load_prompt_encoder(teacher.path, device)
+        self.to_pixels = teacher.pixel_decoder(device)
         g = cfg.generate
-        self.teacher_sample, self.teacher_nfe = teacher_sampler(self.teacher, g.solver, teacher_steps(cfg), g.guidance_scale)
+        self.guidance_scale = g.guidance_scale
+        teacher_sample, self.teacher_nfe = teacher_sampler(self.teacher, g.solver, teacher_steps(cfg), g.guidance_scale)
+        self.teacher_sample = lambda z, labels: self.to_pixels(teacher_sample(z, labels))
         self.one_step = OneStep.of(self.student)
         self.shape = model_shape(self.student)
         self.num_classes = self.student.num_classes
 
-    # samplers: (z, labels) -> images in model space
+    # samplers: (z, labels) -> images (pixels: latent models are decoded)
     def student_sample(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return self.one_step(self.student, z, labels)
+        return self.to_pixels(self.one_step(self.student, z, labels))
+
+    def classes(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """What the classifier should see: the class itself, or the class a prompt names (None: no accuracy)."""
+        if self.prompts is None:
+            return labels
+        return None if self.prompt_classes is None else self.prompt_classes[labels]
+
+    def encode_prompts(self, labels: torch.Tensor, guided: bool) -> None:
+        """Text-to-image speed includes what a user's call does first: encode the batch's prompts (and the empty one for CFG)."""
+        batch = [self.prompts[int(i)] for i in labels]
+        self.prompt_encoder(batch + [""] * len(batch) if guided else batch)
 
     def reference(self) -> tuple[np.ndarray, np.ndarray, int]:
         """Reference statistics, computed once per (dataset, features) and cached (verified) in the store."""
@@ -191,13 +224,14 @@ class Evaluator:
             labels = None if labels is None else labels.to(self.device)
             x = sampler(z, labels).float().clamp(-1, 1)
             fid.update(x.to(torch.float64), real=False)
-            if self.classifier is not None and labels is not None:
-                correct += (self.classifier(x).argmax(1) == labels).sum()
+            classes = self.classes(labels)
+            if self.classifier is not None and classes is not None:
+                correct += (self.classifier(x).argmax(1) == classes).sum()
             bar.update(1)
         fd = float(fid.compute())  # torchmetrics all-reduces the float64 sums across processes
         if self.world > 1:
             torch.distributed.all_reduce(correct)
-        acc = float(correct) / e.num_samples if self.classifier is not None and self.num_classes else None
+        acc = float(correct) / e.num_samples if self.classifier is not None and self.num_classes and (self.prompts is None or self.prompt_classes is not None) else None
         fake = side_stats(fid.fake_features_sum, fid.fake_features_cov_sum, fid.fake_features_num_samples)
         return {"fd": fd, "class_accuracy": acc, "stats": fake}
 
@@ -210,10 +244,13 @@ class Evaluator:
         labels = None if labels is None else labels.to(self.device)
         out = {}
         for name, sampler in (("student", self.student_sample), ("teacher", self.teacher_sample)):
+            guided = name == "teacher" and self.guidance_scale != 1.0
             sampler(z, labels)
             self._sync()
             t0 = time.perf_counter()
             for _ in range(self.e.speed_repeats):
+                if self.prompts is not None:
+                    self.encode_prompts(labels, guided)
                 sampler(z, labels)
             self._sync()
             out[f"{name}_images_per_s"] = B * self.e.speed_repeats / (time.perf_counter() - t0)
@@ -226,8 +263,8 @@ class Evaluator:
 
     @torch.no_grad()
     def grid(self, path: Path) -> None:
-        """Teacher (left) beside student (right), same noise and labels; one column per class."""
-        C = self.num_classes
+        """Teacher (left) beside student (right), same noise and labels; one column per class (prompts: the first 10)."""
+        C = min(self.num_classes, 10) if self.prompts is not None else self.num_classes
         n = 8 * (C or 8)
         z = sample_noise(self.e.seed + 2, range(n), self.shape).to(self.device)
         labels = sample_labels(range(n), C)

@@ -27,9 +27,10 @@ import yaml
 from dmd_core.denoisers import VPDenoiser
 from dmd_core.dmd import OneStep
 from dmd_core.errors import InputError
-from dmd_core.loading import PARAM_FILE, load_denoiser
+from dmd_core.loading import PARAM_FILE, load_denoiser, load_prompt_encoder
 from dmd_core.pipeline import OneStepModule, OneStepPipeline
 from dmd_core.shards import sample_labels, sample_noise
+from dmd_core.text import read_prompts
 
 from . import chain
 from .chain import Plan, Teacher
@@ -143,7 +144,28 @@ def fresh_process_parity(cfg: PipelineConfig, out: Path, want: np.ndarray) -> di
     return {"bit_identical": True, "inputs": len(want)}
 
 
-def model_card(cfg: PipelineConfig, em: Manifest, out: Path, info: dict, files: list[FileEntry]) -> str:
+def class_model_use(cfg: PipelineConfig, out: Path, info: dict) -> str:
+    """The model card's "Use" section of a class-conditional (or unconditional) generator."""
+    return f"""## Use
+
+```python
+from dmd_core.pipeline import OneStepPipeline
+pipe = OneStepPipeline.from_pretrained("{out}")
+images = pipe(class_labels=[0, 1, 2, 3], seed=0)           # list of PIL images
+```
+
+Without this project, with diffusers only, see `one_step.json` (the recipe) and `generator/`
+(`UNet2DModel.from_pretrained`). ONNX: `generator.onnx`, inputs `noise` (N, {', '.join(map(str, info['image_shape']))}) and
+`class_labels` (N,), output `image` (data range {info['data_range']}; measured on {cfg.export.parity_samples} fixed inputs:
+[{info['output_range'][0]:.3f}, {info['output_range'][1]:.3f}]), opset {info.get('onnx', {}).get('opset', 'n/a')}, max |ONNX - PyTorch| =
+{info.get('onnx', {}).get('max_abs_diff', float('nan')):.2e} (relative to the output's scale
+{info.get('onnx', {}).get('max_rel_diff', float('nan')):.2e}) on {cfg.export.parity_samples} fixed inputs. A fresh Python
+process loading this directory reproduces the evaluated generator bit for bit on the same inputs.
+
+"""
+
+
+def model_card(cfg: PipelineConfig, em: Manifest, out: Path, info: dict, files: list[FileEntry], use: str) -> str:
     r = em.info["metrics"]
     pc = em.pipeline_config
     d, g = pc["distill"], pc["generate"]
@@ -178,22 +200,7 @@ of {r['teacher_nfe']}.
   {d['fake_optimizer']['lr']} (fake score), {d['fake_updates_per_generator_update']} fake update(s) per step,
   EMA {d['ema_decay']}, mixed precision {d['mixed_precision']}.
 
-## Use
-
-```python
-from dmd_core.pipeline import OneStepPipeline
-pipe = OneStepPipeline.from_pretrained("{out}")
-images = pipe(class_labels=[0, 1, 2, 3], seed=0)           # list of PIL images
-```
-
-Without this project, with diffusers only, see `one_step.json` (the recipe) and `generator/`
-(`UNet2DModel.from_pretrained`). ONNX: `generator.onnx`, inputs `noise` (N, {', '.join(map(str, info['image_shape']))}) and
-`class_labels` (N,), output `image` (data range {info['data_range']}; measured on {cfg.export.parity_samples} fixed inputs:
-[{info['output_range'][0]:.3f}, {info['output_range'][1]:.3f}]), opset {info.get('onnx', {}).get('opset', 'n/a')}, max |ONNX - PyTorch| =
-{info.get('onnx', {}).get('max_abs_diff', float('nan')):.2e} (relative to the output's scale
-{info.get('onnx', {}).get('max_rel_diff', float('nan')):.2e}) on {cfg.export.parity_samples} fixed inputs. A fresh Python
-process loading this directory reproduces the evaluated generator bit for bit on the same inputs.
-
+{use}
 ## Files
 
 | file | bytes | sha256 |
@@ -208,6 +215,62 @@ process loading this directory reproduces the evaluated generator bit for bit on
 """
 
 
+def text_to_image_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, out: Path) -> tuple[dict, str]:
+    """A standard StableDiffusionPipeline folder: the teacher's VAE, text encoder and tokenizer, the generator
+    as ``unet/`` and a one-step DDIM scheduler; checked in a fresh process with plain diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    from dmd_core.pipeline import one_step_scheduler
+
+    teacher_path = p.inputs["teacher"]
+    pipe = StableDiffusionPipeline.from_pretrained(teacher_path)
+    sched = one_step_scheduler(dict(pipe.scheduler.config), OneStep.of(den).level)
+    StableDiffusionPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=den.unet, scheduler=sched,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(str(out), safe_serialization=True)  # fmt: skip
+    # unet/ is also a denoiser directory (load_denoiser): its parametrisation and training scheduler beside it
+    gen_dir = Path(p.info["generator_dir"])
+    shutil.copyfile(gen_dir / PARAM_FILE, out / "unet" / PARAM_FILE)
+    shutil.copytree(gen_dir / "scheduler", out / "unet" / "scheduler", dirs_exist_ok=True)
+    # what the evaluated generator gives for the first parity_samples held-out prompts and noises
+    prompts = read_prompts(em.pipeline_config["evaluate"]["prompts"], cfg.evaluate.prompt_column)
+    n = cfg.export.parity_samples
+    batch = [prompts[i % len(prompts)] for i in range(n)]
+    den.set_prompts(load_prompt_encoder(teacher_path).table(batch))
+    z = sample_noise(cfg.evaluate.seed, range(n), tuple(den.param.image_shape))
+    with torch.no_grad():
+        want = OneStep.of(den)(den, z, torch.arange(n)).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "prompts.json").write_text(json.dumps(batch))
+        code = "import sys; from dmd_core.pipeline import stable_diffusion_latents_to_file as f; f(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])"
+        proc = subprocess.run([sys.executable, "-c", code, str(out), str(Path(tmp) / "prompts.json"), str(cfg.evaluate.seed), str(Path(tmp) / "x.npy")],
+                              capture_output=True, text=True)  # fmt: skip
+        if proc.returncode != 0:
+            raise InputError(f"the export in {out} does not run as a StableDiffusionPipeline: {proc.stderr.strip().splitlines()[-1:]}")
+        got = np.load(Path(tmp) / "x.npy", allow_pickle=False)
+    rel = float(np.abs(got - want).max()) / max(float(np.abs(want).max()), 1e-12)
+    if not rel <= 1e-5:
+        raise InputError(f"the StableDiffusionPipeline export does not reproduce the generator: max relative difference {rel:.3g} > 1e-5")
+    info = {"layout": "StableDiffusionPipeline", "scheduler": dict(sched.config), "plain_diffusers_parity": {"max_rel_diff": rel, "inputs": n},
+            "output_range": [float(want.min()), float(want.max())]}  # fmt: skip
+    use = f"""## Use
+
+```python
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained("{out}")
+image = pipe("{batch[0]}", num_inference_steps=1, guidance_scale=1.0).images[0]
+```
+
+`unet/` is the one-step generator; the scheduler is DDIM with one step at t* = {OneStep.of(den).level}
+(`timestep_spacing="leading"`, `steps_offset` = t*, `set_alpha_to_one=True`), so plain diffusers computes
+x0 = (z - sigma eps) / alpha there: the generator. Checked in a fresh process on {n} held-out prompts: max
+relative difference to the evaluated generator's latents {rel:.2e}.
+
+"""
+    return info, use
+
+
 def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool = True) -> Manifest:
     """Write the export the plan names (one process)."""
     timer = Timer()
@@ -216,6 +279,12 @@ def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool =
     em = read_manifest(eval_dir)
     gen_dir = Path(p.info["generator_dir"])
     den = load_denoiser(gen_dir)
+    if den.param.text_conditioned:
+        info, use = text_to_image_export(cfg, p, em, den, out)
+        write_text_atomic(out / "one_step.json", json.dumps(one_step_spec(den), indent=2) + "\n")
+        shutil.copyfile(eval_dir / "grid.png", out / "grid.png")
+        info.update(evaluation=str(eval_dir), metrics=em.info["metrics"], image_shape=list(den.param.image_shape))
+        return finish(cfg, p, em, out, info, use, timer)
     shutil.rmtree(out / "generator", ignore_errors=True)
     pipeline_for(den).save_pretrained(str(out), safe_serialization=True)  # generator/ + model_index.json
     shutil.copyfile(gen_dir / PARAM_FILE, out / "generator" / PARAM_FILE)
@@ -229,12 +298,17 @@ def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool =
     if cfg.export.onnx:
         info["onnx"] = write_onnx(cfg, den, out, want)
     info["torch_parity"] = fresh_process_parity(cfg, out, want)
+    return finish(cfg, p, em, out, info, class_model_use(cfg, out, info), timer)
+
+
+def finish(cfg: PipelineConfig, p: Plan, em: Manifest, out: Path, info: dict, use: str, timer: Timer) -> Manifest:
+    """The model card with every file's sha256, then the manifest (last)."""
     files = [
         file_entry(f).model_copy(update={"name": str(f.relative_to(out))})
         for f in sorted(out.rglob("*"))
         if f.is_file() and f.name not in ("manifest.json", "README.md") and not f.name.startswith(".")
     ]
-    write_text_atomic(out / "README.md", model_card(cfg, em, out, info, files))
+    write_text_atomic(out / "README.md", model_card(cfg, em, out, info, files, use))
     files.append(file_entry(out / "README.md"))
     m = Manifest(
         stage=STAGE,

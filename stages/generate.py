@@ -1,13 +1,15 @@
 """Stage ``generate``: the teacher's ODE solutions y for seeded noise z, as WebDataset pair shards.
 
 Output ``<store>/generate/<key>/``: ``pairs-%06d.tar`` shards, a ``.sha256`` beside each (for resume
-before the manifest exists), ``config.yaml`` (resolved pipeline config) and ``manifest.json`` (last).
+before the manifest exists), ``prompts.json`` (text-to-image teachers: the prompt list that the pairs'
+``cls.txt`` index), ``config.yaml`` (resolved pipeline config) and ``manifest.json`` (last).
 Under ``accelerate launch`` rank r writes shards i = r (mod world); shards are byte-identical whatever
 the process count, since sample i's noise depends only on (seed, i).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +21,7 @@ import torch
 from dmd_core.errors import InputError
 from dmd_core.shards import sample_labels, sample_noise, shard_name, shard_ranges, write_shard
 from dmd_core.solvers import check_solver, teacher_sampler
+from dmd_core.text import read_prompts
 
 from . import chain
 from .chain import Plan, Teacher
@@ -26,22 +29,49 @@ from .config import GenerateConfig, PipelineConfig, load_config
 from .launch import launch_plan
 from .progress import progress_bar
 from .registry import spec
-from .store import Manifest, StageOutput, Timer, file_entry, sha256_file, write_text_atomic
+from .store import Manifest, StageOutput, Timer, file_digest, file_entry, sha256_file, write_text_atomic
 
 STAGE = "generate"
 SPEC = spec(STAGE)
+PROMPTS_FILE = "prompts.json"  # text-to-image: the prompt list that cls.txt indexes
 log = logging.getLogger("dmd")
 
 
 def plan(cfg: PipelineConfig, teacher: Teacher, upstream: StageOutput | None = None) -> Plan:
-    """Check the solver and guidance against the teacher's parametrisation; key = (config, teacher digest)."""
+    """Check solver, guidance and prompts against the teacher; key = (config, teacher digest, prompt file digest)."""
     g = cfg.generate
-    if g.guidance_scale != 1.0 and teacher.param.num_classes == 0:
-        raise InputError("generate.guidance_scale != 1 needs a class-conditional teacher. Fix: --set generate.guidance_scale=1")
+    up, inputs = {"teacher": teacher.digest}, {"teacher": str(teacher.path)}
+    check_prompts(teacher, g.prompts, "generate")
+    if g.prompts:
+        read_prompts(g.prompts, g.prompt_column)  # a bad file fails here, before anything is written
+        up["prompts"], inputs["prompts"] = file_digest(g.prompts, cfg.store), g.prompts
+    if g.guidance_scale != 1.0 and teacher.param.num_classes == 0 and not teacher.param.text_conditioned:
+        raise InputError("generate.guidance_scale != 1 needs a class-conditional or text-to-image teacher. Fix: --set generate.guidance_scale=1")
     check_solver(g.solver, teacher.param.kind)
-    up = {"teacher": teacher.digest}
     key = SPEC.key(cfg, up)
-    return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, {"teacher": str(teacher.path)})
+    return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, inputs)
+
+
+def check_prompts(teacher: Teacher, prompts: str | None, section: str) -> None:
+    """A text-to-image teacher needs a prompt file; any other teacher must not be given one."""
+    if teacher.param.text_conditioned and not prompts:
+        raise InputError(
+            f"the teacher {teacher.path} is text-to-image: {section}.prompts must name a prompt file. "
+            f"Fix: --set {section}.prompts=PATH (a text file, one prompt per line, or a .parquet with a 'prompt' column)."
+        )
+    if prompts and not teacher.param.text_conditioned:
+        raise InputError(f"{section}.prompts is set but the teacher {teacher.path} is not text-conditioned. Fix: drop {section}.prompts.")
+
+
+def pair_prompts(pairs_dir: str | Path) -> list[str] | None:
+    """The prompt list a generate output's ``cls.txt`` index (None for class-conditional pairs)."""
+    path = Path(pairs_dir) / PROMPTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def plan_prompts(p: Plan, g: GenerateConfig) -> list[str] | None:
+    """The prompt list of a text-to-image plan (None otherwise)."""
+    return read_prompts(p.inputs["prompts"], g.prompt_column) if "prompts" in p.inputs else None
 
 
 def model_shape(den_or_param) -> tuple[int, int, int]:
@@ -60,10 +90,10 @@ def shard_is_valid(out_dir: Path, i: int) -> bool:
     return ok
 
 
-def _write_shard_atomic(out_dir: Path, i: int, idx: range, z: np.ndarray, y: np.ndarray, labels) -> None:
+def _write_shard_atomic(out_dir: Path, i: int, idx: range, z: np.ndarray, y: np.ndarray, labels, prompts: list[str] | None) -> None:
     final = out_dir / shard_name(i)
     tmp = out_dir / f".{final.name}.tmp-{os.getpid()}"
-    write_shard(tmp, idx, z, y, labels)
+    write_shard(tmp, idx, z, y, labels, prompts)
     # Checksum first, shard second: a shard under its final name always has its checksum beside it.
     write_text_atomic(out_dir / (final.name + ".sha256"), sha256_file(tmp) + "\n")
     os.replace(tmp, final)
@@ -72,7 +102,8 @@ def _write_shard_atomic(out_dir: Path, i: int, idx: range, z: np.ndarray, y: np.
 def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.device, progress: bool) -> int:
     """Write the shards i = rank (mod world) that are missing or fail their checksum; returns the solver's NFE."""
     g = cfg.generate
-    den = p.teacher().load(device)
+    prompts = plan_prompts(p, g)
+    den = p.teacher().load(device, prompts)
     sampler, nfe = teacher_sampler(den, g.solver, g.steps, g.guidance_scale)
     shape = model_shape(den)
     store_dtype = np.dtype(g.dtype)
@@ -100,7 +131,7 @@ def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device:
             labels_np = None if ls[0] is None else np.concatenate(ls)
             while len(pending) >= 2:
                 pending.pop(0).result()
-            pending.append(writer.submit(_write_shard_atomic, p.out_dir, i, idx, np.concatenate(zs), np.concatenate(ys), labels_np))
+            pending.append(writer.submit(_write_shard_atomic, p.out_dir, i, idx, np.concatenate(zs), np.concatenate(ys), labels_np, prompts))
         for f in pending:
             f.result()
     bar.close()
@@ -121,6 +152,10 @@ def finalize(cfg: PipelineConfig, p: Plan, nfe: int, wall_time: float) -> Manife
         for i, r in enumerate(ranges)
     ]
     files.append(file_entry(p.out_dir / "config.yaml"))
+    prompts = plan_prompts(p, g)
+    if prompts is not None:
+        write_text_atomic(p.out_dir / PROMPTS_FILE, json.dumps(prompts, ensure_ascii=False, indent=0) + "\n")
+        files.append(file_entry(p.out_dir / PROMPTS_FILE))
     m = Manifest(
         stage=STAGE,
         key=p.key,
@@ -140,6 +175,7 @@ def finalize(cfg: PipelineConfig, p: Plan, nfe: int, wall_time: float) -> Manife
             "num_shards": len(ranges),
             "image_shape": list(model_shape(teacher.param)),
             "num_classes": teacher.param.num_classes,
+            "num_prompts": None if prompts is None else len(prompts),
             "dtype": g.dtype,
         },
         wall_time_s=round(wall_time, 3),

@@ -99,7 +99,7 @@ STAGES: tuple[StageSpec, ...] = (
         The output directory is content-addressed in the store and printed as the last line on stdout;
         a rerun reuses a complete output and resumes an interrupted one.""",
         load=_generate,
-        not_in_key=frozenset({"num_threads"}),
+        not_in_key=frozenset({"num_threads", "prompts"}),  # the prompt file's digest is in the key
     ),
     StageSpec(
         name="distill",
@@ -128,7 +128,7 @@ STAGES: tuple[StageSpec, ...] = (
         The teacher's numbers and the reference statistics are computed once and cached in the store.""",
         load=_evaluate,
         # paths: the digests of what they point to are in the key
-        not_in_key=frozenset({"num_threads", "distill", "classifier", "inception_weights", "reference"}),
+        not_in_key=frozenset({"num_threads", "distill", "classifier", "inception_weights", "reference", "prompts"}),
         input_key="distill",
     ),
     StageSpec(

@@ -56,6 +56,47 @@ def vp_teacher(tmp_path_factory) -> Path:
     return make_vp_teacher(tmp_path_factory.mktemp("teacher") / "vp")
 
 
+SD_WORDS = ["a", "handwritten", "the", "digit", "seven", "three", "7", "3"]
+
+
+def make_sd_teacher(path: Path, seed: int = 0) -> Path:
+    """A tiny Stable-Diffusion-layout pipeline (random weights): 1x8x8 images, 4x4x4 latents, SD's schedule."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dmd_core.text import write_clip_tokenizer
+
+    tokenizer = write_clip_tokenizer(path.parent / f"{path.name}-tokenizer", SD_WORDS, max_length=8)
+    torch.manual_seed(seed)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))  # fmt: skip
+    unet = UNet2DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=4, sample_size=8,
+    )  # fmt: skip
+    # Stable Diffusion v1.x's scheduler config
+    sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd_teacher(tmp_path_factory) -> Path:
+    return make_sd_teacher(tmp_path_factory.mktemp("teacher") / "sd")
+
+
 TINY_DISTILL = {
     "steps": 4,
     "batch_size": 4,

@@ -1,0 +1,237 @@
+"""Text-to-image (Stable Diffusion layout) teachers: loading, prompt files, pairs against diffusers' own pipeline."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import webdataset as wds
+
+from conftest import write_config
+from dmd_core.errors import InputError
+from dmd_core.loading import read_parametrization
+from dmd_core.text import read_prompts
+from stages import generate
+from stages.config import load_config
+
+PROMPTS = ["the digit 7", "a handwritten seven", "3"]
+
+
+def read_pairs(out: Path) -> list[dict]:
+    samples = []
+    for shard in sorted(out.glob("pairs-*.tar")):
+        for s in wds.WebDataset(str(shard), shardshuffle=False):
+            samples.append({
+                "noise": np.load(io.BytesIO(s["noise.npy"])), "image": np.load(io.BytesIO(s["image.npy"])),
+                "index": int(s["cls.txt"]), "prompt": s["prompt.txt"].decode(),
+            })  # fmt: skip
+    return samples
+
+
+def test_stable_diffusion_folder_is_a_text_to_image_teacher(sd_teacher):
+    p = read_parametrization(sd_teacher)
+    assert (p.kind, p.text_conditioned, p.num_classes, p.image_shape, p.prediction_type) == ("vp", True, 0, (4, 4, 4), "epsilon")
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_pairs_equal_diffusers_stable_diffusion_pipeline(tmp_path, sd_teacher, guidance):
+    """The stored image latent = StableDiffusionPipeline(prompt, latents=z, 50 PLMS steps, guidance g, output_type="latent")."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    cfg = write_config(tmp_path / "c.yaml", sd_teacher, tmp_path / "store", solver="pndm", steps=50, num_samples=6, shard_size=6,
+                       prompts=str(tmp_path / "prompts.txt"), guidance_scale=guidance)  # fmt: skip
+    m = generate.run(load_config(cfg), progress=False)
+    pairs = read_pairs(Path(load_config(cfg).store) / "generate" / m.key)
+    assert [s["index"] for s in pairs] == [i % 3 for i in range(6)] and [s["prompt"] for s in pairs] == [PROMPTS[i % 3] for i in range(6)]
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd_teacher))
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    pipe.set_progress_bar_config(disable=True)
+    z = torch.from_numpy(np.stack([s["noise"] for s in pairs]))
+    with torch.no_grad():
+        want = pipe([s["prompt"] for s in pairs], latents=z, num_inference_steps=50, guidance_scale=guidance, output_type="latent").images
+    got = torch.from_numpy(np.stack([s["image"] for s in pairs]))
+    assert got.shape == want.shape and float((got - want).abs().max()) <= 1e-4
+
+
+def test_prompt_files(tmp_path):
+    (tmp_path / "p.txt").write_text("a\n\n  b  \n")
+    assert read_prompts(tmp_path / "p.txt") == ["a", "b"]
+    pq.write_table(pa.table({"caption": ["x", "y"], "digit": [1, 2]}), tmp_path / "p.parquet")
+    assert read_prompts(tmp_path / "p.parquet", "caption") == ["x", "y"]
+    with pytest.raises(InputError, match="no column 'prompt'.*caption, digit"):
+        read_prompts(tmp_path / "p.parquet")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(InputError, match="has no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+    with pytest.raises(InputError, match="prompt file not found"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_text_teacher_needs_prompts_and_others_refuse_them(tmp_path, sd_teacher, vp_teacher):
+    from stages import chain
+
+    cfg = write_config(tmp_path / "c.yaml", sd_teacher, tmp_path / "store", solver="pndm")
+    with pytest.raises(InputError, match="text-to-image: generate.prompts must name a prompt file"):
+        chain.plan(load_config(cfg), "generate")
+    (tmp_path / "p.txt").write_text("7\n")
+    cfg = write_config(tmp_path / "c.yaml", vp_teacher, tmp_path / "store", solver="pndm", prompts=str(tmp_path / "p.txt"))
+    with pytest.raises(InputError, match="not text-conditioned"):
+        chain.plan(load_config(cfg), "generate")
+
+
+def test_dm_term_guides_the_real_score_only(sd_teacher):
+    """d loss_DM / dx by hand: real = CFG of the text-conditioned teacher (empty prompt as the null branch), fake unguided."""
+    import copy
+
+    from dmd_core.dmd import DistributionMatchingLoss, DMDSettings, SampleRNG, dm_timestep_range
+    from dmd_core.loading import load_denoiser, load_prompt_encoder
+
+    torch.manual_seed(0)
+    real = load_denoiser(sd_teacher)
+    table = load_prompt_encoder(sd_teacher).table(PROMPTS)
+    real.set_prompts(table)
+    fake = copy.deepcopy(real)
+    with torch.no_grad():
+        for p in fake.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g, labels = 3.0, torch.tensor([0, 1, 2, 0])
+    x = torch.randn(4, 4, 4, 4, requires_grad=True)
+    settings = DMDSettings(guidance_scale=g)
+    DistributionMatchingLoss(settings)(x, labels, real, fake, SampleRNG(0, 0, 0, range(4))).backward()
+
+    rng = SampleRNG(0, 0, 0, range(4))  # the same draws, replayed
+    t = rng.randint(*dm_timestep_range(settings))
+    eps = rng.randn((4, 4, 4))
+    abar = real.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    xd = x.detach().double()
+    x_t = (a * xd + s * eps.double()).float()
+    cond, null = table[labels], table[-1:].expand(4, -1, -1)
+
+    def x0(net, emb):
+        with torch.no_grad():
+            return (x_t.double() - s * net.unet(x_t, t, encoder_hidden_states=emb).sample.double()) / a
+
+    real_u, real_c, fake_c, fake_u = x0(real, null), x0(real, cond), x0(fake, cond), x0(fake, null)
+
+    def grad(p_real, p_fake):
+        w = (xd - p_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+        return ((p_fake - p_real) / w / xd.numel()).float()
+
+    want = grad(real_u + g * (real_c - real_u), fake_c)
+    torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-7)
+    # the two mistakes this guards against give other gradients
+    for wrong in (grad(real_c, fake_c), grad(real_u + g * (real_c - real_u), fake_u + g * (fake_c - fake_u))):
+        assert float((wrong - want).abs().max()) > 100 * float((x.grad - want).abs().max())
+
+
+def test_text_distill_runs_and_saves_a_text_generator(tmp_path, sd_teacher):
+    import json
+
+    from dmd_core.loading import load_denoiser
+    from stages import distill
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    cfg = load_config(write_config(tmp_path / "c.yaml", sd_teacher, tmp_path / "store", distill={"steps": 2, "guidance_scale": 3.0},
+                                   solver="pndm", steps=4, num_samples=8, shard_size=8, prompts=str(tmp_path / "prompts.txt")))  # fmt: skip
+    m = distill.run(cfg, progress=False)
+    out = Path(cfg.store) / "distill" / m.key
+    spec = json.loads((out / "generator" / "denoiser.json").read_text())
+    assert spec["text_conditioned"] and spec["one_step_timestep"] == 500
+    assert load_denoiser(out / "generator").unet.__class__.__name__ == "UNet2DConditionModel"
+    assert (out / "samples.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def exported_t2i(tmp_path_factory, sd_teacher):
+    from conftest import ROOT
+    from stages import export
+
+    tmp = tmp_path_factory.mktemp("t2i")
+    (tmp / "train.txt").write_text("\n".join(PROMPTS) + "\n")
+    pq.write_table(pa.table({"prompt": ["the digit 3", "seven", "a handwritten 7"], "digit": [3, 7, 7]}), tmp / "eval.parquet")
+    cfg = write_config(tmp / "c.yaml", sd_teacher, tmp / "store", distill={"steps": 2, "guidance_scale": 3.0},
+                       solver="pndm", steps=4, num_samples=8, shard_size=8, prompts=str(tmp / "train.txt"))  # fmt: skip
+    overrides = [f"evaluate.prompts={tmp / 'eval.parquet'}", "evaluate.prompt_labels=digit", "evaluate.num_samples=80", "evaluate.batch_size=40",
+                 "evaluate.features=digits", f"evaluate.classifier={ROOT / 'data' / 'classifier'}", "evaluate.speed_batch_size=4",
+                 "evaluate.speed_repeats=1", "export.parity_samples=4"]  # fmt: skip
+    c = load_config(cfg, overrides)
+    return c, export.run(c, progress=False)
+
+
+def test_evaluate_decodes_latents_and_scores_prompts(exported_t2i):
+    c, m = exported_t2i
+    r = m.info["metrics"]
+    assert r["teacher_nfe"] == 5 and r["student_nfe"] == 1
+    # the digits classifier saw decoded 1x8x8 images; accuracy is against the digit each prompt names
+    assert 0.0 <= r["student_class_accuracy"] <= 1.0 and r["student_fd"] > 0 and r["speedup"] > 1
+
+
+def test_export_is_a_plain_stable_diffusion_pipeline(exported_t2i):
+    """StableDiffusionPipeline.from_pretrained(export)(prompt, num_inference_steps=1, guidance_scale=1, latents=z) = G(z, prompt)."""
+    from diffusers import StableDiffusionPipeline
+
+    from dmd_core.dmd import OneStep
+    from dmd_core.loading import load_denoiser, load_prompt_encoder
+
+    c, m = exported_t2i
+    out = Path(c.store) / "export" / m.key
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["the digit 3", "seven", "3 seven"]
+    z = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = pipe(prompts, latents=z, num_inference_steps=1, guidance_scale=1.0, output_type="latent").images
+        gen = load_denoiser(out / "unet")
+        gen.set_prompts(load_prompt_encoder(out).table(prompts))
+        want = OneStep.of(gen)(gen, z, torch.arange(3))
+    assert pipe.scheduler.timesteps.tolist() == [gen.param.one_step_timestep]
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert m.info["plain_diffusers_parity"]["max_rel_diff"] <= 1e-5
+
+
+def test_memory_options_keep_the_step(tmp_path, sd_teacher):
+    """Gradient checkpointing changes memory, not the update: same generator weights after 2 steps."""
+    from safetensors.torch import load_file
+
+    from stages import distill
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    base = write_config(tmp_path / "c.yaml", sd_teacher, tmp_path / "store", distill={"steps": 2, "ema_decay": 0.0},
+                        solver="pndm", steps=4, num_samples=8, shard_size=8, prompts=str(tmp_path / "prompts.txt"))  # fmt: skip
+    weights = []
+    for overrides in ([], ["distill.gradient_checkpointing=true"]):
+        cfg = load_config(base, overrides)
+        m = distill.run(cfg, progress=False)
+        weights.append(load_file(str(Path(cfg.store) / "distill" / m.key / "generator" / "diffusion_pytorch_model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]) <= 1e-6
+    cfg = load_config(base, ["distill.frozen_dtype=float16"])
+    with pytest.raises(InputError, match="frozen_dtype=float16 needs a CUDA GPU"):
+        distill.run(cfg, progress=False)
+
+
+def test_lpips_on_decoded_images_reaches_the_latents(sd_teacher):
+    """DecodedLoss = l(decode(x), decode(y)); its gradient flows through the frozen decoder into x only."""
+    from dmd_core.loading import latent_decoder
+    from dmd_core.losses import DecodedLoss, l2_loss
+
+    decode = latent_decoder(sd_teacher)
+    x = torch.randn(2, 4, 4, 4, requires_grad=True)
+    y = torch.randn(2, 4, 4, 4, requires_grad=True)
+    loss = DecodedLoss(l2_loss, decode)(x, y)
+    x2 = x.detach().clone().requires_grad_(True)
+    want = l2_loss(decode(x2), decode(y).detach())
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    assert float(x.grad.abs().sum()) > 0 and y.grad is None
+    resized = DecodedLoss(l2_loss, decode, size=4)(x, y)
+    assert float(resized) != float(loss)
