@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test test-slow test-all install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,15 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(BIN)/dmd demo
 
+# `make test` stays within 15 minutes on 2 cores; tests marked slow (minutes each, covered in part by
+# faster ones) run with `make test-slow`, everything with `make test-all`.
 test: install-dev
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: install-dev
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: install-dev
 	$(BIN)/python -m pytest -q
 
 clean:

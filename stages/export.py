@@ -171,6 +171,10 @@ def model_card(cfg: PipelineConfig, em: Manifest, out: Path, info: dict, files: 
     d, g = pc["distill"], pc["generate"]
     fd = "FD-digits" if r["features"] == "digits" else "FID"
     acc = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    text = bool(pc["evaluate"].get("prompts"))
+    samples = "samples over the held-out prompts" if text else "class-balanced samples"
+    accuracy = "prompt accuracy (the named class)" if text else "class accuracy"
+    prompt_line = f"\n- Prompts: `{g['prompts']}` (pairs, DM term), held-out `{pc['evaluate']['prompts']}` (evaluation)." if text else ""
     checksums = "\n".join(f"| `{f.name}` | {f.size} | `{f.sha256}` |" for f in files)
     return f"""# One-step generator (DMD)
 
@@ -180,12 +184,12 @@ of {r['teacher_nfe']}.
 
 ![teacher (left) and this generator (right), same noise and labels](grid.png)
 
-## Metrics (evaluate stage, {r['num_samples']} class-balanced samples)
+## Metrics (evaluate stage, {r['num_samples']} {samples})
 
 | | teacher ({r['teacher_nfe']} NFE) | one-step (1 NFE) |
 |---|---|---|
 | {fd} | {r['teacher_fd']:.4f} | {r['student_fd']:.4f} |
-| class accuracy | {acc(r['teacher_class_accuracy'])} | {acc(r['student_class_accuracy'])} |
+| {accuracy} | {acc(r['teacher_class_accuracy'])} | {acc(r['student_class_accuracy'])} |
 | images/s (same batch, same process) | {r['teacher_images_per_s']:.1f} | {r['student_images_per_s']:.1f} |
 
 {fd} ratio (one-step / teacher): **{r['fd_ratio']:.3f}**; speedup **{r['speedup']:.1f}x**. Weights: `{r['generator']}`.
@@ -193,7 +197,7 @@ of {r['teacher_nfe']}.
 ## Training
 
 - Data: {g['num_samples']} (noise, image) pairs from the teacher's {g['solver']} solver, {g['steps']} steps
-  (guidance {g['guidance_scale']}).
+  (guidance {g['guidance_scale']}).{prompt_line}
 - Generator loss: distribution matching (real score = teacher with guidance {d['guidance_scale']}, fake score
   trained alongside) + {d['regression_weight']} x {d['regression_loss']} regression on the pairs.
 - {d['steps']} steps, batch {d['batch_size']} per process, AdamW lr {d['generator_optimizer']['lr']} (generator) /

@@ -34,6 +34,7 @@ def scipy_fd(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
+@pytest.mark.slow
 def test_inception_fid_through_make_fid_equals_scipy(random_inception):
     """Used to crash on the first batch: make_fid cast the Inception weights to float64, not its input."""
     torch.set_num_threads(2)

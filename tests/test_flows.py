@@ -111,6 +111,7 @@ def test_deleted_distill_output_is_recomputed(first, tiny):
     assert r["cached"]["evaluate"]  # training is deterministic: the same generator, the same evaluation
 
 
+@pytest.mark.slow
 def test_same_config_in_another_store_is_not_served_from_the_first(first, tiny, tmp_path):
     """One Prefect database, two stores (e.g. two checkouts): each store gets its own outputs."""
     from flows.pipeline import dmd_pipeline

@@ -235,3 +235,25 @@ def test_lpips_on_decoded_images_reaches_the_latents(sd_teacher):
     assert float(x.grad.abs().sum()) > 0 and y.grad is None
     resized = DecodedLoss(l2_loss, decode, size=4)(x, y)
     assert float(resized) != float(loss)
+
+
+def test_a_cached_stable_diffusion_repo_id_is_a_teacher(tmp_path, sd_teacher):
+    """teacher.path=org/name of a StableDiffusionPipeline in the HF cache layout, offline, as SD v1.5 would be."""
+    import json
+    import shutil
+
+    from conftest import run_cli
+
+    repo = tmp_path / "hub" / "models--tiny-org--sd-digits"
+    rev = "89abcdef0123456789abcdef0123456789abcdef"
+    shutil.copytree(sd_teacher, repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    (tmp_path / "p.txt").write_text("7\nthe digit 3\n")
+    cfg = write_config(tmp_path / "c.yaml", sd_teacher, tmp_path / "store", solver="pndm", num_samples=4, shard_size=4, steps=3, prompts=str(tmp_path / "p.txt"))
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    proc = run_cli("generate", "--config", str(cfg), "--set", "teacher.path=tiny-org/sd-digits", "-q", env=env)
+    out = Path(proc.stdout.strip().splitlines()[-1])
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["info"]["teacher_path"].endswith(rev) and m["info"]["num_prompts"] == 2
+    assert json.loads((out / "prompts.json").read_text()) == ["7", "the digit 3"]
