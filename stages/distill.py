@@ -126,7 +126,8 @@ class Trainer:
         self.real: Denoiser = p.teacher().load(dev, pair_prompts(p.inputs["pairs"]))
         gen, fake = copy.deepcopy(self.real), copy.deepcopy(self.real)  # theta, phi <- teacher
         # memory: the frozen score's weights need not be float32 (alphas and prompt table stay as they are)
-        self.real.unet.to(getattr(torch, d.frozen_dtype))
+        if d.frozen_dtype != "float32":
+            self.real.unet.to(getattr(torch, d.frozen_dtype))
         if d.gradient_checkpointing:
             for net in (gen, fake):
                 net.unet.enable_gradient_checkpointing()

@@ -99,7 +99,7 @@ def plan(cfg: PipelineConfig, teacher: Teacher, distilled: StageOutput) -> Plan:
         read_prompts(e.prompts, e.prompt_column)  # a bad file fails here
         if e.prompt_labels:
             read_prompt_labels(e.prompts, e.prompt_labels)
-        prompts = {"prompts": file_digest(e.prompts, cfg.store)}
+        prompts = {"prompts": f"{file_digest(e.prompts, cfg.store)}:{e.prompt_column}:{e.prompt_labels}"}
     features = _features_digest(e, cfg.store)
     reference = _reference_digest(e, cfg.store)
     dm = distilled.manifest
@@ -107,8 +107,7 @@ def plan(cfg: PipelineConfig, teacher: Teacher, distilled: StageOutput) -> Plan:
     gen_dir = distilled.out_dir / ("generator_ema" if e.use_ema and has_ema else "generator")
     protocol = {"num_samples": e.num_samples, "seed": e.seed, "batch_size": e.batch_size}
     ref_key = content_key("reference", {}, {"features": features, "reference": reference}, SPEC.code_version)
-    teacher_cfg = {**protocol, "solver": cfg.generate.solver, "steps": teacher_steps(cfg), "guidance_scale": cfg.generate.guidance_scale,
-                   "prompt_column": e.prompt_column, "prompt_labels": e.prompt_labels}  # fmt: skip
+    teacher_cfg = {**protocol, "solver": cfg.generate.solver, "steps": teacher_steps(cfg), "guidance_scale": cfg.generate.guidance_scale}
     teacher_key = content_key("teacher_eval", teacher_cfg, {"teacher": teacher.digest, "features": features, "reference": reference, **prompts}, SPEC.code_version)
     up = {"distill": dm.digest, "teacher": teacher.digest, "features": features, "reference": reference, **prompts}
     key = SPEC.key(cfg, up, {"teacher": teacher_cfg})

@@ -44,7 +44,7 @@ def plan(cfg: PipelineConfig, teacher: Teacher, upstream: StageOutput | None = N
     check_prompts(teacher, g.prompts, "generate")
     if g.prompts:
         read_prompts(g.prompts, g.prompt_column)  # a bad file fails here, before anything is written
-        up["prompts"], inputs["prompts"] = file_digest(g.prompts, cfg.store), g.prompts
+        up["prompts"], inputs["prompts"] = f"{file_digest(g.prompts, cfg.store)}:{g.prompt_column}", g.prompts
     if g.guidance_scale != 1.0 and teacher.param.num_classes == 0 and not teacher.param.text_conditioned:
         raise InputError("generate.guidance_scale != 1 needs a class-conditional or text-to-image teacher. Fix: --set generate.guidance_scale=1")
     check_solver(g.solver, teacher.param.kind)

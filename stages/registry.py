@@ -99,7 +99,8 @@ STAGES: tuple[StageSpec, ...] = (
         The output directory is content-addressed in the store and printed as the last line on stdout;
         a rerun reuses a complete output and resumes an interrupted one.""",
         load=_generate,
-        not_in_key=frozenset({"num_threads", "prompts"}),  # the prompt file's digest is in the key
+        # the prompt file's digest and column are in the key when there is one (and keys without stay as they were)
+        not_in_key=frozenset({"num_threads", "prompts", "prompt_column"}),
     ),
     StageSpec(
         name="distill",
@@ -113,7 +114,8 @@ STAGES: tuple[StageSpec, ...] = (
         line on stdout. An interrupted run resumes from its last checkpoint when rerun.""",
         load=_distill,
         # logging, housekeeping and where the pairs are (their digest is in the key)
-        not_in_key=frozenset({"log_every", "sample_every", "keep_checkpoints", "num_threads", "pairs"}),
+        # (gradient checkpointing recomputes the same activations: memory, not results)
+        not_in_key=frozenset({"log_every", "sample_every", "keep_checkpoints", "num_threads", "pairs", "gradient_checkpointing"}),
         input_key="pairs",
     ),
     StageSpec(
@@ -128,7 +130,7 @@ STAGES: tuple[StageSpec, ...] = (
         The teacher's numbers and the reference statistics are computed once and cached in the store.""",
         load=_evaluate,
         # paths: the digests of what they point to are in the key
-        not_in_key=frozenset({"num_threads", "distill", "classifier", "inception_weights", "reference", "prompts"}),
+        not_in_key=frozenset({"num_threads", "distill", "classifier", "inception_weights", "reference", "prompts", "prompt_column", "prompt_labels"}),
         input_key="distill",
     ),
     StageSpec(

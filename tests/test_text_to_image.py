@@ -257,3 +257,16 @@ def test_a_cached_stable_diffusion_repo_id_is_a_teacher(tmp_path, sd_teacher):
     m = json.loads((out / "manifest.json").read_text())
     assert m["info"]["teacher_path"].endswith(rev) and m["info"]["num_prompts"] == 2
     assert json.loads((out / "prompts.json").read_text()) == ["7", "the digit 3"]
+
+
+def test_prompt_settings_change_no_key_without_prompts(tmp_path, edm_teacher, sd_teacher):
+    """Prompt settings enter the keys only with a prompt file: other configs keep their cached outputs."""
+    from stages import chain
+
+    cfg = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store")
+    keys = {chain.plan(load_config(cfg, o), "generate").key for o in ([], ["generate.prompt_column=caption"])}
+    assert len(keys) == 1
+    pq.write_table(pa.table({"prompt": ["7"], "caption": ["3"]}), tmp_path / "p.parquet")
+    cfg = write_config(tmp_path / "t.yaml", sd_teacher, tmp_path / "store", solver="pndm", prompts=str(tmp_path / "p.parquet"))
+    keys = {chain.plan(load_config(cfg, o), "generate").key for o in ([], ["generate.prompt_column=caption"])}
+    assert len(keys) == 2
