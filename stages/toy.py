@@ -19,6 +19,7 @@ from dmd_core.digits import (
     train_digits_classifier,
     train_toy_teacher,
 )
+from dmd_core.digits_t2i import T2ITraining, choose_guidance, save_t2i_pipeline, t2i_report, train_toy_t2i_teacher
 from dmd_core.loading import load_denoiser, save_denoiser
 from dmd_core.metrics import class_accuracy, frechet_distance
 from dmd_core.shards import sample_labels, sample_noise
@@ -39,7 +40,10 @@ def make_classifier(out: Path, epochs: int = 40, seed: int = 0) -> str:
 
 
 def make_teacher(out: Path, steps: int = 4000, seed: int = 0, classifier_dir: Path | None = None, kind: str = "edm") -> str:
-    """EDM: a denoiser directory. VP: a plain diffusers ``DDPMPipeline`` folder, as a diffusers user would have it."""
+    """EDM: a denoiser directory. VP: a plain diffusers ``DDPMPipeline`` folder, as a diffusers user would have it.
+    T2I: a plain ``StableDiffusionPipeline`` folder (``make_t2i_teacher``)."""
+    if kind == "t2i":
+        return make_t2i_teacher(out, steps, seed, classifier_dir)
     cfg = TeacherTraining(steps=steps, seed=seed)
     t0 = time.perf_counter()
     den, losses = train_toy_teacher(cfg, kind=kind)
@@ -57,6 +61,39 @@ def make_teacher(out: Path, steps: int = 4000, seed: int = 0, classifier_dir: Pa
     return str(out)
 
 
+T2I_GUIDANCE_SCALES = (1.0, 2.0, 3.0)
+
+
+def make_t2i_teacher(out: Path, steps: int = T2ITraining.steps, seed: int = 0, classifier_dir: Path | None = None) -> str:
+    """The text-to-image digits teacher; ``<out>-training.json`` beside it and, with a classifier, ``<out>-quality.json``."""
+    pipe, info = train_toy_t2i_teacher(T2ITraining(steps=steps, seed=seed))
+    save_t2i_pipeline(pipe, out)
+    info = {"kind": "t2i", **info}
+    out.parent.joinpath(f"{out.name}-training.json").write_text(json.dumps(info, indent=2) + "\n")
+    log.info("t2i teacher: VAE held-out PSNR %.2f dB, %.0f s", info["vae"]["held_out_reconstruction"]["psnr_db"], info["seconds"]["total"])
+    if classifier_dir is not None and (classifier_dir / "model.safetensors").is_file():
+        out.parent.joinpath(f"{out.name}-quality.json").write_text(t2i_quality(out, classifier_dir) + "\n")
+    return str(out)
+
+
+def t2i_quality(teacher_dir: Path, classifier_dir: Path, scales=T2I_GUIDANCE_SCALES, num_samples: int = 1000, steps: int = 50) -> str:
+    """PLMS-``steps`` on the held-out prompts at each guidance scale; the chosen one's report, with the sweep."""
+    reports = [t2i_report(teacher_dir, classifier_dir, g, num_samples, steps) for g in scales]
+    chosen = choose_guidance(reports)
+    result = {
+        **next(r for r in reports if r["guidance_scale"] == chosen),
+        "chosen_guidance_because": "the best FD-digits among the scales with prompt accuracy >= 0.9",
+        "sweep": [{k: r[k] for k in ("guidance_scale", "fd_digits", "prompt_accuracy")} for r in reports],
+    }
+    log.info("t2i teacher quality: %s", json.dumps(result["sweep"]))
+    return json.dumps(result, indent=2)
+
+
+def is_t2i_folder(path: Path) -> bool:
+    index = Path(path) / "model_index.json"
+    return index.is_file() and json.loads(index.read_text()).get("_class_name") == "StableDiffusionPipeline"
+
+
 @torch.no_grad()
 def sample_teacher(den, sampler, num_samples: int, seed: int = 1234, batch_size: int = 500):
     """Class-balanced samples of a digits teacher with ``sampler``: (images, labels)."""
@@ -68,7 +105,12 @@ def sample_teacher(den, sampler, num_samples: int, seed: int = 1234, batch_size:
 
 
 def report(teacher_dir: Path, classifier_dir: Path, steps: int = 18, num_samples: int = 2000, guidance_scale: float = 1.0) -> str:
-    """FD-digits (vs all 1,797 real digits) and class accuracy of the teacher at Heun-``steps`` (VP: PLMS-``steps``)."""
+    """FD-digits (vs all 1,797 real digits) and class accuracy of the teacher at Heun-``steps`` (VP: PLMS-``steps``).
+    A StableDiffusionPipeline folder: ``t2i_report`` (held-out prompts, prompt accuracy)."""
+    if is_t2i_folder(teacher_dir):
+        result_t2i = t2i_report(teacher_dir, classifier_dir, guidance_scale, num_samples, steps)
+        log.info("teacher quality: %s", json.dumps(result_t2i))
+        return json.dumps(result_t2i)
     clf = DigitsClassifier.load(classifier_dir)
     real, real_labels = load_digits_data()
     den = load_denoiser(teacher_dir)
