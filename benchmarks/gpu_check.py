@@ -1,8 +1,10 @@
 """The CUDA path on a GPU machine: generate throughput, distill in fp32 and bf16, quality of the result.
 
     python benchmarks/gpu_check.py --out results.json [--steps 300] [--batch 256]
+    python benchmarks/gpu_check.py --out results.json --only t2i     # data/digits-t2i.yaml, all stages
 
-Uses the embedded digits default with a temporary store. Prints and writes one JSON object.
+Uses the embedded digits default (or the text-to-image one) with a temporary store. Prints and writes
+one JSON object.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dmd_core.digits import DigitsClassifier, load_digits_data
 from dmd_core.dmd import OneStep
 from dmd_core.metrics import class_accuracy, frechet_distance
 from dmd_core.shards import sample_labels, sample_noise
-from stages import distill, generate
+from stages import distill, evaluate, generate
 from stages.config import DEFAULT_CONFIG, load_config
 
 
@@ -37,14 +39,32 @@ def one_step_quality(gen_dir: Path, n: int = 2000) -> dict:
     return {"fd_digits": frechet_distance(clf, real, x), "class_accuracy": class_accuracy(clf, x, labels.cpu())}
 
 
+def t2i_check(store: str, res: dict) -> None:
+    """data/digits-t2i.yaml as committed, stage by stage on this machine's GPU: wall times and the evaluate numbers."""
+    cfg = load_config(DEFAULT_CONFIG.parent / "digits-t2i.yaml", [f"store={store}"])
+    for name, stage in (("generate", generate), ("distill", distill), ("evaluate", evaluate)):
+        t0 = time.perf_counter()
+        m = stage.run(cfg, progress=False)
+        res[f"{name}_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps({name: res[f"{name}_s"]}), flush=True)
+    res["metrics"] = {k: v for k, v in m.info["metrics"].items() if isinstance(v, (int, float))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--only", choices=["digits", "t2i"], default="digits")
     args = ap.parse_args()
     store = tempfile.mkdtemp(prefix="dmd-gpu-")
     res: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+    if args.only == "t2i":
+        res["digits_t2i"] = {}
+        t2i_check(store, res["digits_t2i"])
+        print(json.dumps(res, indent=2), flush=True)
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        return
 
     cfg = load_config(None, [f"store={store}", "generate.batch_size=1024", "generate.shard_size=1024"])
     t0 = time.perf_counter()

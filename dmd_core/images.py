@@ -26,3 +26,26 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
     grid_image(images, nrow).save(tmp, format="PNG")
     tmp.replace(path)
     return path
+
+
+def caption_columns(grid: Image.Image, captions: list[str], pad: int = 2) -> Image.Image:
+    """``grid`` (from grid_image, one column per caption) with each caption written upwards above its column."""
+    from PIL import ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=11)  # Pillow's bundled scalable font (needs FreeType)
+    except (ImportError, TypeError):  # older Pillow / no FreeType: the bitmap font
+        font = ImageFont.load_default()
+    n = len(captions)
+    cell = (grid.width - pad) / n  # make_grid: width = n * (cell + pad) + pad
+    boxes = [font.getbbox(c) for c in captions]
+    height = max(b[2] - b[0] for b in boxes) + 6
+    canvas = Image.new(grid.mode, (grid.width, grid.height + height), 255)
+    canvas.paste(grid, (0, height))
+    for i, (text, box) in enumerate(zip(captions, boxes)):
+        label = Image.new("L", (box[2] - box[0] + 2, box[3] + 2), 255)
+        ImageDraw.Draw(label).text((-box[0] + 1, 0), text, fill=0, font=font)
+        label = label.rotate(90, expand=True)  # reads bottom to top
+        x = round(pad + i * cell + (cell - pad - label.width) / 2)
+        canvas.paste(label.convert(grid.mode), (x, height - 3 - label.height))
+    return canvas

@@ -152,9 +152,12 @@ def load_prompt_encoder(path: str | os.PathLike, device: str | torch.device = "c
     return PromptEncoder(tokenizer, encoder.requires_grad_(False).eval().to(device))
 
 
-def latent_decoder(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """latents in model space -> images: ``vae.decode(latents / scaling_factor)`` (differentiable)."""
+def latent_decoder(path: str | os.PathLike, device: str | torch.device = "cpu", gradient_checkpointing: bool = False):
+    """latents in model space -> images: ``vae.decode(latents / scaling_factor)`` (differentiable; with
+    ``gradient_checkpointing`` its backward recomputes the decoder's activations: less memory for LPIPS)."""
     vae = load_vae(path, device)
+    if gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
     scale = vae.config.scaling_factor
 
     def decode(latents: torch.Tensor) -> torch.Tensor:

@@ -81,18 +81,19 @@ def make_fid(feature_net: nn.Module) -> FrechetInceptionDistance:
 
 def set_reference(fid: FrechetInceptionDistance, mu: np.ndarray, sigma: np.ndarray, n: int) -> None:
     """Load reference statistics into the metric's real-side sums (inverse of its mean/cov formulas)."""
-    mu_t = torch.as_tensor(mu, dtype=torch.float64)
-    sigma_t = torch.as_tensor(sigma, dtype=torch.float64)
+    dev = fid.real_features_sum.device  # the metric's device (a GPU's, when evaluate runs there)
+    mu_t = torch.as_tensor(mu, dtype=torch.float64, device=dev)
+    sigma_t = torch.as_tensor(sigma, dtype=torch.float64, device=dev)
     fid.real_features_sum = mu_t * n
     fid.real_features_cov_sum = sigma_t * (n - 1) + n * torch.outer(mu_t, mu_t)
-    fid.real_features_num_samples = torch.tensor(n, dtype=torch.long)
+    fid.real_features_num_samples = torch.tensor(n, dtype=torch.long, device=dev)
 
 
 def clear_reference(fid: FrechetInceptionDistance) -> None:
     """Zero real-side sums (ranks other than 0, so the all-reduce counts the reference once)."""
     fid.real_features_sum = torch.zeros_like(fid.real_features_sum)
     fid.real_features_cov_sum = torch.zeros_like(fid.real_features_cov_sum)
-    fid.real_features_num_samples = torch.tensor(0, dtype=torch.long)
+    fid.real_features_num_samples = torch.tensor(0, dtype=torch.long, device=fid.real_features_sum.device)
 
 
 def side_stats(sum_: torch.Tensor, cov_sum: torch.Tensor, n: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
@@ -141,3 +142,53 @@ def class_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Te
         pred = classifier(images[start : start + batch_size]).argmax(1)
         correct += (pred == labels[start : start + batch_size]).sum().item()
     return correct / len(images)
+
+
+def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images, 1 or 3 channels -> uint8 RGB (what CLIP's image processor expects)."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+
+
+class _TensorFeatures(nn.Module):
+    """CLIPModel whose get_*_features return the embedding tensor: transformers 5 returns an output object
+    (the projected embedding in ``pooler_output``), torchmetrics 1.9's CLIPScore expects the tensor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args, **kw) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kw))
+
+    def get_text_features(self, *args, **kw) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kw))
+
+
+def make_clip_score(model_dir: str | Path):
+    """torchmetrics' CLIPScore on a local CLIP directory (CLIPModel + CLIPProcessor files); nothing is downloaded.
+
+    CLIPScore = 100 * max(mean cos(image embedding, text embedding), 0) (Hessel et al. 2021).
+    """
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise InputError(
+            f"evaluate.clip_model: {path} is not a CLIP model directory (no config.json). Fix: point it at a local "
+            "CLIPModel.save_pretrained + CLIPProcessor.save_pretrained folder, e.g. a snapshot of openai/clip-vit-large-patch14."
+        )
+
+    def load():
+        try:
+            return _TensorFeatures(CLIPModel.from_pretrained(str(path), local_files_only=True).eval()), CLIPProcessor.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise InputError(f"evaluate.clip_model: {path} does not load as CLIPModel + CLIPProcessor: {str(e).splitlines()[0]}") from None
+
+    return CLIPScore(model_name_or_path=load)

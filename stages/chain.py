@@ -40,9 +40,9 @@ class Teacher:
             den.set_prompts(load_prompt_encoder(self.path, device).table(prompts))
         return den
 
-    def pixel_decoder(self, device="cpu") -> Callable:
+    def pixel_decoder(self, device="cpu", gradient_checkpointing: bool = False) -> Callable:
         """Model space -> pixels: the pipeline's VAE decoder for latent (text-to-image) teachers, else identity."""
-        return latent_decoder(self.path, device) if self.param.text_conditioned else (lambda x: x)
+        return latent_decoder(self.path, device, gradient_checkpointing) if self.param.text_conditioned else (lambda x: x)
 
 
 def resolve_teacher(cfg: PipelineConfig) -> Teacher:

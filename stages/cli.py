@@ -154,7 +154,7 @@ def toy_classifier_command(
 @toy_app.command("teacher")
 def toy_teacher_command(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("data/teacher"),
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps (default: 4000 for edm and vp; the UNet's steps for t2i, T2ITraining.steps).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps (default: 4000 for edm and vp; for t2i the UNet's, 3500 at batch 256, after 1000 VAE steps).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     classifier: Annotated[Path, typer.Option(help="Classifier used to report the teacher's quality.")] = Path("data/classifier"),
     kind: Annotated[str, typer.Option(help="edm: a denoiser directory (EDM loss and preconditioning); vp: a DDPMPipeline folder (DDPM epsilon loss, Stable Diffusion's scaled_linear schedule); t2i: a StableDiffusionPipeline folder: AutoencoderKL, CLIPTextModel + its own tokenizer, UNet2DConditionModel, SD's schedule (reports a guidance sweep to <out>-quality.json).")] = "edm",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dmd_core.dmd import VP_GENERATOR_TIMESTEP, DMDSettings
 from dmd_core.errors import InputError
@@ -71,7 +71,7 @@ class DistillConfig(Section):
     def _yaml_no(cls, v):
         return "no" if v is False else v  # YAML 1.1 reads an unquoted `no` as false
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    gradient_checkpointing: bool = Field(False, description="recompute the generator's and fake score's activations in backward (less memory)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: generator, fake score and (LPIPS on decoded images) the VAE decoder")
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the frozen real score's weights (the prompt table is computed once); float16 needs a GPU"
     )
@@ -109,7 +109,14 @@ class EvaluateConfig(Section):
     prompts: str | None = Field(None, description="text-to-image teachers: held-out prompts (.parquet or text); sample i uses prompt i mod N")
     prompt_column: str = Field("prompt", description="the prompt column of a Parquet prompt file")
     prompt_labels: str | None = Field(None, description="a Parquet column with each prompt's class (e.g. the digit it names), for the accuracy")
+    clip_model: str | None = Field(None, description="text-to-image: a local CLIP model directory (CLIPModel + CLIPProcessor) for the CLIP score; nothing is downloaded")
     num_threads: int | None = Field(None, gt=0, description="torch threads per process; not part of the cache key")
+
+    @model_validator(mode="after")
+    def _clip_needs_prompts(self) -> "EvaluateConfig":
+        if self.clip_model and not self.prompts:
+            raise ValueError("evaluate.clip_model scores images against their prompts: set evaluate.prompts (text-to-image teachers)")
+        return self
 
 
 class ExportConfig(Section):
@@ -140,7 +147,7 @@ def _format_validation(e: ValidationError) -> str:
 # (section, key) of config values that are paths, resolved against the config file's directory.
 RELATIVE_PATHS = [
     ("teacher", "path"), ("generate", "prompts"), ("evaluate", "prompts"),
-    ("evaluate", "classifier"), ("evaluate", "inception_weights"), ("evaluate", "reference"),
+    ("evaluate", "classifier"), ("evaluate", "inception_weights"), ("evaluate", "reference"), ("evaluate", "clip_model"),
 ]  # fmt: skip
 YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
 

@@ -26,7 +26,7 @@ from dmd_core.denoisers import Denoiser
 from dmd_core.digits import DigitsClassifier, load_digits_data
 from dmd_core.dmd import OneStep
 from dmd_core.errors import InputError
-from dmd_core.images import grid_image
+from dmd_core.images import caption_columns, grid_image
 from dmd_core.loading import load_denoiser, load_prompt_encoder
 from dmd_core.metrics import (
     InceptionFeatures,
@@ -34,10 +34,12 @@ from dmd_core.metrics import (
     clear_reference,
     inception_weights_path,
     load_stats,
+    make_clip_score,
     make_fid,
     save_stats,
     set_reference,
     side_stats,
+    to_uint8_rgb,
 )
 from dmd_core.shards import sample_labels, sample_noise
 from dmd_core.solvers import check_solver, teacher_sampler
@@ -100,6 +102,11 @@ def plan(cfg: PipelineConfig, teacher: Teacher, distilled: StageOutput) -> Plan:
         if e.prompt_labels:
             read_prompt_labels(e.prompts, e.prompt_labels)
         prompts = {"prompts": f"{file_digest(e.prompts, cfg.store)}:{e.prompt_column}:{e.prompt_labels}"}
+    if e.clip_model:
+        if not Path(e.clip_model, "config.json").is_file():
+            raise InputError(f"evaluate.clip_model: {e.clip_model} is not a local CLIP model directory (no config.json). Fix: point it at a "
+                             "CLIPModel + CLIPProcessor save_pretrained folder (e.g. a snapshot of openai/clip-vit-large-patch14).")  # fmt: skip
+        prompts["clip_model"] = dir_digest(e.clip_model, cfg.store)
     features = _features_digest(e, cfg.store)
     reference = _reference_digest(e, cfg.store)
     dm = distilled.manifest
@@ -160,6 +167,7 @@ class Evaluator:
         if self.prompts is not None:
             self.student.set_prompts(self.teacher.prompt_table)
             self.prompt_encoder = load_prompt_encoder(teacher.path, device)
+        self.clip_model = self.e.clip_model if self.prompts is not None else None
         self.to_pixels = teacher.pixel_decoder(device)
         g = cfg.generate
         self.guidance_scale = g.guidance_scale
@@ -191,7 +199,7 @@ class Evaluator:
         out = Path(self.cfg.store) / "reference" / self.p.info["reference_key"]
         if cached_side_output(out):
             return load_stats(out / "stats.npz")
-        fid = make_fid(self.features)
+        fid = make_fid(self.features).to(self.device)
         real, _ = load_digits_data()
         with torch.no_grad():
             for s in range(0, len(real), self.e.batch_size):
@@ -215,6 +223,7 @@ class Evaluator:
         mu, sigma, n = self.reference()
         set_reference(fid, mu, sigma, n) if self.rank == 0 else clear_reference(fid)
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        clip = make_clip_score(self.clip_model).to(self.device) if self.clip_model else None
         bar.set_description(phase)
         for s in self.batch_starts():
             idx = range(s, min(s + e.batch_size, e.num_samples))
@@ -226,13 +235,18 @@ class Evaluator:
             classes = self.classes(labels)
             if self.classifier is not None and classes is not None:
                 correct += (self.classifier(x).argmax(1) == classes).sum()
+            if clip is not None:
+                clip.update(to_uint8_rgb(x), [self.prompts[int(i)] for i in labels])
             bar.update(1)
         fd = float(fid.compute())  # torchmetrics all-reduces the float64 sums across processes
         if self.world > 1:
             torch.distributed.all_reduce(correct)
         acc = float(correct) / e.num_samples if self.classifier is not None and self.num_classes and (self.prompts is None or self.prompt_classes is not None) else None
         fake = side_stats(fid.fake_features_sum, fid.fake_features_cov_sum, fid.fake_features_num_samples)
-        return {"fd": fd, "class_accuracy": acc, "stats": fake}
+        out = {"fd": fd, "class_accuracy": acc, "stats": fake}
+        if clip is not None:
+            out["clip_score"] = float(clip.compute())  # torchmetrics sums score and count across processes
+        return out
 
     @torch.no_grad()
     def speed(self) -> dict:
@@ -262,14 +276,20 @@ class Evaluator:
 
     @torch.no_grad()
     def grid(self, path: Path) -> None:
-        """Teacher (left) beside student (right), same noise and labels; one column per class (prompts: the first 10)."""
+        """Teacher (left) beside student (right), same noise and labels; one column per class (prompts: 10
+        spread evenly over the held-out list, each written above its column)."""
         C = min(self.num_classes, 10) if self.prompts is not None else self.num_classes
         n = 8 * (C or 8)
         z = sample_noise(self.e.seed + 2, range(n), self.shape).to(self.device)
         labels = sample_labels(range(n), C)
+        if self.prompts is not None:
+            columns = [c * len(self.prompts) // C for c in range(C)]
+            labels = torch.tensor(columns)[labels]
         labels = None if labels is None else labels.to(self.device)
         left = grid_image(self.teacher_sample(z, labels), nrow=C or 8)
         right = grid_image(self.student_sample(z, labels), nrow=C or 8)
+        if self.prompts is not None:
+            left, right = (caption_columns(im, [self.prompts[c] for c in columns]) for im in (left, right))
         gap = 16
         canvas = Image.new(left.mode, (left.width + gap + right.width, max(left.height, right.height)), 255)
         canvas.paste(left, (0, 0))
@@ -291,11 +311,13 @@ def teacher_numbers(ev: Evaluator, bar: Bar, cached: bool) -> dict:
         return json.loads((out / "metrics.json").read_text())
     r = ev.measure(ev.teacher_sample, bar, f"teacher ({ev.teacher_nfe} NFE)")
     result = {"teacher_fd": r["fd"], "teacher_class_accuracy": r["class_accuracy"], "teacher_nfe": ev.teacher_nfe}
+    if "clip_score" in r:
+        result["teacher_clip_score"] = r["clip_score"]
     if ev.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_stats(out / "teacher_stats.npz", *r["stats"])
         write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
-        up = {k: ev.p.upstream[k] for k in ("teacher", "features", "reference")}
+        up = {k: ev.p.upstream[k] for k in ("teacher", "features", "reference", "prompts", "clip_model") if k in ev.p.upstream}
         save_side_output(out, "teacher_eval", ev.p.info["teacher_key"], SPEC.code_version, ["metrics.json", "teacher_stats.npz"], up)
     return result
 
@@ -320,6 +342,7 @@ def evaluate(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.
         "fd_ratio": student["fd"] / teacher["teacher_fd"],
         "student_class_accuracy": student["class_accuracy"],
         "student_nfe": 1,
+        **({"student_clip_score": student["clip_score"]} if "clip_score" in student else {}),
         **speed,
         "features": cfg.evaluate.features,
         "num_samples": cfg.evaluate.num_samples,
@@ -379,6 +402,8 @@ def results_table(m: Manifest) -> str:
         ("class accuracy", acc(r["teacher_class_accuracy"]), acc(r["student_class_accuracy"])),
         ("images/s", f"{r['teacher_images_per_s']:.1f}", f"{r['student_images_per_s']:.1f}"),
     ]
+    if "student_clip_score" in r:
+        rows.insert(3, ("CLIP score", f"{r['teacher_clip_score']:.2f}", f"{r['student_clip_score']:.2f}"))
     w = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
     lines.append(f"{fd_name} ratio (one-step / teacher): {r['fd_ratio']:.2f}   speedup: {r['speedup']:.1f}x")

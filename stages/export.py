@@ -182,7 +182,7 @@ Distilled with dmd-pipeline by Distribution Matching Distillation
 (Yin et al., CVPR 2024) from the teacher `{pc['teacher']['path']}`: one network evaluation per image instead
 of {r['teacher_nfe']}.
 
-![teacher (left) and this generator (right), same noise and labels](grid.png)
+![teacher (left) and this generator (right), same noise and {"prompts (above each column)" if text else "labels"}](grid.png)
 
 ## Metrics (evaluate stage, {r['num_samples']} {samples})
 
@@ -266,9 +266,9 @@ pipe = StableDiffusionPipeline.from_pretrained("{out}")
 image = pipe("{batch[0]}", num_inference_steps=1, guidance_scale=1.0).images[0]
 ```
 
-`unet/` is the one-step generator; the scheduler is DDIM with one step at t* = {OneStep.of(den).level}
-(`timestep_spacing="leading"`, `steps_offset` = t*, `set_alpha_to_one=True`), so plain diffusers computes
-x0 = (z - sigma eps) / alpha there: the generator. Checked in a fresh process on {n} held-out prompts: max
+`unet/` is the one-step generator; the scheduler is DDIM cut after t* = {OneStep.of(den).level} (`trained_betas` = the
+teacher's first t* + 1 betas, `timestep_spacing="trailing"`, `set_alpha_to_one=True`), so one inference step runs at
+t* and plain diffusers returns x0 = (z - sigma eps) / alpha there: the generator. Checked in a fresh process on {n} held-out prompts: max
 relative difference to the evaluated generator's latents {rel:.2e}.
 
 """

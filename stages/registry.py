@@ -130,7 +130,7 @@ STAGES: tuple[StageSpec, ...] = (
         The teacher's numbers and the reference statistics are computed once and cached in the store.""",
         load=_evaluate,
         # paths: the digests of what they point to are in the key
-        not_in_key=frozenset({"num_threads", "distill", "classifier", "inception_weights", "reference", "prompts", "prompt_column", "prompt_labels"}),
+        not_in_key=frozenset({"num_threads", "distill", "classifier", "inception_weights", "reference", "prompts", "prompt_column", "prompt_labels", "clip_model"}),
         input_key="distill",
     ),
     StageSpec(

@@ -19,7 +19,7 @@ from dmd_core.digits import (
     train_digits_classifier,
     train_toy_teacher,
 )
-from dmd_core.digits_t2i import T2ITraining, choose_guidance, save_t2i_pipeline, t2i_report, train_toy_t2i_teacher
+from dmd_core.digits_t2i import T2ITraining, choose_guidance, digit_prompts, save_t2i_pipeline, t2i_report, train_toy_t2i_teacher
 from dmd_core.loading import load_denoiser, save_denoiser
 from dmd_core.metrics import class_accuracy, frechet_distance
 from dmd_core.shards import sample_labels, sample_noise
@@ -61,19 +61,36 @@ def make_teacher(out: Path, steps: int = 4000, seed: int = 0, classifier_dir: Pa
     return str(out)
 
 
-T2I_GUIDANCE_SCALES = (1.0, 2.0, 3.0)
+T2I_GUIDANCE_SCALES = (1.0, 1.25, 1.5, 2.0, 3.0)  # FD-digits is lowest just above 1; accuracy saturates by 2
 
 
 def make_t2i_teacher(out: Path, steps: int = T2ITraining.steps, seed: int = 0, classifier_dir: Path | None = None) -> str:
     """The text-to-image digits teacher; ``<out>-training.json`` beside it and, with a classifier, ``<out>-quality.json``."""
     pipe, info = train_toy_t2i_teacher(T2ITraining(steps=steps, seed=seed))
     save_t2i_pipeline(pipe, out)
+    write_t2i_prompt_files(out.parent)
     info = {"kind": "t2i", **info}
     out.parent.joinpath(f"{out.name}-training.json").write_text(json.dumps(info, indent=2) + "\n")
     log.info("t2i teacher: VAE held-out PSNR %.2f dB, %.0f s", info["vae"]["held_out_reconstruction"]["psnr_db"], info["seconds"]["total"])
     if classifier_dir is not None and (classifier_dir / "model.safetensors").is_file():
         out.parent.joinpath(f"{out.name}-quality.json").write_text(t2i_quality(out, classifier_dir) + "\n")
     return str(out)
+
+
+T2I_PROMPT_FILES = {"train": "digits-t2i-train-prompts.parquet", "eval": "digits-t2i-eval-prompts.parquet"}
+
+
+def write_t2i_prompt_files(data_dir: Path) -> list[Path]:
+    """The training and held-out prompt files of data/digits-t2i.yaml: columns ``prompt`` and ``digit``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = []
+    for split, name in T2I_PROMPT_FILES.items():
+        prompts, digits = zip(*digit_prompts(split))
+        pq.write_table(pa.table({"prompt": list(prompts), "digit": pa.array(digits, pa.int64())}), data_dir / name)
+        paths.append(data_dir / name)
+    return paths
 
 
 def t2i_quality(teacher_dir: Path, classifier_dir: Path, scales=T2I_GUIDANCE_SCALES, num_samples: int = 1000, steps: int = 50) -> str:

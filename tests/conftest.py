@@ -92,6 +92,26 @@ def make_sd_teacher(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def make_tiny_clip(path: Path, seed: int = 3) -> Path:
+    """A tiny CLIPModel + CLIPProcessor directory (random weights, 16x16 images) for the CLIP score.
+
+    Seed 3: its image-text cosines on the tests' inputs are positive, so the score is not clamped to 0.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from dmd_core.text import write_clip_tokenizer
+
+    tokenizer = write_clip_tokenizer(path, SD_WORDS, max_length=8)
+    torch.manual_seed(seed)
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(str(path))
+    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def sd_teacher(tmp_path_factory) -> Path:
     return make_sd_teacher(tmp_path_factory.mktemp("teacher") / "sd")

@@ -12,7 +12,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from conftest import write_config
+from conftest import make_tiny_clip, write_config
 from dmd_core.errors import InputError
 from dmd_core.loading import read_parametrization
 from dmd_core.text import read_prompts
@@ -160,7 +160,7 @@ def exported_t2i(tmp_path_factory, sd_teacher):
                        solver="pndm", steps=4, num_samples=8, shard_size=8, prompts=str(tmp / "train.txt"))  # fmt: skip
     overrides = [f"evaluate.prompts={tmp / 'eval.parquet'}", "evaluate.prompt_labels=digit", "evaluate.num_samples=80", "evaluate.batch_size=40",
                  "evaluate.features=digits", f"evaluate.classifier={ROOT / 'data' / 'classifier'}", "evaluate.speed_batch_size=4",
-                 "evaluate.speed_repeats=1", "export.parity_samples=4"]  # fmt: skip
+                 "evaluate.speed_repeats=1", "export.parity_samples=4", f"evaluate.clip_model={make_tiny_clip(tmp / 'clip')}"]  # fmt: skip
     c = load_config(cfg, overrides)
     return c, export.run(c, progress=False)
 
@@ -171,6 +171,48 @@ def test_evaluate_decodes_latents_and_scores_prompts(exported_t2i):
     assert r["teacher_nfe"] == 5 and r["student_nfe"] == 1
     # the digits classifier saw decoded 1x8x8 images; accuracy is against the digit each prompt names
     assert 0.0 <= r["student_class_accuracy"] <= 1.0 and r["student_fd"] > 0 and r["speedup"] > 1
+    # CLIP score of both samplers' decoded images against their prompts (the tiny CLIP: random weights)
+    assert 0.0 <= r["student_clip_score"] <= 100.0 and 0.0 <= r["teacher_clip_score"] <= 100.0
+    assert r["student_clip_score"] != r["teacher_clip_score"]
+
+
+def test_clip_score_is_the_mean_cosine_of_matching_pairs(tmp_path):
+    """100 * mean cos(image embedding, embedding of the image's own prompt), by hand with the same CLIP."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from dmd_core.metrics import make_clip_score, to_uint8_rgb
+
+    clip_dir = make_tiny_clip(tmp_path / "clip")
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    prompts = ["the digit 7", "a handwritten seven", "3", "the digit three"]
+    u8 = to_uint8_rgb(x)
+    assert u8.dtype == torch.uint8 and u8.shape == (4, 3, 8, 8) and int(u8[0, 0, 0, 0]) == round((float(x[0, 0, 0, 0]) + 1) * 127.5)
+    model, proc = CLIPModel.from_pretrained(clip_dir), CLIPProcessor.from_pretrained(clip_dir)
+    with torch.no_grad():
+        fi = model.get_image_features(pixel_values=proc(images=list(u8), return_tensors="pt")["pixel_values"]).pooler_output
+        ft = model.get_text_features(**proc(text=prompts, return_tensors="pt", padding=True)).pooler_output
+    cos = torch.nn.functional.cosine_similarity(fi, ft)
+    want = 100 * float(cos.mean())
+    assert want > 5  # not clamped
+
+    def score(texts):
+        metric = make_clip_score(clip_dir)
+        metric.update(u8, texts)
+        return float(metric.compute())
+
+    assert score(prompts) == pytest.approx(want, abs=1e-3)
+    assert abs(score(prompts[1:] + prompts[:1]) - want) > 0.5  # pairing matters
+
+
+def test_clip_model_is_checked(tmp_path, exported_t2i, edm_teacher):
+    from stages import chain
+
+    c, _ = exported_t2i
+    bad = c.model_copy(update={"evaluate": c.evaluate.model_copy(update={"clip_model": str(tmp_path / "nope")})})
+    with pytest.raises(InputError, match="not a local CLIP model directory"):
+        chain.plan(bad, "evaluate")
+    with pytest.raises(InputError, match="evaluate.clip_model scores images against their prompts"):
+        load_config(write_config(tmp_path / "e.yaml", edm_teacher, tmp_path / "store"), [f"evaluate.clip_model={tmp_path}"])
 
 
 def test_export_is_a_plain_stable_diffusion_pipeline(exported_t2i):
@@ -270,3 +312,18 @@ def test_prompt_settings_change_no_key_without_prompts(tmp_path, edm_teacher, sd
     cfg = write_config(tmp_path / "t.yaml", sd_teacher, tmp_path / "store", solver="pndm", prompts=str(tmp_path / "p.parquet"))
     keys = {chain.plan(load_config(cfg, o), "generate").key for o in ([], ["generate.prompt_column=caption"])}
     assert len(keys) == 2
+
+
+def test_grid_captions_sit_above_their_columns():
+    from dmd_core.images import caption_columns, grid_image
+
+    grid = grid_image(torch.zeros(20, 1, 8, 8), nrow=10)  # mid-grey cells, white padding
+    out = caption_columns(grid, [f"prompt {i}" for i in range(10)])
+    a, g = np.asarray(out), np.asarray(grid)
+    header = out.height - grid.height
+    assert header > 30 and out.width == grid.width
+    assert np.array_equal(a[header:], g)  # the grid itself is unchanged, below the captions
+    cell = (grid.width - 2) / 10
+    for i in range(10):  # ink inside each column's span, none on the padding between columns
+        assert (a[:header, round(2 + i * cell) : round(2 + (i + 1) * cell - 2)] < 128).any()
+        assert (a[:header, round(i * cell) : round(i * cell) + 2] > 200).all()
