@@ -125,6 +125,9 @@ class Trainer:
         # frozen teacher, loaded once; text-to-image: with the pairs' prompts (the DM term draws from them too)
         self.real: Denoiser = p.teacher().load(dev, pair_prompts(p.inputs["pairs"]))
         gen, fake = copy.deepcopy(self.real), copy.deepcopy(self.real)  # theta, phi <- teacher
+        if self.real.param.text_conditioned:  # one prompt table for the three networks, not three copies
+            for net in (gen, fake):
+                net.set_prompts(self.real.prompt_table)
         # memory: the frozen score's weights need not be float32 (alphas and prompt table stay as they are)
         if d.frozen_dtype != "float32":
             self.real.unet.to(getattr(torch, d.frozen_dtype))

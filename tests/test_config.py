@@ -59,3 +59,23 @@ def test_embedded_vp_config_points_at_the_vp_teacher():
     assert (cfg.generate.solver, cfg.generate.steps) == ("pndm", 50)
     default = load_config()
     assert cfg.distill == default.distill and cfg.evaluate == default.evaluate  # only the teacher and solver differ
+
+
+def test_embedded_text_to_image_config_and_teacher():
+    """data/digits-t2i.yaml: the committed SD-layout teacher, its prompt files, and the guidance its sweep chose."""
+    import json
+
+    from dmd_core.digits_t2i import digit_prompts
+    from dmd_core.loading import read_parametrization
+    from dmd_core.text import read_prompt_labels, read_prompts
+    from stages.config import DEFAULT_CONFIG
+
+    cfg = load_config(DEFAULT_CONFIG.parent / "digits-t2i.yaml")
+    param = read_parametrization(cfg.teacher.path)
+    assert param.kind == "vp" and param.text_conditioned and param.image_shape == (4, 4, 4)
+    train, held_out = read_prompts(cfg.generate.prompts), read_prompts(cfg.evaluate.prompts)
+    assert train == [p for p, _ in digit_prompts("train")] and len(held_out) == 30 and not set(train) & set(held_out)
+    assert read_prompt_labels(cfg.evaluate.prompts, cfg.evaluate.prompt_labels) == [d for _, d in digit_prompts("eval")]
+    quality = json.loads((DEFAULT_CONFIG.parent / "teacher-t2i-quality.json").read_text())
+    assert cfg.generate.guidance_scale == cfg.distill.guidance_scale == quality["guidance_scale"] == 1.25
+    assert quality["prompt_accuracy"] >= 0.9
