@@ -175,6 +175,7 @@ def model_card(cfg: PipelineConfig, em: Manifest, out: Path, info: dict, files: 
     samples = "samples over the held-out prompts" if text else "class-balanced samples"
     accuracy = "prompt accuracy (the named class)" if text else "class accuracy"
     prompt_line = f"\n- Prompts: `{g['prompts']}` (pairs, DM term), held-out `{pc['evaluate']['prompts']}` (evaluation)." if text else ""
+    clip_row = f"\n| CLIP score (`{pc['evaluate']['clip_model']}`) | {r['teacher_clip_score']:.2f} | {r['student_clip_score']:.2f} |" if "student_clip_score" in r else ""
     checksums = "\n".join(f"| `{f.name}` | {f.size} | `{f.sha256}` |" for f in files)
     return f"""# One-step generator (DMD)
 
@@ -189,7 +190,7 @@ of {r['teacher_nfe']}.
 | | teacher ({r['teacher_nfe']} NFE) | one-step (1 NFE) |
 |---|---|---|
 | {fd} | {r['teacher_fd']:.4f} | {r['student_fd']:.4f} |
-| {accuracy} | {acc(r['teacher_class_accuracy'])} | {acc(r['student_class_accuracy'])} |
+| {accuracy} | {acc(r['teacher_class_accuracy'])} | {acc(r['student_class_accuracy'])} |{clip_row}
 | images/s (same batch, same process) | {r['teacher_images_per_s']:.1f} | {r['student_images_per_s']:.1f} |
 
 {fd} ratio (one-step / teacher): **{r['fd_ratio']:.3f}**; speedup **{r['speedup']:.1f}x**. Weights: `{r['generator']}`.

@@ -174,6 +174,8 @@ def test_evaluate_decodes_latents_and_scores_prompts(exported_t2i):
     # CLIP score of both samplers' decoded images against their prompts (the tiny CLIP: random weights)
     assert 0.0 <= r["student_clip_score"] <= 100.0 and 0.0 <= r["teacher_clip_score"] <= 100.0
     assert r["student_clip_score"] != r["teacher_clip_score"]
+    card = (Path(c.store) / "export" / m.key / "README.md").read_text()
+    assert f"| {r['teacher_clip_score']:.2f} | {r['student_clip_score']:.2f} |" in card
 
 
 def test_clip_score_is_the_mean_cosine_of_matching_pairs(tmp_path):
