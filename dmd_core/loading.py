@@ -152,10 +152,13 @@ def load_prompt_encoder(path: str | os.PathLike, device: str | torch.device = "c
     return PromptEncoder(tokenizer, encoder.requires_grad_(False).eval().to(device))
 
 
-def latent_decoder(path: str | os.PathLike, device: str | torch.device = "cpu", gradient_checkpointing: bool = False):
+def latent_decoder(path: str | os.PathLike, device: str | torch.device = "cpu", gradient_checkpointing: bool = False, dtype: torch.dtype | None = None):
     """latents in model space -> images: ``vae.decode(latents / scaling_factor)`` (differentiable; with
-    ``gradient_checkpointing`` its backward recomputes the decoder's activations: less memory for LPIPS)."""
+    ``gradient_checkpointing`` its backward recomputes the decoder's activations: less memory for LPIPS;
+    ``dtype``: the VAE's weights, e.g. bfloat16 on a GPU; images come back as float32)."""
     vae = load_vae(path, device)
+    if dtype is not None:
+        vae.to(dtype)
     if gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     scale = vae.config.scaling_factor

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from dmd_core.denoisers import Denoiser, Parametrization
 from dmd_core.errors import InputError
 from dmd_core.loading import latent_decoder, load_denoiser, load_prompt_encoder, load_vae, read_parametrization, resolve_model_dir
@@ -40,9 +42,9 @@ class Teacher:
             den.set_prompts(load_prompt_encoder(self.path, device).table(prompts))
         return den
 
-    def pixel_decoder(self, device="cpu", gradient_checkpointing: bool = False) -> Callable:
+    def pixel_decoder(self, device="cpu", gradient_checkpointing: bool = False, dtype: torch.dtype | None = None) -> Callable:
         """Model space -> pixels: the pipeline's VAE decoder for latent (text-to-image) teachers, else identity."""
-        return latent_decoder(self.path, device, gradient_checkpointing) if self.param.text_conditioned else (lambda x: x)
+        return latent_decoder(self.path, device, gradient_checkpointing, dtype) if self.param.text_conditioned else (lambda x: x)
 
 
 def resolve_teacher(cfg: PipelineConfig) -> Teacher:

@@ -73,7 +73,7 @@ class DistillConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: generator, fake score and (LPIPS on decoded images) the VAE decoder")
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="dtype of the frozen real score's weights (the prompt table is computed once); float16 needs a GPU"
+        "float32", description="dtype of the frozen networks' weights: real score and (latent teachers) VAE; float16 needs a GPU"
     )
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the generator (0 = off)")
     t_min: float = Field(DMDSettings.t_min, ge=0, le=1, description="DM timesteps t ~ U[t_min T, t_max T]")

@@ -138,7 +138,7 @@ class Trainer:
         self.one_step = OneStep.of(gen)
         self.shape = tuple(p.info["image_shape"])
         self.num_classes = gen.num_classes
-        self.to_pixels = p.teacher().pixel_decoder(dev, d.gradient_checkpointing)
+        self.to_pixels = p.teacher().pixel_decoder(dev, d.gradient_checkpointing, getattr(torch, d.frozen_dtype))
         for net in (gen, fake):
             net.requires_grad_(True).train()
         # fused AdamW: one kernel over all tensors, about 4x cheaper than the per-tensor loop on CPU

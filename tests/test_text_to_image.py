@@ -329,3 +329,16 @@ def test_grid_captions_sit_above_their_columns():
     for i in range(10):  # ink inside each column's span, none on the padding between columns
         assert (a[:header, round(2 + i * cell) : round(2 + (i + 1) * cell - 2)] < 128).any()
         assert (a[:header, round(i * cell) : round(i * cell) + 2] > 200).all()
+
+
+def test_frozen_vae_in_bfloat16_decodes_to_float32(sd_teacher):
+    """distill.frozen_dtype also casts the VAE: images come back float32, within bfloat16's precision of float32's."""
+    from dmd_core.loading import latent_decoder
+
+    z = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = latent_decoder(sd_teacher)(z)
+        half = latent_decoder(sd_teacher, dtype=torch.bfloat16)(z)
+    assert half.dtype == torch.float32 and half.shape == full.shape == (4, 1, 8, 8)
+    err = float((half - full).abs().max()) / float(full.abs().max())
+    assert 0 < err < 0.05  # bfloat16 changed the numbers, within its 8-bit mantissa
