@@ -49,3 +49,48 @@ def caption_columns(grid: Image.Image, captions: list[str], pad: int = 2) -> Ima
         x = round(pad + i * cell + (cell - pad - label.width) / 2)
         canvas.paste(label.convert(grid.mode), (x, height - 3 - label.height))
     return canvas
+
+
+def training_curves_png(rows: list[dict]) -> bytes:
+    """A distill run's curves as PNG bytes: the losses; with quality probes also their FD (best marked) and
+    the generator's per-channel std against the teacher's (over-saturation shows as std above the line)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probes = [r for r in rows if r.get("probe_fd") is not None]
+    fig, axes = plt.subplots(1, 3 if probes else 1, figsize=(14 if probes else 6, 3.2), dpi=100, squeeze=False)
+    ax = axes[0][0]
+    steps = [r["step"] for r in rows]
+    for name in ("loss_dm", "loss_reg", "loss_fake"):
+        values = [r.get(name) for r in rows]
+        if any(v is not None and v > 0 for v in values):
+            ax.plot(steps, values, label=name)
+    ax.set(xlabel="step", yscale="log", title="losses")
+    ax.legend()
+    if probes:
+        ps = [r["step"] for r in probes]
+        ax = axes[0][1]
+        ax.plot(ps, [r["probe_fd"] for r in probes], marker="o", ms=3, label="FD of the probe sample")
+        best = min(probes, key=lambda r: r["probe_fd"])
+        ax.scatter([best["step"]], [best["probe_fd"]], color="red", zorder=3, label=f"best: step {best['step']}")
+        ax.set(xlabel="step", title="quality during training")
+        ax.legend()
+        ax = axes[0][2]
+        channels = sorted({k[len("probe_std_c"):] for r in probes for k in r if k.startswith("probe_std_c")})
+        for c in channels:
+            line = ax.plot(ps, [r.get(f"probe_std_c{c}") for r in probes], label=f"generator std, channel {c}")[0]
+            if probes[-1].get(f"teacher_std_c{c}") is not None:
+                ax.axhline(probes[-1][f"teacher_std_c{c}"], color=line.get_color(), ls="--", lw=1)
+        ax.set(xlabel="step", title="sample std (dashed: teacher)")
+        ax.legend(fontsize=7)
+    for a in axes[0]:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import contextvars
 import hashlib
-import io
 import logging
 import os
 import queue
@@ -173,27 +172,12 @@ def _png_data_uri(path: Path) -> str:
 
 
 def training_curves_png(metrics_parquet: Path) -> bytes:
-    """Loss curves of a distill run as a PNG (matplotlib, headless)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Loss curves (and quality-probe FD, when the run had probes) of a distill run as a PNG."""
     import pyarrow.parquet as pq
 
-    rows = pq.read_table(metrics_parquet).to_pylist()
-    steps = [r["step"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    for name in ("loss_dm", "loss_reg", "loss_fake"):
-        ax.plot(steps, [r[name] for r in rows], label=name)
-    ax.set_xlabel("step")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    from dmd_core.images import training_curves_png as draw
+
+    return draw(pq.read_table(metrics_parquet).to_pylist())
 
 
 def publish(results: dict[str, dict], cache: dict[str, str], seconds: dict[str, float]) -> None:
@@ -209,6 +193,7 @@ def publish(results: dict[str, dict], cache: dict[str, str], seconds: dict[str, 
         "speedup": round(ev["speedup"], 1),
         "training_steps": dist["info"]["steps"],
         "distill_compute_s": dist["wall_time_s"],  # when it was computed, even if cached now
+        **({"best_probe_fd": round(best["probe_fd"], 4), "best_probe_step": best["step"]} if (best := dist["info"].get("best")) else {}),
         **{f"{s}_cache": cache[s] for s in ORDER},
         **{f"{s}_wall_time_s": round(seconds[s], 1) for s in ORDER},  # in this run
     }

@@ -90,6 +90,10 @@ class DistillConfig(Section):
     num_workers: int = Field(0, ge=0, description="data loader worker processes")
     pairs: str | None = Field(None, description="a generate output dir; default: the one this config's generate section makes")
     resume_from: str | None = Field(None, description="checkpoint dir to continue from (e.g. to train longer)")
+    eval_every: int | None = Field(
+        None, gt=0, description="steps between quality probes (FD and class accuracy of a fixed sample, evaluate's features); keeps generator_best/"
+    )
+    eval_samples: int = Field(1000, gt=1, description="samples of each quality probe (more than the feature dimension)")
     num_threads: int | None = Field(None, gt=0, description="torch threads per process; not part of the cache key")
 
 
@@ -102,6 +106,9 @@ class EvaluateConfig(Section):
     inception_weights: str | None = Field(None, description="torch-fidelity Inception weights (default: torch hub cache)")
     reference: str = Field("digits", description="'digits' (the real digits) or a .npz with mu and sigma")
     use_ema: bool = Field(True, description="evaluate generator_ema/ when the distill output has it")
+    generator: Literal["final", "ema", "best"] | None = Field(
+        None, description="which generator of the distill output: final, ema or best (distill.eval_every's best by FD); default: use_ema decides"
+    )
     teacher_steps: int | None = Field(None, gt=0, description="teacher solver steps (default: generate.steps)")
     speed_batch_size: int = Field(256, gt=0, description="batch for the images/s comparison")
     speed_repeats: int = Field(3, gt=0, description="timed repeats per sampler (after one warm-up)")

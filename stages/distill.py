@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from dmd_core.denoisers import Denoiser, Parametrization
 from dmd_core.dmd import VP_GENERATOR_TIMESTEP, DMDSettings, FakeScoreLoss, GeneratorLoss, OneStep, SampleRNG, random_labels
 from dmd_core.errors import InputError
-from dmd_core.images import save_grid
+from dmd_core.images import save_grid, training_curves_png
 from dmd_core.loading import save_denoiser
 from dmd_core.losses import DecodedLoss, LPIPSLoss, l2_loss, pseudo_huber_loss
 from dmd_core.shards import pair_stream, sample_seed, shard_name
@@ -38,7 +38,7 @@ from .generate import pair_prompts
 from .launch import launch_plan
 from .progress import progress_bar
 from .registry import spec
-from .store import Manifest, StageOutput, Timer, file_entry
+from .store import Manifest, StageOutput, Timer, file_entry, write_bytes_atomic
 
 STAGE = "distill"
 SPEC = spec(STAGE)
@@ -85,6 +85,11 @@ def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput) -> Plan:
             f"than the configured teacher.path (digest {teacher.digest[:16]}). Fix: regenerate the pairs with this teacher."
         )
     up = {"pairs": pm.digest, "teacher": teacher.digest}
+    if d.eval_every:  # in the key only when set: keys of runs without probes stay as they were
+        from .evaluate import _features_digest, _reference_digest
+
+        e = cfg.evaluate
+        up["quality_probe"] = f"{d.eval_every}:{d.eval_samples}:{e.seed}:{_features_digest(e, cfg.store)}:{_reference_digest(e, cfg.store)}"
     key = SPEC.key(cfg, up)
     info = {"image_shape": pm.info["image_shape"], "num_shards": pm.info["num_shards"]}
     return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, {"teacher": str(teacher.path), "pairs": str(pairs.out_dir)}, info)
@@ -155,9 +160,60 @@ class Trainer:
         self.urls = [str(Path(p.inputs["pairs"]) / shard_name(i)) for i in range(p.info["num_shards"])]
         self.data = None
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        # quality during training (main process): FD of a fixed sample every eval_every steps, the best kept
+        self.probe_fn, self.best = None, None
+        if d.eval_every and accelerator.is_main_process:
+            from .evaluate import QualityProbe
+
+            no_accuracy = self.real.param.text_conditioned  # training prompts carry no class column
+            self.probe_fn = QualityProbe(cfg, d.eval_samples, self.shape, self.num_classes, dev, (lambda labels: None) if no_accuracy else None)
+            self.teacher_channels = self.pair_channel_stats(d.eval_samples)
 
     def unwrap(self, net):
         return self.acc.unwrap_model(net)
+
+    def pair_channel_stats(self, n: int) -> dict[str, float]:
+        """Per-channel mean/std (first 4 channels) of the teacher's images in the pairs: the probe's reference line."""
+        stream = pair_stream(self.urls, min(n, 256), 0, 1, 0)
+        ys, seen = [], 0
+        while seen < n:
+            ys.append(next(stream)[1].float())
+            seen += len(ys[-1])
+        y = torch.cat(ys)[:n]
+        out = {}
+        for c in range(min(y.shape[1], 4)):
+            out[f"teacher_mean_c{c}"], out[f"teacher_std_c{c}"] = float(y[:, c].mean()), float(y[:, c].std())
+        return out
+
+    def probed_state(self) -> dict[str, torch.Tensor]:
+        """The weights the probe measures (and evaluate uses by default): the EMA when there is one."""
+        if self.ema is not None:
+            return self.ema
+        return self.unwrap(self.gen).unet.state_dict()
+
+    @torch.no_grad()
+    def probe(self, step: int) -> dict[str, float]:
+        """FD / accuracy / channel statistics of the probed generator; remembers the best by FD."""
+        gen = self.unwrap(self.gen)
+        net = copy.deepcopy(gen).eval()
+        net.unet.load_state_dict({k: v.to(net.dtype) for k, v in self.probed_state().items()})
+
+        def sample(z, labels):
+            with self.acc.autocast():
+                x = self.one_step(net, z, labels).float()
+            return x, self.to_pixels(x)
+
+        r = self.probe_fn(sample)
+        if self.best is None or r["probe_fd"] < self.best["probe_fd"]:
+            self.best = {"step": step, "probe_fd": r["probe_fd"], "state": {k: v.detach().float().cpu().clone() for k, v in self.probed_state().items()}}
+        return {**r, **self.teacher_channels, "best_probe_fd": self.best["probe_fd"]}
+
+    def load_best(self, ckpt: Path) -> None:
+        """The best-so-far generator of a checkpoint (resume)."""
+        if self.probe_fn is not None and (ckpt / "best.json").is_file():
+            info = json.loads((ckpt / "best.json").read_text())
+            state = load_file(str(ckpt / "generator_best" / "diffusion_pytorch_model.safetensors"))
+            self.best = {**info, "state": {k: v.float() for k, v in state.items()}}
 
     def restart_data(self, step: int) -> None:
         """The stream restarts at every checkpoint boundary, so a resumed run reads what an uninterrupted one does."""
@@ -253,6 +309,11 @@ class Trainer:
             ema_net = copy.deepcopy(gen)
             ema_net.unet.load_state_dict({k: v.to(ema_net.dtype) for k, v in self.ema.items()})
             save_denoiser(ema_net, target / "generator_ema")
+        if self.best is not None:
+            best_net = copy.deepcopy(gen)
+            best_net.unet.load_state_dict({k: v.to(best_net.dtype) for k, v in self.best["state"].items()})
+            save_denoiser(best_net, target / "generator_best")
+            (target / "best.json").write_text(json.dumps({k: self.best[k] for k in ("step", "probe_fd")}, indent=2) + "\n")
 
     @torch.no_grad()
     def sample_grid(self, path: Path) -> None:
@@ -269,8 +330,10 @@ class Trainer:
 
 
 def _write_metrics(rows: list[dict], path: Path) -> None:
+    """One row per logged step; columns that only some rows have (the probe's) are null elsewhere."""
+    names = list(dict.fromkeys(k for r in rows for k in r))
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in names} for r in rows]), tmp)
     os.replace(tmp, path)
 
 
@@ -322,6 +385,7 @@ def train(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | Non
         acc.load_state(str(ckpt / "accelerate"))
         if tr.ema is not None and (ckpt / "ema.safetensors").is_file():
             tr.ema = {k: v.to(acc.device) for k, v in load_file(str(ckpt / "ema.safetensors")).items()}
+        tr.load_best(ckpt)
         start = state["step"]
         if (ckpt / "metrics.parquet").is_file():
             rows = pq.read_table(ckpt / "metrics.parquet").to_pylist()
@@ -362,10 +426,13 @@ def train(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | Non
             tr.restart_data(step)
         logs = tr.step(step)
         done = step + 1
-        if done % d.log_every == 0 or done == d.steps:
+        probe_now = bool(d.eval_every) and (done % d.eval_every == 0 or done == d.steps)
+        if done % d.log_every == 0 or done == d.steps or probe_now:
             now = timer.seconds
             row = {"step": done, **logs, "samples_per_s": samples_per_step * (done - last_step) / max(now - last_t, 1e-9), "wall_time_s": now}
-            last_t, last_step = now, done
+            if probe_now and tr.probe_fn is not None:
+                row.update(tr.probe(done))
+            last_t, last_step = timer.seconds, done  # a probe's time does not count as training throughput
             rows.append(row)
             bar.set_postfix(dm=f"{logs['loss_dm']:.4f}", reg=f"{logs['loss_reg']:.4f}", fake=f"{logs['loss_fake']:.4f}")
         if acc.is_main_process and (done % d.sample_every == 0 or done == d.steps):
@@ -388,13 +455,17 @@ def finalize(cfg: PipelineConfig, p: Plan, tr: Trainer, rows: list[dict], wall: 
         final_grid.parent.mkdir(parents=True, exist_ok=True)
         tr.sample_grid(final_grid)
     shutil.copyfile(final_grid, out / "samples.png")
+    write_bytes_atomic(out / "curves.png", training_curves_png(rows))
     files = []
-    for sub in ("generator", "generator_ema", "fake_score", "samples"):
+    for sub in ("generator", "generator_ema", "generator_best", "fake_score", "samples"):
         for f in sorted((out / sub).rglob("*")) if (out / sub).is_dir() else []:
             if f.is_file():
                 files.append(file_entry(f).model_copy(update={"name": str(f.relative_to(out))}))
     # metrics.parquet holds timings: a record, so a deterministic retrain keeps the same digest
-    files += [file_entry(out / "metrics.parquet", record=True), file_entry(out / "samples.png"), file_entry(out / "config.yaml")]
+    # metrics.parquet and curves.png hold timings / are drawn from them: records
+    files += [file_entry(out / "metrics.parquet", record=True), file_entry(out / "curves.png", record=True), file_entry(out / "samples.png"), file_entry(out / "config.yaml")]
+    if tr.best is not None:
+        files.append(file_entry(out / "best.json"))
     last = rows[-1] if rows else {}
     m = Manifest(
         stage=STAGE,
@@ -412,6 +483,7 @@ def finalize(cfg: PipelineConfig, p: Plan, tr: Trainer, rows: list[dict], wall: 
             "final": {k: v for k, v in last.items() if k.startswith(("loss", "grad"))},
             "samples_per_s": last.get("samples_per_s"),
             "ema": tr.ema is not None,
+            "best": None if tr.best is None else {k: tr.best[k] for k in ("step", "probe_fd")},
         },
         wall_time_s=round(wall, 3),
     )

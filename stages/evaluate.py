@@ -91,6 +91,23 @@ def _reference_digest(e: EvaluateConfig, store: str) -> str:
     return "npz:" + file_digest(path, store)
 
 
+def reference_key(e: EvaluateConfig, store: str) -> str:
+    """Key of the cached reference statistics: (feature network, reference set)."""
+    return content_key("reference", {}, {"features": _features_digest(e, store), "reference": _reference_digest(e, store)}, SPEC.code_version)
+
+
+def generator_name(e: EvaluateConfig, dm: Manifest) -> str:
+    """Which of the distill output's generators to evaluate: evaluate.generator, else the EMA one when use_ema and present."""
+    present = {f.name.split("/")[0] for f in dm.files}
+    if e.generator is None:
+        return "generator_ema" if e.use_ema and "generator_ema" in present else "generator"
+    name = {"final": "generator", "ema": "generator_ema", "best": "generator_best"}[e.generator]
+    if name not in present:
+        fix = {"generator_ema": "set distill.ema_decay > 0", "generator_best": "set distill.eval_every"}.get(name, "")
+        raise InputError(f"evaluate.generator={e.generator}: the distill output has no {name}/. Fix: {fix}, or choose another evaluate.generator.")
+    return name
+
+
 def plan(cfg: PipelineConfig, teacher: Teacher, distilled: StageOutput) -> Plan:
     """Key = (evaluate config, teacher protocol, digests of the generator, teacher, features, reference)."""
     e = cfg.evaluate
@@ -110,13 +127,14 @@ def plan(cfg: PipelineConfig, teacher: Teacher, distilled: StageOutput) -> Plan:
     features = _features_digest(e, cfg.store)
     reference = _reference_digest(e, cfg.store)
     dm = distilled.manifest
-    has_ema = any(f.name.startswith("generator_ema/") for f in dm.files)
-    gen_dir = distilled.out_dir / ("generator_ema" if e.use_ema and has_ema else "generator")
+    gen_dir = distilled.out_dir / generator_name(e, dm)
     protocol = {"num_samples": e.num_samples, "seed": e.seed, "batch_size": e.batch_size}
-    ref_key = content_key("reference", {}, {"features": features, "reference": reference}, SPEC.code_version)
+    ref_key = reference_key(e, cfg.store)
     teacher_cfg = {**protocol, "solver": cfg.generate.solver, "steps": teacher_steps(cfg), "guidance_scale": cfg.generate.guidance_scale}
     teacher_key = content_key("teacher_eval", teacher_cfg, {"teacher": teacher.digest, "features": features, "reference": reference, **prompts}, SPEC.code_version)
     up = {"distill": dm.digest, "teacher": teacher.digest, "features": features, "reference": reference, **prompts}
+    if e.generator is not None:  # the choice is in the key only when made (keys without it stay as they were)
+        up["generator"] = gen_dir.name
     key = SPEC.key(cfg, up, {"teacher": teacher_cfg})
     info = {"generator_dir": str(gen_dir.resolve()), "teacher_key": teacher_key, "reference_key": ref_key, "distill_steps": dm.info.get("steps")}
     inputs = {"teacher": str(teacher.path), "distill": str(distilled.out_dir), **({"prompts": e.prompts} if e.prompts else {})}
@@ -143,10 +161,7 @@ class Evaluator:
         self.progress = progress
         self.rank, self.world, self.device = rank, world, device
         self.classifier = DigitsClassifier.load(self.e.classifier).to(device) if self.e.classifier else None
-        if self.e.features == "digits":
-            self.features: torch.nn.Module = PenultimateFeatures(self.classifier)
-        else:
-            self.features = InceptionFeatures(self.e.inception_weights)
+        self.features = make_features(self.e, self.classifier)
         if self.e.num_samples <= self.features.num_features:
             raise InputError(
                 f"evaluate.num_samples ({self.e.num_samples}) must exceed the feature dimension ({self.features.num_features}): "
@@ -193,23 +208,7 @@ class Evaluator:
         self.prompt_encoder(batch + [""] * len(batch) if guided else batch)
 
     def reference(self) -> tuple[np.ndarray, np.ndarray, int]:
-        """Reference statistics, computed once per (dataset, features) and cached (verified) in the store."""
-        if self.e.reference != "digits":
-            return load_stats(self.e.reference)
-        out = Path(self.cfg.store) / "reference" / self.p.info["reference_key"]
-        if cached_side_output(out):
-            return load_stats(out / "stats.npz")
-        fid = make_fid(self.features).to(self.device)
-        real, _ = load_digits_data()
-        with torch.no_grad():
-            for s in range(0, len(real), self.e.batch_size):
-                fid.update(real[s : s + self.e.batch_size].to(self.device, torch.float64), real=True)
-        mu, sigma, n = side_stats(fid.real_features_sum, fid.real_features_cov_sum, fid.real_features_num_samples)
-        if self.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            save_stats(out / "stats.npz", mu, sigma, n)
-            save_side_output(out, "reference", self.p.info["reference_key"], SPEC.code_version, ["stats.npz"], {k: self.p.upstream[k] for k in ("features", "reference")})
-        return mu, sigma, n
+        return reference_stats(self.cfg, self.p.info["reference_key"], self.features, self.device, self.rank)
 
     def batch_starts(self) -> list[int]:
         """First sample index of each batch this process measures: batches b = rank (mod world)."""
@@ -297,6 +296,71 @@ class Evaluator:
         tmp = path.with_name(f".{path.name}.tmp")
         canvas.save(tmp, format="PNG")
         tmp.replace(path)
+
+
+def make_features(e: EvaluateConfig, classifier: DigitsClassifier | None) -> torch.nn.Module:
+    return PenultimateFeatures(classifier) if e.features == "digits" else InceptionFeatures(e.inception_weights)
+
+
+def reference_stats(cfg: PipelineConfig, key: str, features: torch.nn.Module, device: torch.device, rank: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """Reference statistics, computed once per (dataset, features) and cached (verified) in <store>/reference/<key>/."""
+    e = cfg.evaluate
+    if e.reference != "digits":
+        return load_stats(e.reference)
+    out = Path(cfg.store) / "reference" / key
+    if cached_side_output(out):
+        return load_stats(out / "stats.npz")
+    fid = make_fid(features).to(device)
+    real, _ = load_digits_data()
+    with torch.no_grad():
+        for s in range(0, len(real), e.batch_size):
+            fid.update(real[s : s + e.batch_size].to(device, torch.float64), real=True)
+    mu, sigma, n = side_stats(fid.real_features_sum, fid.real_features_cov_sum, fid.real_features_num_samples)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_stats(out / "stats.npz", mu, sigma, n)
+        up = {"features": _features_digest(e, cfg.store), "reference": _reference_digest(e, cfg.store)}
+        save_side_output(out, "reference", key, SPEC.code_version, ["stats.npz"], up)
+    return mu, sigma, n
+
+
+class QualityProbe:
+    """FD (evaluate.features against evaluate.reference) and class accuracy of a fixed sample, for tracking
+    a generator during training: the same noise and labels every time (evaluate.seed), one process."""
+
+    def __init__(self, cfg: PipelineConfig, num_samples: int, shape: tuple[int, ...], num_classes: int, device: torch.device, class_of=None):
+        e = cfg.evaluate
+        self.classifier = DigitsClassifier.load(e.classifier).to(device) if e.classifier else None
+        self.features = make_features(e, self.classifier)
+        self.reference = reference_stats(cfg, reference_key(e, cfg.store), self.features, device)
+        idx = range(num_samples)
+        self.z = sample_noise(e.seed, idx, shape).to(device)
+        labels = sample_labels(idx, num_classes)
+        self.labels = None if labels is None else labels.to(device)
+        # the class each sample should show (None: no accuracy, e.g. prompts without labels)
+        self.classes = self.labels if class_of is None else class_of(self.labels)
+        self.batch_size, self.device = e.batch_size, device
+
+    @torch.no_grad()
+    def __call__(self, sample: Callable) -> dict:
+        """``sample(z, labels) -> (model-space x, pixels)``: FD, accuracy and per-channel mean/std of x (first 4)."""
+        fid = make_fid(self.features).to(self.device)
+        set_reference(fid, *self.reference)
+        correct, xs = 0, []
+        for s in range(0, len(self.z), self.batch_size):
+            labels = None if self.labels is None else self.labels[s : s + self.batch_size]
+            x, pixels = sample(self.z[s : s + self.batch_size], labels)
+            pixels = pixels.float().clamp(-1, 1)
+            fid.update(pixels.to(torch.float64), real=False)
+            if self.classifier is not None and self.classes is not None:
+                correct += int((self.classifier(pixels).argmax(1) == self.classes[s : s + self.batch_size]).sum())
+            xs.append(x.float())
+        x = torch.cat(xs)
+        out = {"probe_fd": float(fid.compute())}
+        out["probe_class_accuracy"] = correct / len(self.z) if self.classifier is not None and self.classes is not None else None
+        for c in range(min(x.shape[1], 4)):
+            out[f"probe_mean_c{c}"], out[f"probe_std_c{c}"] = float(x[:, c].mean()), float(x[:, c].std())
+        return out
 
 
 def teacher_numbers_dir(ev: Evaluator) -> Path:

@@ -115,7 +115,8 @@ STAGES: tuple[StageSpec, ...] = (
         load=_distill,
         # logging, housekeeping and where the pairs are (their digest is in the key)
         # (gradient checkpointing recomputes the same activations: memory, not results)
-        not_in_key=frozenset({"log_every", "sample_every", "keep_checkpoints", "num_threads", "pairs", "gradient_checkpointing"}),
+        # eval_every / eval_samples enter the key through the upstream "quality_probe" entry, only when set
+        not_in_key=frozenset({"log_every", "sample_every", "keep_checkpoints", "num_threads", "pairs", "gradient_checkpointing", "eval_every", "eval_samples"}),
         input_key="pairs",
     ),
     StageSpec(
@@ -130,7 +131,7 @@ STAGES: tuple[StageSpec, ...] = (
         The teacher's numbers and the reference statistics are computed once and cached in the store.""",
         load=_evaluate,
         # paths: the digests of what they point to are in the key
-        not_in_key=frozenset({"num_threads", "distill", "classifier", "inception_weights", "reference", "prompts", "prompt_column", "prompt_labels", "clip_model"}),
+        not_in_key=frozenset({"num_threads", "distill", "classifier", "inception_weights", "reference", "prompts", "prompt_column", "prompt_labels", "clip_model", "generator"}),
         input_key="distill",
     ),
     StageSpec(
