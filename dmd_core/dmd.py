@@ -143,6 +143,8 @@ class GeneratorLoss:
         settings: DMDSettings,
         regression_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
         one_step: OneStep | None = None,
+        adversarial: Callable[[Tensor, Tensor | None, SampleRNG], Tensor] | None = None,
+        adversarial_weight: float = 0.0,
     ):
         if settings.regression_weight > 0 and regression_loss is None:
             raise ValueError("regression_weight > 0 needs a regression_loss")
@@ -150,6 +152,8 @@ class GeneratorLoss:
         self.one_step = one_step
         self.dm = DistributionMatchingLoss(settings)
         self.regression_loss = regression_loss
+        # DMD2: + w_G * softplus(-D(G(z))) through the frozen fake score (dmd_core.gan)
+        self.adversarial, self.adversarial_weight = adversarial, adversarial_weight
 
     def __call__(
         self,
@@ -172,7 +176,11 @@ class GeneratorLoss:
         loss_dm = self.dm(x, labels, real, fake, rng)
         loss_reg = self.regression_loss(x_reg, y_ref) if regress else x.new_zeros(())
         loss_g = loss_dm + lam * loss_reg
-        return loss_g, {"loss_dm": loss_dm, "loss_reg": loss_reg}, x.detach()
+        terms = {"loss_dm": loss_dm, "loss_reg": loss_reg}
+        if self.adversarial is not None:
+            terms["loss_gan_g"] = self.adversarial(x, labels, rng)
+            loss_g = loss_g + self.adversarial_weight * terms["loss_gan_g"]
+        return loss_g, terms, x.detach()
 
 
 class FakeScoreLoss:
@@ -201,3 +209,41 @@ class FakeScoreLoss:
         if self.param.kind == "edm":
             return (edm_weight(s, self.param.sigma_data) * (pred - x) ** 2).mean()
         return eps_mse_loss((x_t - a * pred) / s, eps)
+
+
+class GANLogits:
+    """D(x) = head(bottleneck of fake(x_t, t)): x noised at t uniform over all T levels, DMD2's 'diffusion GAN'
+    (docs/math.md §12). ``unet`` is the fake score's UNet (the hook's place), ``fake`` the callable to run."""
+
+    def __init__(self, param: Parametrization, alphas_cumprod: Tensor | None = None):
+        self.param, self.alphas_cumprod = param, alphas_cumprod
+
+    def __call__(self, fake: Callable, unet: torch.nn.Module, head: Callable, x: Tensor, labels: Tensor | None, rng: SampleRNG) -> Tensor:
+        from .gan import bottleneck_of
+
+        t = rng.randint(0, NUM_LEVELS)
+        eps = rng.randn(tuple(x.shape[1:])).to(x.dtype)
+        alpha, sigma, level = noise_levels(self.param, t, self.alphas_cumprod)
+        x_t = _bcast(alpha, x) * x + _bcast(sigma, x) * eps
+        with bottleneck_of(unet) as feats:
+            fake(x_t, level, labels)  # the whole forward: the up path's output is not used (simple, 2x the cost)
+        return head(feats[-1])
+
+
+class AdversarialLoss:
+    """The generator's GAN term softplus(-D(x)) through the fake score and head, both frozen for this call:
+    the gradient reaches x (and so G) but no weight of the fake score or head (DMD2's generator turn)."""
+
+    def __init__(self, gan_logits: GANLogits, fake: torch.nn.Module):
+        self.gan_logits, self.fake = gan_logits, fake  # fake: the module itself, not a DDP wrapper
+
+    def __call__(self, x: Tensor, labels: Tensor | None, rng: SampleRNG) -> Tensor:
+        from .gan import generator_gan_loss
+
+        flags = [p.requires_grad for p in self.fake.parameters()]
+        self.fake.requires_grad_(False)
+        try:
+            return generator_gan_loss(self.gan_logits(self.fake, self.fake.unet, self.fake.gan_head, x, labels, rng))
+        finally:
+            for p, f in zip(self.fake.parameters(), flags):
+                p.requires_grad_(f)

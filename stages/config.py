@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dmd_core.dmd import VP_GENERATOR_TIMESTEP, DMDSettings
 from dmd_core.errors import InputError
+from dmd_core.gan import GAN_WEIGHT_DISCRIMINATOR, GAN_WEIGHT_GENERATOR
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = PROJECT_ROOT / "data" / "digits.yaml"
@@ -60,6 +61,10 @@ class DistillConfig(Section):
     )
     guidance_scale: float = Field(DMDSettings.guidance_scale, ge=0, description="classifier-free guidance of the real score")
     fake_updates_per_generator_update: int = Field(1, ge=1, description="fake-score steps per generator step (DMD2: 5)")
+    gan: bool = Field(False, description="DMD2's GAN term: a classifier head on the fake score's bottleneck, real vs generated")
+    gan_weight_generator: float = Field(GAN_WEIGHT_GENERATOR, ge=0, description="w_G of softplus(-D(G(z))) in the generator loss (DMD2: 3e-3)")
+    gan_weight_discriminator: float = Field(GAN_WEIGHT_DISCRIMINATOR, ge=0, description="w_D of the head's loss in the fake-score loss (DMD2: 1e-2)")
+    real_data: Literal["digits"] = Field("digits", description="real images for the GAN term: the embedded digits (with their classes)")
     generator_optimizer: OptimizerConfig = OptimizerConfig()
     fake_optimizer: OptimizerConfig = OptimizerConfig()
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up, both networks")

@@ -24,8 +24,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dmd_core.denoisers import Denoiser, Parametrization
-from dmd_core.dmd import VP_GENERATOR_TIMESTEP, DMDSettings, FakeScoreLoss, GeneratorLoss, OneStep, SampleRNG, random_labels
+from dmd_core.digits import load_digits_data
+from dmd_core.dmd import (
+    VP_GENERATOR_TIMESTEP,
+    AdversarialLoss,
+    DMDSettings,
+    FakeScoreLoss,
+    GANLogits,
+    GeneratorLoss,
+    OneStep,
+    SampleRNG,
+    random_labels,
+)
 from dmd_core.errors import InputError
+from dmd_core.gan import BottleneckHead, bottleneck_shape, discriminator_loss
 from dmd_core.images import save_grid, training_curves_png
 from dmd_core.loading import save_denoiser
 from dmd_core.losses import DecodedLoss, LPIPSLoss, l2_loss, pseudo_huber_loss
@@ -45,7 +57,7 @@ SPEC = spec(STAGE)
 # Settings a run may change when it continues from another run's checkpoint (resume_from).
 MAY_DIFFER_ON_RESUME = SPEC.not_in_key | {"steps", "checkpoint_every", "num_workers", "resume_from", "pairs"}
 # SampleRNG streams: independent draws for each purpose.
-STREAM_GENERATOR, STREAM_SAMPLES, STREAM_DATA, STREAM_FAKE = 0, 1, 2, 10
+STREAM_GENERATOR, STREAM_SAMPLES, STREAM_DATA, STREAM_GAN, STREAM_FAKE = 0, 1, 2, 3, 10
 log = logging.getLogger("dmd")
 
 
@@ -90,6 +102,12 @@ def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput) -> Plan:
 
         e = cfg.evaluate
         up["quality_probe"] = f"{d.eval_every}:{d.eval_samples}:{e.seed}:{_features_digest(e, cfg.store)}:{_reference_digest(e, cfg.store)}"
+    if d.gan:
+        if teacher.param.text_conditioned:
+            raise InputError("distill.gan needs real images of the teacher's kind; text-to-image real data is not supported yet. Fix: --set distill.gan=false.")
+        if tuple(pm.info["image_shape"]) != (1, 8, 8):
+            raise InputError(f"distill.real_data=digits holds 1x8x8 images; this teacher makes {pm.info['image_shape']}. Fix: --set distill.gan=false.")
+        up["gan"] = f"{d.gan_weight_generator}:{d.gan_weight_discriminator}:{d.real_data}"
     key = SPEC.key(cfg, up)
     info = {"image_shape": pm.info["image_shape"], "num_shards": pm.info["num_shards"]}
     return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, {"teacher": str(teacher.path), "pairs": str(pairs.out_dir)}, info)
@@ -144,6 +162,11 @@ class Trainer:
         self.shape = tuple(p.info["image_shape"])
         self.num_classes = gen.num_classes
         self.to_pixels = p.teacher().pixel_decoder(dev, d.gradient_checkpointing, getattr(torch, d.frozen_dtype))
+        self.gan_logits = None
+        if d.gan:  # the head is part of the fake score: optimised, checkpointed and synchronised with it
+            fake.gan_head = self.make_gan_head(fake, d.seed, dev)
+            self.gan_logits = GANLogits(self.real.param, getattr(self.real, "alphas_cumprod", None))
+            self.real_images, self.real_labels = (t.to(dev) for t in load_digits_data())
         for net in (gen, fake):
             net.requires_grad_(True).train()
         # fused AdamW: one kernel over all tensors, about 4x cheaper than the per-tensor loop on CPU
@@ -155,7 +178,9 @@ class Trainer:
             reg_loss.to(dev)
         if d.regression_loss == "lpips" and reg_loss is not None and self.real.param.text_conditioned:
             reg_loss = DecodedLoss(reg_loss, self.to_pixels, d.lpips_resolution)  # LPIPS sees images, not latents
-        self.gen_loss = GeneratorLoss(dmd_settings(d), reg_loss, self.one_step)
+        # the GAN term runs the fake score itself, not its DDP wrapper: that forward belongs to G's backward
+        adversarial = AdversarialLoss(self.gan_logits, self.unwrap(self.fake)) if d.gan else None
+        self.gen_loss = GeneratorLoss(dmd_settings(d), reg_loss, self.one_step, adversarial, d.gan_weight_generator)
         self.fake_loss = FakeScoreLoss.for_teacher(self.real)
         self.urls = [str(Path(p.inputs["pairs"]) / shard_name(i)) for i in range(p.info["num_shards"])]
         self.data = None
@@ -171,6 +196,29 @@ class Trainer:
 
     def unwrap(self, net):
         return self.acc.unwrap_model(net)
+
+    def make_gan_head(self, fake: Denoiser, seed: int, dev) -> BottleneckHead:
+        """DMD2's head, sized by one probe forward of the fake score; its initial weights depend on the seed only."""
+        z = torch.zeros(1, *self.shape, device=dev)
+        labels = torch.zeros(1, dtype=torch.long, device=dev) if fake.num_classes else None
+        shape = bottleneck_shape(fake.unet, lambda: fake(z, OneStep.of(fake).level, labels))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(seed, STREAM_GAN, 0, 0) % (2**63))
+            return BottleneckHead(shape[0], shape[1:]).to(dev)
+
+    def discriminator_terms(self, x: torch.Tensor, labels, rng: SampleRNG) -> dict[str, torch.Tensor]:
+        """The head's loss on a real batch (drawn from real_data by the rng) against the generator's samples x."""
+        idx = rng.randint(0, len(self.real_images))
+        real_x = self.real_images[idx]
+        real_labels = self.real_labels[idx] if self.num_classes else None
+        fake = self.unwrap(self.fake)
+        logits_real = self.gan_logits(self.fake, fake.unet, fake.gan_head, real_x, real_labels, rng)
+        logits_fake = self.gan_logits(self.fake, fake.unet, fake.gan_head, x.detach(), labels, rng)
+        return {
+            "loss_gan_d": discriminator_loss(logits_real, logits_fake),
+            "d_real": torch.sigmoid(logits_real).mean().detach(),  # the head's P(real) on real / generated images
+            "d_fake": torch.sigmoid(logits_fake).mean().detach(),
+        }
 
     def pair_channel_stats(self, n: int) -> dict[str, float]:
         """Per-channel mean/std (first 4 channels) of the teacher's images in the pairs: the probe's reference line."""
@@ -267,7 +315,7 @@ class Trainer:
             xs.append(x)
             labels_dm.append(labels)
             for k, v in (*terms.items(), ("loss_g", loss_g)):
-                logs[k] += v.item() / A
+                logs[k] = logs.get(k, 0.0) + v.item() / A
         logs["grad_norm_g"] = float(acc.clip_grad_norm_(self.gen.parameters(), d.max_grad_norm or math.inf))
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
@@ -285,8 +333,14 @@ class Trainer:
                 sync = acc.no_sync(self.fake) if m < A - 1 else nullcontext()
                 with sync, acc.autocast():
                     loss_f = self.fake_loss(self.fake, x, labels, rng)
-                    self._check_finite(step, {"loss_fake": loss_f})
-                    acc.backward(loss_f / A)
+                    total = loss_f
+                    if self.gan_logits is not None:
+                        gan = self.discriminator_terms(x, labels, rng)
+                        total = loss_f + d.gan_weight_discriminator * gan["loss_gan_d"]
+                        for name, v in gan.items():
+                            logs[name] = logs.get(name, 0.0) + v.item() / A / d.fake_updates_per_generator_update
+                    self._check_finite(step, {"loss_fake": total})
+                    acc.backward(total / A)
                 logs["loss_fake"] += loss_f.item() / A / d.fake_updates_per_generator_update
             logs["grad_norm_fake"] = float(acc.clip_grad_norm_(self.fake.parameters(), d.max_grad_norm or math.inf))
             self.opt_f.step()
@@ -304,7 +358,10 @@ class Trainer:
         """generator/, generator_ema/ and fake_score/ as denoiser directories (main process)."""
         gen = self.unwrap(self.gen)
         save_denoiser(gen, target / "generator")
-        save_denoiser(self.unwrap(self.fake), target / "fake_score")
+        fake = self.unwrap(self.fake)
+        save_denoiser(fake, target / "fake_score")
+        if getattr(fake, "gan_head", None) is not None:  # DMD2's head, saved with the fake score
+            save_file({k: v.contiguous() for k, v in fake.gan_head.state_dict().items()}, str(target / "fake_score" / "gan_head.safetensors"))
         if self.ema is not None:
             ema_net = copy.deepcopy(gen)
             ema_net.unet.load_state_dict({k: v.to(ema_net.dtype) for k, v in self.ema.items()})

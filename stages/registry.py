@@ -116,7 +116,9 @@ STAGES: tuple[StageSpec, ...] = (
         # logging, housekeeping and where the pairs are (their digest is in the key)
         # (gradient checkpointing recomputes the same activations: memory, not results)
         # eval_every / eval_samples enter the key through the upstream "quality_probe" entry, only when set
-        not_in_key=frozenset({"log_every", "sample_every", "keep_checkpoints", "num_threads", "pairs", "gradient_checkpointing", "eval_every", "eval_samples"}),
+        # ... and the GAN settings through "gan", only when distill.gan is on
+        not_in_key=frozenset({"log_every", "sample_every", "keep_checkpoints", "num_threads", "pairs", "gradient_checkpointing", "eval_every", "eval_samples",
+                              "gan", "gan_weight_generator", "gan_weight_discriminator", "real_data"}),
         input_key="pairs",
     ),
     StageSpec(

@@ -1,0 +1,117 @@
+"""DMD2's GAN term: losses, the head on the bottleneck, the frozen fake score in the generator update, resume."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import write_config
+from dmd_core import load_denoiser
+from dmd_core.dmd import AdversarialLoss, GANLogits, SampleRNG
+from dmd_core.errors import InputError
+from dmd_core.gan import BottleneckHead, bottleneck_of, bottleneck_shape, discriminator_loss, generator_gan_loss
+from stages import chain, distill, generate
+from stages.config import load_config
+
+
+def test_gan_losses_against_their_formulas():
+    real, fake = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([-3.0, 0.0, 1.0])
+    by_hand = sum(torch.log1p(torch.exp(f)) for f in fake) / 3 + sum(torch.log1p(torch.exp(-r)) for r in real) / 3
+    assert float(discriminator_loss(real, fake)) == pytest.approx(float(by_hand), rel=1e-6)
+    assert float(generator_gan_loss(fake)) == pytest.approx(float(sum(torch.log1p(torch.exp(-f)) for f in fake) / 3), rel=1e-6)
+    # a perfect discriminator's loss is near 0, a blind one's is 2 log 2
+    assert float(discriminator_loss(torch.full((4,), 20.0), torch.full((4,), -20.0))) < 1e-8
+    assert float(discriminator_loss(torch.zeros(4), torch.zeros(4))) == pytest.approx(2 * 0.6931472, rel=1e-6)
+
+
+def test_head_reads_the_bottleneck_only(edm_teacher):
+    """The logits change with the mid block's weights and not with anything after it (up blocks, output conv)."""
+    fake = load_denoiser(edm_teacher).requires_grad_(False)
+    x, labels = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(6)
+    shape = bottleneck_shape(fake.unet, lambda: fake(x[:1], 1.0, labels[:1]))
+    assert shape == (16, 4, 4)  # the tests' tiny teacher: 16 channels at 4x4 after one downsampling
+    head = BottleneckHead(*shape[:1], shape[1:])
+    logits = GANLogits(fake.param)
+
+    def run(net):
+        return logits(net, net.unet, head, x, labels, SampleRNG(0, 3, 0, range(6)))
+
+    base = run(fake)
+    after = copy.deepcopy(fake)
+    for p in (*after.unet.up_blocks.parameters(), *after.unet.conv_out.parameters()):
+        p.add_(1.0)
+    assert torch.equal(run(after), base)
+    mid = copy.deepcopy(fake)
+    for p in mid.unet.mid_block.parameters():
+        p.mul_(1.5)
+    assert float((run(mid) - base).detach().abs().max()) > 1e-4
+    with bottleneck_of(fake.unet) as feats:
+        fake(x, 1.0, labels)
+    assert tuple(feats[0].shape) == (6, *shape)
+
+
+def test_generator_update_reaches_g_not_the_fake_score(edm_teacher):
+    fake = load_denoiser(edm_teacher)
+    fake.gan_head = BottleneckHead(16, (4, 4))
+    fake.requires_grad_(True)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    loss = AdversarialLoss(GANLogits(fake.param), fake)(x, torch.arange(4), SampleRNG(0, 3, 0, range(4)))
+    loss.backward()
+    assert x.grad is not None and float(x.grad.abs().max()) > 0
+    assert all(p.grad is None for p in fake.parameters())  # neither the fake score nor the head
+    assert all(p.requires_grad for p in fake.parameters())  # and they train again in the fake-score update
+
+
+GAN = {"gan": True, "fake_updates_per_generator_update": 2, "regression_weight": 0.0, "steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2}
+
+
+def test_gan_distill_logs_saves_and_resumes_exactly(tmp_path, edm_teacher):
+    cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill=GAN))
+    generate.run(cfg, progress=False)
+    m = distill.run(cfg, progress=False)
+    out = Path(cfg.store) / "distill" / m.key
+    rows = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert all(r["loss_gan_g"] > 0 and r["loss_gan_d"] > 0 and 0 < r["d_real"] < 1 and 0 < r["d_fake"] < 1 for r in rows)
+    # with lambda_reg = 0: loss_G = loss_DM + w_G loss_GAN_G
+    assert all(r["loss_g"] == pytest.approx(r["loss_dm"] + 3e-3 * r["loss_gan_g"], rel=1e-5) for r in rows)
+    files = ("generator/diffusion_pytorch_model.safetensors", "fake_score/diffusion_pytorch_model.safetensors", "fake_score/gan_head.safetensors")
+    want = {f: {k: v.clone() for k, v in load_file(str(out / f)).items()} for f in files}
+    # stopped after the step-2 checkpoint: resumes to the same generator, fake score and head
+    for name in ("manifest.json", "generator", "fake_score", "checkpoints/step-0000004"):
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    assert distill.run(cfg, progress=False).key == m.key
+    for f in files:
+        got = load_file(str(out / f))
+        assert max(float((got[k] - want[f][k]).abs().max()) for k in got) <= 1e-6, f
+
+
+def test_gan_settings_key_and_refusals(tmp_path, edm_teacher, sd_teacher):
+    base = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={})
+    generate.run(load_config(base), progress=False)
+    plain = chain.plan(load_config(base), "distill").key
+    assert chain.plan(load_config(base, ["distill.gan_weight_generator=0.5"]), "distill").key == plain  # only with gan on
+    on = chain.plan(load_config(base, ["distill.gan=true"]), "distill").key
+    assert on != plain != chain.plan(load_config(base, ["distill.gan=true", "distill.gan_weight_generator=0.5"]), "distill").key
+    (tmp_path / "p.txt").write_text("the digit 7\n")
+    sd = write_config(tmp_path / "s.yaml", sd_teacher, tmp_path / "store", distill={}, solver="pndm", steps=4, num_samples=8, shard_size=8, prompts=str(tmp_path / "p.txt"))
+    generate.run(load_config(sd), progress=False)
+    with pytest.raises(InputError, match="distill.gan needs real images"):
+        chain.plan(load_config(sd, ["distill.gan=true"]), "distill")
+
+
+def test_discriminator_sees_real_digits_with_their_classes(tmp_path, edm_teacher):
+    """The real batch comes from the embedded digits, drawn per sample by the step's RNG (deterministic)."""
+    from dmd_core.digits import load_digits_data
+
+    images, labels = load_digits_data()
+    rng_a, rng_b = SampleRNG(0, 10, 3, range(8)), SampleRNG(0, 10, 3, range(8))
+    ia, ib = rng_a.randint(0, len(images)), rng_b.randint(0, len(images))
+    assert torch.equal(ia, ib) and len(set(ia.tolist())) > 1
+    assert images[ia].shape == (8, 1, 8, 8) and F.one_hot(labels[ia], 10).sum() == 8
