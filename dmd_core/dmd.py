@@ -104,6 +104,7 @@ class DMDSettings:
 
     guidance_scale: float = 1.0  # CFG on the real score only
     regression_weight: float = 0.25  # lambda_reg
+    dm_weight: float = 1.0  # weight of loss_DM (0: regression only, the DMD paper's "w/o distribution matching")
     t_min: float = 0.02  # DM timesteps t ~ U[t_min T, t_max T]
     t_max: float = 0.98
 
@@ -173,9 +174,10 @@ class GeneratorLoss:
         z_all, labels_all = (torch.cat([z, z_ref]), _cat(labels, labels_ref)) if regress else (z, labels)
         x_all = (self.one_step or OneStep.of(real))(gen, z_all, labels_all).float()
         x, x_reg = x_all[: len(z)], x_all[len(z) :]
-        loss_dm = self.dm(x, labels, real, fake, rng)
+        w_dm = self.settings.dm_weight
+        loss_dm = self.dm(x, labels, real, fake, rng) if w_dm > 0 else x.new_zeros(())
         loss_reg = self.regression_loss(x_reg, y_ref) if regress else x.new_zeros(())
-        loss_g = loss_dm + lam * loss_reg
+        loss_g = (loss_dm if w_dm == 1 else w_dm * loss_dm) + lam * loss_reg
         terms = {"loss_dm": loss_dm, "loss_reg": loss_reg}
         if self.adversarial is not None:
             terms["loss_gan_g"] = self.adversarial(x, labels, rng)

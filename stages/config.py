@@ -55,6 +55,7 @@ class DistillConfig(Section):
     batch_size: int = Field(64, gt=0, description="samples per process per step, for both loss terms")
     regression_loss: Literal["lpips", "pseudo_huber", "l2"] = Field("lpips", description="l in loss_reg = l(G(z_ref), y_ref)")
     regression_weight: float = Field(DMDSettings.regression_weight, ge=0, description="lambda_reg")
+    dm_weight: float = Field(DMDSettings.dm_weight, ge=0, description="weight of the distribution matching loss (0: regression only, for ablations)")
     lpips_net: Literal["vgg", "alex"] = Field("vgg", description="LPIPS backbone (weights from the torch hub cache)")
     lpips_resolution: int | None = Field(
         None, gt=0, description="latent teachers: resize the VAE-decoded images to this size before LPIPS (less memory)"

@@ -108,6 +108,8 @@ def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput) -> Plan:
         if tuple(pm.info["image_shape"]) != (1, 8, 8):
             raise InputError(f"distill.real_data=digits holds 1x8x8 images; this teacher makes {pm.info['image_shape']}. Fix: --set distill.gan=false.")
         up["gan"] = f"{d.gan_weight_generator}:{d.gan_weight_discriminator}:{d.real_data}"
+    if d.dm_weight != 1.0:
+        up["dm_weight"] = str(d.dm_weight)
     key = SPEC.key(cfg, up)
     info = {"image_shape": pm.info["image_shape"], "num_shards": pm.info["num_shards"]}
     return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, {"teacher": str(teacher.path), "pairs": str(pairs.out_dir)}, info)

@@ -147,6 +147,19 @@ def test_generator_loss_is_dm_plus_weighted_regression(tiny):
     assert loss_g.item() == pytest.approx(terms["loss_dm"].item() + 0.7 * terms["loss_reg"].item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("dm_weight", [0.0, 0.5])
+def test_dm_weight_scales_or_drops_the_dm_term(tiny, dm_weight):
+    """dm_weight = 0 is regression only (the DM term is not computed); otherwise it scales loss_DM."""
+    real, gen, fake = tiny
+    z, labels, rng, pairs = _batch(step=2)
+    loss_g, terms, _ = GeneratorLoss(DMDSettings(regression_weight=0.7, dm_weight=dm_weight), pseudo_huber_loss)(gen, real, fake, z, labels, rng, *pairs)
+    _, _, rng1, _ = _batch(step=2)
+    _, full, _ = GeneratorLoss(DMDSettings(regression_weight=0.7), pseudo_huber_loss)(gen, real, fake, z, labels, rng1, *pairs)
+    want_dm = 0.0 if dm_weight == 0 else full["loss_dm"].item()
+    assert terms["loss_dm"].item() == pytest.approx(want_dm, rel=1e-6)
+    assert loss_g.item() == pytest.approx(dm_weight * want_dm + 0.7 * full["loss_reg"].item(), rel=1e-6)
+
+
 def test_generator_and_fake_losses_run_unconditional_and_vp(tmp_path, vp_teacher):
     uncond = make_edm_teacher(tmp_path / "uncond", num_classes=0)
     for path in (uncond, vp_teacher):
