@@ -194,8 +194,9 @@ def publish(results: dict[str, dict], cache: dict[str, str], seconds: dict[str, 
         "training_steps": dist["info"]["steps"],
         "distill_compute_s": dist["wall_time_s"],  # when it was computed, even if cached now
         **({"best_probe_fd": round(best["probe_fd"], 4), "best_probe_step": best["step"]} if (best := dist["info"].get("best")) else {}),
-        **{f"{s}_cache": cache[s] for s in ORDER},
-        **{f"{s}_wall_time_s": round(seconds[s], 1) for s in ORDER},  # in this run
+        # a stage the config does not need (generate, without a regression loss) is "skipped"
+        **{f"{s}_cache": cache.get(s, "skipped") for s in ORDER},
+        **{f"{s}_wall_time_s": round(seconds.get(s, 0.0), 1) for s in ORDER},  # in this run
     }
     # One row per metric: 16 columns would scroll sideways in the UI's table view.
     create_table_artifact(

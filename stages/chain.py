@@ -103,9 +103,10 @@ def explicit_input(cfg: PipelineConfig, s: StageSpec) -> str | None:
 
 
 def stages_for(cfg: PipelineConfig, target: str) -> list[StageSpec]:
-    """The stages to walk for ``target``: back through its upstreams until one is given explicitly."""
+    """The stages to walk for ``target``: back through its upstreams until one is given explicitly or not
+    needed (distill without a regression loss reads no pairs, so generate is not in the graph)."""
     chain = [spec(target)]
-    while chain[0].upstream is not None and explicit_input(cfg, chain[0]) is None:
+    while chain[0].upstream is not None and explicit_input(cfg, chain[0]) is None and chain[0].needs_upstream(cfg):
         chain.insert(0, spec(chain[0].upstream))
     return chain
 
@@ -133,7 +134,7 @@ def walk(cfg: PipelineConfig, target: str, obtain: Obtain, obtain_upstream: Obta
     """Plan each stage up to ``target`` once and obtain its output; returns the outputs by stage."""
     teacher = resolve_teacher(cfg)
     stages = stages_for(cfg, target)
-    given = explicit_input(cfg, stages[0])
+    given = explicit_input(cfg, stages[0]) if stages[0].needs_upstream(cfg) else None
     up = given_output(stages[0], given) if given is not None else None
     outputs: dict[str, StageOutput] = {}
     for s in stages:

@@ -42,20 +42,23 @@ from dmd_core.images import save_grid, training_curves_png
 from dmd_core.loading import save_denoiser
 from dmd_core.losses import DecodedLoss, LPIPSLoss, l2_loss, pseudo_huber_loss
 from dmd_core.shards import pair_stream, sample_seed, shard_name
+from dmd_core.text import read_prompts
 
 from . import chain
 from .chain import Plan, Teacher
 from .config import DistillConfig, PipelineConfig
-from .generate import pair_prompts
+from .generate import pair_prompts, plan_prompts
 from .launch import launch_plan
 from .progress import progress_bar
 from .registry import spec
-from .store import Manifest, StageOutput, Timer, file_entry, write_bytes_atomic
+from .store import Manifest, StageOutput, Timer, file_digest, file_entry, write_bytes_atomic
 
 STAGE = "distill"
 SPEC = spec(STAGE)
 # Settings a run may change when it continues from another run's checkpoint (resume_from).
-MAY_DIFFER_ON_RESUME = SPEC.not_in_key | {"steps", "checkpoint_every", "num_workers", "resume_from", "pairs"}
+# (The settings keyed only when set, through the upstream entries, change the training: they must match.)
+KEYED_WHEN_SET = {"gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "dm_weight", "eval_samples"}
+MAY_DIFFER_ON_RESUME = (SPEC.not_in_key - KEYED_WHEN_SET) | {"steps", "checkpoint_every", "num_workers", "resume_from", "pairs"}
 # SampleRNG streams: independent draws for each purpose.
 STREAM_GENERATOR, STREAM_SAMPLES, STREAM_DATA, STREAM_GAN, STREAM_FAKE = 0, 1, 2, 3, 10
 log = logging.getLogger("dmd")
@@ -74,8 +77,10 @@ def check_regression_loss(d: DistillConfig) -> None:
             LPIPSLoss(d.lpips_net)  # raises the InputError naming the file and the alternatives
 
 
-def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput) -> Plan:
-    """Check the settings against the teacher and the pairs; key = (config, pairs digest, teacher digest)."""
+def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput | None) -> Plan:
+    """Check the settings against the teacher and the pairs; key = (config, pairs digest, teacher digest).
+
+    ``pairs`` is None without a regression loss (distill.regression_weight = 0): nothing reads them."""
     d = cfg.distill
     if d.t_min >= d.t_max:
         raise InputError(f"distill.t_min ({d.t_min}) must be below distill.t_max ({d.t_max})")
@@ -88,31 +93,57 @@ def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput) -> Plan:
         raise InputError(
             "distill.generator_timestep applies to VP teachers; an EDM generator starts at sigma_max. Fix: drop distill.generator_timestep."
         )
+    if d.gan and teacher.param.text_conditioned:
+        raise InputError("distill.gan needs real images of the teacher's kind; text-to-image real data is not supported yet. Fix: --set distill.gan=false.")
+    if d.gan and tuple(teacher.param.image_shape) != (1, 8, 8):
+        raise InputError(f"distill.real_data=digits holds 1x8x8 images; this teacher makes {list(teacher.param.image_shape)}. Fix: --set distill.gan=false.")
+    if d.dm_weight == 0 and d.regression_weight == 0:
+        raise InputError("distill.dm_weight and distill.regression_weight are both 0: the generator would have no loss. Fix: set one above 0.")
     if d.guidance_scale != 1.0 and teacher.param.num_classes == 0 and not teacher.param.text_conditioned:
         raise InputError("distill.guidance_scale != 1 needs a class-conditional teacher. Fix: --set distill.guidance_scale=1")
+    if pairs is None:
+        return _plan_without_pairs(cfg, teacher)
     pm = pairs.manifest
     if pm.upstream.get("teacher") != teacher.digest:
         raise InputError(
             f"the pairs in {pairs.out_dir} were made by another teacher (digest {pm.upstream.get('teacher', '?')[:16]}) "
             f"than the configured teacher.path (digest {teacher.digest[:16]}). Fix: regenerate the pairs with this teacher."
         )
-    up = {"pairs": pm.digest, "teacher": teacher.digest}
+    up = {"pairs": pm.digest, "teacher": teacher.digest, **_optional_upstream(cfg)}
+    key = SPEC.key(cfg, up)
+    info = {"image_shape": pm.info["image_shape"], "num_shards": pm.info["num_shards"]}
+    return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, {"teacher": str(teacher.path), "pairs": str(pairs.out_dir)}, info)
+
+
+def _plan_without_pairs(cfg: PipelineConfig, teacher: Teacher) -> Plan:
+    """DM-only training (with or without the GAN term): the prompts, for text teachers, come from generate.prompts."""
+    from .generate import check_prompts
+
+    g = cfg.generate
+    check_prompts(teacher, g.prompts, "generate")
+    up = {"teacher": teacher.digest, **_optional_upstream(cfg)}
+    inputs = {"teacher": str(teacher.path)}
+    if g.prompts:
+        read_prompts(g.prompts, g.prompt_column)  # a bad file fails here
+        up["prompts"] = f"{file_digest(g.prompts, cfg.store)}:{g.prompt_column}"
+        inputs["prompts"] = g.prompts
+    key = SPEC.key(cfg, up)
+    return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, inputs, {"image_shape": list(teacher.param.image_shape), "num_shards": 0})
+
+
+def _optional_upstream(cfg: PipelineConfig) -> dict[str, str]:
+    """Settings that enter the key only when used, so keys of runs without them stay as they were."""
+    d, up = cfg.distill, {}
     if d.eval_every:  # in the key only when set: keys of runs without probes stay as they were
         from .evaluate import _features_digest, _reference_digest
 
         e = cfg.evaluate
         up["quality_probe"] = f"{d.eval_every}:{d.eval_samples}:{e.seed}:{_features_digest(e, cfg.store)}:{_reference_digest(e, cfg.store)}"
     if d.gan:
-        if teacher.param.text_conditioned:
-            raise InputError("distill.gan needs real images of the teacher's kind; text-to-image real data is not supported yet. Fix: --set distill.gan=false.")
-        if tuple(pm.info["image_shape"]) != (1, 8, 8):
-            raise InputError(f"distill.real_data=digits holds 1x8x8 images; this teacher makes {pm.info['image_shape']}. Fix: --set distill.gan=false.")
         up["gan"] = f"{d.gan_weight_generator}:{d.gan_weight_discriminator}:{d.real_data}"
     if d.dm_weight != 1.0:
         up["dm_weight"] = str(d.dm_weight)
-    key = SPEC.key(cfg, up)
-    info = {"image_shape": pm.info["image_shape"], "num_shards": pm.info["num_shards"]}
-    return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, {"teacher": str(teacher.path), "pairs": str(pairs.out_dir)}, info)
+    return up
 
 
 # ---------------------------------------------------------------- the training loop
@@ -148,7 +179,8 @@ class Trainer:
         d = self.d = cfg.distill
         dev = accelerator.device
         # frozen teacher, loaded once; text-to-image: with the pairs' prompts (the DM term draws from them too)
-        self.real: Denoiser = p.teacher().load(dev, pair_prompts(p.inputs["pairs"]))
+        prompts = pair_prompts(p.inputs["pairs"]) if "pairs" in p.inputs else plan_prompts(p, cfg.generate)
+        self.real: Denoiser = p.teacher().load(dev, prompts)
         gen, fake = copy.deepcopy(self.real), copy.deepcopy(self.real)  # theta, phi <- teacher
         if self.real.param.text_conditioned:  # one prompt table for the three networks, not three copies
             for net in (gen, fake):
@@ -184,7 +216,7 @@ class Trainer:
         adversarial = AdversarialLoss(self.gan_logits, self.unwrap(self.fake)) if d.gan else None
         self.gen_loss = GeneratorLoss(dmd_settings(d), reg_loss, self.one_step, adversarial, d.gan_weight_generator)
         self.fake_loss = FakeScoreLoss.for_teacher(self.real)
-        self.urls = [str(Path(p.inputs["pairs"]) / shard_name(i)) for i in range(p.info["num_shards"])]
+        self.urls = [str(Path(p.inputs["pairs"]) / shard_name(i)) for i in range(p.info["num_shards"])] if "pairs" in p.inputs else []
         self.data = None
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         # quality during training (main process): FD of a fixed sample every eval_every steps, the best kept
@@ -194,7 +226,7 @@ class Trainer:
 
             no_accuracy = self.real.param.text_conditioned  # training prompts carry no class column
             self.probe_fn = QualityProbe(cfg, d.eval_samples, self.shape, self.num_classes, dev, (lambda labels: None) if no_accuracy else None)
-            self.teacher_channels = self.pair_channel_stats(d.eval_samples)
+            self.teacher_channels = self.pair_channel_stats(d.eval_samples) if self.urls else {}
 
     def unwrap(self, net):
         return self.acc.unwrap_model(net)
@@ -267,6 +299,8 @@ class Trainer:
 
     def restart_data(self, step: int) -> None:
         """The stream restarts at every checkpoint boundary, so a resumed run reads what an uninterrupted one does."""
+        if not self.urls:  # no regression loss: no pairs are read
+            return
         segment = step // self.d.checkpoint_every
         self.data = pair_stream(
             self.urls, self.d.batch_size, sample_seed(self.d.seed, STREAM_DATA, segment) % (2**31),
@@ -306,9 +340,12 @@ class Trainer:
             rng = SampleRNG(d.seed, STREAM_GENERATOR, step, self.indices(step, m), dev)
             z = rng.randn(self.shape)
             labels = random_labels(rng, self.num_classes)
-            z_ref, y_ref, labels_ref = batches[m] if batches is not None else next(self.data)
-            z_ref, y_ref = z_ref.to(dev), y_ref.to(dev)
-            labels_ref = None if labels_ref is None else labels_ref.to(dev)
+            if batches is not None or self.urls:
+                z_ref, y_ref, labels_ref = batches[m] if batches is not None else next(self.data)
+                z_ref, y_ref = z_ref.to(dev), y_ref.to(dev)
+                labels_ref = None if labels_ref is None else labels_ref.to(dev)
+            else:
+                z_ref = y_ref = labels_ref = None
             sync = acc.no_sync(self.gen) if m < A - 1 else nullcontext()
             with sync, acc.autocast():
                 loss_g, terms, x = self.gen_loss(self.gen, self.real, self.fake, z, labels, rng, z_ref, y_ref, labels_ref)
@@ -410,7 +447,7 @@ def check_resume_compatible(ckpt: Path, cfg: PipelineConfig, p: Plan) -> dict:
     differ = sorted(k for k in set(old) | set(new) if k not in MAY_DIFFER_ON_RESUME and old.get(k) != new.get(k))
     if state["teacher_digest"] != p.upstream["teacher"]:
         differ.append("teacher")
-    if state["pairs_digest"] != p.upstream["pairs"]:
+    if state.get("pairs_digest") != p.upstream.get("pairs"):
         differ.append("pairs")
     if differ:
         raise InputError(
@@ -468,7 +505,7 @@ def train(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | Non
                 save_file({k: v.contiguous() for k, v in tr.ema.items()}, str(tmp / "ema.safetensors"))
             if rows:
                 _write_metrics(rows, tmp / "metrics.parquet")
-            state = {"step": step, "distill": d.model_dump(mode="json"), "teacher_digest": p.upstream["teacher"], "pairs_digest": p.upstream["pairs"]}
+            state = {"step": step, "distill": d.model_dump(mode="json"), "teacher_digest": p.upstream["teacher"], "pairs_digest": p.upstream.get("pairs")}
             (tmp / "trainer.json").write_text(json.dumps(state, indent=2))  # written last: marks it complete
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -535,7 +572,7 @@ def finalize(cfg: PipelineConfig, p: Plan, tr: Trainer, rows: list[dict], wall: 
         upstream=p.upstream,
         files=files,
         info={
-            "pairs_dir": p.inputs["pairs"],
+            "pairs_dir": p.inputs.get("pairs"),
             "teacher_path": p.inputs["teacher"],
             "steps": cfg.distill.steps,
             "num_processes": tr.world,

@@ -42,6 +42,7 @@ class StageSpec:
     load: Callable[[], ModuleType]  # the stage module (imported on first use)
     not_in_key: frozenset[str] = frozenset()  # fields of the config section that never change the output
     input_key: str | None = None  # section key naming an explicit upstream output dir (e.g. distill.pairs)
+    needs_upstream: Callable[[PipelineConfig], bool] = lambda cfg: True  # False: the upstream stage is skipped
     progress: bool = True  # reports progress (bar; artifact under the flow)
     multi_process: bool = True  # may run under accelerate launch
 
@@ -120,6 +121,7 @@ STAGES: tuple[StageSpec, ...] = (
         not_in_key=frozenset({"log_every", "sample_every", "keep_checkpoints", "num_threads", "pairs", "gradient_checkpointing", "eval_every", "eval_samples",
                               "gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "dm_weight"}),
         input_key="pairs",
+        needs_upstream=lambda cfg: cfg.distill.regression_weight > 0,  # the pairs feed only the regression loss
     ),
     StageSpec(
         name="evaluate",

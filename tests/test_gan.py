@@ -115,3 +115,23 @@ def test_discriminator_sees_real_digits_with_their_classes(tmp_path, edm_teacher
     ia, ib = rng_a.randint(0, len(images)), rng_b.randint(0, len(images))
     assert torch.equal(ia, ib) and len(set(ia.tolist())) > 1
     assert images[ia].shape == (8, 1, 8, 8) and F.one_hot(labels[ia], 10).sum() == 8
+
+
+def test_no_regression_runs_skip_generate_and_read_no_pairs(tmp_path, edm_teacher, monkeypatch):
+    """regression_weight = 0: the pairs are not needed, so generate is not in the chain and no shard is opened."""
+    import dmd_core.shards
+
+    def no_pairs(*a, **k):
+        raise AssertionError("a pair shard was opened")
+
+    monkeypatch.setattr(dmd_core.shards, "pair_stream", no_pairs)
+    monkeypatch.setattr(distill, "pair_stream", no_pairs)
+    cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={"regression_weight": 0.0, "steps": 2}))
+    assert [s.name for s in chain.stages_for(cfg, "evaluate")] == ["distill", "evaluate"]
+    m = distill.run(cfg, progress=False)
+    assert not (tmp_path / "store" / "generate").exists() and "pairs" not in m.upstream
+    assert all(r["loss_reg"] == 0 for r in pq.read_table(Path(cfg.store) / "distill" / m.key / "metrics.parquet").to_pylist())
+    with_reg = load_config(write_config(tmp_path / "r.yaml", edm_teacher, tmp_path / "store", distill={}))
+    assert [s.name for s in chain.stages_for(with_reg, "evaluate")] == ["generate", "distill", "evaluate"]
+    with pytest.raises(InputError, match="both 0"):
+        chain.plan(load_config(write_config(tmp_path / "z.yaml", edm_teacher, tmp_path / "store", distill={"regression_weight": 0.0, "dm_weight": 0.0})), "distill")

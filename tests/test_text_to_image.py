@@ -342,3 +342,14 @@ def test_frozen_vae_in_bfloat16_decodes_to_float32(sd_teacher):
     assert half.dtype == torch.float32 and half.shape == full.shape == (4, 1, 8, 8)
     err = float((half - full).abs().max()) / float(full.abs().max())
     assert 0 < err < 0.05  # bfloat16 changed the numbers, within its 8-bit mantissa
+
+
+def test_text_distill_without_regression_reads_the_prompt_file(tmp_path, sd_teacher):
+    """No pairs: the prompt table comes from generate.prompts, and generate does not run."""
+    from stages import distill
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    cfg = load_config(write_config(tmp_path / "c.yaml", sd_teacher, tmp_path / "store", distill={"steps": 2, "regression_weight": 0.0},
+                                   solver="pndm", steps=4, prompts=str(tmp_path / "prompts.txt")))  # fmt: skip
+    m = distill.run(cfg, progress=False)
+    assert not (tmp_path / "store" / "generate").exists() and m.upstream["prompts"].endswith(":prompt")
