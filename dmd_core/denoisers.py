@@ -57,11 +57,16 @@ class Parametrization:
     data_range: tuple[float, float] = (-1.0, 1.0)
     text_conditioned: bool = False  # UNet2DConditionModel on prompt embeddings (Stable Diffusion layout)
     one_step_timestep: int | None = None  # VP one-step generators: t* of G(z) = x0(z, t*); None = T - 1
+    generator_timesteps: tuple[int, ...] | None = None  # k-step generators (DMD2): t_0 > t_1 > ... in [1, 999]
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["image_shape"] = list(self.image_shape) if self.image_shape else None
         d["data_range"] = list(self.data_range)
+        if self.generator_timesteps is None:
+            del d["generator_timesteps"]  # denoiser.json of one-step generators stays as it was
+        else:
+            d["generator_timesteps"] = list(self.generator_timesteps)
         return d
 
     @classmethod
@@ -82,6 +87,15 @@ class Parametrization:
         t = d.get("one_step_timestep")
         if t is not None and (d["kind"] != "vp" or not isinstance(t, int) or not 0 < t < 1000):
             raise ValueError(f"one_step_timestep must be an integer in [1, 999] of a VP model, got {t!r} (kind {d['kind']!r})")
+        ts = d.get("generator_timesteps")
+        if ts is not None:
+            d["generator_timesteps"] = ts = tuple(ts)
+            first = 999 if d["kind"] == "edm" else t
+            if not ts or any(not isinstance(v, int) or not 0 < v < 1000 for v in ts) or list(ts) != sorted(set(ts), reverse=True) or ts[0] != first:
+                raise ValueError(
+                    f"generator_timesteps must be decreasing integers in [1, 999] starting at {first} "
+                    f"({'sigma_max' if d['kind'] == 'edm' else 'one_step_timestep'}), got {list(ts)}"
+                )
         return cls(**d)
 
 

@@ -85,6 +85,77 @@ class OneStep:
         return generator(z * self.scale, self.level, labels)
 
 
+@dataclass(frozen=True)
+class MultiStep:
+    """DMD2's k-step generator (docs/math.md §13): x0 = G(z) at t_0 (OneStep), then for each later t_j
+    x_j = alpha_j x0 + sigma_j eps_j (fresh noise) and x0 = G(x_j, t_j). One entry is OneStep itself."""
+
+    first: OneStep
+    later: tuple[int, ...]  # t_1 > t_2 > ... in the teacher's T (EDM: on the Karras grid of noise_levels)
+    param: Parametrization
+    alphas_cumprod: Tensor | None = None
+
+    @classmethod
+    def of(cls, den: Denoiser) -> "MultiStep":
+        ts = den.param.generator_timesteps or ()
+        return cls(OneStep.of(den), tuple(ts[1:]), den.param, getattr(den, "alphas_cumprod", None))
+
+    @property
+    def num_steps(self) -> int:
+        return 1 + len(self.later)
+
+    def renoise(self, x0: Tensor, j: int, eps: Tensor) -> tuple[Tensor, Tensor]:
+        """(x at t_{j+1}, its level) from x0: alpha x0 + sigma eps."""
+        t = torch.full((x0.shape[0],), self.later[j], dtype=torch.long, device=x0.device)
+        alpha, sigma, level = noise_levels(self.param, t, self.alphas_cumprod)
+        return _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps.to(x0.dtype), level
+
+    def __call__(self, generator: Callable, z: Tensor, labels: Tensor | None, noise: Callable[[int], Tensor] | None = None) -> Tensor:
+        """``noise(j)``: the eps of later step j (needed when there is one)."""
+        x0 = self.first(generator, z, labels)
+        for j in range(len(self.later)):
+            x_t, level = self.renoise(x0, j, noise(j))
+            x0 = generator(x_t, level, labels)
+        return x0
+
+
+def step_noise(seed: int, idx: range | list[int], shape: tuple[int, ...]) -> Callable[[int], Tensor]:
+    """eps_j of sample i for the later steps of a k-step sampler, seeded by (seed, j, i): batch-independent."""
+    from .shards import sample_noise
+
+    return lambda j: sample_noise(sample_seed(seed, STEP_NOISE_STREAM, j) % (2**63), idx, shape)
+
+
+STEP_NOISE_STREAM = 7919
+
+
+class BackwardSimulation:
+    """DMD2's training input for a k-step generator: each sample draws its step k uniformly; its input at t_k is
+    made by running the current generator through the earlier steps without gradients, re-noising in between
+    (as the sampler does). Returns (input, level) of the step that gets gradients; k = 0 is OneStep's input."""
+
+    def __init__(self, steps: MultiStep):
+        self.steps = steps
+
+    def __call__(self, generator: Callable, z: Tensor, labels: Tensor | None, rng: SampleRNG) -> tuple[Tensor, Tensor]:
+        s = self.steps
+        k = rng.randint(0, s.num_steps)
+        eps = [rng.randn(tuple(z.shape[1:])) for _ in s.later]  # always drawn: the draws do not depend on k
+        inputs = z * s.first.scale
+        levels = torch.full((z.shape[0],), float(s.first.level), dtype=torch.float64, device=z.device)
+        with torch.no_grad():
+            x_t = level = None
+            for j in range(len(s.later)):
+                if not bool((k > j).any()):  # no sample needs this step or a later one
+                    break
+                x0 = s.first(generator, z, labels) if j == 0 else generator(x_t, level, labels)
+                x_t, level = s.renoise(x0.float(), j, eps[j])
+                take = k == j + 1
+                inputs = torch.where(_bcast(take, inputs).bool(), x_t.to(inputs.dtype), inputs)
+                levels = torch.where(take, level.to(levels.dtype), levels)
+        return inputs, levels
+
+
 def random_labels(rng: SampleRNG, num_classes: int) -> Tensor | None:
     """Class labels drawn uniformly for the distribution matching term (None if unconditional)."""
     return rng.randint(0, num_classes) if num_classes else None
@@ -146,6 +217,7 @@ class GeneratorLoss:
         one_step: OneStep | None = None,
         adversarial: Callable[[Tensor, Tensor | None, SampleRNG], Tensor] | None = None,
         adversarial_weight: float = 0.0,
+        simulation: BackwardSimulation | None = None,
     ):
         if settings.regression_weight > 0 and regression_loss is None:
             raise ValueError("regression_weight > 0 needs a regression_loss")
@@ -155,6 +227,8 @@ class GeneratorLoss:
         self.regression_loss = regression_loss
         # DMD2: + w_G * softplus(-D(G(z))) through the frozen fake score (dmd_core.gan)
         self.adversarial, self.adversarial_weight = adversarial, adversarial_weight
+        # DMD2's k-step generators: the DM sample comes from a simulated step k (None: one step)
+        self.simulation = simulation
 
     def __call__(
         self,
@@ -172,7 +246,15 @@ class GeneratorLoss:
         regress = lam > 0 and z_ref is not None
         # One generator call on both batches, as one forward/backward through G is cheaper than two.
         z_all, labels_all = (torch.cat([z, z_ref]), _cat(labels, labels_ref)) if regress else (z, labels)
-        x_all = (self.one_step or OneStep.of(real))(gen, z_all, labels_all).float()
+        one_step = self.one_step or OneStep.of(real)
+        if self.simulation is None:
+            x_all = one_step(gen, z_all, labels_all).float()
+        else:  # the DM batch at its simulated steps; the regression batch at the first step (its pairs start from noise)
+            inputs, levels = self.simulation(gen, z, labels, rng)
+            if regress:
+                inputs = torch.cat([inputs, z_ref * one_step.scale])
+                levels = torch.cat([levels, torch.full((len(z_ref),), float(one_step.level), dtype=levels.dtype, device=levels.device)])
+            x_all = gen(inputs, levels, labels_all).float()
         x, x_reg = x_all[: len(z)], x_all[len(z) :]
         w_dm = self.settings.dm_weight
         loss_dm = self.dm(x, labels, real, fake, rng) if w_dm > 0 else x.new_zeros(())

@@ -84,6 +84,9 @@ class DistillConfig(Section):
     ema_decay: float = Field(0.0, ge=0, lt=1, description="EMA of the generator (0 = off)")
     t_min: float = Field(DMDSettings.t_min, ge=0, le=1, description="DM timesteps t ~ U[t_min T, t_max T]")
     t_max: float = Field(DMDSettings.t_max, ge=0, le=1, description="t_max = 1 reaches the noisiest level, T - 1")
+    generator_timesteps: list[int] | None = Field(
+        None, description="DMD2's k-step generator: decreasing timesteps in the teacher's T (e.g. [999, 749, 499, 249]); EDM starts at 999"
+    )
     generator_timestep: int | None = Field(
         None, ge=1, le=999, description=f"VP teachers: t* of G(z) = x0(z, t*) (default {VP_GENERATOR_TIMESTEP}; DMD's is 999)"
     )

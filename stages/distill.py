@@ -28,13 +28,16 @@ from dmd_core.digits import load_digits_data
 from dmd_core.dmd import (
     VP_GENERATOR_TIMESTEP,
     AdversarialLoss,
+    BackwardSimulation,
     DMDSettings,
     FakeScoreLoss,
     GANLogits,
     GeneratorLoss,
+    MultiStep,
     OneStep,
     SampleRNG,
     random_labels,
+    step_noise,
 )
 from dmd_core.errors import InputError
 from dmd_core.gan import BottleneckHead, bottleneck_shape, discriminator_loss
@@ -57,7 +60,7 @@ STAGE = "distill"
 SPEC = spec(STAGE)
 # Settings a run may change when it continues from another run's checkpoint (resume_from).
 # (The settings keyed only when set, through the upstream entries, change the training: they must match.)
-KEYED_WHEN_SET = {"gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "dm_weight", "eval_samples"}
+KEYED_WHEN_SET = {"gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "dm_weight", "eval_samples", "generator_timesteps"}
 MAY_DIFFER_ON_RESUME = (SPEC.not_in_key - KEYED_WHEN_SET) | {"steps", "checkpoint_every", "num_workers", "resume_from", "pairs"}
 # SampleRNG streams: independent draws for each purpose.
 STREAM_GENERATOR, STREAM_SAMPLES, STREAM_DATA, STREAM_GAN, STREAM_FAKE = 0, 1, 2, 3, 10
@@ -93,6 +96,7 @@ def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput | None) -> Pl
         raise InputError(
             "distill.generator_timestep applies to VP teachers; an EDM generator starts at sigma_max. Fix: drop distill.generator_timestep."
         )
+    generator_parametrization(d, teacher.param)  # bad generator timesteps fail here
     if d.gan and teacher.param.text_conditioned:
         raise InputError("distill.gan needs real images of the teacher's kind; text-to-image real data is not supported yet. Fix: --set distill.gan=false.")
     if d.gan and tuple(teacher.param.image_shape) != (1, 8, 8):
@@ -143,6 +147,8 @@ def _optional_upstream(cfg: PipelineConfig) -> dict[str, str]:
         up["gan"] = f"{d.gan_weight_generator}:{d.gan_weight_discriminator}:{d.real_data}"
     if d.dm_weight != 1.0:
         up["dm_weight"] = str(d.dm_weight)
+    if d.generator_timesteps is not None:
+        up["generator_timesteps"] = ",".join(map(str, d.generator_timesteps))
     return up
 
 
@@ -165,10 +171,22 @@ def dmd_settings(d: DistillConfig) -> DMDSettings:
 
 
 def generator_parametrization(d: DistillConfig, teacher: Parametrization) -> Parametrization:
-    """The teacher's, plus (VP) the timestep t* the one-step generator is conditioned on (docs/math.md §5)."""
-    if teacher.kind != "vp":
-        return teacher
-    return dataclasses.replace(teacher, one_step_timestep=d.generator_timestep or VP_GENERATOR_TIMESTEP)
+    """The teacher's, plus (VP) the timestep t* the one-step generator is conditioned on (docs/math.md §5) and
+    (k-step generators) its timesteps; validated as a denoiser.json would be."""
+    ts = d.generator_timesteps
+    if ts is not None and d.generator_timestep is not None and ts[0] != d.generator_timestep:
+        raise InputError(f"distill.generator_timesteps starts at {ts[0]} but distill.generator_timestep is {d.generator_timestep}. Fix: drop one of them.")
+    if teacher.kind == "vp":
+        t0 = ts[0] if ts else d.generator_timestep or VP_GENERATOR_TIMESTEP
+        param = dataclasses.replace(teacher, one_step_timestep=t0)
+    else:
+        param = teacher
+    if ts is None:
+        return param
+    try:
+        return Parametrization.from_dict({**param.to_dict(), "generator_timesteps": list(ts)})
+    except ValueError as e:
+        raise InputError(f"distill.generator_timesteps: {e}") from None
 
 
 class Trainer:
@@ -193,6 +211,8 @@ class Trainer:
                 net.unet.enable_gradient_checkpointing()
         gen.param = generator_parametrization(d, self.real.param)
         self.one_step = OneStep.of(gen)
+        self.steps = MultiStep.of(gen)  # k-step generators (DMD2): trained on backward-simulated inputs
+        self.simulation = BackwardSimulation(self.steps) if self.steps.num_steps > 1 else None
         self.shape = tuple(p.info["image_shape"])
         self.num_classes = gen.num_classes
         self.to_pixels = p.teacher().pixel_decoder(dev, d.gradient_checkpointing, getattr(torch, d.frozen_dtype))
@@ -214,7 +234,7 @@ class Trainer:
             reg_loss = DecodedLoss(reg_loss, self.to_pixels, d.lpips_resolution)  # LPIPS sees images, not latents
         # the GAN term runs the fake score itself, not its DDP wrapper: that forward belongs to G's backward
         adversarial = AdversarialLoss(self.gan_logits, self.unwrap(self.fake)) if d.gan else None
-        self.gen_loss = GeneratorLoss(dmd_settings(d), reg_loss, self.one_step, adversarial, d.gan_weight_generator)
+        self.gen_loss = GeneratorLoss(dmd_settings(d), reg_loss, self.one_step, adversarial, d.gan_weight_generator, self.simulation)
         self.fake_loss = FakeScoreLoss.for_teacher(self.real)
         self.urls = [str(Path(p.inputs["pairs"]) / shard_name(i)) for i in range(p.info["num_shards"])] if "pairs" in p.inputs else []
         self.data = None
@@ -280,9 +300,10 @@ class Trainer:
         net = copy.deepcopy(gen).eval()
         net.unet.load_state_dict({k: v.to(net.dtype) for k, v in self.probed_state().items()})
 
-        def sample(z, labels):
+        def sample(z, labels, idx):
+            noise = step_noise(self.cfg.evaluate.seed, idx, self.shape)
             with self.acc.autocast():
-                x = self.one_step(net, z, labels).float()
+                x = self.steps(net, z, labels, lambda j: noise(j).to(z.device)).float()
             return x, self.to_pixels(x)
 
         r = self.probe_fn(sample)
@@ -368,7 +389,11 @@ class Trainer:
                     z = rng.randn(self.shape)
                     labels = random_labels(rng, self.num_classes)
                     with torch.no_grad(), acc.autocast():
-                        x = self.one_step(self.gen, z, labels).float()
+                        if self.simulation is None:
+                            x = self.one_step(self.gen, z, labels).float()
+                        else:
+                            inputs, levels = self.simulation(self.gen, z, labels, rng)
+                            x = self.gen(inputs, levels, labels).float()
                 sync = acc.no_sync(self.fake) if m < A - 1 else nullcontext()
                 with sync, acc.autocast():
                     loss_f = self.fake_loss(self.fake, x, labels, rng)
@@ -421,7 +446,7 @@ class Trainer:
         labels = torch.arange(n, device=self.acc.device) % C if C else None
         gen = self.unwrap(self.gen)
         with self.acc.autocast():
-            x = self.to_pixels(self.one_step(gen, z, labels).float())
+            x = self.to_pixels(self.steps(gen, z, labels, lambda j: rng.randn(self.shape)).float())
         save_grid(x, path, nrow=C or 8)
 
 

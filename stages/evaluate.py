@@ -24,7 +24,7 @@ from PIL import Image
 
 from dmd_core.denoisers import Denoiser
 from dmd_core.digits import DigitsClassifier, load_digits_data
-from dmd_core.dmd import OneStep
+from dmd_core.dmd import MultiStep, step_noise
 from dmd_core.errors import InputError
 from dmd_core.images import caption_columns, grid_image
 from dmd_core.loading import load_denoiser, load_prompt_encoder
@@ -187,14 +187,18 @@ class Evaluator:
         g = cfg.generate
         self.guidance_scale = g.guidance_scale
         teacher_sample, self.teacher_nfe = teacher_sampler(self.teacher, g.solver, teacher_steps(cfg), g.guidance_scale)
-        self.teacher_sample = lambda z, labels: self.to_pixels(teacher_sample(z, labels))
-        self.one_step = OneStep.of(self.student)
+        self.teacher_sample = lambda z, labels, idx=None: self.to_pixels(teacher_sample(z, labels))
+        self.steps = MultiStep.of(self.student)  # one step, or a k-step (DMD2) generator
         self.shape = model_shape(self.student)
         self.num_classes = self.student.num_classes
 
     # samplers: (z, labels) -> images (pixels: latent models are decoded)
-    def student_sample(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return self.to_pixels(self.one_step(self.student, z, labels))
+    def student_sample(self, z: torch.Tensor, labels: torch.Tensor | None, idx: range | None = None, noise=None) -> torch.Tensor:
+        """Decoded generator samples; a k-step generator's later noise is seeded by (evaluate.seed, step, sample index)."""
+        if noise is None:
+            seeded = step_noise(self.e.seed, range(len(z)) if idx is None else idx, tuple(z.shape[1:]))
+            noise = lambda j: seeded(j).to(z.device)  # noqa: E731
+        return self.to_pixels(self.steps(self.student, z, labels, noise))
 
     def classes(self, labels: torch.Tensor | None) -> torch.Tensor | None:
         """What the classifier should see: the class itself, or the class a prompt names (None: no accuracy)."""
@@ -229,7 +233,7 @@ class Evaluator:
             z = sample_noise(e.seed, idx, self.shape).to(self.device)
             labels = sample_labels(idx, self.num_classes)
             labels = None if labels is None else labels.to(self.device)
-            x = sampler(z, labels).float().clamp(-1, 1)
+            x = sampler(z, labels, idx).float().clamp(-1, 1)
             fid.update(x.to(torch.float64), real=False)
             classes = self.classes(labels)
             if self.classifier is not None and classes is not None:
@@ -255,7 +259,10 @@ class Evaluator:
         labels = sample_labels(range(B), self.num_classes)
         labels = None if labels is None else labels.to(self.device)
         out = {}
-        for name, sampler in (("student", self.student_sample), ("teacher", self.teacher_sample)):
+        # a k-step generator's later noise drawn beforehand: the timing is of the network calls, as for the teacher's
+        later = [torch.randn_like(z) for _ in self.steps.later]
+        student = lambda z, labels: self.student_sample(z, labels, noise=lambda j: later[j])  # noqa: E731
+        for name, sampler in (("student", student), ("teacher", self.teacher_sample)):
             guided = name == "teacher" and self.guidance_scale != 1.0
             sampler(z, labels)
             self._sync()
@@ -343,13 +350,13 @@ class QualityProbe:
 
     @torch.no_grad()
     def __call__(self, sample: Callable) -> dict:
-        """``sample(z, labels) -> (model-space x, pixels)``: FD, accuracy and per-channel mean/std of x (first 4)."""
+        """``sample(z, labels, idx) -> (model-space x, pixels)``: FD, accuracy and per-channel mean/std of x (first 4)."""
         fid = make_fid(self.features).to(self.device)
         set_reference(fid, *self.reference)
         correct, xs = 0, []
         for s in range(0, len(self.z), self.batch_size):
             labels = None if self.labels is None else self.labels[s : s + self.batch_size]
-            x, pixels = sample(self.z[s : s + self.batch_size], labels)
+            x, pixels = sample(self.z[s : s + self.batch_size], labels, range(s, min(s + self.batch_size, len(self.z))))
             pixels = pixels.float().clamp(-1, 1)
             fid.update(pixels.to(torch.float64), real=False)
             if self.classifier is not None and self.classes is not None:
@@ -392,7 +399,7 @@ def evaluate(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.
     ev = Evaluator(cfg, p, rank, world, device, progress)
     cached = cached_side_output(teacher_numbers_dir(ev))  # the teacher's numbers may be cached
     bar = progress_bar(STAGE, (1 if cached else 2) * len(ev.batch_starts()), progress and rank == 0, unit="batch")
-    student = ev.measure(ev.student_sample, bar, "student (1 NFE)")
+    student = ev.measure(ev.student_sample, bar, f"student ({ev.steps.num_steps} NFE)")
     teacher = teacher_numbers(ev, bar, cached)
     bar.close()
     if rank != 0:
@@ -405,7 +412,7 @@ def evaluate(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.
         "student_fd": student["fd"],
         "fd_ratio": student["fd"] / teacher["teacher_fd"],
         "student_class_accuracy": student["class_accuracy"],
-        "student_nfe": 1,
+        "student_nfe": ev.steps.num_steps,
         **({"student_clip_score": student["clip_score"]} if "clip_score" in student else {}),
         **speed,
         "features": cfg.evaluate.features,
@@ -461,7 +468,7 @@ def results_table(m: Manifest) -> str:
     fd_name = "FD-digits" if r["features"] == "digits" else "FID"
     acc = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     rows = [
-        ("", f"teacher ({r['teacher_nfe']} NFE)", "one-step (1 NFE)"),
+        ("", f"teacher ({r['teacher_nfe']} NFE)", "one-step (1 NFE)" if r["student_nfe"] == 1 else f"{r['student_nfe']}-step ({r['student_nfe']} NFE)"),
         (fd_name, f"{r['teacher_fd']:.3f}", f"{r['student_fd']:.3f}"),
         ("class accuracy", acc(r["teacher_class_accuracy"]), acc(r["student_class_accuracy"])),
         ("images/s", f"{r['teacher_images_per_s']:.1f}", f"{r['student_images_per_s']:.1f}"),

@@ -27,7 +27,7 @@ import yaml
 from dmd_core.denoisers import VPDenoiser
 from dmd_core.dmd import OneStep
 from dmd_core.errors import InputError
-from dmd_core.loading import PARAM_FILE, load_denoiser, load_prompt_encoder
+from dmd_core.loading import PARAM_FILE, load_denoiser, load_prompt_encoder, read_parametrization
 from dmd_core.pipeline import OneStepModule, OneStepPipeline
 from dmd_core.shards import sample_labels, sample_noise
 from dmd_core.text import read_prompts
@@ -46,8 +46,16 @@ log = logging.getLogger("dmd")
 def plan(cfg: PipelineConfig, teacher: Teacher, evaluation: StageOutput) -> Plan:
     """Key = (export config, the evaluation's digest); every card carries its evaluation's metrics."""
     up = {"evaluate": evaluation.manifest.digest}
+    gen_dir = evaluation.manifest.info["generator_dir"]
+    steps = read_parametrization(gen_dir).generator_timesteps
+    if steps is not None and len(steps) > 1:
+        raise InputError(
+            f"export of a {len(steps)}-step generator ({gen_dir}) is not built yet: OneStepPipeline, one_step.json and the ONNX "
+            "check describe one network call. Fix: export a one-step run (no distill.generator_timesteps), or use the "
+            "denoiser directory with dmd_core.dmd.MultiStep."
+        )
     key = SPEC.key(cfg, up)
-    info = {"generator_dir": evaluation.manifest.info["generator_dir"]}
+    info = {"generator_dir": gen_dir}
     return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, {"teacher": str(teacher.path), "evaluate": str(evaluation.out_dir)}, info)
 
 
