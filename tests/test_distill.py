@@ -178,6 +178,7 @@ def test_incomplete_pairs_are_refused(setup, tmp_path):
     assert "not a complete generate output" in msg and "pairs-000001.tar" in msg and "pairs-000000.tar" not in msg
 
 
+@pytest.mark.slow  # two-process parity stays in the fast suite (test_two_processes_take_the_same_first_step)
 def test_cli_two_processes_end_to_end(setup):
     tmp, cfg = setup
     store = tmp / "cli2"

@@ -191,6 +191,7 @@ def test_scheduled_deployment_has_its_cron(harness):
     assert dep.parameters["overrides"] == ["store=/store"]
 
 
+@pytest.mark.slow  # a cancellation fault point on a served deployment
 def test_cancelling_a_served_run_stops_every_stage_process(harness, tmp_path, edm_teacher):
     """The UI's Cancel on a deployment run: the runner SIGTERMs the flow process, which stops the stage tree."""
     import subprocess

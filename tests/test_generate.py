@@ -139,6 +139,7 @@ def test_corrupted_shard_is_detected_and_rewritten(base, tmp_path):
     assert shard_bytes(out2) == ref
 
 
+@pytest.mark.slow  # a kill fault point; reuse of finished shards stays fast-tested (test_corrupted_shard_is_detected_and_rewritten)
 def test_kill_and_resume_equals_uninterrupted(base, tmp_path):
     cfg, out = base
     store = tmp_path / "store"
