@@ -30,6 +30,9 @@ logs = trainer.step(0, batches=[(z_ref[part], y_ref[part], labels_ref[part])])
 if acc.is_main_process:
     state = {f"gen.{k}": v.contiguous() for k, v in acc.unwrap_model(trainer.gen).unet.state_dict().items()}
     state.update({f"fake.{k}": v.contiguous() for k, v in acc.unwrap_model(trainer.fake).unet.state_dict().items()})
+    head = getattr(acc.unwrap_model(trainer.fake), "gan_head", None)
+    if head is not None:  # DMD2's head trains with the fake score
+        state.update({f"head.{k}": v.contiguous() for k, v in head.state_dict().items()})
     save_file(state, out)
     with open(out + ".json", "w") as f:
         json.dump(logs, f)
