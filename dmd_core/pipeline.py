@@ -8,7 +8,7 @@ from diffusers import DiffusionPipeline, UNet2DModel
 from PIL import Image
 
 from .denoisers import EDMDenoiser, Parametrization, VPDenoiser
-from .dmd import OneStep
+from .dmd import MultiStep, OneStep, step_noise
 from .shards import sample_labels, sample_noise
 
 
@@ -22,6 +22,17 @@ class OneStepModule(torch.nn.Module):
 
     def forward(self, noise: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.one_step(self.denoiser, noise, class_labels)
+
+
+class DenoiserCallModule(torch.nn.Module):
+    """(x, level, class_labels) -> x0: one network call at any level, what ONNX exports for k-step generators."""
+
+    def __init__(self, denoiser: EDMDenoiser | VPDenoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x: torch.Tensor, level: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.denoiser(x, level, class_labels)
 
 
 class OneStepPipeline(DiffusionPipeline):
@@ -43,6 +54,8 @@ class OneStepPipeline(DiffusionPipeline):
         prediction_type: str = "epsilon",
         alphas_cumprod: list[float] | None = None,
         one_step_timestep: int | None = None,
+        generator_timesteps: list[int] | None = None,
+        sigma_min: float = 0.002,
     ):
         super().__init__()
         # Frozen, like every loaded denoiser: on CPU, torch picks another linear kernel for weights that
@@ -53,7 +66,7 @@ class OneStepPipeline(DiffusionPipeline):
         self.register_to_config(
             kind=kind, sigma_max=sigma_max, sigma_data=sigma_data, num_classes=num_classes, null_class=null_class,
             image_shape=image_shape, prediction_type=prediction_type, alphas_cumprod=alphas_cumprod,
-            one_step_timestep=one_step_timestep,
+            one_step_timestep=one_step_timestep, generator_timesteps=generator_timesteps, sigma_min=sigma_min,
         )  # fmt: skip
 
     def denoiser(self) -> EDMDenoiser | VPDenoiser:
@@ -61,7 +74,8 @@ class OneStepPipeline(DiffusionPipeline):
         param = Parametrization(
             kind=c.kind, num_classes=c.num_classes, null_class=c.null_class, sigma_max=c.sigma_max, sigma_data=c.sigma_data,
             prediction_type=c.prediction_type, image_shape=tuple(c.image_shape) if c.image_shape else None,
-            one_step_timestep=c.get("one_step_timestep"),
+            one_step_timestep=c.get("one_step_timestep"), sigma_min=c.get("sigma_min", 0.002),
+            generator_timesteps=tuple(c["generator_timesteps"]) if c.get("generator_timesteps") else None,
         )  # fmt: skip
         if c.kind == "edm":
             return EDMDenoiser(self.generator, param)
@@ -76,7 +90,8 @@ class OneStepPipeline(DiffusionPipeline):
         noise: torch.Tensor | None = None,
         output_type: str = "pil",
     ):
-        """Images for ``class_labels`` (or ``num_images`` unconditional ones), noise of image i seeded by (seed, i).
+        """Images for ``class_labels`` (or ``num_images`` unconditional ones), noise of image i seeded by (seed, i)
+        (a k-step generator's later noise by (seed, step, i), as the evaluate stage draws it).
 
         ``output_type``: "pil" (list of PIL images), "np" (uint8 array NHWC) or "pt" (tensor in [-1, 1]).
         """
@@ -88,7 +103,8 @@ class OneStepPipeline(DiffusionPipeline):
             labels = torch.full((n,), self.config.null_class, dtype=torch.long, device=dev)
         if noise is None:
             noise = sample_noise(seed, range(n), tuple(self.config.image_shape))
-        x = OneStep.of(den)(den, noise.to(dev), labels)
+        later = step_noise(seed, range(n), tuple(self.config.image_shape))
+        x = MultiStep.of(den)(den, noise.to(dev), labels, lambda j: later(j).to(dev))
         if output_type == "pt":
             return x
         array = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -106,7 +122,7 @@ def sample_to_file(export_dir: str, seed: int, n: int, out_file: str) -> None:
     pipe = OneStepPipeline.from_pretrained(export_dir)
     c = pipe.config
     labels = sample_labels(range(n), c.num_classes)
-    x = pipe(class_labels=labels, num_images=n, noise=sample_noise(seed, range(n), tuple(c.image_shape)), output_type="pt")
+    x = pipe(class_labels=labels, num_images=n, seed=seed, noise=sample_noise(seed, range(n), tuple(c.image_shape)), output_type="pt")
     np.save(out_file, x.cpu().numpy(), allow_pickle=False)
 
 

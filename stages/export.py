@@ -25,10 +25,10 @@ import torch
 import yaml
 
 from dmd_core.denoisers import VPDenoiser
-from dmd_core.dmd import OneStep
+from dmd_core.dmd import MultiStep, OneStep, noise_levels, step_noise
 from dmd_core.errors import InputError
 from dmd_core.loading import PARAM_FILE, load_denoiser, load_prompt_encoder, read_parametrization
-from dmd_core.pipeline import OneStepModule, OneStepPipeline
+from dmd_core.pipeline import DenoiserCallModule, OneStepModule, OneStepPipeline
 from dmd_core.shards import sample_labels, sample_noise
 from dmd_core.text import read_prompts
 
@@ -47,12 +47,13 @@ def plan(cfg: PipelineConfig, teacher: Teacher, evaluation: StageOutput) -> Plan
     """Key = (export config, the evaluation's digest); every card carries its evaluation's metrics."""
     up = {"evaluate": evaluation.manifest.digest}
     gen_dir = evaluation.manifest.info["generator_dir"]
-    steps = read_parametrization(gen_dir).generator_timesteps
-    if steps is not None and len(steps) > 1:
+    param = read_parametrization(gen_dir)
+    steps = param.generator_timesteps
+    if steps is not None and len(steps) > 1 and param.text_conditioned:
         raise InputError(
-            f"export of a {len(steps)}-step generator ({gen_dir}) is not built yet: OneStepPipeline, one_step.json and the ONNX "
-            "check describe one network call. Fix: export a one-step run (no distill.generator_timesteps), or use the "
-            "denoiser directory with dmd_core.dmd.MultiStep."
+            f"export of a {len(steps)}-step text-to-image generator ({gen_dir}) is not built yet: the StableDiffusionPipeline "
+            "layout's schedulers do not re-noise with fresh noise between steps as DMD2's sampler does. Fix: export a one-step "
+            "run (no distill.generator_timesteps), or use the denoiser directory with dmd_core.dmd.MultiStep."
         )
     key = SPEC.key(cfg, up)
     info = {"generator_dir": gen_dir}
@@ -78,6 +79,15 @@ def one_step_spec(den) -> dict:
         abar = float(den.alphas_cumprod[g.level])
         spec.update(timestep=g.level, alpha=abar**0.5, sigma=(1 - abar) ** 0.5, input_scale=g.scale, prediction_type=p.prediction_type,
                     recipe="x = input_scale*z (= z); out = UNet(x, timestep, class); x0 = (x - sigma*out)/alpha (epsilon), alpha*x - sigma*out (v_prediction), out (sample)")  # fmt: skip
+    steps = MultiStep.of(den)
+    if steps.num_steps > 1:  # DMD2's k-step sampler: x_j = alpha_j x0 + sigma_j eps_j (fresh), then one call at t_j
+        later = []
+        for t in steps.later:
+            alpha, sigma, level = noise_levels(p, torch.tensor([t]), getattr(den, "alphas_cumprod", None))
+            later.append({"timestep": t, "level": float(level[0]), "alpha": float(alpha[0]), "sigma": float(sigma[0])})
+        spec.update(network_evaluations=steps.num_steps, generator_timesteps=list(p.generator_timesteps), later_steps=later,
+                    later_recipe="for each later step: x = alpha*x0 + sigma*eps (eps ~ N(0, I), fresh); x0 = the same one-call "
+                                 "formula at that step's level (EDM: sigma = level; VP: timestep)")  # fmt: skip
     return spec
 
 
@@ -88,6 +98,7 @@ def pipeline_for(den) -> OneStepPipeline:
         den.unet, kind=p.kind, sigma_max=p.sigma_max, sigma_data=p.sigma_data, num_classes=p.num_classes,
         null_class=p.null_class, image_shape=list(p.image_shape) if p.image_shape else None,
         prediction_type=p.prediction_type, alphas_cumprod=abar, one_step_timestep=p.one_step_timestep,
+        generator_timesteps=list(p.generator_timesteps) if p.generator_timesteps else None, sigma_min=p.sigma_min,
     )  # fmt: skip
 
 
@@ -98,13 +109,23 @@ def fixed_inputs(cfg: PipelineConfig, den) -> tuple[torch.Tensor, torch.Tensor |
 
 
 def write_onnx(cfg: PipelineConfig, den, out: Path, want: np.ndarray) -> dict:
-    """generator.onnx and its parity with PyTorch (``want``: the generator on the fixed inputs) under onnxruntime, CPU."""
+    """generator.onnx and its parity with PyTorch (``want``: the generator on the fixed inputs) under onnxruntime, CPU.
+
+    One-step: (noise, class_labels) -> image. k-step: one network call (x, level, class_labels) -> x0, which the
+    parity check runs k times with one_step.json's schedule and the later steps' seeded noise."""
     import onnxruntime
 
-    module = OneStepModule(den).eval()
     z, labels = fixed_inputs(cfg, den)
-    args = (z, labels) if labels is not None else (z,)
-    names = ["noise", "class_labels"][: len(args)]
+    steps = MultiStep.of(den)
+    if steps.num_steps > 1:
+        module = DenoiserCallModule(den).eval()
+        args = (z * steps.first.scale, torch.full((len(z),), float(steps.first.level), dtype=torch.float64))
+        args = (*args, labels) if labels is not None else args
+        names = ["x", "level", "class_labels"][: len(args)]
+    else:
+        module = OneStepModule(den).eval()
+        args = (z, labels) if labels is not None else (z,)
+        names = ["noise", "class_labels"][: len(args)]
     tmp = out / ".generator.onnx.tmp"
     with warnings.catch_warnings():
         # diffusers' upsampler branches on the batch size (a memory-layout choice): harmless for the trace
@@ -114,7 +135,14 @@ def write_onnx(cfg: PipelineConfig, den, out: Path, want: np.ndarray) -> dict:
             dynamic_axes={n: {0: "batch"} for n in [*names, "image"]},
         )  # fmt: skip
     session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    got = session.run(None, {n: a.numpy() for n, a in zip(names, args)})[0]
+    if steps.num_steps > 1:
+        def call(x, level, labels):  # the ONNX network call in place of the PyTorch one
+            feed = {"x": x.numpy(), "level": torch.as_tensor(level, dtype=torch.float64).expand(len(x)).numpy()}
+            return torch.from_numpy(session.run(None, {**feed, **({"class_labels": labels.numpy()} if labels is not None else {})})[0])
+
+        got = steps(call, z, labels, step_noise(cfg.evaluate.seed, range(len(z)), tuple(den.param.image_shape))).numpy()
+    else:
+        got = session.run(None, {n: a.numpy() for n, a in zip(names, args)})[0]
     diff = float(np.abs(got - want).max())
     # relative to the output's scale: a generator whose outputs span [-10, 6] carries larger float error
     rel = diff / max(float(np.abs(want).max()), 1e-12)
@@ -131,15 +159,18 @@ def write_onnx(cfg: PipelineConfig, den, out: Path, want: np.ndarray) -> dict:
 def reference_output(cfg: PipelineConfig, den) -> np.ndarray:
     """The evaluated generator on the fixed inputs: what ONNX and a fresh process must reproduce."""
     z, labels = fixed_inputs(cfg, den)
+    later = step_noise(cfg.evaluate.seed, range(len(z)), tuple(den.param.image_shape))  # k-step generators only
     with torch.no_grad():
-        return OneStep.of(den)(den, z, labels).numpy()
+        return MultiStep.of(den)(den, z, labels, later).numpy()
 
 
 def fresh_process_parity(cfg: PipelineConfig, out: Path, want: np.ndarray) -> dict:
     """Load the export in a new Python process and compare with ``want``, bit for bit."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "x.npy"
-        code = "import sys; from dmd_core.pipeline import sample_to_file; sample_to_file(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])"
+        # the same torch thread count as here: CPU kernels round differently with another (about 3e-7)
+        code = (f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); from dmd_core.pipeline import sample_to_file; "
+                "sample_to_file(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])")
         proc = subprocess.run(
             [sys.executable, "-c", code, str(out), str(cfg.evaluate.seed), str(len(want)), str(result)], capture_output=True, text=True
         )
@@ -185,17 +216,19 @@ def model_card(cfg: PipelineConfig, em: Manifest, out: Path, info: dict, files: 
     prompt_line = f"\n- Prompts: `{g['prompts']}` (pairs, DM term), held-out `{pc['evaluate']['prompts']}` (evaluation)." if text else ""
     clip_row = f"\n| CLIP score (`{pc['evaluate']['clip_model']}`) | {r['teacher_clip_score']:.2f} | {r['student_clip_score']:.2f} |" if "student_clip_score" in r else ""
     checksums = "\n".join(f"| `{f.name}` | {f.size} | `{f.sha256}` |" for f in files)
-    return f"""# One-step generator (DMD)
+    k = r.get("student_nfe", 1)
+    title, evals = ("One-step generator", "one network evaluation") if k == 1 else (f"{k}-step generator", f"{k} network evaluations")
+    return f"""# {title} (DMD)
 
 Distilled with dmd-pipeline by Distribution Matching Distillation
-(Yin et al., CVPR 2024) from the teacher `{pc['teacher']['path']}`: one network evaluation per image instead
+(Yin et al., CVPR 2024) from the teacher `{pc['teacher']['path']}`: {evals} per image instead
 of {r['teacher_nfe']}.
 
 ![teacher (left) and this generator (right), same noise and {"prompts (above each column)" if text else "labels"}](grid.png)
 
 ## Metrics (evaluate stage, {r['num_samples']} {samples})
 
-| | teacher ({r['teacher_nfe']} NFE) | one-step (1 NFE) |
+| | teacher ({r['teacher_nfe']} NFE) | {"one-step" if k == 1 else f"{k}-step"} ({k} NFE) |
 |---|---|---|
 | {fd} | {r['teacher_fd']:.4f} | {r['student_fd']:.4f} |
 | {accuracy} | {acc(r['teacher_class_accuracy'])} | {acc(r['student_class_accuracy'])} |{clip_row}
@@ -256,7 +289,8 @@ def text_to_image_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, out: P
         want = OneStep.of(den)(den, z, torch.arange(n)).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "prompts.json").write_text(json.dumps(batch))
-        code = "import sys; from dmd_core.pipeline import stable_diffusion_latents_to_file as f; f(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])"
+        code = (f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); "
+                "from dmd_core.pipeline import stable_diffusion_latents_to_file as f; f(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])")
         proc = subprocess.run([sys.executable, "-c", code, str(out), str(Path(tmp) / "prompts.json"), str(cfg.evaluate.seed), str(Path(tmp) / "x.npy")],
                               capture_output=True, text=True)  # fmt: skip
         if proc.returncode != 0:

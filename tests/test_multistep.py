@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -108,8 +109,25 @@ def test_four_steps_train_resume_exactly_and_evaluate(tmp_path, edm_teacher):
     assert len(pq.read_table(out / "metrics.parquet").to_pylist()) == 4
     r = evaluate.run(cfg, progress=False).info["metrics"]
     assert r["student_nfe"] == 4 and r["student_fd"] > 0
-    with pytest.raises(InputError, match="4-step generator"):
-        chain.plan(cfg, "export")
+    # export: OneStepPipeline runs the 4 steps; ONNX is one network call, run 4 times by the parity check
+    from stages import export
+
+    e = export.run(load_config(tmp_path / "c.yaml", [*ev, "export.parity_samples=4"]), progress=False)
+    x = Path(cfg.store) / "export" / e.key
+    spec = json.loads((x / "one_step.json").read_text())
+    assert spec["network_evaluations"] == 4 and spec["generator_timesteps"] == STEPS4 and len(spec["later_steps"]) == 3
+    assert e.info["onnx"]["max_rel_diff"] <= 1e-4 and e.info["torch_parity"]["bit_identical"]
+    from dmd_core.pipeline import OneStepPipeline
+    from dmd_core.shards import sample_labels, sample_noise
+
+    pipe = OneStepPipeline.from_pretrained(str(x))
+    gen = load_denoiser(x / "generator")
+    z, labels = sample_noise(5, range(3), (1, 8, 8)), sample_labels(range(3), 10)
+    from dmd_core.dmd import step_noise
+
+    with torch.no_grad():
+        want = MultiStep.of(gen)(gen, z, labels, step_noise(5, range(3), (1, 8, 8)))
+    assert torch.equal(pipe(class_labels=labels, seed=5, output_type="pt"), want)
 
 
 def test_bad_generator_timesteps_are_refused(tmp_path, edm_teacher):
