@@ -156,6 +156,7 @@ def test_dmd_run_only_prints_the_stage_output_last(first, tiny):
     assert "/runs/flow-run/" in r.stderr  # where the dashboards are
 
 
+@pytest.mark.slow  # a process-level check (a second Prefect server start); the flow's own tests stay fast
 def test_dmd_run_on_its_own_server_starts_no_other(first, tiny, tmp_path):
     """Without PREFECT_API_URL, dmd run starts one local server; every log line of the run goes there
     (the stage-output threads too), so Prefect never starts a temporary server of its own."""
