@@ -212,3 +212,17 @@ def add_tiny_evaluate(cfg: Path, batch_size: int = 25) -> Path:
         f"  classifier: {ROOT / 'data' / 'classifier'}\n  speed_batch_size: 8\n  speed_repeats: 1\n  num_threads: 1\n"
     ))  # fmt: skip
     return cfg
+
+
+def first_step_one_and_two_processes(cfg: Path, tmp: Path, global_batch: int = 8) -> tuple[str, str]:
+    """tests/distill_first_step.py on 1 process and under accelerate launch on 2: the two output files."""
+    from stages.launch import free_port
+
+    one, two = str(tmp / "one.safetensors"), str(tmp / "two.safetensors")
+    script = str(ROOT / "tests" / "distill_first_step.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, script, str(cfg), str(global_batch), one], check=True, cwd=ROOT, env=env)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]  # fmt: skip
+    subprocess.run([*launch, script, str(cfg), str(global_batch), two], check=True, cwd=ROOT, env=env)
+    return one, two

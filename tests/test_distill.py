@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -16,12 +13,11 @@ from diffusers import UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT, kill_when, run_cli, write_config
+from conftest import first_step_one_and_two_processes, kill_when, run_cli, write_config
 from dmd_core import load_denoiser
 from dmd_core.errors import InputError
 from stages import chain, distill, generate
 from stages.config import load_config
-from stages.launch import free_port
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +78,7 @@ def test_cached_rerun(trained):
 
 def test_two_processes_take_the_same_first_step(setup):
     tmp, cfg = setup
-    one, two = str(tmp / "one.safetensors"), str(tmp / "two.safetensors")
-    script = str(ROOT / "tests" / "distill_first_step.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, script, str(cfg), "8", one], check=True, cwd=ROOT, env=env)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]  # fmt: skip
-    subprocess.run([*launch, script, str(cfg), "8", two], check=True, cwd=ROOT, env=env)
+    one, two = first_step_one_and_two_processes(cfg, tmp)
     a, b = load_file(one), load_file(two)
     assert max_diff(a, b) <= 1e-5
     la, lb = json.loads(Path(one + ".json").read_text()), json.loads(Path(two + ".json").read_text())

@@ -140,22 +140,11 @@ def test_no_regression_runs_skip_generate_and_read_no_pairs(tmp_path, edm_teache
 @pytest.mark.slow  # two processes under accelerate launch (gloo on CPU)
 def test_two_processes_take_the_same_first_step_with_gan(tmp_path, edm_teacher):
     """DDP with the GAN term: 2 processes x batch B = 1 process x 2B (generator, fake score and head)."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-    from stages.launch import free_port
+    from conftest import first_step_one_and_two_processes
 
     cfg = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={"gan": True, "fake_updates_per_generator_update": 2})
     generate.run(load_config(cfg), progress=False)
-    one, two = str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors")
-    script = str(ROOT / "tests" / "distill_first_step.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, script, str(cfg), "8", one], check=True, cwd=ROOT, env=env)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]  # fmt: skip
-    subprocess.run([*launch, script, str(cfg), "8", two], check=True, cwd=ROOT, env=env)
+    one, two = first_step_one_and_two_processes(cfg, tmp_path)
     a, b = load_file(one), load_file(two)
     assert any(k.startswith("head.") for k in a) and a.keys() == b.keys()
     assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a) <= 1e-5
