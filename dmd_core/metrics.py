@@ -136,6 +136,14 @@ def frechet_distance(feature_net: nn.Module, real: torch.Tensor, fake: torch.Ten
 
 
 @torch.no_grad()
+def channel_stats(x: torch.Tensor, prefix: str, channels: int = 4) -> dict[str, float]:
+    """Mean and std of each of the first ``channels`` channels of a batch: over-saturation shows as std drift."""
+    out = {}
+    for c in range(min(x.shape[1], channels)):
+        out[f"{prefix}_mean_c{c}"], out[f"{prefix}_std_c{c}"] = float(x[:, c].mean()), float(x[:, c].std())
+    return out
+
+
 def class_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> float:
     correct = 0
     for start in range(0, len(images), batch_size):

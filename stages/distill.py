@@ -43,6 +43,7 @@ from dmd_core.errors import InputError
 from dmd_core.gan import BottleneckHead, bottleneck_shape, discriminator_loss
 from dmd_core.images import save_grid, training_curves_png
 from dmd_core.loading import save_denoiser
+from dmd_core.metrics import channel_stats
 from dmd_core.losses import DecodedLoss, LPIPSLoss, l2_loss, pseudo_huber_loss
 from dmd_core.shards import pair_stream, sample_seed, shard_name
 from dmd_core.text import read_prompts
@@ -139,10 +140,10 @@ def _optional_upstream(cfg: PipelineConfig) -> dict[str, str]:
     """Settings that enter the key only when used, so keys of runs without them stay as they were."""
     d, up = cfg.distill, {}
     if d.eval_every:  # in the key only when set: keys of runs without probes stay as they were
-        from .evaluate import _features_digest, _reference_digest
+        from .evaluate import features_digest, reference_digest
 
         e = cfg.evaluate
-        up["quality_probe"] = f"{d.eval_every}:{d.eval_samples}:{e.seed}:{_features_digest(e, cfg.store)}:{_reference_digest(e, cfg.store)}"
+        up["quality_probe"] = f"{d.eval_every}:{d.eval_samples}:{e.seed}:{features_digest(e, cfg.store)}:{reference_digest(e, cfg.store)}"
     if d.gan:
         up["gan"] = f"{d.gan_weight_generator}:{d.gan_weight_discriminator}:{d.real_data}"
     if d.dm_weight != 1.0:
@@ -281,11 +282,7 @@ class Trainer:
         while seen < n:
             ys.append(next(stream)[1].float())
             seen += len(ys[-1])
-        y = torch.cat(ys)[:n]
-        out = {}
-        for c in range(min(y.shape[1], 4)):
-            out[f"teacher_mean_c{c}"], out[f"teacher_std_c{c}"] = float(y[:, c].mean()), float(y[:, c].std())
-        return out
+        return channel_stats(torch.cat(ys)[:n], "teacher")
 
     def probed_state(self) -> dict[str, torch.Tensor]:
         """The weights the probe measures (and evaluate uses by default): the EMA when there is one."""

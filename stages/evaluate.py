@@ -31,6 +31,7 @@ from dmd_core.loading import load_denoiser, load_prompt_encoder
 from dmd_core.metrics import (
     InceptionFeatures,
     PenultimateFeatures,
+    channel_stats,
     clear_reference,
     inception_weights_path,
     load_stats,
@@ -74,7 +75,7 @@ def teacher_steps(cfg: PipelineConfig) -> int:
     return cfg.evaluate.teacher_steps or cfg.generate.steps
 
 
-def _features_digest(e: EvaluateConfig, store: str) -> str:
+def features_digest(e: EvaluateConfig, store: str) -> str:
     if e.features == "digits":
         if not e.classifier or not Path(e.classifier, "model.safetensors").is_file():
             raise InputError(f"evaluate.features=digits needs evaluate.classifier (a `dmd toy classifier` dir); got {e.classifier!r}")
@@ -82,7 +83,7 @@ def _features_digest(e: EvaluateConfig, store: str) -> str:
     return "inception:" + file_digest(inception_weights_path(e.inception_weights), store)
 
 
-def _reference_digest(e: EvaluateConfig, store: str) -> str:
+def reference_digest(e: EvaluateConfig, store: str) -> str:
     if e.reference == "digits":
         return "sklearn-digits-1797"
     path = Path(e.reference)
@@ -93,7 +94,7 @@ def _reference_digest(e: EvaluateConfig, store: str) -> str:
 
 def reference_key(e: EvaluateConfig, store: str) -> str:
     """Key of the cached reference statistics: (feature network, reference set)."""
-    return content_key("reference", {}, {"features": _features_digest(e, store), "reference": _reference_digest(e, store)}, SPEC.code_version)
+    return content_key("reference", {}, {"features": features_digest(e, store), "reference": reference_digest(e, store)}, SPEC.code_version)
 
 
 def generator_name(e: EvaluateConfig, dm: Manifest) -> str:
@@ -124,8 +125,8 @@ def plan(cfg: PipelineConfig, teacher: Teacher, distilled: StageOutput) -> Plan:
             raise InputError(f"evaluate.clip_model: {e.clip_model} is not a local CLIP model directory (no config.json). Fix: point it at a "
                              "CLIPModel + CLIPProcessor save_pretrained folder (e.g. a snapshot of openai/clip-vit-large-patch14).")  # fmt: skip
         prompts["clip_model"] = dir_digest(e.clip_model, cfg.store)
-    features = _features_digest(e, cfg.store)
-    reference = _reference_digest(e, cfg.store)
+    features = features_digest(e, cfg.store)
+    reference = reference_digest(e, cfg.store)
     dm = distilled.manifest
     gen_dir = distilled.out_dir / generator_name(e, dm)
     protocol = {"num_samples": e.num_samples, "seed": e.seed, "batch_size": e.batch_size}
@@ -326,7 +327,7 @@ def reference_stats(cfg: PipelineConfig, key: str, features: torch.nn.Module, de
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_stats(out / "stats.npz", mu, sigma, n)
-        up = {"features": _features_digest(e, cfg.store), "reference": _reference_digest(e, cfg.store)}
+        up = {"features": features_digest(e, cfg.store), "reference": reference_digest(e, cfg.store)}
         save_side_output(out, "reference", key, SPEC.code_version, ["stats.npz"], up)
     return mu, sigma, n
 
@@ -365,9 +366,7 @@ class QualityProbe:
         x = torch.cat(xs)
         out = {"probe_fd": float(fid.compute())}
         out["probe_class_accuracy"] = correct / len(self.z) if self.classifier is not None and self.classes is not None else None
-        for c in range(min(x.shape[1], 4)):
-            out[f"probe_mean_c{c}"], out[f"probe_std_c{c}"] = float(x[:, c].mean()), float(x[:, c].std())
-        return out
+        return out | channel_stats(x, "probe")
 
 
 def teacher_numbers_dir(ev: Evaluator) -> Path:

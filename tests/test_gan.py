@@ -107,14 +107,33 @@ def test_gan_settings_key_and_refusals(tmp_path, edm_teacher, sd_teacher):
 
 
 def test_discriminator_sees_real_digits_with_their_classes(tmp_path, edm_teacher):
-    """The real batch comes from the embedded digits, drawn per sample by the step's RNG (deterministic)."""
+    """Trainer.discriminator_terms: the real half is the embedded digits at indices the step's RNG draws, with
+    their own classes (a wrong label changes the loss); the generated half is x; same RNG, same loss."""
+    from accelerate import Accelerator
+
     from dmd_core.digits import load_digits_data
 
-    images, labels = load_digits_data()
-    rng_a, rng_b = SampleRNG(0, 10, 3, range(8)), SampleRNG(0, 10, 3, range(8))
-    ia, ib = rng_a.randint(0, len(images)), rng_b.randint(0, len(images))
-    assert torch.equal(ia, ib) and len(set(ia.tolist())) > 1
-    assert images[ia].shape == (8, 1, 8, 8) and F.one_hot(labels[ia], 10).sum() == 8
+    cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={"gan": True, "regression_weight": 0.0}))
+    tr = distill.Trainer(cfg, chain.plan(cfg, "distill"), Accelerator(cpu=True))
+    x, labels = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10
+    rng = lambda: SampleRNG(0, 10, 3, range(8))  # noqa: E731
+    with torch.no_grad():
+        terms = tr.discriminator_terms(x, labels, rng())
+        images, classes = load_digits_data()
+        r = rng()
+        idx = r.randint(0, len(images))
+        assert len(set(idx.tolist())) > 1
+        fake = tr.fake  # on 1 CPU process, Accelerate leaves the module unwrapped
+        logit = lambda v, c: tr.gan_logits(fake, fake.unet, fake.gan_head, v, c, r)  # noqa: E731
+        real_logits, fake_logits = logit(images[idx], classes[idx]), logit(x, labels)
+        by_hand = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+        assert float(terms["loss_gan_d"]) == pytest.approx(float(by_hand), rel=1e-6)
+        assert float(terms["d_real"]) == pytest.approx(float(torch.sigmoid(real_logits).mean()), rel=1e-6)
+        assert float(tr.discriminator_terms(x, labels, rng())["loss_gan_d"]) == float(terms["loss_gan_d"])
+        r = rng()
+        r.randint(0, len(images))
+        wrong = logit(images[idx], (classes[idx] + 1) % 10)
+        assert float((wrong - real_logits).abs().max()) > 1e-4
 
 
 def test_no_regression_runs_skip_generate_and_read_no_pairs(tmp_path, edm_teacher, monkeypatch):

@@ -16,7 +16,7 @@ from dmd_core import load_denoiser
 from dmd_core.digits import DigitsClassifier, load_digits_data
 from dmd_core.dmd import OneStep
 from dmd_core.errors import InputError
-from dmd_core.metrics import PenultimateFeatures, class_accuracy, frechet_distance
+from dmd_core.metrics import PenultimateFeatures, channel_stats, class_accuracy, frechet_distance
 from stages import chain, distill, generate
 from stages.config import load_config
 
@@ -113,3 +113,14 @@ def test_probe_keys_only_when_set(tmp_path, edm_teacher):
     keys = {s: chain.plan(load_config(base, [*EVAL, *s]), "distill").key for s in [(), ("distill.eval_every=2",), ("distill.eval_every=4",)]}
     assert len(set(keys.values())) == 3
     assert chain.plan(load_config(base), "distill").key == keys[()]  # the evaluate settings alone change nothing
+
+
+def test_channel_stats_closed_form():
+    """Channel c of x holds the values c, c+1 (half each) for 6 channels: mean c + 1/2, unbiased std sqrt(n / (4 (n - 1)))."""
+    x = torch.arange(6.0).view(1, 6, 1, 1).repeat(4, 1, 2, 2)
+    x[:, :, 0] += 1  # half of each channel's 16 values are one higher
+    out = channel_stats(x, "probe")
+    assert sorted(out) == sorted(f"probe_{s}_c{c}" for c in range(4) for s in ("mean", "std"))  # the first 4 channels only
+    for c in range(4):
+        assert out[f"probe_mean_c{c}"] == pytest.approx(c + 0.5)
+        assert out[f"probe_std_c{c}"] == pytest.approx((16 / (4 * 15)) ** 0.5)
