@@ -169,6 +169,15 @@ def latent_decoder(path: str | os.PathLike, device: str | torch.device = "cpu", 
     return decode
 
 
+@torch.no_grad()
+def encode_latents(path: str | os.PathLike, images: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> torch.Tensor:
+    """images in [-1, 1] -> latents in model space: the mean of ``vae.encode`` times scaling_factor (deterministic)."""
+    vae = load_vae(path, device)
+    scale = vae.config.scaling_factor
+    parts = [vae.encode(images[s : s + batch_size].to(device)).latent_dist.mean * scale for s in range(0, len(images), batch_size)]
+    return torch.cat(parts).float()
+
+
 def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """The pipeline's AutoencoderKL (frozen); ``vae.config.scaling_factor`` maps its latents to model space."""
     from diffusers import AutoencoderKL

@@ -42,6 +42,15 @@ class Teacher:
             den.set_prompts(load_prompt_encoder(self.path, device).table(prompts))
         return den
 
+    def pixel_shape(self) -> tuple[int, ...]:
+        """C x H x W of the images the teacher makes: its model space, or the VAE's image side for latent teachers."""
+        if not self.param.text_conditioned:
+            return tuple(self.param.image_shape)
+        vae = json.loads((self.path / "vae" / "config.json").read_text())
+        f = 2 ** (len(vae["block_out_channels"]) - 1)
+        _, h, w = self.param.image_shape
+        return (vae.get("in_channels", 3), h * f, w * f)
+
     def pixel_decoder(self, device="cpu", gradient_checkpointing: bool = False, dtype: torch.dtype | None = None) -> Callable:
         """Model space -> pixels: the pipeline's VAE decoder for latent (text-to-image) teachers, else identity."""
         return latent_decoder(self.path, device, gradient_checkpointing, dtype) if self.param.text_conditioned else (lambda x: x)

@@ -65,7 +65,10 @@ class DistillConfig(Section):
     gan: bool = Field(False, description="DMD2's GAN term: a classifier head on the fake score's bottleneck, real vs generated")
     gan_weight_generator: float = Field(GAN_WEIGHT_GENERATOR, ge=0, description="w_G of softplus(-D(G(z))) in the generator loss (DMD2: 3e-3)")
     gan_weight_discriminator: float = Field(GAN_WEIGHT_DISCRIMINATOR, ge=0, description="w_D of the head's loss in the fake-score loss (DMD2: 1e-2)")
-    real_data: Literal["digits"] = Field("digits", description="real images for the GAN term: the embedded digits (with their classes)")
+    real_data: str = Field(
+        "digits", description="real images for the GAN term: 'digits' (embedded, with classes) or a WebDataset (.tar or dir) of images with cls / prompt.txt"
+    )
+    real_samples: int = Field(50_000, gt=0, description="at most this many real images are read (into memory) from a WebDataset real_data")
     generator_optimizer: OptimizerConfig = OptimizerConfig()
     fake_optimizer: OptimizerConfig = OptimizerConfig()
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up, both networks")

@@ -42,9 +42,10 @@ from dmd_core.dmd import (
 from dmd_core.errors import InputError
 from dmd_core.gan import BottleneckHead, bottleneck_shape, discriminator_loss
 from dmd_core.images import save_grid, training_curves_png
-from dmd_core.loading import save_denoiser
-from dmd_core.metrics import channel_stats
+from dmd_core.loading import encode_latents, save_denoiser
 from dmd_core.losses import DecodedLoss, LPIPSLoss, l2_loss, pseudo_huber_loss
+from dmd_core.metrics import channel_stats
+from dmd_core.real_data import check_real_data, read_real_data
 from dmd_core.shards import pair_stream, sample_seed, shard_name
 from dmd_core.text import read_prompts
 
@@ -55,13 +56,13 @@ from .generate import pair_prompts, plan_prompts
 from .launch import launch_plan
 from .progress import progress_bar
 from .registry import spec
-from .store import Manifest, StageOutput, Timer, file_digest, file_entry, write_bytes_atomic
+from .store import Manifest, StageOutput, Timer, dir_digest, file_digest, file_entry, write_bytes_atomic
 
 STAGE = "distill"
 SPEC = spec(STAGE)
 # Settings a run may change when it continues from another run's checkpoint (resume_from).
 # (The settings keyed only when set, through the upstream entries, change the training: they must match.)
-KEYED_WHEN_SET = {"gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "dm_weight", "eval_samples", "generator_timesteps"}
+KEYED_WHEN_SET = {"gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "real_samples", "dm_weight", "eval_samples", "generator_timesteps"}
 MAY_DIFFER_ON_RESUME = (SPEC.not_in_key - KEYED_WHEN_SET) | {"steps", "checkpoint_every", "num_workers", "resume_from", "pairs"}
 # SampleRNG streams: independent draws for each purpose.
 STREAM_GENERATOR, STREAM_SAMPLES, STREAM_DATA, STREAM_GAN, STREAM_FAKE = 0, 1, 2, 3, 10
@@ -98,10 +99,8 @@ def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput | None) -> Pl
             "distill.generator_timestep applies to VP teachers; an EDM generator starts at sigma_max. Fix: drop distill.generator_timestep."
         )
     generator_parametrization(d, teacher.param)  # bad generator timesteps fail here
-    if d.gan and teacher.param.text_conditioned:
-        raise InputError("distill.gan needs real images of the teacher's kind; text-to-image real data is not supported yet. Fix: --set distill.gan=false.")
-    if d.gan and tuple(teacher.param.image_shape) != (1, 8, 8):
-        raise InputError(f"distill.real_data=digits holds 1x8x8 images; this teacher makes {list(teacher.param.image_shape)}. Fix: --set distill.gan=false.")
+    if d.gan:
+        check_real_data_setting(d, teacher)
     if d.dm_weight == 0 and d.regression_weight == 0:
         raise InputError("distill.dm_weight and distill.regression_weight are both 0: the generator would have no loss. Fix: set one above 0.")
     if d.guidance_scale != 1.0 and teacher.param.num_classes == 0 and not teacher.param.text_conditioned:
@@ -136,6 +135,27 @@ def _plan_without_pairs(cfg: PipelineConfig, teacher: Teacher) -> Plan:
     return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, inputs, {"image_shape": list(teacher.param.image_shape), "num_shards": 0})
 
 
+def check_real_data_setting(d: DistillConfig, teacher: Teacher) -> None:
+    """distill.real_data fits the teacher (read from its first sample only; the whole set is checked at load)."""
+    if d.real_data == "digits":
+        fix = "Fix: --set distill.real_data=DIR (a WebDataset of real images, docs/formats.md) or distill.gan=false."
+        if teacher.param.text_conditioned:
+            raise InputError(f"distill.real_data=digits holds class-labelled 1x8x8 images; a text-to-image teacher needs real images with captions. {fix}")
+        if tuple(teacher.param.image_shape) != (1, 8, 8):
+            raise InputError(f"distill.real_data=digits holds 1x8x8 images; this teacher makes {list(teacher.param.image_shape)}. {fix}")
+        return
+    shape = teacher.pixel_shape()
+    first = read_real_data(d.real_data, 1, shape[0])
+    check_real_data(first, shape, teacher.param.num_classes, teacher.param.text_conditioned, d.real_data)
+
+
+def _real_data_digest(d: DistillConfig, store: str) -> str:
+    if d.real_data == "digits":
+        return "digits"  # the key of the embedded set, as before WebDataset real data existed
+    p = Path(d.real_data)
+    return f"wds:{file_digest(p, store) if p.is_file() else dir_digest(p, store)}:{d.real_samples}"
+
+
 def _optional_upstream(cfg: PipelineConfig) -> dict[str, str]:
     """Settings that enter the key only when used, so keys of runs without them stay as they were."""
     d, up = cfg.distill, {}
@@ -145,7 +165,7 @@ def _optional_upstream(cfg: PipelineConfig) -> dict[str, str]:
         e = cfg.evaluate
         up["quality_probe"] = f"{d.eval_every}:{d.eval_samples}:{e.seed}:{features_digest(e, cfg.store)}:{reference_digest(e, cfg.store)}"
     if d.gan:
-        up["gan"] = f"{d.gan_weight_generator}:{d.gan_weight_discriminator}:{d.real_data}"
+        up["gan"] = f"{d.gan_weight_generator}:{d.gan_weight_discriminator}:{_real_data_digest(d, cfg.store)}"
     if d.dm_weight != 1.0:
         up["dm_weight"] = str(d.dm_weight)
     if d.generator_timesteps is not None:
@@ -199,7 +219,21 @@ class Trainer:
         dev = accelerator.device
         # frozen teacher, loaded once; text-to-image: with the pairs' prompts (the DM term draws from them too)
         prompts = pair_prompts(p.inputs["pairs"]) if "pairs" in p.inputs else plan_prompts(p, cfg.generate)
-        self.real: Denoiser = p.teacher().load(dev, prompts)
+        teacher = p.teacher()
+        real_set = None
+        if d.gan and d.real_data != "digits":
+            real_set = read_real_data(d.real_data, d.real_samples, teacher.pixel_shape()[0])
+            check_real_data(real_set, teacher.pixel_shape(), teacher.param.num_classes, teacher.param.text_conditioned, d.real_data)
+            if not teacher.param.num_classes and not teacher.param.text_conditioned:
+                real_set.labels = None  # an unconditional teacher ignores the set's classes
+        # the DM term draws its prompts from the training prompts; the real set's captions join the table after them
+        self.label_range = len(prompts) if prompts is not None else teacher.param.num_classes
+        if real_set is not None and real_set.prompts is not None:
+            known = set(prompts)
+            prompts = [*prompts, *(q for q in dict.fromkeys(real_set.prompts) if q not in known)]
+            row = {q: i for i, q in reversed(list(enumerate(prompts)))}  # a caption's first row
+            real_set.labels = torch.tensor([row[q] for q in real_set.prompts])
+        self.real: Denoiser = teacher.load(dev, prompts)
         gen, fake = copy.deepcopy(self.real), copy.deepcopy(self.real)  # theta, phi <- teacher
         if self.real.param.text_conditioned:  # one prompt table for the three networks, not three copies
             for net in (gen, fake):
@@ -221,7 +255,11 @@ class Trainer:
         if d.gan:  # the head is part of the fake score: optimised, checkpointed and synchronised with it
             fake.gan_head = self.make_gan_head(fake, d.seed, dev)
             self.gan_logits = GANLogits(self.real.param, getattr(self.real, "alphas_cumprod", None))
-            self.real_images, self.real_labels = (t.to(dev) for t in load_digits_data())
+            if real_set is None:
+                self.real_images, self.real_labels = (t.to(dev) for t in load_digits_data())
+            else:  # latent teachers: the real images in model space, encoded once by the pipeline's VAE
+                images = encode_latents(teacher.path, real_set.images, dev) if self.real.param.text_conditioned else real_set.images.to(dev)
+                self.real_images, self.real_labels = images, None if real_set.labels is None else real_set.labels.to(dev)
         for net in (gen, fake):
             net.requires_grad_(True).train()
         # fused AdamW: one kernel over all tensors, about 4x cheaper than the per-tensor loop on CPU
@@ -246,7 +284,7 @@ class Trainer:
             from .evaluate import QualityProbe
 
             no_accuracy = self.real.param.text_conditioned  # training prompts carry no class column
-            self.probe_fn = QualityProbe(cfg, d.eval_samples, self.shape, self.num_classes, dev, (lambda labels: None) if no_accuracy else None)
+            self.probe_fn = QualityProbe(cfg, d.eval_samples, self.shape, self.label_range, dev, (lambda labels: None) if no_accuracy else None)
             self.teacher_channels = self.pair_channel_stats(d.eval_samples) if self.urls else {}
 
     def unwrap(self, net):
@@ -265,7 +303,7 @@ class Trainer:
         """The head's loss on a real batch (drawn from real_data by the rng) against the generator's samples x."""
         idx = rng.randint(0, len(self.real_images))
         real_x = self.real_images[idx]
-        real_labels = self.real_labels[idx] if self.num_classes else None
+        real_labels = self.real_labels[idx] if self.real_labels is not None else None
         fake = self.unwrap(self.fake)
         logits_real = self.gan_logits(self.fake, fake.unet, fake.gan_head, real_x, real_labels, rng)
         logits_fake = self.gan_logits(self.fake, fake.unet, fake.gan_head, x.detach(), labels, rng)
@@ -357,7 +395,7 @@ class Trainer:
         for m in range(A):
             rng = SampleRNG(d.seed, STREAM_GENERATOR, step, self.indices(step, m), dev)
             z = rng.randn(self.shape)
-            labels = random_labels(rng, self.num_classes)
+            labels = random_labels(rng, self.label_range)
             if batches is not None or self.urls:
                 z_ref, y_ref, labels_ref = batches[m] if batches is not None else next(self.data)
                 z_ref, y_ref = z_ref.to(dev), y_ref.to(dev)
@@ -384,7 +422,7 @@ class Trainer:
                     x, labels = xs[m], labels_dm[m]
                 else:  # DMD2's extra fake updates see fresh generator samples
                     z = rng.randn(self.shape)
-                    labels = random_labels(rng, self.num_classes)
+                    labels = random_labels(rng, self.label_range)
                     with torch.no_grad(), acc.autocast():
                         if self.simulation is None:
                             x = self.one_step(self.gen, z, labels).float()
@@ -436,7 +474,7 @@ class Trainer:
     @torch.no_grad()
     def sample_grid(self, path: Path) -> None:
         """Fixed noise, 8 rows; one column per class (text-to-image: per prompt, the first 10), decoded to pixels."""
-        C = min(self.num_classes, 10) if self.real.param.text_conditioned else self.num_classes
+        C = min(self.label_range, 10) if self.real.param.text_conditioned else self.num_classes
         n = 8 * (C or 8)
         rng = SampleRNG(self.d.seed, STREAM_SAMPLES, 0, range(n), self.acc.device)
         z = rng.randn(self.shape)

@@ -119,7 +119,7 @@ STAGES: tuple[StageSpec, ...] = (
         # eval_every / eval_samples enter the key through the upstream "quality_probe" entry, only when set
         # ... and the GAN settings through "gan", only when distill.gan is on
         not_in_key=frozenset({"log_every", "sample_every", "keep_checkpoints", "num_threads", "pairs", "gradient_checkpointing", "eval_every", "eval_samples",
-                              "gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "dm_weight", "generator_timesteps"}),
+                              "gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "real_samples", "dm_weight", "generator_timesteps"}),
         input_key="pairs",
         needs_upstream=lambda cfg: cfg.distill.regression_weight > 0,  # the pairs feed only the regression loss
     ),

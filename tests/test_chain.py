@@ -28,6 +28,7 @@ def done(tmp_path_factory, edm_teacher):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(store, "sha256_file", counting)
+    mp.setattr(store, "_SEEN", {})  # as in a fresh process: earlier tests may have hashed the same teacher
     outputs = chain.walk(load_config(cfg), "export", chain.local_obtain(load_config(cfg), progress=False))
     mp.undo()
     return cfg, outputs, hashed

@@ -102,8 +102,90 @@ def test_gan_settings_key_and_refusals(tmp_path, edm_teacher, sd_teacher):
     (tmp_path / "p.txt").write_text("the digit 7\n")
     sd = write_config(tmp_path / "s.yaml", sd_teacher, tmp_path / "store", distill={}, solver="pndm", steps=4, num_samples=8, shard_size=8, prompts=str(tmp_path / "p.txt"))
     generate.run(load_config(sd), progress=False)
-    with pytest.raises(InputError, match="distill.gan needs real images"):
+    with pytest.raises(InputError, match="needs real images with captions"):
         chain.plan(load_config(sd, ["distill.gan=true"]), "distill")
+
+
+def write_real_shard(path: Path, images: torch.Tensor, classes=None, prompts=None, fmt: str = "png") -> Path:
+    """A WebDataset shard of real images (uint8 PNGs or float .npy), with cls / prompt.txt beside each."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as sink:
+        for i, img in enumerate(images):
+            sample = {"__key__": f"{i:06d}"}
+            if fmt == "png":
+                buf = io.BytesIO()
+                Image.fromarray(img[0].numpy().astype(np.uint8), mode="L").save(buf, format="PNG")
+                sample["png"] = buf.getvalue()
+            else:
+                buf = io.BytesIO()
+                np.save(buf, img.numpy().astype(np.float32))
+                sample["image.npy"] = buf.getvalue()
+            if classes is not None:
+                sample["cls"] = str(int(classes[i])).encode()
+            if prompts is not None:
+                sample["prompt.txt"] = prompts[i].encode()
+            sink.write(sample)
+    return path
+
+
+def test_webdataset_real_data_for_a_pixel_teacher(tmp_path, edm_teacher):
+    """PNG images with classes: decoded to v / 127.5 - 1 with their classes, keyed by content; bad sets refused."""
+    from accelerate import Accelerator
+
+    g = torch.Generator().manual_seed(0)
+    pixels, classes = torch.randint(0, 256, (12, 1, 8, 8), generator=g), torch.arange(12) % 10
+    real = tmp_path / "real"
+    write_real_shard(real / "real-000000.tar", pixels[:8], classes[:8])
+    write_real_shard(real / "real-000001.tar", pixels[8:], classes[8:])
+    base = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={"gan": True, "regression_weight": 0.0, "steps": 2})
+    cfg = load_config(base, [f"distill.real_data={real}", "distill.real_samples=10"])
+    tr = distill.Trainer(cfg, chain.plan(cfg, "distill"), Accelerator(cpu=True))
+    assert torch.equal(tr.real_images, pixels[:10].float() / 127.5 - 1) and torch.equal(tr.real_labels, classes[:10])  # shard order, first 10
+    assert all(bool(torch.isfinite(v)) for v in tr.discriminator_terms(torch.zeros(4, 1, 8, 8), classes[:4], SampleRNG(0, 10, 0, range(4))).values())
+    key = chain.plan(cfg, "distill").key
+    assert key != chain.plan(load_config(base), "distill").key != chain.plan(load_config(base, [f"distill.real_data={real}"]), "distill").key
+    write_real_shard(real / "real-000001.tar", pixels[8:].flip(0), classes[8:])  # content, not the name, is keyed
+    assert chain.plan(cfg, "distill").key != key
+    bad = {
+        "neither a .tar": tmp_path / "nothing",
+        "without a class": write_real_shard(tmp_path / "nocls.tar", pixels[:2]),
+        r"span 0\.\.11; the teacher has 10": write_real_shard(tmp_path / "range.tar", pixels[:2], [0, 11]),
+        r"holds \[1, 4, 4\] images": write_real_shard(tmp_path / "small.tar", pixels[:2, :, :4, :4], [0, 1]),
+    }
+    for match, path in bad.items():
+        with pytest.raises(InputError, match=match):
+            bad_cfg = load_config(base, [f"distill.real_data={path}"])
+            distill.Trainer(bad_cfg, chain.plan(bad_cfg, "distill"), Accelerator(cpu=True))
+
+
+def test_webdataset_real_data_for_a_text_teacher(tmp_path, sd_teacher):
+    """Captions join the prompt table after the training prompts (the DM term still draws from those only); the
+    images enter latent space through the pipeline's VAE; two steps train with finite losses."""
+    from accelerate import Accelerator
+
+    from dmd_core.loading import encode_latents
+
+    (tmp_path / "p.txt").write_text("the digit 7\nthe digit 3\n")
+    images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    captions = ["a digit 7", "the digit 3", "a digit 7", "a handwritten 3", "the digit 7", "a 7"]
+    real = write_real_shard(tmp_path / "real.tar", images, prompts=captions, fmt="npy")
+    sd = write_config(tmp_path / "s.yaml", sd_teacher, tmp_path / "store", distill={"gan": True, "regression_weight": 0.0, "steps": 2},
+                      solver="pndm", steps=4, num_samples=8, shard_size=8, prompts=str(tmp_path / "p.txt"))  # fmt: skip
+    cfg = load_config(sd, [f"distill.real_data={real}"])
+    tr = distill.Trainer(cfg, chain.plan(cfg, "distill"), Accelerator(cpu=True))
+    table = ["the digit 7", "the digit 3", "a digit 7", "a handwritten 3", "a 7"]
+    assert tr.label_range == 2 and tr.real.num_classes == len(table)
+    assert tr.real_labels.tolist() == [table.index(c) for c in captions]
+    assert torch.allclose(tr.real_images, encode_latents(sd_teacher, images), atol=1e-6) and tr.real_images.shape == (6, 4, 4, 4)
+    m = distill.run(cfg, progress=False)
+    rows = pq.read_table(Path(cfg.store) / "distill" / m.key / "metrics.parquet").to_pylist()
+    assert all(r["loss_gan_d"] > 0 and torch.isfinite(torch.tensor(r["loss_g"])) for r in rows)
 
 
 def test_discriminator_sees_real_digits_with_their_classes(tmp_path, edm_teacher):
