@@ -145,9 +145,31 @@ def one_step_scheduler(scheduler_config: dict, timestep: int):
     })  # fmt: skip
 
 
-def stable_diffusion_latents_to_file(export_dir: str, prompts_json: str, seed: int, out_file: str) -> None:
+def multi_step_scheduler(scheduler_config: dict):
+    """A diffusers LCMScheduler whose k steps are DMD2's k-step sampler (docs/math.md §13).
+
+    LCM's step is x0 = c_out x0_pred + c_skip x_t, then alpha_prev x0 + sigma_prev eps with fresh eps (none
+    after the last step): with ``timestep_scaling`` 1e4, c_out rounds to 1 and c_skip to 0 in float32, so each
+    step returns the generator's x0 and re-noises exactly as ``MultiStep`` does. ``original_inference_steps`` =
+    T makes every timestep valid, and ``num_inference_steps=k`` gives DMD2's uniform schedule (999, 749, 499,
+    249 for k = 4); other schedules go in as ``timesteps=[...]``.
+    """
+    import inspect
+
+    from diffusers import LCMScheduler
+
+    accepted = inspect.signature(LCMScheduler.__init__).parameters
+    keep = {k: v for k, v in scheduler_config.items() if k in accepted}  # the teacher's betas and prediction type
+    return LCMScheduler.from_config({
+        **keep, "original_inference_steps": keep.get("num_train_timesteps", 1000), "timestep_scaling": 1e4, "clip_sample": False,
+        "thresholding": False, "rescale_betas_zero_snr": False, "steps_offset": 1, "timestep_spacing": "leading",  # LCM ignores the offset; SD pipelines want 1
+    })  # fmt: skip
+
+
+def stable_diffusion_latents_to_file(export_dir: str, prompts_json: str, seed: int, out_file: str, timesteps: list[int] | None = None) -> None:
     """Plain diffusers: ``StableDiffusionPipeline.from_pretrained(export)(prompts, num_inference_steps=1,
-    guidance_scale=1, latents=z)`` latents for noise (seed, i), written to ``out_file`` (.npy).
+    guidance_scale=1, latents=z)`` latents for noise (seed, i), written to ``out_file`` (.npy). A k-step
+    export runs ``timesteps=...`` with ``generator=torch.Generator().manual_seed(seed)`` for the later noise.
 
     Run in a fresh process by the export stage's parity check.
     """
@@ -160,6 +182,7 @@ def stable_diffusion_latents_to_file(export_dir: str, prompts_json: str, seed: i
     prompts = json.loads(open(prompts_json).read())
     u = pipe.unet.config
     z = sample_noise(seed, range(len(prompts)), (u.in_channels, u.sample_size, u.sample_size))
+    steps = {"num_inference_steps": 1} if not timesteps else {"timesteps": timesteps, "generator": torch.Generator().manual_seed(seed)}
     with torch.no_grad():
-        out = pipe(prompts, latents=z, num_inference_steps=1, guidance_scale=1.0, output_type="latent").images
+        out = pipe(prompts, latents=z, guidance_scale=1.0, output_type="latent", **steps).images
     np.save(out_file, out.cpu().numpy(), allow_pickle=False)

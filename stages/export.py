@@ -27,7 +27,7 @@ import yaml
 from dmd_core.denoisers import VPDenoiser
 from dmd_core.dmd import MultiStep, OneStep, noise_levels, step_noise
 from dmd_core.errors import InputError
-from dmd_core.loading import PARAM_FILE, load_denoiser, load_prompt_encoder, read_parametrization
+from dmd_core.loading import PARAM_FILE, load_denoiser, load_prompt_encoder
 from dmd_core.pipeline import DenoiserCallModule, OneStepModule, OneStepPipeline
 from dmd_core.shards import sample_labels, sample_noise
 from dmd_core.text import read_prompts
@@ -47,14 +47,6 @@ def plan(cfg: PipelineConfig, teacher: Teacher, evaluation: StageOutput) -> Plan
     """Key = (export config, the evaluation's digest); every card carries its evaluation's metrics."""
     up = {"evaluate": evaluation.manifest.digest}
     gen_dir = evaluation.manifest.info["generator_dir"]
-    param = read_parametrization(gen_dir)
-    steps = param.generator_timesteps
-    if steps is not None and len(steps) > 1 and param.text_conditioned:
-        raise InputError(
-            f"export of a {len(steps)}-step text-to-image generator ({gen_dir}) is not built yet: the StableDiffusionPipeline "
-            "layout's schedulers do not re-noise with fresh noise between steps as DMD2's sampler does. Fix: export a one-step "
-            "run (no distill.generator_timesteps), or use the denoiser directory with dmd_core.dmd.MultiStep."
-        )
     key = SPEC.key(cfg, up)
     info = {"generator_dir": gen_dir}
     return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, {"teacher": str(teacher.path), "evaluate": str(evaluation.out_dir)}, info)
@@ -266,11 +258,16 @@ def text_to_image_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, out: P
     as ``unet/`` and a one-step DDIM scheduler; checked in a fresh process with plain diffusers."""
     from diffusers import StableDiffusionPipeline
 
-    from dmd_core.pipeline import one_step_scheduler
+    from dmd_core.pipeline import multi_step_scheduler, one_step_scheduler
 
     teacher_path = p.inputs["teacher"]
     pipe = StableDiffusionPipeline.from_pretrained(teacher_path)
-    sched = one_step_scheduler(dict(pipe.scheduler.config), OneStep.of(den).level)
+    steps = MultiStep.of(den)
+    k, timesteps = steps.num_steps, list(den.param.generator_timesteps or [])
+    if k > 1:  # DMD2's k-step sampler as diffusers' LCM scheduler
+        sched = multi_step_scheduler(dict(pipe.scheduler.config))
+    else:
+        sched = one_step_scheduler(dict(pipe.scheduler.config), OneStep.of(den).level)
     StableDiffusionPipeline(
         vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=den.unet, scheduler=sched,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -279,20 +276,23 @@ def text_to_image_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, out: P
     gen_dir = Path(p.info["generator_dir"])
     shutil.copyfile(gen_dir / PARAM_FILE, out / "unet" / PARAM_FILE)
     shutil.copytree(gen_dir / "scheduler", out / "unet" / "scheduler", dirs_exist_ok=True)
-    # what the evaluated generator gives for the first parity_samples held-out prompts and noises
+    # what the evaluated generator gives for the first parity_samples held-out prompts and noises (k steps: the later
+    # noise drawn in diffusers' order from one generator seeded like the pipeline call's)
     prompts = read_prompts(em.pipeline_config["evaluate"]["prompts"], cfg.evaluate.prompt_column)
     n = cfg.export.parity_samples
     batch = [prompts[i % len(prompts)] for i in range(n)]
     den.set_prompts(load_prompt_encoder(teacher_path).table(batch))
     z = sample_noise(cfg.evaluate.seed, range(n), tuple(den.param.image_shape))
+    rng = torch.Generator().manual_seed(cfg.evaluate.seed)
     with torch.no_grad():
-        want = OneStep.of(den)(den, z, torch.arange(n)).numpy()
+        want = steps(den, z, torch.arange(n), lambda j: torch.randn(z.shape, generator=rng)).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "prompts.json").write_text(json.dumps(batch))
-        code = (f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); "
-                "from dmd_core.pipeline import stable_diffusion_latents_to_file as f; f(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])")
-        proc = subprocess.run([sys.executable, "-c", code, str(out), str(Path(tmp) / "prompts.json"), str(cfg.evaluate.seed), str(Path(tmp) / "x.npy")],
-                              capture_output=True, text=True)  # fmt: skip
+        code = (f"import sys, json, torch; torch.set_num_threads({torch.get_num_threads()}); "
+                "from dmd_core.pipeline import stable_diffusion_latents_to_file as f; "
+                "f(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5]))")
+        args = [str(out), str(Path(tmp) / "prompts.json"), str(cfg.evaluate.seed), str(Path(tmp) / "x.npy"), json.dumps(timesteps if k > 1 else None)]
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
         if proc.returncode != 0:
             raise InputError(f"the export in {out} does not run as a StableDiffusionPipeline: {proc.stderr.strip().splitlines()[-1:]}")
         got = np.load(Path(tmp) / "x.npy", allow_pickle=False)
@@ -301,18 +301,30 @@ def text_to_image_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, out: P
         raise InputError(f"the StableDiffusionPipeline export does not reproduce the generator: max relative difference {rel:.3g} > 1e-5")
     info = {"layout": "StableDiffusionPipeline", "scheduler": dict(sched.config), "plain_diffusers_parity": {"max_rel_diff": rel, "inputs": n},
             "output_range": [float(want.min()), float(want.max())]}  # fmt: skip
+    if k > 1:
+        sched.set_timesteps(k)
+        call = f"num_inference_steps={k}" if sched.timesteps.tolist() == timesteps else f"timesteps={timesteps}"
+        how = f"""`unet/` is the generator; it runs {k} steps at t = {timesteps} (DMD2's sampler). The scheduler is diffusers'
+LCMScheduler with `timestep_scaling` 1e4, so each step returns the generator's x0 and re-noises it with fresh noise
+to the next timestep; the last step returns x0. Checked in a fresh process on {n} held-out prompts (latents given,
+later noise from `generator=torch.Generator().manual_seed({cfg.evaluate.seed})`): max relative difference to the
+evaluated generator's latents {rel:.2e}."""
+    else:
+        call = "num_inference_steps=1"
+        how = f"""`unet/` is the one-step generator; the scheduler is DDIM cut after t* = {OneStep.of(den).level} (`trained_betas` = the
+teacher's first t* + 1 betas, `timestep_spacing="trailing"`, `set_alpha_to_one=True`), so one inference step runs at
+t* and plain diffusers returns x0 = (z - sigma eps) / alpha there: the generator. Checked in a fresh process on {n} held-out prompts: max
+relative difference to the evaluated generator's latents {rel:.2e}."""
+    info["network_evaluations"] = k
     use = f"""## Use
 
 ```python
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("{out}")
-image = pipe("{batch[0]}", num_inference_steps=1, guidance_scale=1.0).images[0]
+image = pipe("{batch[0]}", {call}, guidance_scale=1.0).images[0]
 ```
 
-`unet/` is the one-step generator; the scheduler is DDIM cut after t* = {OneStep.of(den).level} (`trained_betas` = the
-teacher's first t* + 1 betas, `timestep_spacing="trailing"`, `set_alpha_to_one=True`), so one inference step runs at
-t* and plain diffusers returns x0 = (z - sigma eps) / alpha there: the generator. Checked in a fresh process on {n} held-out prompts: max
-relative difference to the evaluated generator's latents {rel:.2e}.
+{how}
 
 """
     return info, use

@@ -240,6 +240,43 @@ def test_export_is_a_plain_stable_diffusion_pipeline(exported_t2i):
     assert m.info["plain_diffusers_parity"]["max_rel_diff"] <= 1e-5
 
 
+def test_k_step_export_is_a_plain_stable_diffusion_pipeline(tmp_path, sd_teacher):
+    """A 2-step text-to-image generator exports with diffusers' LCMScheduler: pipe(prompts, num_inference_steps=2,
+    generator=g) = MultiStep with the later noise drawn from g in diffusers' order; evaluate counts 2 evaluations."""
+    from diffusers import StableDiffusionPipeline
+
+    from conftest import ROOT
+    from dmd_core.dmd import MultiStep
+    from dmd_core.loading import load_denoiser, load_prompt_encoder
+    from stages import export
+
+    (tmp_path / "train.txt").write_text("\n".join(PROMPTS) + "\n")
+    pq.write_table(pa.table({"prompt": ["the digit 3", "seven"], "digit": [3, 7]}), tmp_path / "eval.parquet")
+    cfg = write_config(tmp_path / "c.yaml", sd_teacher, tmp_path / "store", distill={"steps": 2, "generator_timesteps": [999, 499], "regression_weight": 0.0},
+                       solver="pndm", steps=4, num_samples=8, shard_size=8, prompts=str(tmp_path / "train.txt"))  # fmt: skip
+    c = load_config(cfg, [f"evaluate.prompts={tmp_path / 'eval.parquet'}", "evaluate.num_samples=80", "evaluate.batch_size=40", "evaluate.features=digits",
+                          f"evaluate.classifier={ROOT / 'data' / 'classifier'}", "evaluate.speed_batch_size=2", "evaluate.speed_repeats=1", "export.parity_samples=3"])  # fmt: skip
+    m = export.run(c, progress=False)
+    assert m.info["metrics"]["student_nfe"] == 2 and m.info["network_evaluations"] == 2
+    assert m.info["plain_diffusers_parity"]["max_rel_diff"] <= 1e-5
+    out = Path(c.store) / "export" / m.key
+    assert "num_inference_steps=2" in (out / "README.md").read_text()
+    pipe = StableDiffusionPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["the digit 3", "seven", "3 seven"]
+    z = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = pipe(prompts, latents=z, num_inference_steps=2, guidance_scale=1.0, output_type="latent", generator=torch.Generator().manual_seed(9)).images
+        gen = load_denoiser(out / "unet")
+        gen.set_prompts(load_prompt_encoder(out).table(prompts))
+        g = torch.Generator().manual_seed(9)
+        want = MultiStep.of(gen)(gen, z, torch.arange(3), lambda j: torch.randn(z.shape, generator=g))
+        one = MultiStep.of(gen).first(gen, z, torch.arange(3))
+    assert pipe.scheduler.timesteps.tolist() == [999, 499]
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert float((got - one).abs().max()) > 1e-3  # the second step did something
+
+
 def test_memory_options_keep_the_step(tmp_path, sd_teacher):
     """Gradient checkpointing changes memory, not the update: same generator weights after 2 steps."""
     from safetensors.torch import load_file
