@@ -11,7 +11,7 @@ with cores/N torch threads: the digits UNet is too small for two threads to help
 one-thread runs finish sooner than two two-thread runs in turn (the distill times then read about 2x a
 quiet one-run number). The teacher is also evaluated at 35 network evaluations (Heun-18) and at 1
 (Heun-1: one Euler step). Writes ``<work>/ablation.json`` and prints the README's table (mean and std
-over seeds of the FD-digits ratio and class accuracy, distill wall time, steps); ``--plot PATH`` draws
+over seeds of the FD-digits ratio and class accuracy, median distill wall time, steps); ``--plot PATH`` draws
 probe FD against step per recipe.
 """
 
@@ -63,7 +63,7 @@ def run_one(config: Path, sets: list[str]) -> dict:
 
 
 def summary(results: dict) -> str:
-    head = "| recipe | FD-digits ratio (mean ± std) | class accuracy | distill time | steps | seeds |\n|---|---|---|---|---|---|\n"
+    head = "| recipe | FD-digits ratio (mean ± std) | class accuracy | distill time (median) | steps | seeds |\n|---|---|---|---|---|---|\n"
     lines = []
     for name, runs in results["recipes"].items():
         ratios = [r["metrics"]["fd_ratio"] for r in runs]
@@ -72,7 +72,7 @@ def summary(results: dict) -> str:
         sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
         lines.append(
             f"| {RECIPES[name][0]} | {statistics.mean(ratios):.2f} ± {sd(ratios):.2f} | {100 * statistics.mean(accs):.2f}% ± {100 * sd(accs):.2f} "
-            f"| {statistics.mean(times):.0f} s | {runs[0]['steps']} | {len(runs)} |"
+            f"| {statistics.median(times):.0f} s | {runs[0]['steps']} | {len(runs)} |"
         )
     for nfe, t in results.get("teacher", {}).items():
         lines.append(f"| teacher, {nfe} network evaluations | {t['fd_ratio']:.2f} | {100 * t['class_accuracy']:.2f}% | | | |")
