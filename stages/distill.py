@@ -256,7 +256,8 @@ class Trainer:
             fake.gan_head = self.make_gan_head(fake, d.seed, dev)
             self.gan_logits = GANLogits(self.real.param, getattr(self.real, "alphas_cumprod", None))
             if real_set is None:
-                self.real_images, self.real_labels = (t.to(dev) for t in load_digits_data())
+                images, classes = load_digits_data()
+                self.real_images, self.real_labels = images.to(dev), classes.to(dev) if self.num_classes else None
             else:  # latent teachers: the real images in model space, encoded once by the pipeline's VAE
                 images = encode_latents(teacher.path, real_set.images, dev) if self.real.param.text_conditioned else real_set.images.to(dev)
                 self.real_images, self.real_labels = images, None if real_set.labels is None else real_set.labels.to(dev)

@@ -164,6 +164,22 @@ def test_webdataset_real_data_for_a_pixel_teacher(tmp_path, edm_teacher):
             distill.Trainer(bad_cfg, chain.plan(bad_cfg, "distill"), Accelerator(cpu=True))
 
 
+def test_an_unconditional_teacher_gets_real_images_without_classes(tmp_path):
+    """The digits' and a WebDataset's classes are dropped for an unconditional teacher (its fake score takes none)."""
+    from accelerate import Accelerator
+
+    from conftest import make_edm_teacher
+
+    teacher = make_edm_teacher(tmp_path / "uncond", num_classes=0)
+    real = write_real_shard(tmp_path / "real.tar", torch.randint(0, 256, (4, 1, 8, 8)), [1, 2, 3, 4])
+    for real_data in ("digits", str(real)):
+        cfg = load_config(write_config(tmp_path / "c.yaml", teacher, tmp_path / "store", distill={"gan": True, "regression_weight": 0.0, "real_data": real_data}))
+        tr = distill.Trainer(cfg, chain.plan(cfg, "distill"), Accelerator(cpu=True))
+        assert tr.real_labels is None
+        terms = tr.discriminator_terms(torch.zeros(4, 1, 8, 8), None, SampleRNG(0, 10, 0, range(4)))
+        assert bool(torch.isfinite(terms["loss_gan_d"]))
+
+
 def test_webdataset_real_data_for_a_text_teacher(tmp_path, sd_teacher):
     """Captions join the prompt table after the training prompts (the DM term still draws from those only); the
     images enter latent space through the pipeline's VAE; two steps train with finite losses."""
