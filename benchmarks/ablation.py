@@ -75,7 +75,7 @@ def summary(results: dict) -> str:
             f"| {statistics.median(times):.0f} s | {runs[0]['steps']} | {len(runs)} |"
         )
     for nfe, t in results.get("teacher", {}).items():
-        lines.append(f"| teacher, {nfe} network evaluations | {t['fd_ratio']:.2f} | {100 * t['class_accuracy']:.2f}% | | | |")
+        lines.append(f"| teacher, {nfe} network evaluation{'' if nfe == '1' else 's'} | {t['fd_ratio']:.2f} | {100 * t['class_accuracy']:.2f}% | | | |")
     return head + "\n".join(lines)
 
 
@@ -85,14 +85,14 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    fig, ax = plt.subplots(figsize=(9.5, 4), dpi=110)
     for name, runs in results["recipes"].items():
         for i, r in enumerate(runs):
             steps, fds = zip(*r["probe_curve"]) if r["probe_curve"] else ((), ())
             ax.plot(steps, fds, color=f"C{list(RECIPES).index(name)}", alpha=0.8, label=RECIPES[name][0] if i == 0 else None)
     ax.set(xlabel="generator step", ylabel="probe FD-digits (1,000 samples)", yscale="log", title="Quality during training, digits default")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves fill the axes
     fig.tight_layout()
     fig.savefig(path)
 
