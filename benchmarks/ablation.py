@@ -143,12 +143,6 @@ def main() -> None:
         return
     out = args.work / "ablation.json"
     results = json.loads(out.read_text()) if out.is_file() else {"recipes": {}, "teacher": {}}
-    for name, runs in results["recipes"].items():  # results of the single-file layout count as done
-        for r in runs:
-            path = run_path(args.work, name, r["seed"])
-            if not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(r, indent=2))
     # the pairs first, in this process, so that workers find them cached instead of racing to write them
     from stages import evaluate, generate
     from stages.config import load_config

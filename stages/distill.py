@@ -45,7 +45,7 @@ from dmd_core.images import save_grid, training_curves_png
 from dmd_core.loading import encode_latents, save_denoiser
 from dmd_core.losses import DecodedLoss, LPIPSLoss, l2_loss, pseudo_huber_loss
 from dmd_core.metrics import channel_stats
-from dmd_core.real_data import check_real_data, read_real_data
+from dmd_core.real_data import RealData, check_real_data, read_real_data
 from dmd_core.shards import pair_stream, sample_seed, shard_name
 from dmd_core.text import read_prompts
 
@@ -144,9 +144,15 @@ def check_real_data_setting(d: DistillConfig, teacher: Teacher) -> None:
         if tuple(teacher.param.image_shape) != (1, 8, 8):
             raise InputError(f"distill.real_data=digits holds 1x8x8 images; this teacher makes {list(teacher.param.image_shape)}. {fix}")
         return
+    load_real_set(d, teacher, 1)
+
+
+def load_real_set(d: DistillConfig, teacher: Teacher, max_samples: int) -> RealData:
+    """The first ``max_samples`` of a WebDataset real_data, checked against the teacher (pixel shape, classes, captions)."""
     shape = teacher.pixel_shape()
-    first = read_real_data(d.real_data, 1, shape[0])
-    check_real_data(first, shape, teacher.param.num_classes, teacher.param.text_conditioned, d.real_data)
+    data = read_real_data(d.real_data, max_samples, shape[0])
+    check_real_data(data, shape, teacher.param.num_classes, teacher.param.text_conditioned, d.real_data)
+    return data
 
 
 def _real_data_digest(d: DistillConfig, store: str) -> str:
@@ -222,8 +228,7 @@ class Trainer:
         teacher = p.teacher()
         real_set = None
         if d.gan and d.real_data != "digits":
-            real_set = read_real_data(d.real_data, d.real_samples, teacher.pixel_shape()[0])
-            check_real_data(real_set, teacher.pixel_shape(), teacher.param.num_classes, teacher.param.text_conditioned, d.real_data)
+            real_set = load_real_set(d, teacher, d.real_samples)
             if not teacher.param.num_classes and not teacher.param.text_conditioned:
                 real_set.labels = None  # an unconditional teacher ignores the set's classes
         # the DM term draws its prompts from the training prompts; the real set's captions join the table after them
