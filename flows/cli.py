@@ -111,3 +111,7 @@ def main() -> None:
     # Prefect's temporary server: no telemetry writes (they can log a harmless SQLite "database is locked").
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     app()
+
+
+if __name__ == "__main__":  # `python -m flows.cli ...` is `dmd ...`
+    main()

@@ -226,3 +226,23 @@ def first_step_one_and_two_processes(cfg: Path, tmp: Path, global_batch: int = 8
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]  # fmt: skip
     subprocess.run([*launch, script, str(cfg), str(global_batch), two], check=True, cwd=ROOT, env=env)
     return one, two
+
+
+# ---------------------------------------------------------------- suite summaries
+
+SUITES = {"faults": "tests/faults/", "bad input": "tests/bad_input/"}
+_SUITE_RESULTS: dict[str, list[bool]] = {name: [] for name in SUITES}
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Count each case of the two reliability suites once (its call phase, or a failed setup)."""
+    if report.when == "call" or (report.when == "setup" and report.failed):
+        for name, prefix in SUITES.items():
+            if report.nodeid.startswith(prefix) and not report.skipped:
+                _SUITE_RESULTS[name].append(report.passed)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for name, results in _SUITE_RESULTS.items():
+        if results:
+            terminalreporter.write_line(f"{name}: {len(results)} tried, {sum(results)} held")

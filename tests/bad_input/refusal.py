@@ -1,0 +1,70 @@
+"""The one check every bad-input case makes: exit 2, one ``error:`` line naming the problem and the fix,
+no traceback, nothing printed on stdout, and nothing new under a final name in the store.
+
+Cases run the ``dmd`` command in this process (typer's CliRunner), so a table of 60+ cases costs
+seconds, not an interpreter start each; ``subprocess=True`` runs the real entry point instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def final_names(store: Path) -> set[str]:
+    """Every path below ``store`` without a hidden component: what a reader may take as finished."""
+    if not store.is_dir():
+        return set()
+    out = set()
+    for p in store.rglob("*"):
+        rel = p.relative_to(store)
+        if not any(part.startswith(".") for part in rel.parts):
+            out.add(str(rel))
+    return out
+
+
+def invoke(args: list[str], env: dict | None = None, subprocess_: bool = False, cwd: Path | None = None) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``dmd <args>``; an exception escaping the command counts as a traceback."""
+    if subprocess_:
+        proc = subprocess.run([sys.executable, "-m", "flows", *args], capture_output=True, text=True, cwd=cwd or ROOT,
+                              env={**os.environ, **(env or {})}, timeout=300)  # fmt: skip
+        return proc.returncode, proc.stdout, proc.stderr
+    from flows.cli import app
+
+    old = Path.cwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        res = CliRunner().invoke(app, args, env=env, catch_exceptions=True)
+    finally:
+        os.chdir(old)
+    err = res.stderr
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        import traceback
+
+        err += "Traceback (escaped the command):\n" + "".join(traceback.format_exception(res.exception))
+    return res.exit_code, res.stdout, err
+
+
+def assert_refused(args: list[str], store: Path, *needles: str, env: dict | None = None, subprocess_: bool = False, cwd: Path | None = None) -> str:
+    """Run ``dmd <args>`` and check the refusal; returns the error line."""
+    before = final_names(store)
+    code, out, err = invoke(args, env, subprocess_, cwd)
+    assert "Traceback" not in err, err[-4000:]
+    assert code == 2, f"exit {code}, expected 2:\n{err[-3000:]}"
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, f"expected one error: line, got {len(errors)}:\n{err}"
+    line = errors[0]
+    assert "Fix" in line or "fix" in line, f"the error names no fix: {line}"
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in: {line}"
+    assert out.strip() == "", f"stdout should be empty on refusal: {out!r}"
+    new = final_names(store) - before
+    assert not new, f"refused, yet new paths under final names in the store: {sorted(new)[:10]}"
+    return line
