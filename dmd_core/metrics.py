@@ -54,13 +54,14 @@ class InceptionFeatures(nn.Module):
     channels, and the network resizes to 299x299 bilinearly (torchmetrics / torch-fidelity).
     """
 
+    num_features = 2048  # the pool3 features FID is defined on
+
     def __init__(self, weights_path: str | Path | None = None):
         super().__init__()
         from torchmetrics.image.fid import NoTrainInceptionV3
 
         path = inception_weights_path(weights_path)
-        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(path))
-        self.num_features = 2048
+        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(self.num_features)], feature_extractor_weights_path=str(path))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -118,10 +119,12 @@ def load_stats(path: str | Path, default_n: int = 50_000) -> tuple[np.ndarray, n
         with np.load(path, allow_pickle=False) as f:
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
             n = int(f["n"]) if "n" in f.files else default_n
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, TypeError) as e:
         raise InputError(f"reference statistics {path} unreadable ({e}). Fix: give an .npz with arrays 'mu' and 'sigma'.") from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise InputError(f"reference statistics {path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
+        raise InputError(f"reference statistics {path}: mu {mu.shape} and sigma {sigma.shape} do not fit together. Fix: mu (D,), sigma (D, D).")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()) or n < 2:
+        raise InputError(f"reference statistics {path}: mu / sigma hold NaN or Inf, or n < 2. Fix: recompute the statistics.")
     return mu, sigma, n
 
 

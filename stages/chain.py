@@ -9,7 +9,7 @@ A stage whose explicit input is set (``distill.pairs``, ``evaluate.distill``) st
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -17,11 +17,14 @@ import torch
 
 from dmd_core.denoisers import Denoiser, Parametrization
 from dmd_core.errors import InputError
-from dmd_core.loading import latent_decoder, load_denoiser, load_prompt_encoder, load_vae, read_parametrization, resolve_model_dir
+from dmd_core.loading import PARAM_FILE, WEIGHTS_FILE, latent_decoder, load_denoiser, load_prompt_encoder, load_vae, read_parametrization, resolve_model_dir
 
 from .config import PipelineConfig, dump_config
 from .registry import STAGES, StageSpec, spec
 from .store import DIGESTS, StageOutput, dir_digest, reuse_or_build, verified_manifest, write_text_atomic
+
+
+DENOISER_FILES = ("config.json", WEIGHTS_FILE, PARAM_FILE)  # what save_denoiser writes: every saved network has them
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,8 @@ def walk(cfg: PipelineConfig, target: str, obtain: Obtain, obtain_upstream: Obta
     """Plan each stage up to ``target`` once and obtain its output; returns the outputs by stage."""
     teacher = resolve_teacher(cfg)
     stages = stages_for(cfg, target)
+    for s in stages:  # every setting that can be checked is, before any stage computes (or writes)
+        getattr(s.module, "check", lambda cfg, teacher: None)(cfg, teacher)
     given = explicit_input(cfg, stages[0]) if stages[0].needs_upstream(cfg) else None
     up = given_output(stages[0], given) if given is not None else None
     outputs: dict[str, StageOutput] = {}
@@ -159,7 +164,7 @@ def local_obtain(cfg: PipelineConfig, num_processes: int = 1, progress: bool = T
 
     def obtain(s: StageSpec, p: Plan) -> StageOutput:
         n = num_processes if s.multi_process else 1
-        m = reuse_or_build(s.name, p.out_dir, text, lambda: s.module.build(cfg, p, n, progress))
+        m = reuse_or_build(s.name, p.out_dir, text, lambda work: s.module.build(cfg, replace(p, out_dir=work), n, progress))
         return StageOutput(p.out_dir, m)
 
     return obtain

@@ -40,6 +40,7 @@ from dmd_core.dmd import (
     step_noise,
 )
 from dmd_core.errors import InputError
+from dmd_core.faults import fault_point
 from dmd_core.gan import BottleneckHead, bottleneck_shape, discriminator_loss
 from dmd_core.images import save_grid, training_curves_png
 from dmd_core.loading import encode_latents, save_denoiser
@@ -50,13 +51,13 @@ from dmd_core.shards import pair_stream, sample_seed, shard_name
 from dmd_core.text import read_prompts
 
 from . import chain
-from .chain import Plan, Teacher
+from .chain import DENOISER_FILES, Plan, Teacher
 from .config import DistillConfig, PipelineConfig
 from .generate import pair_prompts, plan_prompts
 from .launch import launch_plan
 from .progress import progress_bar
 from .registry import spec
-from .store import Manifest, StageOutput, Timer, dir_digest, file_digest, file_entry, write_bytes_atomic
+from .store import Manifest, StageOutput, Timer, dir_digest, file_digest, file_entry, sha256_file, tmp_sibling, write_bytes_atomic, write_text_atomic
 
 STAGE = "distill"
 SPEC = spec(STAGE)
@@ -82,13 +83,11 @@ def check_regression_loss(d: DistillConfig) -> None:
             LPIPSLoss(d.lpips_net)  # raises the InputError naming the file and the alternatives
 
 
-def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput | None) -> Plan:
-    """Check the settings against the teacher and the pairs; key = (config, pairs digest, teacher digest).
-
-    ``pairs`` is None without a regression loss (distill.regression_weight = 0): nothing reads them."""
+def check(cfg: PipelineConfig, teacher: Teacher) -> None:
+    """The settings against the teacher (and the machine), before any stage computes."""
     d = cfg.distill
     if d.t_min >= d.t_max:
-        raise InputError(f"distill.t_min ({d.t_min}) must be below distill.t_max ({d.t_max})")
+        raise InputError(f"distill.t_min ({d.t_min}) must be below distill.t_max ({d.t_max}). Fix: lower t_min or raise t_max.")
     if d.frozen_dtype == "float16" and not torch.cuda.is_available():
         raise InputError("distill.frozen_dtype=float16 needs a CUDA GPU. Fix: --set distill.frozen_dtype=bfloat16 (or float32) on CPU.")
     if d.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -105,6 +104,23 @@ def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput | None) -> Pl
         raise InputError("distill.dm_weight and distill.regression_weight are both 0: the generator would have no loss. Fix: set one above 0.")
     if d.guidance_scale != 1.0 and teacher.param.num_classes == 0 and not teacher.param.text_conditioned:
         raise InputError("distill.guidance_scale != 1 needs a class-conditional teacher. Fix: --set distill.guidance_scale=1")
+    if d.regression_weight == 0:
+        from .generate import check_prompts
+
+        check_prompts(teacher, cfg.generate.prompts, "generate")
+    if d.resume_from:
+        ckpt = Path(d.resume_from)
+        if not (ckpt / "trainer.json").is_file():
+            raise InputError(f"distill.resume_from: {ckpt} is not a distill checkpoint (no trainer.json). Fix: point it at <distill output>/checkpoints/step-N.")
+        problem = checkpoint_problem(ckpt) if (ckpt / CHECKSUMS).is_file() else None  # older checkpoints have no checksums
+        if problem:
+            raise InputError(f"distill.resume_from: the checkpoint {ckpt} does not verify: {problem}. Fix: point it at another checkpoint.")
+
+
+def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput | None) -> Plan:
+    """Key = (config, pairs digest, teacher digest); ``check`` ran first.
+
+    ``pairs`` is None without a regression loss (distill.regression_weight = 0): nothing reads them."""
     if pairs is None:
         return _plan_without_pairs(cfg, teacher)
     pm = pairs.manifest
@@ -121,10 +137,7 @@ def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput | None) -> Pl
 
 def _plan_without_pairs(cfg: PipelineConfig, teacher: Teacher) -> Plan:
     """DM-only training (with or without the GAN term): the prompts, for text teachers, come from generate.prompts."""
-    from .generate import check_prompts
-
     g = cfg.generate
-    check_prompts(teacher, g.prompts, "generate")
     up = {"teacher": teacher.digest, **_optional_upstream(cfg)}
     inputs = {"teacher": str(teacher.path)}
     if g.prompts:
@@ -494,14 +507,69 @@ class Trainer:
 def _write_metrics(rows: list[dict], path: Path) -> None:
     """One row per logged step; columns that only some rows have (the probe's) are null elsewhere."""
     names = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_sibling(path)
     pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in names} for r in rows]), tmp)
     os.replace(tmp, path)
 
 
+CHECKSUMS = "checksums.json"  # sha256 of every file of a checkpoint, written before trainer.json
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (None if it verifies): trainer.json unreadable, a file
+    missing or changed since it was written."""
+    try:
+        state = json.loads((ckpt / "trainer.json").read_text())
+        sums = json.loads((ckpt / CHECKSUMS).read_text())
+        if not isinstance(state, dict) or not isinstance(sums, dict) or not isinstance(state.get("step"), int):
+            return "trainer.json or checksums.json is not what a checkpoint writes"
+    except (OSError, ValueError) as e:
+        return f"unreadable {getattr(e, 'filename', None) and Path(e.filename).name or 'trainer.json/checksums.json'} ({type(e).__name__})"
+    for name, sha in sums.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != sha:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def checkpoints_newest_first(root: Path) -> list[Path]:
+    return sorted((p for p in root.glob("step-*") if (p / "trainer.json").is_file()), reverse=True)
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    done = sorted(p for p in root.glob("step-*") if (p / "trainer.json").is_file())
-    return done[-1] if done else None
+    """The newest checkpoint that verifies; the ones skipped are named with the reason."""
+    for ckpt in checkpoints_newest_first(root):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("distill: skipping checkpoint %s: %s", ckpt.name, problem)
+    return None
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def restore_samples(ckpt: Path, out: Path) -> None:
+    """Sample grids a checkpoint holds that the output lost (a rebuild restores, it does not drop them)."""
+    if (ckpt / "samples").is_dir():
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        for f in (ckpt / "samples").glob("step-*.png"):
+            if not (out / "samples" / f.name).is_file():
+                shutil.copyfile(f, out / "samples" / f.name)
+
+
+def required_files(m: Manifest) -> list[str]:
+    """The networks, the final grid and every scheduled grid (when the run did not continue another), the records."""
+    d = DistillConfig.model_validate(m.config)
+    nets = ["generator", "fake_score"] + (["generator_ema"] if d.ema_decay else []) + (["generator_best"] if d.eval_every else [])
+    names = [f"{net}/{f}" for net in nets for f in DENOISER_FILES]
+    grid_steps = {d.steps} | (set() if d.resume_from else set(range(d.sample_every, d.steps + 1, d.sample_every)))
+    names += [f"samples/step-{k:07d}.png" for k in sorted(grid_steps)]
+    names += ["metrics.parquet", "curves.png", "samples.png", "config.yaml"] + (["best.json"] if d.eval_every else [])
+    return names + (["fake_score/gan_head.safetensors"] if d.gan else [])
 
 
 def check_resume_compatible(ckpt: Path, cfg: PipelineConfig, p: Plan) -> dict:
@@ -541,16 +609,21 @@ def train(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | Non
     start = 0
     ckpt = latest_checkpoint(ckpt_root)
     if ckpt is None and d.resume_from:
-        ckpt = Path(d.resume_from)
+        ckpt = Path(d.resume_from)  # verified by check()
     if ckpt is not None:
         state = check_resume_compatible(ckpt, cfg, p)
         acc.load_state(str(ckpt / "accelerate"))
         if tr.ema is not None and (ckpt / "ema.safetensors").is_file():
             tr.ema = {k: v.to(acc.device) for k, v in load_file(str(ckpt / "ema.safetensors")).items()}
+        bad = nonfinite_tensors(tr.unwrap(tr.gen).unet.state_dict()) + nonfinite_tensors(tr.unwrap(tr.fake).unet.state_dict())
+        if bad:  # never resume from poisoned weights (a checkpoint written before this guard existed)
+            raise TrainingDiverged(f"the checkpoint {ckpt} holds NaN/Inf weights ({bad[0]}). Fix: delete it (or rerun with --refresh distill).")
         tr.load_best(ckpt)
         start = state["step"]
         if (ckpt / "metrics.parquet").is_file():
             rows = pq.read_table(ckpt / "metrics.parquet").to_pylist()
+        if acc.is_main_process:
+            restore_samples(ckpt, p.out_dir)
         log.info("distill: resuming from %s (step %d)", ckpt, start)
     if start >= d.steps and not d.resume_from:  # training had finished; only its outputs were lost or damaged
         log.info("distill: rebuilding the outputs from the final checkpoint %s", ckpt)
@@ -559,22 +632,37 @@ def train(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | Non
         raise InputError(f"the checkpoint {ckpt} is already at step {start} >= distill.steps={d.steps}. Fix: raise distill.steps.")
 
     def save_checkpoint(step: int) -> None:
+        # the weights are checked first: a checkpoint is never written with NaN/Inf in it (every rank
+        # holds the same weights, so all ranks stop together)
+        bad = nonfinite_tensors(tr.unwrap(tr.gen).unet.state_dict()) + nonfinite_tensors(tr.unwrap(tr.fake).unet.state_dict())
+        if bad:
+            raise TrainingDiverged(
+                f"distill stopped at step {step}: the weights became NaN or Inf ({bad[0]}); no checkpoint was written for it, the last good "
+                "one is kept. Fix: lower the learning rates (distill.generator_optimizer.lr, distill.fake_optimizer.lr) or keep distill.max_grad_norm set."
+            )
         final, tmp = ckpt_root / f"step-{step:07d}", ckpt_root / f".step-{step:07d}.tmp"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
+        fault_point("distill.checkpoint-state")
         if acc.is_main_process:
             tr.save_networks(tmp)
+            fault_point("distill.checkpoint-networks")
             if tr.ema is not None:
                 save_file({k: v.contiguous() for k, v in tr.ema.items()}, str(tmp / "ema.safetensors"))
             if rows:
                 _write_metrics(rows, tmp / "metrics.parquet")
+            if (p.out_dir / "samples").is_dir():  # so a rebuild can restore every grid (they are small)
+                shutil.copytree(p.out_dir / "samples", tmp / "samples")
+            sums = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+            write_text_atomic(tmp / CHECKSUMS, json.dumps(sums, indent=1))
             state = {"step": step, "distill": d.model_dump(mode="json"), "teacher_digest": p.upstream["teacher"], "pairs_digest": p.upstream.get("pairs")}
-            (tmp / "trainer.json").write_text(json.dumps(state, indent=2))  # written last: marks it complete
+            write_text_atomic(tmp / "trainer.json", json.dumps(state, indent=2))  # written last: marks it complete
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+            fault_point("distill.checkpoint-renamed")
             for old in sorted(ckpt_root.glob("step-*"))[: -d.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
@@ -587,6 +675,7 @@ def train(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | Non
         if step == start or step % d.checkpoint_every == 0:
             tr.restart_data(step)
         logs = tr.step(step)
+        fault_point("distill.step")
         done = step + 1
         probe_now = bool(d.eval_every) and (done % d.eval_every == 0 or done == d.steps)
         if done % d.log_every == 0 or done == d.steps or probe_now:
@@ -649,6 +738,7 @@ def finalize(cfg: PipelineConfig, p: Plan, tr: Trainer, rows: list[dict], wall: 
         },
         wall_time_s=round(wall, 3),
     )
+    fault_point("distill.before-manifest")
     m.save(out)
     return m
 

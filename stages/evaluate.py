@@ -26,6 +26,7 @@ from dmd_core.denoisers import Denoiser
 from dmd_core.digits import DigitsClassifier, load_digits_data
 from dmd_core.dmd import MultiStep, step_noise
 from dmd_core.errors import InputError
+from dmd_core.faults import fault_point
 from dmd_core.images import caption_columns, grid_image
 from dmd_core.loading import load_denoiser, load_prompt_encoder
 from dmd_core.metrics import (
@@ -63,11 +64,13 @@ from .store import (
     file_entry,
     save_side_output,
     verified_manifest,
+    tmp_sibling,
     write_text_atomic,
 )
 
 STAGE = "evaluate"
 SPEC = spec(STAGE)
+OUTPUT_FILES = ("metrics.json", "metrics.parquet", "grid.png", "student_stats.npz", "config.yaml")
 log = logging.getLogger("dmd")
 
 
@@ -109,21 +112,39 @@ def generator_name(e: EvaluateConfig, dm: Manifest) -> str:
     return name
 
 
-def plan(cfg: PipelineConfig, teacher: Teacher, distilled: StageOutput) -> Plan:
-    """Key = (evaluate config, teacher protocol, digests of the generator, teacher, features, reference)."""
+def check(cfg: PipelineConfig, teacher: Teacher) -> None:
+    """Everything about the evaluate settings that can fail, checked before any stage computes."""
     e = cfg.evaluate
     check_solver(cfg.generate.solver, teacher.param.kind)
     check_prompts(teacher, e.prompts, STAGE)
-    prompts = {}
     if e.prompts:
         read_prompts(e.prompts, e.prompt_column)  # a bad file fails here
         if e.prompt_labels:
             read_prompt_labels(e.prompts, e.prompt_labels)
+    if e.clip_model and not Path(e.clip_model, "config.json").is_file():
+        raise InputError(f"evaluate.clip_model: {e.clip_model} is not a local CLIP model directory (no config.json). Fix: point it at a "
+                         "CLIPModel + CLIPProcessor save_pretrained folder (e.g. a snapshot of openai/clip-vit-large-patch14).")  # fmt: skip
+    features_digest(e, cfg.store), reference_digest(e, cfg.store)  # the feature network's weights and the reference exist
+    dim = InceptionFeatures.num_features if e.features == "inception" else DigitsClassifier.load(e.classifier).num_features
+    if e.reference != "digits":
+        mu, _, _ = load_stats(e.reference)
+        if mu.shape[0] != dim:
+            raise InputError(f"evaluate.reference {e.reference} holds {mu.shape[0]}-dimensional statistics; evaluate.features={e.features} "
+                             f"gives {dim}. Fix: use statistics of the same feature network.")  # fmt: skip
+    if e.num_samples <= dim:
+        raise InputError(
+            f"evaluate.num_samples ({e.num_samples}) must exceed the feature dimension ({dim}): with fewer samples the covariance is singular. "
+            "Fix: raise evaluate.num_samples."
+        )
+
+
+def plan(cfg: PipelineConfig, teacher: Teacher, distilled: StageOutput) -> Plan:
+    """Key = (evaluate config, teacher protocol, digests of the generator, teacher, features, reference); ``check`` ran first."""
+    e = cfg.evaluate
+    prompts = {}
+    if e.prompts:
         prompts = {"prompts": f"{file_digest(e.prompts, cfg.store)}:{e.prompt_column}:{e.prompt_labels}"}
     if e.clip_model:
-        if not Path(e.clip_model, "config.json").is_file():
-            raise InputError(f"evaluate.clip_model: {e.clip_model} is not a local CLIP model directory (no config.json). Fix: point it at a "
-                             "CLIPModel + CLIPProcessor save_pretrained folder (e.g. a snapshot of openai/clip-vit-large-patch14).")  # fmt: skip
         prompts["clip_model"] = dir_digest(e.clip_model, cfg.store)
     features = features_digest(e, cfg.store)
     reference = reference_digest(e, cfg.store)
@@ -162,12 +183,7 @@ class Evaluator:
         self.progress = progress
         self.rank, self.world, self.device = rank, world, device
         self.classifier = DigitsClassifier.load(self.e.classifier).to(device) if self.e.classifier else None
-        self.features = make_features(self.e, self.classifier)
-        if self.e.num_samples <= self.features.num_features:
-            raise InputError(
-                f"evaluate.num_samples ({self.e.num_samples}) must exceed the feature dimension ({self.features.num_features}): "
-                "with fewer samples the covariance is singular. Fix: raise evaluate.num_samples."
-            )
+        self.features = make_features(self.e, self.classifier)  # evaluate.check made sure num_samples exceeds its dimension
         gen_dir = p.info["generator_dir"]
         try:
             self.student: Denoiser = load_denoiser(gen_dir, device)
@@ -399,6 +415,7 @@ def evaluate(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.
     cached = cached_side_output(teacher_numbers_dir(ev))  # the teacher's numbers may be cached
     bar = progress_bar(STAGE, (1 if cached else 2) * len(ev.batch_starts()), progress and rank == 0, unit="batch")
     student = ev.measure(ev.student_sample, bar, f"student ({ev.steps.num_steps} NFE)")
+    fault_point("evaluate.measured")
     teacher = teacher_numbers(ev, bar, cached)
     bar.close()
     if rank != 0:
@@ -420,10 +437,10 @@ def evaluate(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.
         "distill_steps": p.info["distill_steps"],
     }
     write_text_atomic(p.out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    tmp = p.out_dir / ".metrics.parquet.tmp"
+    tmp = tmp_sibling(p.out_dir / "metrics.parquet")
     pq.write_table(pa.Table.from_pylist([{"key": p.key, **metrics}]), tmp)
     tmp.replace(p.out_dir / "metrics.parquet")
-    names = ("metrics.json", "metrics.parquet", "grid.png", "student_stats.npz", "config.yaml")
+    names = OUTPUT_FILES
     m = Manifest(
         stage=STAGE,
         key=p.key,
@@ -437,8 +454,13 @@ def evaluate(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.
         info={"metrics": metrics, "distill_dir": p.inputs["distill"], "generator_dir": p.info["generator_dir"], "num_processes": world},
         wall_time_s=round(timer.seconds, 3),
     )
+    fault_point("evaluate.before-manifest")
     m.save(p.out_dir)
     return m
+
+
+def required_files(m: Manifest) -> list[str]:
+    return list(OUTPUT_FILES)
 
 
 def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool = True) -> Manifest:

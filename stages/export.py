@@ -27,16 +27,17 @@ import yaml
 from dmd_core.denoisers import VPDenoiser
 from dmd_core.dmd import MultiStep, OneStep, noise_levels, step_noise
 from dmd_core.errors import InputError
+from dmd_core.faults import fault_point
 from dmd_core.loading import PARAM_FILE, load_denoiser, load_prompt_encoder
 from dmd_core.pipeline import DenoiserCallModule, OneStepModule, OneStepPipeline
 from dmd_core.shards import sample_labels, sample_noise
 from dmd_core.text import read_prompts
 
 from . import chain
-from .chain import Plan, Teacher
+from .chain import DENOISER_FILES, Plan, Teacher
 from .config import PipelineConfig
 from .registry import spec
-from .store import FileEntry, Manifest, StageOutput, Timer, file_entry, read_manifest, write_text_atomic
+from .store import FileEntry, Manifest, StageOutput, Timer, file_entry, final_dir_of, read_manifest, write_text_atomic
 
 STAGE = "export"
 SPEC = spec(STAGE)
@@ -181,7 +182,7 @@ def class_model_use(cfg: PipelineConfig, out: Path, info: dict) -> str:
 
 ```python
 from dmd_core.pipeline import OneStepPipeline
-pipe = OneStepPipeline.from_pretrained("{out}")
+pipe = OneStepPipeline.from_pretrained("{final_dir_of(out)}")
 images = pipe(class_labels=[0, 1, 2, 3], seed=0)           # list of PIL images
 ```
 
@@ -320,7 +321,7 @@ relative difference to the evaluated generator's latents {rel:.2e}."""
 
 ```python
 from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{out}")
+pipe = StableDiffusionPipeline.from_pretrained("{final_dir_of(out)}")
 image = pipe("{batch[0]}", {call}, guidance_scale=1.0).images[0]
 ```
 
@@ -356,6 +357,7 @@ def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool =
                   "output_range": [float(want.min()), float(want.max())], "data_range": list(den.param.data_range)}  # fmt: skip
     if cfg.export.onnx:
         info["onnx"] = write_onnx(cfg, den, out, want)
+        fault_point("export.onnx-written")
     info["torch_parity"] = fresh_process_parity(cfg, out, want)
     return finish(cfg, p, em, out, info, class_model_use(cfg, out, info), timer)
 
@@ -380,8 +382,16 @@ def finish(cfg: PipelineConfig, p: Plan, em: Manifest, out: Path, info: dict, us
         info=info,
         wall_time_s=round(timer.seconds, 3),
     )
+    fault_point("export.before-manifest")
     m.save(out)
     return m
+
+
+def required_files(m: Manifest) -> list[str]:
+    """The card, the recipe, the grid and the network (text-to-image: the pipeline's UNet; else generator/ and ONNX)."""
+    net = "unet" if m.pipeline_config.get("generate", {}).get("prompts") else "generator"
+    names = ["README.md", "one_step.json", "grid.png", "model_index.json", *(f"{net}/{n}" for n in DENOISER_FILES)]
+    return names + ["generator.onnx"] if net == "generator" and m.config.get("onnx") else names
 
 
 def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | None:

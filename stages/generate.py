@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dmd_core.errors import InputError
+from dmd_core.faults import fault_point
 from dmd_core.shards import sample_labels, sample_noise, shard_name, shard_ranges, write_shard
 from dmd_core.solvers import check_solver, teacher_sampler
 from dmd_core.text import read_prompts
@@ -29,7 +30,7 @@ from .config import GenerateConfig, PipelineConfig, load_config
 from .launch import launch_plan
 from .progress import progress_bar
 from .registry import spec
-from .store import Manifest, StageOutput, Timer, file_digest, file_entry, sha256_file, write_text_atomic
+from .store import Manifest, StageOutput, Timer, file_digest, file_entry, sha256_file, tmp_sibling, write_text_atomic
 
 STAGE = "generate"
 SPEC = spec(STAGE)
@@ -37,17 +38,41 @@ PROMPTS_FILE = "prompts.json"  # text-to-image: the prompt list that cls.txt ind
 log = logging.getLogger("dmd")
 
 
-def plan(cfg: PipelineConfig, teacher: Teacher, upstream: StageOutput | None = None) -> Plan:
-    """Check solver, guidance and prompts against the teacher; key = (config, teacher digest, prompt file digest)."""
+def check(cfg: PipelineConfig, teacher: Teacher) -> None:
+    """Solver, guidance and prompts against the teacher, and room in the store: before any stage computes."""
     g = cfg.generate
-    up, inputs = {"teacher": teacher.digest}, {"teacher": str(teacher.path)}
     check_prompts(teacher, g.prompts, "generate")
     if g.prompts:
         read_prompts(g.prompts, g.prompt_column)  # a bad file fails here, before anything is written
-        up["prompts"], inputs["prompts"] = f"{file_digest(g.prompts, cfg.store)}:{g.prompt_column}", g.prompts
     if g.guidance_scale != 1.0 and teacher.param.num_classes == 0 and not teacher.param.text_conditioned:
         raise InputError("generate.guidance_scale != 1 needs a class-conditional or text-to-image teacher. Fix: --set generate.guidance_scale=1")
     check_solver(g.solver, teacher.param.kind)
+    check_room(cfg, teacher)
+
+
+def check_room(cfg: PipelineConfig, teacher: Teacher) -> None:
+    """Refuse a run whose pairs cannot fit on the store's disk (a cached or partly built output needs less: not counted)."""
+    import shutil
+
+    g = cfg.generate
+    need = g.num_samples * 2 * int(np.prod(model_shape(teacher.param))) * np.dtype(g.dtype).itemsize
+    where = Path(cfg.store)
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free and not any((Path(cfg.store) / STAGE).glob("*")):
+        raise InputError(
+            f"generate.num_samples={g.num_samples} needs about {need / 2**30:.1f} GiB of pairs; the store's disk has {free / 2**30:.1f} GiB free. "
+            "Fix: lower generate.num_samples or point store at a larger disk."
+        )
+
+
+def plan(cfg: PipelineConfig, teacher: Teacher, upstream: StageOutput | None = None) -> Plan:
+    """Key = (config, teacher digest, prompt file digest); ``check`` ran first."""
+    g = cfg.generate
+    up, inputs = {"teacher": teacher.digest}, {"teacher": str(teacher.path)}
+    if g.prompts:
+        up["prompts"], inputs["prompts"] = f"{file_digest(g.prompts, cfg.store)}:{g.prompt_column}", g.prompts
     key = SPEC.key(cfg, up)
     return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, inputs)
 
@@ -92,11 +117,28 @@ def shard_is_valid(out_dir: Path, i: int) -> bool:
 
 def _write_shard_atomic(out_dir: Path, i: int, idx: range, z: np.ndarray, y: np.ndarray, labels, prompts: list[str] | None) -> None:
     final = out_dir / shard_name(i)
-    tmp = out_dir / f".{final.name}.tmp-{os.getpid()}"
-    write_shard(tmp, idx, z, y, labels, prompts)
-    # Checksum first, shard second: a shard under its final name always has its checksum beside it.
-    write_text_atomic(out_dir / (final.name + ".sha256"), sha256_file(tmp) + "\n")
+    tmp = tmp_sibling(final)
+    try:
+        write_shard(tmp, idx, z, y, labels, prompts)
+        fault_point("generate.shard-written")
+        # Checksum first, shard second: a shard under its final name always has its checksum beside it.
+        write_text_atomic(out_dir / (final.name + ".sha256"), sha256_file(tmp) + "\n")
+        fault_point("generate.checksum-written")
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk: the partial shard must not keep holding the space
+        raise
     os.replace(tmp, final)
+
+
+def check_finite_images(y: torch.Tensor, idx: range, p: Plan) -> None:
+    """A shard is never finished with NaN/Inf in it: the teacher's output is checked batch by batch."""
+    finite = torch.isfinite(y.reshape(len(y), -1)).all(dim=1)
+    if not bool(finite.all()):
+        first = idx[int((~finite).nonzero()[0])]
+        raise InputError(
+            f"the teacher {p.inputs['teacher']} produced NaN/Inf images (first at sample {first}); no shard holding them was written. "
+            "Fix: check the teacher's weights and denoiser.json (sigma_min, sigma_max) and generate.guidance_scale."
+        )
 
 
 def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.device, progress: bool) -> int:
@@ -124,6 +166,7 @@ def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device:
                 z = sample_noise(g.seed, b, shape).numpy().astype(store_dtype).astype(np.float32)
                 labels = sample_labels(b, den.num_classes)
                 y = sampler(torch.from_numpy(z).to(device), None if labels is None else labels.to(device))
+                check_finite_images(y, b, p)
                 zs.append(z.astype(store_dtype))
                 ys.append(y.float().cpu().numpy().astype(store_dtype))
                 ls.append(None if labels is None else labels.numpy())
@@ -180,6 +223,7 @@ def finalize(cfg: PipelineConfig, p: Plan, nfe: int, wall_time: float) -> Manife
         },
         wall_time_s=round(wall_time, 3),
     )
+    fault_point("generate.before-manifest")
     m.save(p.out_dir)
     return m
 
@@ -214,6 +258,13 @@ def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Mani
 def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
     """Make (or reuse) the pair shards for ``cfg``; returns the verified manifest."""
     return chain.run(cfg, STAGE, num_processes, progress).manifest
+
+
+def required_files(m: Manifest) -> list[str]:
+    """Every shard of ``num_samples`` (whatever the manifest lists), the config and, for text-to-image, the prompts."""
+    g = GenerateConfig.model_validate(m.config)
+    names = [shard_name(i) for i in range(len(shard_ranges(g.num_samples, g.shard_size)))] + ["config.yaml"]
+    return names + [PROMPTS_FILE] if "prompts" in m.upstream else names
 
 
 def incomplete_detail(out_dir: Path) -> str:

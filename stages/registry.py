@@ -20,7 +20,13 @@ if TYPE_CHECKING:
 
 
 class Stage(Protocol):
-    """What a stage module provides."""
+    """What a stage module provides (``check`` and ``required_files`` are optional)."""
+
+    def check(self, cfg: PipelineConfig, teacher: Teacher) -> None:
+        """Raise an InputError for any setting that cannot work; runs for every stage of a run before any computes."""
+
+    def required_files(self, manifest: Manifest) -> list[str]:
+        """The files an output must have, whatever its manifest lists (verification checks them)."""
 
     def plan(self, cfg: PipelineConfig, teacher: Teacher, upstream: StageOutput | None) -> Plan:
         """Pure: the key and output directory from the config and the upstream output; never runs anything."""

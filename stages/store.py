@@ -14,16 +14,23 @@ teacher, the classifier) are cached the same way under ``<store>/.digests/``.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from pydantic import BaseModel
+
+from dmd_core.errors import InputError
+from dmd_core.faults import fault_point
 
 MANIFEST = "manifest.json"
 RECORD = ".verified.json"  # hidden: never part of a manifest or a directory digest
@@ -161,14 +168,26 @@ def content_key(stage: str, config: dict, upstream: dict[str, str], code_version
     return digest_json({"stage": stage, "config": config, "upstream": upstream, "code": code_version})[:20]
 
 
+def tmp_sibling(path: Path) -> Path:
+    """The temporary name ``path`` is written under before its rename: hidden, and owned by this process."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, then rename: readers never see a partial file."""
+    """Write to a temporary sibling, fsync, then rename: readers never see a partial file.
+
+    A failed write (a full disk) removes its temporary file, so it holds no space."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = tmp_sibling(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        fault_point(f"write:{path.name}")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -239,11 +258,24 @@ def read_manifest(out_dir: str | Path) -> Manifest | None:
         return None
 
 
+def required_files(manifest: Manifest) -> list[str]:
+    """The files an output of ``manifest.stage`` must have, whatever its manifest lists (stage modules say)."""
+    from .registry import STAGES
+
+    for s in STAGES:
+        if s.name == manifest.stage:
+            return getattr(s.module, "required_files", lambda m: [])(manifest)
+    return []  # a side cache (reference statistics, teacher numbers): its listed files
+
+
 def bad_files(out_dir: str | Path, manifest: Manifest, deep: bool = False) -> list[str]:
-    """Names of the manifest's files that are missing or whose size or sha256 does not match."""
+    """Names of the manifest's files that are missing or whose size or sha256 does not match, and of the
+    files the output must have that the manifest does not list (a manifest is not trusted for its own list)."""
     out_dir = Path(out_dir)
     hashes = file_hashes(out_dir, [f.name for f in manifest.files], out_dir / RECORD, deep)
-    return [f.name for f in manifest.files if hashes[f.name] != f.sha256]
+    listed = {f.name for f in manifest.files}
+    unlisted = [f"{n} (not in the manifest)" for n in required_files(manifest) if n not in listed]
+    return [f.name for f in manifest.files if hashes[f.name] != f.sha256] + unlisted
 
 
 def verified_manifest(out_dir: str | Path, deep: bool = False) -> Manifest | None:
@@ -259,20 +291,147 @@ class StageOutput(NamedTuple):
     manifest: Manifest
 
 
-def reuse_or_build(stage: str, out_dir: Path, config_text: str, build: Callable[[], Manifest]) -> Manifest:
+# ---------------------------------------------------------------- building under a hidden name
+
+PARTIAL = ".partial"
+_TMP_NAME = re.compile(r"^\..*\.tmp(-(\d+))?$")
+
+
+def partial_dir(out_dir: Path) -> Path:
+    """Where an output is built: a hidden sibling, renamed to ``out_dir`` once its manifest is written.
+
+    So a final name only ever holds a complete output, and an interrupted build keeps its finished
+    parts (shards, checkpoints) here for the rerun to resume from."""
+    return out_dir.parent / f".{out_dir.name}{PARTIAL}"
+
+
+def final_dir_of(path: Path) -> Path:
+    """The final name of a (possibly partial) output directory."""
+    name = path.name
+    return path.parent / name[1 : -len(PARTIAL)] if name.startswith(".") and name.endswith(PARTIAL) else path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphans(root: Path) -> list[Path]:
+    """Delete temporary files and directories (``.<name>.tmp[-PID]``) below ``root`` left by a killed or
+    failed writer: they would hold disk space forever. A name with the PID of a live process is kept."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for path in sorted(root.rglob(".*"), key=lambda q: len(q.parts)):
+        m = _TMP_NAME.match(path.name)
+        if m is None or not os.path.lexists(path):
+            continue
+        if m.group(2) and int(m.group(2)) != os.getpid() and _pid_alive(int(m.group(2))):
+            continue
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run under %s", len(removed), root)
+    return removed
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path):
+    """One builder per output at a time (other processes wait, then reuse what it made).
+
+    ``flock`` on a hidden lock file beside the output: the kernel drops it when its holder dies, so a
+    killed run never leaves a stale lock."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting: another process is building %s", out_dir)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def publish(work: Path, out_dir: Path) -> None:
+    """Rename a built output to its final name (the last step of every build)."""
+    fault_point("publish")
+    if out_dir.exists():  # an older, failing copy that was not moved aside (e.g. read-only parts): replace it
+        shutil.rmtree(out_dir)
+    os.replace(work, out_dir)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is the disk (or quota) running out, as an OSError or as torch's serializer reports it."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("unexpected pos" in text or "No space left" in text or "file write failed" in text)
+
+
+def disk_full_error(where: Path) -> InputError:
+    """The one-line error for a full disk under ``where`` (finished parts are kept; temporary files removed)."""
+    try:
+        free = shutil.disk_usage(where if where.exists() else where.parent).free
+        room = f" ({free / 2**20:.1f} MiB free)"
+    except OSError:
+        room = ""
+    return InputError(
+        f"disk full while writing under {where}{room}. Fix: free space (or set store to a larger disk) and rerun: "
+        "finished parts are kept and the run resumes."
+    )
+
+
+def reuse_or_build(stage: str, out_dir: Path, config_text: str, build: Callable[[Path], Manifest]) -> Manifest:
     """The cache policy of every stage: a complete, verified output is reused; a failing one is named
-    and redone (its finished parts kept for resume); otherwise ``build`` makes it."""
-    m = read_manifest(out_dir)
+    and redone (its finished parts kept for resume); otherwise ``build(work_dir)`` makes it under a hidden
+    name (``partial_dir``), which is renamed to ``out_dir`` when complete."""
+    m = _reusable(stage, out_dir)
     if m is not None:
-        bad = bad_files(out_dir, m)
-        if not bad:
-            log.info("%s: cached output %s is complete and verified", stage, out_dir)
+        return m
+    with output_lock(out_dir):
+        m = _reusable(stage, out_dir, quiet=True)  # another process may have finished it while we waited
+        if m is not None:
             return m
-        log.warning("%s: %s fails verification (%s): redoing it", stage, out_dir, ", ".join(bad[:5]))
-        (out_dir / MANIFEST).unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "config.yaml", config_text)
-    return build()
+        work = partial_dir(out_dir)
+        if out_dir.exists():  # failing verification: its parts are the partial output now
+            (out_dir / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True) if work.exists() else None
+            os.replace(out_dir, work)
+        remove_orphans(work)
+        remove_orphans(out_dir.parent.parent / DIGESTS)
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(work / "config.yaml", config_text)
+            m = build(work)
+            publish(work, out_dir)
+        except BaseException as e:
+            remove_orphans(work)
+            if disk_full(e):
+                raise disk_full_error(out_dir.parent) from None
+            raise
+    return m
+
+
+def _reusable(stage: str, out_dir: Path, quiet: bool = False) -> Manifest | None:
+    m = read_manifest(out_dir)
+    if m is None:
+        if out_dir.exists() and not quiet:
+            log.warning("%s: %s has no readable manifest.json: redoing it", stage, out_dir)
+        return None
+    bad = bad_files(out_dir, m)
+    if not bad:
+        if not quiet:
+            log.info("%s: cached output %s is complete and verified", stage, out_dir)
+        return m
+    log.warning("%s: %s fails verification (%s): redoing it", stage, out_dir, ", ".join(bad[:5]))
+    return None
 
 
 def save_side_output(out_dir: Path, stage: str, key: str, code_version: str, names: list[str], upstream: dict[str, str]) -> Manifest:
@@ -285,8 +444,9 @@ def save_side_output(out_dir: Path, stage: str, key: str, code_version: str, nam
 
 
 def remove_output(out_dir: Path) -> None:
-    """Delete an output (``--refresh``), its verification record included."""
+    """Delete an output (``--refresh``), its verification record and any partial build included."""
     shutil.rmtree(out_dir, ignore_errors=True)
+    shutil.rmtree(partial_dir(out_dir), ignore_errors=True)
 
 
 class Timer:
