@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow test-all install install-dev clean
+.PHONY: demo test test-slow test-all faults install install-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ demo: install
 # `make test` stays within 15 minutes on 2 cores; tests marked slow (minutes each, covered in part by
 # faster ones) run with `make test-slow`, everything with `make test-all`.
 test: install-dev
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not faults_full"
+
+# The reliability suites in full: kill -9 at every fault point of every stage, every corruption, every bad input.
+faults: install-dev
+	$(BIN)/python -m pytest -q tests/faults tests/bad_input
 
 test-slow: install-dev
 	$(BIN)/python -m pytest -q -m slow

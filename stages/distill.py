@@ -531,6 +531,10 @@ def checkpoint_problem(ckpt: Path) -> str | None:
             return f"{name} is missing"
         if sha256_file(path) != sha:
             return f"{name} does not match its checksum"
+    for weights in sorted((ckpt / "accelerate").glob("*.safetensors")):  # the networks and optimizer moments it would load
+        bad = nonfinite_tensors(load_file(str(weights)))
+        if bad:
+            return f"{weights.relative_to(ckpt)} holds NaN/Inf ({bad[0]})"
     return None
 
 
@@ -615,9 +619,6 @@ def train(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | Non
         acc.load_state(str(ckpt / "accelerate"))
         if tr.ema is not None and (ckpt / "ema.safetensors").is_file():
             tr.ema = {k: v.to(acc.device) for k, v in load_file(str(ckpt / "ema.safetensors")).items()}
-        bad = nonfinite_tensors(tr.unwrap(tr.gen).unet.state_dict()) + nonfinite_tensors(tr.unwrap(tr.fake).unet.state_dict())
-        if bad:  # never resume from poisoned weights (a checkpoint written before this guard existed)
-            raise TrainingDiverged(f"the checkpoint {ckpt} holds NaN/Inf weights ({bad[0]}). Fix: delete it (or rerun with --refresh distill).")
         tr.load_best(ckpt)
         start = state["step"]
         if (ckpt / "metrics.parquet").is_file():

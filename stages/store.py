@@ -184,7 +184,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        fault_point(f"write:{path.name}")
+        fault_point(f"write/{path.name}")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
