@@ -28,9 +28,19 @@ def run_command(
     from dmd_core.errors import InputError
 
     def body() -> str:
+        # Everything that can be refused is checked before the Prefect server starts (seconds, and its logs).
         for name in [only, *(refresh or [])]:
             if name is not None and name not in STAGE_NAMES:
-                raise InputError(f"unknown stage {name!r}; choose from {', '.join(STAGE_NAMES)}")
+                flag = "--only" if name == only else "--refresh"
+                raise InputError(f"{flag}: unknown stage {name!r}. Fix: choose from {', '.join(STAGE_NAMES)}")
+        from stages.config import check_store_writable, load_config
+
+        cfg = load_config(config, set_ or [])
+        check_store_writable(cfg.store)
+        if only is not None:  # one stage from the store: its upstream outputs must be there
+            from stages import chain
+
+            chain.plan(cfg, only)
         from .pipeline import dmd_pipeline, where_dashboards_are
         from .server import prefect_api
 

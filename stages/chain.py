@@ -174,7 +174,7 @@ def require_existing(s: StageSpec, p: Plan) -> StageOutput:
     """The stage's verified output in the store, or an error naming the stage to run first."""
     m = verified_manifest(p.out_dir)
     if m is None:
-        raise InputError(f"the {s.name} output is missing from the store ({p.out_dir}); run the pipeline (or --only {s.name}) first")
+        raise InputError(f"the {s.name} output is missing from the store ({p.out_dir}). Fix: run the pipeline (or --only {s.name}) first.")
     return StageOutput(p.out_dir, m)
 
 

@@ -11,7 +11,7 @@ import typer
 
 from dmd_core.errors import InputError
 
-from .config import dump_config, load_config
+from .config import check_store_writable, dump_config, load_config
 from .launch import distributed_env, exit_with_parent, finish_distributed, terminate_on_sigterm
 from .registry import ORDER, STAGES
 from .store import write_text_atomic
@@ -63,17 +63,29 @@ PlanOpt = Annotated[
 
 def stage_output(name: str, cfg, num_processes: int, progress: bool, plan_file: Optional[Path]) -> Optional[Path]:
     """Run one stage: from a plan file (already planned by a flow task or the launcher), or through the chain."""
+    from dataclasses import replace
+
     from .chain import Plan, local_obtain, plan, run
     from .registry import spec
+    from .store import partial_dir, publish, verified_manifest
 
     rank, world = distributed_env()
     if world > 1:  # this process is one rank under accelerate launch
-        p = Plan.load(plan_file) if plan_file else plan(cfg, name)
+        if plan_file:  # launched by launch_plan: the plan names the partial directory to build in
+            p = Plan.load(plan_file)
+        else:  # `accelerate launch -m stages.X` by hand: build under the hidden name, rank 0 publishes
+            p = plan(cfg, name)
+            if verified_manifest(p.out_dir) is not None:
+                return p.out_dir if rank == 0 else None
+            final, p = p.out_dir, replace(p, out_dir=partial_dir(p.out_dir))
         p.out_dir.mkdir(parents=True, exist_ok=True)
         if rank == 0 and not (p.out_dir / "config.yaml").is_file():
             write_text_atomic(p.out_dir / "config.yaml", dump_config(cfg))
         m = spec(name).module.run_distributed(cfg, p, progress)
         finish_distributed()
+        if m is not None and not plan_file:
+            publish(p.out_dir, final)
+            return final
         return None if m is None else p.out_dir
     if plan_file is not None:
         p = Plan.load(plan_file)
@@ -86,7 +98,9 @@ def stage_command(name: str, doc: str) -> Callable[..., None]:
 
     def command(config: ConfigOpt = None, set_: SetOpt = None, num_processes: ProcOpt = 1, quiet: QuietOpt = False, plan_file: PlanOpt = None) -> None:
         def body() -> Optional[str]:
-            out = stage_output(name, load_config(config, set_ or []), num_processes, not quiet, plan_file)
+            cfg = load_config(config, set_ or [])
+            check_store_writable(cfg.store)  # a store that is a file or read-only fails now, not after the first stage
+            out = stage_output(name, cfg, num_processes, not quiet, plan_file)
             return None if out is None else str(out)
 
         guarded(body)

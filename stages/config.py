@@ -6,11 +6,13 @@ Relative paths inside a config file (``teacher.path``) are resolved against that
 
 from __future__ import annotations
 
+import os
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dmd_core.dmd import VP_GENERATOR_TIMESTEP, DMDSettings
 from dmd_core.errors import InputError
@@ -20,16 +22,62 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = PROJECT_ROOT / "data" / "digits.yaml"
 
 
+# Far above any real run, low enough that a typo (an extra 0 or two) fails here, not as a MemoryError mid-stage.
+MAX_COUNT = 10**9
+
+
+def _numbers_only(tp: Any) -> bool:
+    """Whether an annotation takes only numbers: int / float, optionally None, or a tuple / list of them."""
+    if tp in (int, float):
+        return True
+    origin, args = get_origin(tp), [a for a in get_args(tp) if a is not type(None) and a is not Ellipsis]
+    if origin is Annotated:
+        return _numbers_only(args[0])
+    if origin in (Union, types.UnionType, tuple, list):
+        return bool(args) and all(_numbers_only(a) for a in args)
+    return False
+
+
+def _has_bool(v: Any) -> bool:
+    return isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v))
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` / `.nan` (YAML) or `inf` (--set) would pass every ge/gt bound and fail mid-run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: `--set generate.num_samples=true` would make one sample.
+        if _has_bool(v) and _numbers_only(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expects a number, not true/false")
+        return v
+
+
+def _path_not_empty(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty (an empty path is the current directory)")
+    return v
+
+
+def _optional_path_not_empty(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must not be empty (an empty path is the current directory; null leaves it unset)")
+    return v
+
+
+PathStr = Annotated[str, AfterValidator(_path_not_empty)]
+OptionalPathStr = Annotated[str, AfterValidator(_optional_path_not_empty)]
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class TeacherConfig(Section):
-    path: str = Field("teacher", description="denoiser directory (save_pretrained + denoiser.json) or cached HF repo id")
+    path: PathStr = Field("teacher", description="denoiser directory (save_pretrained + denoiser.json) or cached HF repo id")
 
 
 class GenerateConfig(Section):
-    num_samples: int = Field(2048, gt=0, description="number of (noise, image) pairs")
+    num_samples: int = Field(2048, gt=0, le=MAX_COUNT, description="number of (noise, image) pairs")
     steps: int = Field(18, gt=0, description="solver steps (Heun: 18 = 35 network evaluations; PNDM: 50)")
     solver: Literal["heun", "pndm"] = Field("heun", description="heun for EDM teachers, pndm for VP teachers")
     shard_size: int = Field(256, gt=0, description="samples per WebDataset shard")
@@ -37,7 +85,7 @@ class GenerateConfig(Section):
     seed: int = Field(0, ge=0, description="noise of sample i is seeded by (seed, i)")
     dtype: Literal["float16", "float32"] = Field("float32", description="storage dtype of noise.npy and image.npy")
     guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance of the teacher (1 = none)")
-    prompts: str | None = Field(None, description="text-to-image teachers: a .parquet or text file of prompts; pair i uses prompt i mod N")
+    prompts: OptionalPathStr | None = Field(None, description="text-to-image teachers: a .parquet or text file of prompts; pair i uses prompt i mod N")
     prompt_column: str = Field("prompt", description="the prompt column of a Parquet prompt file")
     num_threads: int | None = Field(
         None, gt=0, description="torch threads per process (default: cores / processes); not part of the cache key"
@@ -46,12 +94,12 @@ class GenerateConfig(Section):
 
 class OptimizerConfig(Section):
     lr: float = Field(5e-5, gt=0, description="AdamW learning rate")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1)")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
 
 
 class DistillConfig(Section):
-    steps: int = Field(1000, gt=0, description="generator updates")
+    steps: int = Field(1000, gt=0, le=MAX_COUNT, description="generator updates")
     batch_size: int = Field(64, gt=0, description="samples per process per step, for both loss terms")
     regression_loss: Literal["lpips", "pseudo_huber", "l2"] = Field("lpips", description="l in loss_reg = l(G(z_ref), y_ref)")
     regression_weight: float = Field(DMDSettings.regression_weight, ge=0, description="lambda_reg")
@@ -65,7 +113,7 @@ class DistillConfig(Section):
     gan: bool = Field(False, description="DMD2's GAN term: a classifier head on the fake score's bottleneck, real vs generated")
     gan_weight_generator: float = Field(GAN_WEIGHT_GENERATOR, ge=0, description="w_G of softplus(-D(G(z))) in the generator loss (DMD2: 3e-3)")
     gan_weight_discriminator: float = Field(GAN_WEIGHT_DISCRIMINATOR, ge=0, description="w_D of the head's loss in the fake-score loss (DMD2: 1e-2)")
-    real_data: str = Field(
+    real_data: PathStr = Field(
         "digits", description="real images for the GAN term: 'digits' (embedded, with classes) or a WebDataset (.tar or dir) of images with cls / prompt.txt"
     )
     real_samples: int = Field(50_000, gt=0, description="at most this many real images are read (into memory) from a WebDataset real_data")
@@ -100,8 +148,8 @@ class DistillConfig(Section):
     log_every: int = Field(10, gt=0, description="steps between metrics rows")
     shuffle_buffer: int = Field(1000, ge=1, description="WebDataset shuffle buffer (samples)")
     num_workers: int = Field(0, ge=0, description="data loader worker processes")
-    pairs: str | None = Field(None, description="a generate output dir; default: the one this config's generate section makes")
-    resume_from: str | None = Field(None, description="checkpoint dir to continue from (e.g. to train longer)")
+    pairs: OptionalPathStr | None = Field(None, description="a generate output dir; default: the one this config's generate section makes")
+    resume_from: OptionalPathStr | None = Field(None, description="checkpoint dir to continue from (e.g. to train longer)")
     eval_every: int | None = Field(
         None, gt=0, description="steps between quality probes (FD and class accuracy of a fixed sample, evaluate's features); keeps generator_best/"
     )
@@ -110,13 +158,13 @@ class DistillConfig(Section):
 
 
 class EvaluateConfig(Section):
-    num_samples: int = Field(50_000, gt=1, description="one-step samples (class-balanced labels)")
+    num_samples: int = Field(50_000, gt=1, le=MAX_COUNT, description="one-step samples (class-balanced labels)")
     batch_size: int = Field(500, gt=0, description="samples per generator / feature batch")
     seed: int = Field(1234, ge=0, description="noise of evaluation sample i is seeded by (seed, i)")
     features: Literal["inception", "digits"] = Field("inception", description="FID (Inception-v3) or FD-digits")
-    classifier: str | None = Field(None, description="digits classifier dir: FD-digits features and class accuracy")
-    inception_weights: str | None = Field(None, description="torch-fidelity Inception weights (default: torch hub cache)")
-    reference: str = Field("digits", description="'digits' (the real digits) or a .npz with mu and sigma")
+    classifier: OptionalPathStr | None = Field(None, description="digits classifier dir: FD-digits features and class accuracy")
+    inception_weights: OptionalPathStr | None = Field(None, description="torch-fidelity Inception weights (default: torch hub cache)")
+    reference: PathStr = Field("digits", description="'digits' (the real digits) or a .npz with mu and sigma")
     use_ema: bool = Field(True, description="evaluate generator_ema/ when the distill output has it")
     generator: Literal["final", "ema", "best"] | None = Field(
         None, description="which generator of the distill output: final, ema or best (distill.eval_every's best by FD); default: use_ema decides"
@@ -124,11 +172,11 @@ class EvaluateConfig(Section):
     teacher_steps: int | None = Field(None, gt=0, description="teacher solver steps (default: generate.steps)")
     speed_batch_size: int = Field(256, gt=0, description="batch for the images/s comparison")
     speed_repeats: int = Field(3, gt=0, description="timed repeats per sampler (after one warm-up)")
-    distill: str | None = Field(None, description="a distill output dir; default: the one this config makes")
-    prompts: str | None = Field(None, description="text-to-image teachers: held-out prompts (.parquet or text); sample i uses prompt i mod N")
+    distill: OptionalPathStr | None = Field(None, description="a distill output dir; default: the one this config makes")
+    prompts: OptionalPathStr | None = Field(None, description="text-to-image teachers: held-out prompts (.parquet or text); sample i uses prompt i mod N")
     prompt_column: str = Field("prompt", description="the prompt column of a Parquet prompt file")
     prompt_labels: str | None = Field(None, description="a Parquet column with each prompt's class (e.g. the digit it names), for the accuracy")
-    clip_model: str | None = Field(None, description="text-to-image: a local CLIP model directory (CLIPModel + CLIPProcessor) for the CLIP score; nothing is downloaded")
+    clip_model: OptionalPathStr | None = Field(None, description="text-to-image: a local CLIP model directory (CLIPModel + CLIPProcessor) for the CLIP score; nothing is downloaded")
     num_threads: int | None = Field(None, gt=0, description="torch threads per process; not part of the cache key")
 
     @model_validator(mode="after")
@@ -146,7 +194,7 @@ class ExportConfig(Section):
 
 
 class PipelineConfig(Section):
-    store: str = Field("runs/store", description="where stage outputs live")
+    store: PathStr = Field("runs/store", description="where stage outputs live")
     teacher: TeacherConfig = TeacherConfig()
     generate: GenerateConfig = GenerateConfig()
     distill: DistillConfig = DistillConfig()
@@ -158,8 +206,12 @@ def _format_validation(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        lines.append(f"{field}: {msg} (got {err.get('input')!r})" if err["type"] != "missing" else f"{field}: {msg}")
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        got = repr(err.get("input"))
+        if err["type"] == "missing" or (err["type"] == "value_error" and isinstance(err.get("input"), dict)):
+            lines.append(f"{field}: {msg}")  # a whole section's rule: its values would not fit on the one line
+        else:
+            lines.append(f"{field}: {msg} (got {got if len(got) <= 80 else got[:77] + '...'})")
     return "; ".join(lines)
 
 
@@ -171,28 +223,80 @@ RELATIVE_PATHS = [
 YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping.
+
+    PyYAML has no option for it: SafeLoader silently keeps the last value, so a second ``generate:``
+    section would quietly replace the first.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; later keys may override it
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # unhashable key: SafeLoader's own error follows
+                    continue
+                if first is not key_node.start_mark:
+                    raise _DuplicateKey("first given", first, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``section.key=value`` -> (["section", "key"], value parsed as YAML scalar)."""
     if "=" not in text:
-        raise InputError(f"--set {text!r}: expected section.key=value, e.g. --set generate.num_samples=512")
+        raise InputError(f"--set {text!r}: expected section.key=value. Fix: e.g. --set generate.num_samples=512")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise InputError(f"--set {text!r}: empty key part; expected section.key=value")
+        raise InputError(f"--set {text!r}: empty key part. Fix: write section.key=value, e.g. --set generate.num_samples=512")
     if raw.strip().lower() in YAML11_BOOL_WORDS:  # `--set distill.mixed_precision=no` means the string "no"
         return parts, raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
+    except _DuplicateKey as e:
+        raise InputError(f"--set {text!r}: {e.problem} in the value. Fix: give each key once") from None
     except yaml.YAMLError:
         value = raw
     return parts, value
+
+
+def _where(second, first) -> str:
+    """``line 6 (first given at line 4)``; with columns when both are on one line (a flow mapping)."""
+    if second.line == first.line:
+        return f"line {second.line + 1}, column {second.column + 1} (first given at column {first.column + 1})"
+    return f"line {second.line + 1} (first given at line {first.line + 1})"
 
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise InputError(f"config file not found: {path}. Fix: pass an existing YAML file to --config (or omit it for the embedded default).")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"config file {path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}). "
+            "Fix: save it as UTF-8 (or pass the YAML file, not a binary one, to --config)."
+        ) from None
+    except OSError as e:
+        raise InputError(f"config file {path} cannot be read ({e.strerror}). Fix: check its permissions.") from None
+    except _DuplicateKey as e:
+        raise InputError(
+            f"config file {path}: {e.problem} at {_where(e.problem_mark, e.context_mark)}; "
+            "YAML would silently keep only the last. Fix: keep one of them."
+        ) from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -200,7 +304,10 @@ def _read_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise InputError(f"config file {path} must be a mapping of sections (store, teacher, generate, ...), got {type(data).__name__}")
+        raise InputError(
+            f"config file {path} must be a mapping of sections (store, teacher, generate, ...), got {type(data).__name__}. "
+            "Fix: start from data/digits.yaml."
+        )
     return data
 
 
@@ -210,7 +317,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data = _read_yaml(path)
     for section, key in RELATIVE_PATHS:
         node = data.get(section)
-        if isinstance(node, dict) and isinstance(node.get(key), str):
+        if isinstance(node, dict) and isinstance(node.get(key), str) and node[key].strip():  # "" is refused below
             p = Path(node[key]).expanduser()
             if not p.is_absolute() and (path.parent / p).exists():
                 node[key] = str((path.parent / p).resolve())
@@ -220,7 +327,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise InputError(f"--set {text!r}: {part} is not a section")
+                raise InputError(f"--set {text!r}: {part} is not a section. Fix: set {part} itself, or a key of a section (README lists every key)")
         node[parts[-1]] = value
     try:
         return PipelineConfig.model_validate(data)
@@ -228,6 +335,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise InputError(
             f"invalid config ({path}): {_format_validation(e)}. "
             "Fix: correct it in the YAML or with --set section.key=value (README lists every key)."
+        ) from None
+
+
+def check_store_writable(path: str | Path) -> None:
+    """Refuse a store that is a file or cannot be written, before any stage runs; never creates the store.
+
+    Writability is probed by creating and removing a hidden file: permission bits say nothing for root,
+    nor for read-only mounts.
+    """
+    store = Path(path).expanduser()
+    if store.exists() and not store.is_dir():
+        raise InputError(f"store {store} is a file, not a directory. Fix: point store at a directory (--set store=DIR) or move the file away.")
+    parent = store
+    while not parent.exists() and parent != parent.parent:  # a new store is made inside its nearest existing parent
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"store {store} cannot be created: {parent} is a file. Fix: point store at a directory (--set store=DIR).")
+    probe = parent / f".write-test-{os.getpid()}"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        what = "store" if parent == store else f"store {store}: its parent"
+        raise InputError(
+            f"{what} {parent} is not writable ({e.strerror}). Fix: make it writable or point store at a writable directory (--set store=DIR)."
         ) from None
 
 

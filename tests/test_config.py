@@ -79,3 +79,37 @@ def test_embedded_text_to_image_config_and_teacher():
     quality = json.loads((DEFAULT_CONFIG.parent / "teacher-t2i-quality.json").read_text())
     assert cfg.generate.guidance_scale == cfg.distill.guidance_scale == quality["guidance_scale"] == 1.25
     assert quality["prompt_accuracy"] >= 0.9
+
+
+def test_new_rules_keep_valid_values():
+    """The bool / non-finite / betas / size / empty-path rules refuse only what they name."""
+    cfg = load_config(None, [
+        "generate.num_samples=1000000000", "distill.steps=1000000000", "distill.generator_optimizer.betas=[0, 0.999]",
+        "distill.gan=true", "evaluate.use_ema=false", "distill.max_grad_norm=null", "distill.pairs=null", "generate.guidance_scale=2",
+    ])  # fmt: skip
+    assert cfg.generate.num_samples == 10**9 and cfg.distill.generator_optimizer.betas == (0.0, 0.999)
+    assert cfg.distill.gan is True and cfg.evaluate.use_ema is False and cfg.distill.max_grad_norm is None
+    assert isinstance(cfg.generate.guidance_scale, float)
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    """`<<: *anchor` then an overriding key is YAML's own way to share settings, not a duplicate."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "distill:\n  generator_optimizer: &opt {lr: 1.0e-4, weight_decay: 0.01}\n"
+        "  fake_optimizer:\n    <<: *opt\n    lr: 2.0e-4\n"
+    )
+    cfg = load_config(path)
+    assert cfg.distill.fake_optimizer.lr == 2e-4 and cfg.distill.fake_optimizer.weight_decay == 0.01
+    path.write_text("generate:\n  seed: 1\n  seed: 2\n")
+    with pytest.raises(InputError, match="duplicate key 'seed' at line 3"):
+        load_config(path)
+
+
+def test_check_store_writable_never_creates_the_store(tmp_path):
+    from stages.config import check_store_writable
+
+    store = tmp_path / "a" / "b" / "store"
+    check_store_writable(store)
+    check_store_writable(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # no store, no parents, no probe file left
