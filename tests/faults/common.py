@@ -23,43 +23,53 @@ from conftest import ROOT, TINY_DISTILL, make_edm_teacher
 STAGE_ORDER = ["generate", "distill", "evaluate", "export"]
 
 
-def dmd_forked(args: list[str], log: Path, fault: str | None = None, env: dict | None = None) -> int:
-    """Run ``dmd <args>`` in a forked child; its exit status, or -signal when a signal ended it."""
+def start_forked(args: list[str], log: Path, fault: str | None = None, env: dict | None = None) -> int:
+    """Start ``dmd <args>`` in a forked child writing to ``log``; returns its pid."""
     log.parent.mkdir(parents=True, exist_ok=True)
     pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 70
+    if pid:
+        return pid
+    code = 70  # the child: never returns into pytest
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1), os.dup2(fd, 2)
+        sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+        import logging
+
+        for h in logging.getLogger("dmd").handlers:
+            if isinstance(h, logging.StreamHandler):
+                h.setStream(sys.stderr)
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ.pop("DMD_FAULT", None)
+        os.environ.update({**(env or {}), **({"DMD_FAULT": fault} if fault else {})})
+        from flows.cli import app
+
         try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(fd, 1), os.dup2(fd, 2)
-            sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
-            import logging
+            app(args, prog_name="dmd")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        import traceback
 
-            for h in logging.getLogger("dmd").handlers:
-                if isinstance(h, logging.StreamHandler):
-                    h.setStream(sys.stderr)
-            import torch
+        traceback.print_exc()
+        code = 71
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
 
-            torch.set_num_threads(1)
-            os.environ.pop("DMD_FAULT", None)
-            os.environ.update({**(env or {}), **({"DMD_FAULT": fault} if fault else {})})
-            from flows.cli import app
 
-            try:
-                app(args, prog_name="dmd")
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-            code = 71
-        finally:
-            sys.stdout.flush()
-            os._exit(code)
+def wait_forked(pid: int) -> int:
+    """A child's exit status, or -signal when a signal ended it."""
     _, status = os.waitpid(pid, 0)
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def dmd_forked(args: list[str], log: Path, fault: str | None = None, env: dict | None = None) -> int:
+    """Run ``dmd <args>`` in a forked child; its exit status, or -signal when a signal ended it."""
+    return wait_forked(start_forked(args, log, fault, env))
 
 
 def write_pipeline_config(path: Path, teacher: Path, store: Path) -> Path:
