@@ -10,6 +10,8 @@ Classifier-free guidance is applied on the x0 prediction: mu_uncond + g * (mu_co
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,24 +73,33 @@ class Parametrization:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Parametrization":
+        """Validate a parsed ``denoiser.json`` (types and ranges; ValueError naming the field and the fix)."""
+        if not isinstance(d, dict):
+            raise ValueError(f'must be a JSON object, got {type(d).__name__}. Fix: write it as e.g. {{"kind": "edm", "num_classes": 10, "null_class": 10}}')
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown keys {sorted(unknown)}; expected a subset of {sorted(known)}")
+            raise ValueError(f"unknown keys {sorted(unknown)}; expected a subset of {sorted(known)}. Fix: remove or correct them")
         d = dict(d)
+        if d.get("kind") not in ("edm", "vp"):
+            raise ValueError(f'kind must be \'edm\' or \'vp\', got {d.get("kind")!r}. Fix: set "kind" to "edm" (VE, sigma levels) or "vp" (DDPM timesteps)')
+        if d.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type must be one of {', '.join(PREDICTION_TYPES)} (diffusers' names), got {d['prediction_type']!r}. "
+                "Fix: use the one the model was trained with (the scheduler config's)"
+            )
+        _validate_fields(d)
         if d.get("image_shape") is not None:
             d["image_shape"] = tuple(d["image_shape"])
         if "data_range" in d:
             d["data_range"] = tuple(d["data_range"])
-        if d.get("kind") not in ("edm", "vp"):
-            raise ValueError(f"kind must be 'edm' or 'vp', got {d.get('kind')!r}")
-        if d.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)} (diffusers' names), got {d['prediction_type']!r}")
         t = d.get("one_step_timestep")
         if t is not None and (d["kind"] != "vp" or not isinstance(t, int) or not 0 < t < 1000):
             raise ValueError(f"one_step_timestep must be an integer in [1, 999] of a VP model, got {t!r} (kind {d['kind']!r})")
         ts = d.get("generator_timesteps")
         if ts is not None:
+            if not isinstance(ts, (list, tuple)):
+                raise ValueError(f"generator_timesteps must be a list of integers, got {ts!r}")
             d["generator_timesteps"] = ts = tuple(ts)
             first = 999 if d["kind"] == "edm" else t
             if not ts or any(not isinstance(v, int) or not 0 < v < 1000 for v in ts) or list(ts) != sorted(set(ts), reverse=True) or ts[0] != first:
@@ -97,6 +108,47 @@ class Parametrization:
                     f"({'sigma_max' if d['kind'] == 'edm' else 'one_step_timestep'}), got {list(ts)}"
                 )
         return cls(**d)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a count
+
+
+def _is_number(v) -> bool:
+    # json.loads accepts NaN and Infinity: a finite value is what the preconditioning needs
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _bad(key: str, want: str, got, fix: str | None = None) -> ValueError:
+    default = Parametrization.__dataclass_fields__[key].default
+    fix = fix or f'set "{key}" to {want}' + (f", or remove it for the default {json.dumps(default)}" if default is not None else "")
+    return ValueError(f"{key} must be {want}, got {json.dumps(got, default=repr)}. Fix: {fix}")
+
+
+def _validate_fields(d: dict) -> None:
+    """Types and ranges of the fields a hand-written denoiser.json may get wrong (the rest: from_dict)."""
+    for key in ("sigma_min", "sigma_max", "sigma_data"):
+        if key in d and not (_is_number(d[key]) and d[key] > 0):
+            raise _bad(key, "a finite number > 0", d[key])
+    lo, hi = d.get("sigma_min", 0.002), d.get("sigma_max", 80.0)
+    if not lo < hi:
+        raise ValueError(f"sigma_max ({hi}) must be greater than sigma_min ({lo}). Fix: set them to the model's noise range, e.g. 0.002 and 80 (EDM)")
+    num_classes = d.get("num_classes", 0)
+    if not (_is_int(num_classes) and num_classes >= 0):
+        raise _bad("num_classes", "an integer >= 0", num_classes, 'set "num_classes" to the number of classes the model was trained on (0: unconditional)')
+    null = d.get("null_class")
+    if null is not None and not (_is_int(null) and 0 <= null <= num_classes):
+        raise _bad("null_class", f"null or an integer in [0, num_classes={num_classes}]", null,
+                   f'set "null_class" to the label of the "no class" embedding (usually num_classes, {num_classes}), or null')  # fmt: skip
+    shape = d.get("image_shape")
+    if shape is not None and not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(_is_int(v) and v > 0 for v in shape)):
+        fix = 'set "image_shape" to the model space, e.g. [1, 8, 8], or null to read it from config.json'
+        raise _bad("image_shape", "[C, H, W]: 3 positive integers", shape, fix)
+    rng = d.get("data_range", (-1.0, 1.0))
+    if not (isinstance(rng, (list, tuple)) and len(rng) == 2 and all(_is_number(v) for v in rng) and rng[0] < rng[1]):
+        raise _bad("data_range", "[low, high] with low < high", rng)
+    if not isinstance(d.get("text_conditioned", False), bool):
+        raise _bad("text_conditioned", "true or false", d["text_conditioned"])
 
 
 class Denoiser(nn.Module):

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from .errors import InputError
+
 SHARD_PATTERN = "pairs-{:06d}.tar"
 KEY_DIGITS = 10
 
@@ -94,12 +96,32 @@ def load_npy(data: bytes) -> np.ndarray:
 
 
 def _decode_pair(sample: dict) -> tuple:
-    """Just the members a pair has; webdataset's generic ``decode()`` costs ~5x more per sample."""
-    noise, image = load_npy(sample["noise.npy"]), load_npy(sample["image.npy"])
-    return (noise, image, int(sample["cls.txt"])) if "cls.txt" in sample else (noise, image)
+    """Just the members a pair has; webdataset's generic ``decode()`` costs ~5x more per sample.
+
+    A malformed sample (a crafted or foreign shard) is an InputError naming the shard and the sample."""
+    try:
+        noise, image = load_npy(sample["noise.npy"]), load_npy(sample["image.npy"])
+        if noise.shape != image.shape or noise.dtype.kind != "f" or image.dtype.kind != "f":
+            raise ValueError(f"noise {noise.dtype}{list(noise.shape)} and image {image.dtype}{list(image.shape)} must be float arrays of one shape")
+        return (noise, image, int(sample["cls.txt"])) if "cls.txt" in sample else (noise, image)
+    except (KeyError, ValueError, IndexError, EOFError) as e:
+        what = f"no {e.args[0]} member" if isinstance(e, KeyError) else str(e) or type(e).__name__
+        raise InputError(
+            f"pair shard {sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r} is malformed ({what}). "
+            "Fix: regenerate the pairs (delete that generate output and rerun dmd generate)."
+        ) from None
+
+
+def check_pair_batch(batch: tuple, shape: tuple[int, ...], where: str) -> None:
+    """The pairs' samples must have the shape the teacher works in (a generate output of another teacher shape would not)."""
+    if tuple(batch[0].shape[1:]) != tuple(shape):
+        raise InputError(f"the pairs in {where} hold samples of shape {list(batch[0].shape[1:])}; the teacher works in {list(shape)}. "
+                         "Fix: regenerate the pairs with this teacher.")  # fmt: skip
 
 
 def _collate_pairs(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    if len({s[0].shape for s in samples}) > 1 or len({len(s) for s in samples}) > 1:
+        raise InputError("pair shards mix samples of different shapes, or with and without cls.txt. Fix: regenerate the pairs.")
     noise = torch.from_numpy(np.stack([s[0] for s in samples]).astype(np.float32))
     image = torch.from_numpy(np.stack([s[1] for s in samples]).astype(np.float32))
     labels = torch.tensor([s[2] for s in samples]) if len(samples[0]) > 2 else None
@@ -107,7 +129,32 @@ def _collate_pairs(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def tar_samples(src):
-    """Pipeline stage: shard dicts ({"url": ...}) -> samples {"__key__", member suffix: bytes}.
+    """Pipeline stage: shard dicts ({"url": ...}) -> samples {"__key__", "__url__", member suffix: bytes}.
+
+    An unreadable shard is an InputError naming it."""
+    import tarfile
+
+    for shard in src:
+        try:
+            members = _tar_members(shard["url"])
+        except (ValueError, UnicodeDecodeError, tarfile.TarError, OSError) as e:
+            raise InputError(f"pair shard {shard['url']} is not a readable tar ({type(e).__name__}: {e}). Fix: regenerate the pairs.") from None
+        if not members:
+            raise InputError(f"pair shard {shard['url']} is not a readable tar (it holds no samples). Fix: regenerate the pairs.")
+        sample: dict = {}
+        for name, data in members:
+            key, _, suffix = name.partition(".")
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample["__key__"], sample["__url__"] = key, shard["url"]
+            sample[suffix] = data
+        if sample:
+            yield sample
+
+
+def _tar_members(url: str) -> list[tuple[str, bytes]]:
+    """(name, bytes) of a shard's regular files, in order.
 
     A minimal reader for the plain ustar shards that ``write_shard`` makes, written here because
     Python's tarfile (which webdataset's ``tarfile_to_samples`` uses) was the largest per-sample cost
@@ -115,33 +162,22 @@ def tar_samples(src):
     """
     import tarfile
 
-    for shard in src:
-        with wds.gopen(shard["url"]) as f:
-            buf = f.read()
-        members, off, plain = [], 0, True
-        while off + 512 <= len(buf) and buf[off] != 0:
-            header = buf[off : off + 512]
-            if header[156:157] not in (b"0", b"\0"):
-                plain = False
-                break
-            name = header[:100].split(b"\0", 1)[0].decode()
-            prefix = header[345:500].split(b"\0", 1)[0].decode()
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            members.append((f"{prefix}/{name}" if prefix else name, buf[off + 512 : off + 512 + size]))
-            off += 512 + (size + 511) // 512 * 512
-        if not plain:
+    with wds.gopen(url) as f:
+        buf = f.read()
+    members, off = [], 0
+    while off + 512 <= len(buf) and buf[off] != 0:
+        header = buf[off : off + 512]
+        if header[156:157] not in (b"0", b"\0"):
             with tarfile.open(fileobj=io.BytesIO(buf)) as tar:
-                members = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
-        sample: dict = {}
-        for name, data in members:
-            key, suffix = name.split(".", 1)
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            sample["__key__"] = key
-            sample[suffix] = data
-        if sample:
-            yield sample
+                return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+        name = header[:100].split(b"\0", 1)[0].decode()
+        prefix = header[345:500].split(b"\0", 1)[0].decode()
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        if off + 512 + size > len(buf):
+            raise ValueError(f"member {name!r} runs past the end of the file")
+        members.append((f"{prefix}/{name}" if prefix else name, buf[off + 512 : off + 512 + size]))
+        off += 512 + (size + 511) // 512 * 512
+    return members
 
 
 def pair_stream(

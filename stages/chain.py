@@ -21,7 +21,7 @@ from dmd_core.loading import PARAM_FILE, WEIGHTS_FILE, latent_decoder, load_deno
 
 from .config import PipelineConfig, dump_config
 from .registry import STAGES, StageSpec, spec
-from .store import DIGESTS, StageOutput, dir_digest, reuse_or_build, verified_manifest, write_text_atomic
+from .store import DIGESTS, StageOutput, dir_digest, read_manifest, reuse_or_build, verified_manifest, write_text_atomic
 
 
 DENOISER_FILES = ("config.json", WEIGHTS_FILE, PARAM_FILE)  # what save_denoiser writes: every saved network has them
@@ -130,6 +130,9 @@ def given_output(s: StageSpec, path: str) -> StageOutput:
     d = Path(path)
     if not d.is_dir():
         raise InputError(f"{where}: no such directory {d}. Fix: run `dmd {up.name}` and pass the directory it prints.")
+    listed = read_manifest(d)
+    if listed is not None and listed.stage != up.name:
+        raise InputError(f"{where}: {d} is a {listed.stage} output, not a {up.name} output. Fix: point it at a `dmd {up.name}` output directory.")
     m = verified_manifest(d)
     if m is None:
         detail = getattr(up.module, "incomplete_detail", lambda _: "")(d)
@@ -137,8 +140,6 @@ def given_output(s: StageSpec, path: str) -> StageOutput:
             f"{where}: {d} is not a complete {up.name} output (no verified manifest.json{detail}). "
             f"Fix: rerun `dmd {up.name}` with its config to finish it."
         )
-    if m.stage != up.name:
-        raise InputError(f"{where}: {d} is a {m.stage} output, not a {up.name} output. Fix: point it at a `dmd {up.name}` output directory.")
     return StageOutput(d, m)
 
 

@@ -47,7 +47,7 @@ from dmd_core.loading import encode_latents, save_denoiser
 from dmd_core.losses import DecodedLoss, LPIPSLoss, l2_loss, pseudo_huber_loss
 from dmd_core.metrics import channel_stats
 from dmd_core.real_data import RealData, check_real_data, read_real_data
-from dmd_core.shards import pair_stream, sample_seed, shard_name
+from dmd_core.shards import check_pair_batch, pair_stream, sample_seed, shard_name
 from dmd_core.text import read_prompts
 
 from . import chain
@@ -417,6 +417,7 @@ class Trainer:
             labels = random_labels(rng, self.label_range)
             if batches is not None or self.urls:
                 z_ref, y_ref, labels_ref = batches[m] if batches is not None else next(self.data)
+                check_pair_batch((z_ref, y_ref), self.shape, self.p.inputs.get("pairs", "the pairs"))
                 z_ref, y_ref = z_ref.to(dev), y_ref.to(dev)
                 labels_ref = None if labels_ref is None else labels_ref.to(dev)
             else:

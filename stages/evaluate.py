@@ -81,7 +81,8 @@ def teacher_steps(cfg: PipelineConfig) -> int:
 def features_digest(e: EvaluateConfig, store: str) -> str:
     if e.features == "digits":
         if not e.classifier or not Path(e.classifier, "model.safetensors").is_file():
-            raise InputError(f"evaluate.features=digits needs evaluate.classifier (a `dmd toy classifier` dir); got {e.classifier!r}")
+            raise InputError(f"evaluate.features=digits needs evaluate.classifier, a `dmd toy classifier` directory; got {e.classifier!r}. "
+                             "Fix: point evaluate.classifier at one (the embedded one is data/classifier).")
         return "digits:" + dir_digest(e.classifier, store)
     return "inception:" + file_digest(inception_weights_path(e.inception_weights), store)
 

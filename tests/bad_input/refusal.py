@@ -18,13 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def final_names(store: Path) -> set[str]:
-    """Every path below ``store`` without a hidden component: what a reader may take as finished."""
+    """Every path below ``store`` without a hidden component, except the bare stage directories that
+    hold outputs (``<store>/distill/`` may appear for a hidden partial build): what a reader may take as finished."""
     if not store.is_dir():
         return set()
     out = set()
     for p in store.rglob("*"):
         rel = p.relative_to(store)
-        if not any(part.startswith(".") for part in rel.parts):
+        if not any(part.startswith(".") for part in rel.parts) and (len(rel.parts) > 1 or p.is_file()):
             out.add(str(rel))
     return out
 
