@@ -27,7 +27,7 @@ demo: install
 # `make test` stays within 15 minutes on 2 cores; tests marked slow (minutes each, covered in part by
 # faster ones) run with `make test-slow`, everything with `make test-all`.
 test: install-dev
-	$(BIN)/python -m pytest -q -m "not slow and not faults_full"
+	$(BIN)/python -m pytest -q -m "not slow and not faults_full" --durations=25
 
 # The reliability suites in full: kill -9 at every fault point of every stage, every corruption, every bad input.
 faults: install-dev

@@ -95,12 +95,12 @@ def test_kill_and_resume_is_exact(setup):
 
     store = tmp / "killed"
     args = ["--config", str(cfg), "-q", "--set", f"store={store}", "--set", f"distill.pairs={_pairs(cfg)}", *[a for s in sets for a in ("--set", s)]]
-    kill_when(["distill", *args], store, "distill/*/checkpoints/step-0000010/trainer.json")
-    out = next(store.glob("distill/*"))
-    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    kill_when(["distill", *args], store, "distill/.*.partial/checkpoints/step-0000010/trainer.json")
+    assert not [d for d in (store / "distill").iterdir() if not d.name.startswith(".")], "the run finished before it could be killed"
     resumed = run_cli("distill", *args)
     assert "resuming from" in resumed.stderr
-    assert Path(resumed.stdout.strip().splitlines()[-1]) == out
+    out = Path(resumed.stdout.strip().splitlines()[-1])
+    assert out == store / "distill" / ref.key
     assert max_diff(weights(out / "generator"), weights(ref_dir / "generator")) <= 1e-6
     assert max_diff(weights(out / "fake_score"), weights(ref_dir / "fake_score")) <= 1e-6
     assert [r["step"] for r in pq.read_table(out / "metrics.parquet").to_pylist()] == list(range(1, 41))
@@ -134,7 +134,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(setup, monkeypatch):
     with pytest.raises(distill.TrainingDiverged) as e:
         distill.run(c, progress=False)
     assert "step 3" in str(e.value) and "loss_reg" in str(e.value)
-    out = next((tmp / "nan" / "distill").iterdir())
+    assert not [d for d in (tmp / "nan" / "distill").iterdir() if not d.name.startswith(".")]  # nothing under a final name
+    out = next((tmp / "nan" / "distill").glob(".*.partial"))
     assert (out / "checkpoints" / "step-0000002" / "trainer.json").is_file()
     assert not (out / "manifest.json").exists()
 

@@ -116,7 +116,8 @@ def test_onnx_parity_failure_is_refused(exported, tmp_path):
                           f"evaluate.distill={evaluation_info(m)['distill_dir']}"])  # fmt: skip
     with pytest.raises(InputError, match="ONNX parity failed"):
         export.run(c, progress=False)
-    bad = next((tmp_path / "store" / "export").iterdir())
+    assert not [d for d in (tmp_path / "store" / "export").iterdir() if not d.name.startswith(".")]  # nothing under a final name
+    bad = next((tmp_path / "store" / "export").glob(".*.partial"))
     assert not (bad / "generator.onnx").exists() and not (bad / "manifest.json").exists()
 
 

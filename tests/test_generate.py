@@ -144,16 +144,16 @@ def test_kill_and_resume_equals_uninterrupted(base, tmp_path):
     cfg, out = base
     store = tmp_path / "store"
     sets = ["--set", f"store={store}", "--set", "generate.num_samples=160", "--set", "generate.steps=8"]
-    kill_when(["generate", "--config", str(cfg), "-q", *sets], store, "generate/*/pairs-000001.tar")
-    out_dir = next(store.glob("generate/*"))
-    assert not (out_dir / "manifest.json").exists()
-    kept = {p.name: p.stat().st_mtime_ns for p in out_dir.glob("pairs-*.tar")}
+    kill_when(["generate", "--config", str(cfg), "-q", *sets], store, "generate/.*.partial/pairs-000001.tar")
+    partial = next(store.glob("generate/.*.partial"))
+    assert not (partial / "manifest.json").exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in partial.glob("pairs-*.tar")}
     assert 0 < len(kept) < 10
 
     resumed = Path(run_cli("generate", "--config", str(cfg), "-q", *sets).stdout.strip().splitlines()[-1])
-    assert resumed == out_dir
-    assert {n: (out_dir / n).stat().st_mtime_ns for n in kept} == kept  # finished shards were kept, not rewritten
-    assert not list(out_dir.glob(".*tmp*"))
+    assert resumed.name == partial.name[1 : -len(".partial")] and not partial.exists()
+    assert {n: (resumed / n).stat().st_mtime_ns for n in kept} == kept  # finished shards were kept (renamed with their directory), not rewritten
+    assert not list(resumed.glob(".*tmp*"))
     fresh = tmp_path / "fresh"
     uninterrupted = gen(cfg, *[s for s in sets[1::2] if not s.startswith("store=")], f"store={fresh}")
     assert shard_bytes(resumed) == shard_bytes(uninterrupted)

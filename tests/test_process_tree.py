@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from conftest import ROOT, still_alive, wait_for_processes, write_config
+from conftest import ROOT, add_tiny_evaluate, still_alive, wait_for_processes, write_config
 
 # A generate run long enough to be stopped half-way (the tiny teacher: 100,000 samples take minutes).
 LONG = dict(num_samples=100_000, steps=40, shard_size=4096, batch_size=64)
@@ -45,7 +45,7 @@ def test_ctrl_c_on_dmd_run_stops_stage_and_local_server_in_seconds(tmp_path, edm
 
     import psutil
 
-    cfg = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={}, **LONG)
+    cfg = add_tiny_evaluate(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={}, **LONG))  # every stage's settings are checked first
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the flow's own local server
     reset_sigint = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
     dmd = subprocess.Popen(
