@@ -33,12 +33,7 @@ def start_forked(args: list[str], log: Path, fault: str | None = None, env: dict
     try:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1), os.dup2(fd, 2)
-        sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
-        import logging
-
-        for h in logging.getLogger("dmd").handlers:
-            if isinstance(h, logging.StreamHandler):
-                h.setStream(sys.stderr)
+        sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # (dmd's log handler follows sys.stderr)
         import torch
 
         torch.set_num_threads(1)
