@@ -87,6 +87,7 @@ def test_two_processes_take_the_same_first_step(setup):
     assert la["grad_norm_fake"] == pytest.approx(lb["grad_norm_fake"], rel=1e-5)
 
 
+@pytest.mark.slow  # make test kills distill mid-step and mid-checkpoint in tests/faults/test_kill.py (byte-identical resume)
 def test_kill_and_resume_is_exact(setup):
     tmp, cfg = setup
     sets = ["distill.steps=40", "distill.checkpoint_every=10"]

@@ -124,6 +124,7 @@ def test_float16_storage(base):
     assert s["noise.npy"].dtype == np.float16 and s["image.npy"].dtype == np.float16
 
 
+@pytest.mark.slow  # make test rebuilds a flipped, unlisted shard in tests/faults/test_corruption.py
 def test_corrupted_shard_is_detected_and_rewritten(base, tmp_path):
     cfg, out = base
     store = tmp_path / "store"
