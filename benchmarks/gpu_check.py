@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_check.py --out results.json [--steps 300] [--batch 256]
     python benchmarks/gpu_check.py --out results.json --only t2i     # data/digits-t2i.yaml, all stages
+    python benchmarks/gpu_check.py --out results.json --model cifar  # CIFAR-size teacher: precisions, compile, FLOP/s (gpu_cifar.py)
 
 Uses the embedded digits default (or the text-to-image one) with a temporary store. Prints and writes
 one JSON object.
@@ -56,9 +57,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--only", choices=["digits", "t2i"], default="digits")
+    ap.add_argument("--model", choices=["digits", "cifar"], default="digits", help="cifar: the CIFAR-size speed check (benchmarks/gpu_cifar.py)")
     args = ap.parse_args()
     store = tempfile.mkdtemp(prefix="dmd-gpu-")
     res: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+    if args.model == "cifar":
+        from gpu_cifar import cifar_check
+
+        cifar_check(res)
+        print(json.dumps(res, indent=2), flush=True)
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        return
     if args.only == "t2i":
         res["digits_t2i"] = {}
         t2i_check(store, res["digits_t2i"])

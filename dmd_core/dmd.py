@@ -13,11 +13,13 @@ one back forces a device sync on every micro-step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from . import philox
 from .denoisers import Denoiser, Parametrization, karras_sigmas
 from .losses import distribution_matching_loss, edm_weight, eps_mse_loss
 from .shards import sample_seed
@@ -27,18 +29,29 @@ NUM_LEVELS = 1000  # T: VP's training timesteps; for EDM the size of the Karras 
 
 
 class SampleRNG:
-    """Per-sample generators seeded by (seed, stream, step, global sample index) (docs/math.md §9)."""
+    """Per-sample draws keyed by (seed, stream, step) and counted by global sample index (docs/math.md §9):
+    Philox on the batch's device, one call per draw for the whole batch."""
 
     def __init__(self, seed: int, stream: int, step: int, indices: range | list[int], device: torch.device | str = "cpu"):
-        self.gens = [torch.Generator().manual_seed(sample_seed(seed, stream, step, i)) for i in indices]
+        self.key = sample_seed(seed, stream, step)
+        if isinstance(indices, range) and indices.step == 1:
+            self.indices = torch.arange(indices.start, indices.stop, dtype=torch.int64, device=device)
+        else:
+            self.indices = torch.tensor(list(indices), dtype=torch.int64, device=device)
         self.device = device
+        self.draws = 0  # each draw of this object gets its own counter word
+
+    def _next(self) -> int:
+        self.draws += 1
+        return self.draws - 1
 
     def randn(self, shape: tuple[int, ...]) -> Tensor:
-        return torch.stack([torch.randn(shape, generator=g) for g in self.gens]).to(self.device)
+        n = math.prod(shape)
+        return philox.normal(self.key, self.indices, self._next(), n).reshape(len(self.indices), *shape)
 
     def randint(self, low: int, high: int) -> Tensor:
         """Integers uniform in [low, high), one per sample."""
-        return torch.cat([torch.randint(low, high, (1,), generator=g) for g in self.gens]).to(self.device)
+        return philox.integers(self.key, self.indices, self._next(), low, high)
 
 
 def noise_levels(param: Parametrization, t: Tensor, alphas_cumprod: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:

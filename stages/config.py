@@ -85,6 +85,9 @@ class GenerateConfig(Section):
     seed: int = Field(0, ge=0, description="noise of sample i is seeded by (seed, i)")
     dtype: Literal["float16", "float32"] = Field("float32", description="storage dtype of noise.npy and image.npy")
     guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance of the teacher (1 = none)")
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
+        "fp32", description="compute precision of the teacher's network calls (fp32: TF32 off; fp16 needs a GPU); the ODE state stays float64"
+    )
     prompts: OptionalPathStr | None = Field(None, description="text-to-image teachers: a .parquet or text file of prompts; pair i uses prompt i mod N")
     prompt_column: str = Field("prompt", description="the prompt column of a Parquet prompt file")
     num_threads: int | None = Field(
@@ -129,6 +132,7 @@ class DistillConfig(Section):
         return "no" if v is False else v  # YAML 1.1 reads an unquoted `no` as false
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: generator, fake score and (LPIPS on decoded images) the VAE decoder")
+    compile: bool = Field(False, description="torch.compile the generator's and the fake score's UNets (a GPU speed-up; minutes of compiling first)")
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the frozen networks' weights: real score and (latent teachers) VAE; float16 needs a GPU"
     )
@@ -170,6 +174,9 @@ class EvaluateConfig(Section):
         None, description="which generator of the distill output: final, ema or best (distill.eval_every's best by FD); default: use_ema decides"
     )
     teacher_steps: int | None = Field(None, gt=0, description="teacher solver steps (default: generate.steps)")
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
+        "fp32", description="compute precision of the student's and the teacher's network calls (features stay fp32; fp16 needs a GPU)"
+    )
     speed_batch_size: int = Field(256, gt=0, description="batch for the images/s comparison")
     speed_repeats: int = Field(3, gt=0, description="timed repeats per sampler (after one warm-up)")
     distill: OptionalPathStr | None = Field(None, description="a distill output dir; default: the one this config makes")

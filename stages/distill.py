@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -63,7 +64,7 @@ STAGE = "distill"
 SPEC = spec(STAGE)
 # Settings a run may change when it continues from another run's checkpoint (resume_from).
 # (The settings keyed only when set, through the upstream entries, change the training: they must match.)
-KEYED_WHEN_SET = {"gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "real_samples", "dm_weight", "eval_samples", "generator_timesteps"}
+KEYED_WHEN_SET = {"gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "real_samples", "dm_weight", "eval_samples", "generator_timesteps", "compile"}
 MAY_DIFFER_ON_RESUME = (SPEC.not_in_key - KEYED_WHEN_SET) | {"steps", "checkpoint_every", "num_workers", "resume_from", "pairs"}
 # SampleRNG streams: independent draws for each purpose.
 STREAM_GENERATOR, STREAM_SAMPLES, STREAM_DATA, STREAM_GAN, STREAM_FAKE = 0, 1, 2, 3, 10
@@ -108,6 +109,8 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
         from .generate import check_prompts
 
         check_prompts(teacher, cfg.generate.prompts, "generate")
+    if d.compile and d.gan:
+        raise InputError("distill.compile does not cover distill.gan yet (the GAN head reads the fake score's bottleneck through a hook). Fix: drop one of them.")
     if d.resume_from:
         ckpt = Path(d.resume_from)
         if not (ckpt / "trainer.json").is_file():
@@ -189,6 +192,8 @@ def _optional_upstream(cfg: PipelineConfig) -> dict[str, str]:
         up["dm_weight"] = str(d.dm_weight)
     if d.generator_timesteps is not None:
         up["generator_timesteps"] = ",".join(map(str, d.generator_timesteps))
+    if d.compile:  # compiled kernels round differently (tests/test_compile.py measures by how much)
+        up["compile"] = "inductor"
     return up
 
 
@@ -262,6 +267,9 @@ class Trainer:
         if d.gradient_checkpointing:
             for net in (gen, fake):
                 net.unet.enable_gradient_checkpointing()
+        if d.compile:  # in place (nn.Module.compile): state_dict keys, checkpoints and saved networks stay as they are
+            for net in (gen, fake):
+                net.unet.compile()
         gen.param = generator_parametrization(d, self.real.param)
         self.one_step = OneStep.of(gen)
         self.steps = MultiStep.of(gen)  # k-step generators (DMD2): trained on backward-simulated inputs
@@ -673,11 +681,14 @@ def train(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | Non
     bar = progress_bar(STAGE, d.steps, progress and acc.is_main_process, initial=start, unit="step")
     samples_per_step = d.batch_size * d.gradient_accumulation_steps * acc.num_processes
     last_t, last_step = timer.seconds, start
+    compile_cost = CompileCost(start, d.steps) if d.compile else None
     for step in range(start, d.steps):
         if step == start or step % d.checkpoint_every == 0:
             tr.restart_data(step)
         logs = tr.step(step)
         fault_point("distill.step")
+        if compile_cost is not None:
+            compile_cost.record()
         done = step + 1
         probe_now = bool(d.eval_every) and (done % d.eval_every == 0 or done == d.steps)
         if done % d.log_every == 0 or done == d.steps or probe_now:
@@ -697,6 +708,29 @@ def train(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | Non
     if not acc.is_main_process:
         return None
     return finalize(cfg, p, tr, rows, timer.seconds)
+
+
+class CompileCost:
+    """Measures what distill.compile cost this run: the first step (which compiles) against the next ones.
+
+    Warns when compiling takes more than ``SHARE`` of the run it is meant to speed up."""
+
+    SHARE, SAMPLE = 0.2, 5
+
+    def __init__(self, start: int, steps: int):
+        self.start, self.steps, self.times = start, steps, [time.perf_counter()]
+
+    def record(self) -> None:
+        self.times.append(time.perf_counter())
+        if len(self.times) != self.SAMPLE + 2:
+            return
+        first = self.times[1] - self.times[0]
+        steady = (self.times[-1] - self.times[1]) / self.SAMPLE
+        overhead, rest = first - steady, steady * (self.steps - self.start)
+        log.info("distill: compiling took about %.1f s (steady step %.3f s)", overhead, steady)
+        if overhead > self.SHARE * (overhead + rest):
+            log.warning("distill: compiling took %.0f%% of this run (%.1f s of %.1f s): for runs this short set distill.compile=false",
+                        100 * overhead / (overhead + rest), overhead, overhead + rest)  # fmt: skip
 
 
 def finalize(cfg: PipelineConfig, p: Plan, tr: Trainer, rows: list[dict], wall: float) -> Manifest:

@@ -27,6 +27,7 @@ from dmd_core.digits import DigitsClassifier, load_digits_data
 from dmd_core.dmd import MultiStep, step_noise
 from dmd_core.errors import InputError
 from dmd_core.faults import fault_point
+from dmd_core.precision import at_precision
 from dmd_core.images import caption_columns, grid_image
 from dmd_core.loading import load_denoiser, load_prompt_encoder
 from dmd_core.metrics import (
@@ -50,7 +51,7 @@ from dmd_core.text import read_prompt_labels, read_prompts
 from . import chain
 from .chain import Plan, Teacher
 from .config import EvaluateConfig, PipelineConfig
-from .generate import check_prompts, model_shape
+from .generate import check_precision, check_prompts, model_shape
 from .launch import launch_plan
 from .progress import Bar, progress_bar
 from .registry import spec
@@ -117,6 +118,7 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
     """Everything about the evaluate settings that can fail, checked before any stage computes."""
     e = cfg.evaluate
     check_solver(cfg.generate.solver, teacher.param.kind)
+    check_precision(STAGE, e.precision)
     check_prompts(teacher, e.prompts, STAGE)
     if e.prompts:
         read_prompts(e.prompts, e.prompt_column)  # a bad file fails here
@@ -142,11 +144,11 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
 def plan(cfg: PipelineConfig, teacher: Teacher, distilled: StageOutput) -> Plan:
     """Key = (evaluate config, teacher protocol, digests of the generator, teacher, features, reference); ``check`` ran first."""
     e = cfg.evaluate
-    prompts = {}
+    optional = {}  # inputs in the key only when used
     if e.prompts:
-        prompts = {"prompts": f"{file_digest(e.prompts, cfg.store)}:{e.prompt_column}:{e.prompt_labels}"}
+        optional = {"prompts": f"{file_digest(e.prompts, cfg.store)}:{e.prompt_column}:{e.prompt_labels}"}
     if e.clip_model:
-        prompts["clip_model"] = dir_digest(e.clip_model, cfg.store)
+        optional["clip_model"] = dir_digest(e.clip_model, cfg.store)
     features = features_digest(e, cfg.store)
     reference = reference_digest(e, cfg.store)
     dm = distilled.manifest
@@ -154,8 +156,10 @@ def plan(cfg: PipelineConfig, teacher: Teacher, distilled: StageOutput) -> Plan:
     protocol = {"num_samples": e.num_samples, "seed": e.seed, "batch_size": e.batch_size}
     ref_key = reference_key(e, cfg.store)
     teacher_cfg = {**protocol, "solver": cfg.generate.solver, "steps": teacher_steps(cfg), "guidance_scale": cfg.generate.guidance_scale}
-    teacher_key = content_key("teacher_eval", teacher_cfg, {"teacher": teacher.digest, "features": features, "reference": reference, **prompts}, SPEC.code_version)
-    up = {"distill": dm.digest, "teacher": teacher.digest, "features": features, "reference": reference, **prompts}
+    if e.precision != "fp32":  # in the keys only when not the default, so existing keys stay as they were
+        teacher_cfg["precision"] = optional["precision"] = e.precision
+    teacher_key = content_key("teacher_eval", teacher_cfg, {"teacher": teacher.digest, "features": features, "reference": reference, **optional}, SPEC.code_version)
+    up = {"distill": dm.digest, "teacher": teacher.digest, "features": features, "reference": reference, **optional}
     if e.generator is not None:  # the choice is in the key only when made (keys without it stay as they were)
         up["generator"] = gen_dir.name
     key = SPEC.key(cfg, up, {"teacher": teacher_cfg})
@@ -205,7 +209,8 @@ class Evaluator:
         g = cfg.generate
         self.guidance_scale = g.guidance_scale
         teacher_sample, self.teacher_nfe = teacher_sampler(self.teacher, g.solver, teacher_steps(cfg), g.guidance_scale)
-        self.teacher_sample = lambda z, labels, idx=None: self.to_pixels(teacher_sample(z, labels))
+        self.teacher_sample = at_precision(lambda z, labels, idx=None: self.to_pixels(teacher_sample(z, labels)), self.e.precision, device)
+        self.student_sample = at_precision(self.student_sample, self.e.precision, device)  # (the feature network stays fp32)
         self.steps = MultiStep.of(self.student)  # one step, or a k-step (DMD2) generator
         self.shape = model_shape(self.student)
         self.num_classes = self.student.num_classes
@@ -452,7 +457,8 @@ def evaluate(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.
         # metrics.json/.parquet hold the images/s timings: records, so a recompute keeps the digest
         # (the FDs they hold are functions of student_stats.npz, which is in it)
         files=[file_entry(p.out_dir / n, record=n.startswith("metrics.") or None) for n in names],
-        info={"metrics": metrics, "distill_dir": p.inputs["distill"], "generator_dir": p.info["generator_dir"], "num_processes": world},
+        info={"metrics": metrics, "distill_dir": p.inputs["distill"], "generator_dir": p.info["generator_dir"], "num_processes": world,
+              "precision": cfg.evaluate.precision},  # fmt: skip
         wall_time_s=round(timer.seconds, 3),
     )
     fault_point("evaluate.before-manifest")

@@ -20,6 +20,7 @@ import torch
 
 from dmd_core.errors import InputError
 from dmd_core.faults import fault_point
+from dmd_core.precision import at_precision, difference
 from dmd_core.shards import sample_labels, sample_noise, shard_name, shard_ranges, write_shard
 from dmd_core.solvers import check_solver, teacher_sampler
 from dmd_core.text import read_prompts
@@ -47,7 +48,13 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
     if g.guidance_scale != 1.0 and teacher.param.num_classes == 0 and not teacher.param.text_conditioned:
         raise InputError("generate.guidance_scale != 1 needs a class-conditional or text-to-image teacher. Fix: --set generate.guidance_scale=1")
     check_solver(g.solver, teacher.param.kind)
+    check_precision("generate", g.precision)
     check_room(cfg, teacher)
+
+
+def check_precision(section: str, precision: str) -> None:
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise InputError(f"{section}.precision=fp16 needs a CUDA GPU. Fix: --set {section}.precision=bf16 (or fp32) on CPU.")
 
 
 def check_room(cfg: PipelineConfig, teacher: Teacher) -> None:
@@ -73,6 +80,8 @@ def plan(cfg: PipelineConfig, teacher: Teacher, upstream: StageOutput | None = N
     up, inputs = {"teacher": teacher.digest}, {"teacher": str(teacher.path)}
     if g.prompts:
         up["prompts"], inputs["prompts"] = f"{file_digest(g.prompts, cfg.store)}:{g.prompt_column}", g.prompts
+    if g.precision != "fp32":  # in the key only when not the default, so existing keys stay as they were
+        up["precision"] = g.precision
     key = SPEC.key(cfg, up)
     return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, inputs)
 
@@ -147,6 +156,7 @@ def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device:
     prompts = plan_prompts(p, g)
     den = p.teacher().load(device, prompts)
     sampler, nfe = teacher_sampler(den, g.solver, g.steps, g.guidance_scale)
+    sampler = at_precision(sampler, g.precision, device)
     shape = model_shape(den)
     store_dtype = np.dtype(g.dtype)
     ranges = shard_ranges(g.num_samples, g.shard_size)
@@ -181,7 +191,28 @@ def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device:
     return nfe
 
 
-def finalize(cfg: PipelineConfig, p: Plan, nfe: int, wall_time: float) -> Manifest:
+PRECISION_SAMPLES = 32  # of the first batch, re-solved in fp32 at the end (a small cost: 32 of num_samples solves)
+
+
+@torch.no_grad()
+def precision_error(cfg: PipelineConfig, p: Plan, device: torch.device) -> dict:
+    """The first batch's stored images against an fp32 solve of the same noise: what the precision (and
+    the storage dtype) cost, measured in the data itself."""
+    from dmd_core.shards import _decode_pair, tar_samples
+
+    g = cfg.generate
+    samples = tar_samples([{"url": str(p.out_dir / shard_name(0))}])
+    pairs = [_decode_pair(s) for s, _ in zip(samples, range(min(PRECISION_SAMPLES, g.batch_size, g.shard_size, g.num_samples)))]
+    z = torch.from_numpy(np.stack([q[0] for q in pairs]).astype(np.float32)).to(device)
+    stored = torch.from_numpy(np.stack([q[1] for q in pairs]).astype(np.float32))
+    den = p.teacher().load(device, plan_prompts(p, g))
+    sampler, _ = teacher_sampler(den, g.solver, g.steps, g.guidance_scale)
+    labels = sample_labels(range(len(pairs)), den.num_classes)
+    fp32 = at_precision(sampler, "fp32", device)(z, None if labels is None else labels.to(device)).float().cpu()
+    return {**difference(stored, fp32), "samples": len(pairs), "against": "fp32 solve of the same noise"}
+
+
+def finalize(cfg: PipelineConfig, p: Plan, nfe: int, wall_time: float, device: torch.device | None = None) -> Manifest:
     """Check every shard, then write manifest.json (last)."""
     g = cfg.generate
     ranges = shard_ranges(g.num_samples, g.shard_size)
@@ -220,6 +251,8 @@ def finalize(cfg: PipelineConfig, p: Plan, nfe: int, wall_time: float) -> Manife
             "num_classes": teacher.param.num_classes,
             "num_prompts": None if prompts is None else len(prompts),
             "dtype": g.dtype,
+            "precision": g.precision,
+            "precision_error": precision_error(cfg, p, device or torch.device("cpu")),
         },
         wall_time_s=round(wall_time, 3),
     )
@@ -238,8 +271,9 @@ def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool =
         return launch_plan(STAGE, cfg, p, num_processes)
     timer = Timer()
     _set_threads(cfg.generate, 1)
-    nfe = generate_shards(cfg, p, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), progress)
-    return finalize(cfg, p, nfe, timer.seconds)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    nfe = generate_shards(cfg, p, 0, 1, device, progress)
+    return finalize(cfg, p, nfe, timer.seconds, device)
 
 
 def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | None:
@@ -252,7 +286,7 @@ def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Mani
     state.wait_for_everyone()
     nfe = generate_shards(cfg, p, state.process_index, state.num_processes, state.device, progress)
     state.wait_for_everyone()
-    return finalize(cfg, p, nfe, timer.seconds) if state.is_main_process else None
+    return finalize(cfg, p, nfe, timer.seconds, state.device) if state.is_main_process else None
 
 
 def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:

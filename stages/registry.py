@@ -107,11 +107,12 @@ STAGES: tuple[StageSpec, ...] = (
         a rerun reuses a complete output and resumes an interrupted one.""",
         load=_generate,
         # the prompt file's digest and column are in the key when there is one (and keys without stay as they were)
-        not_in_key=frozenset({"num_threads", "prompts", "prompt_column"}),
+        # ... and the precision, only when not fp32
+        not_in_key=frozenset({"num_threads", "prompts", "prompt_column", "precision"}),
     ),
     StageSpec(
         name="distill",
-        code_version="distill/2",
+        code_version="distill/3",  # /3: counter-based (Philox) per-sample draws
         upstream="generate",
         summary="DMD training on Accelerate (distribution matching + regression), checkpoints, metrics",
         help="""Train the one-step generator with DMD (distribution matching + regression), on Accelerate.
@@ -125,7 +126,8 @@ STAGES: tuple[StageSpec, ...] = (
         # eval_every / eval_samples enter the key through the upstream "quality_probe" entry, only when set
         # ... and the GAN settings through "gan", only when distill.gan is on
         not_in_key=frozenset({"log_every", "sample_every", "keep_checkpoints", "num_threads", "pairs", "gradient_checkpointing", "eval_every", "eval_samples",
-                              "gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "real_samples", "dm_weight", "generator_timesteps"}),
+                              "gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "real_samples", "dm_weight", "generator_timesteps",
+                              "compile"}),
         input_key="pairs",
         needs_upstream=lambda cfg: cfg.distill.regression_weight > 0,  # the pairs feed only the regression loss
     ),
@@ -141,7 +143,8 @@ STAGES: tuple[StageSpec, ...] = (
         The teacher's numbers and the reference statistics are computed once and cached in the store.""",
         load=_evaluate,
         # paths: the digests of what they point to are in the key
-        not_in_key=frozenset({"num_threads", "distill", "classifier", "inception_weights", "reference", "prompts", "prompt_column", "prompt_labels", "clip_model", "generator"}),
+        not_in_key=frozenset({"num_threads", "distill", "classifier", "inception_weights", "reference", "prompts", "prompt_column", "prompt_labels", "clip_model", "generator",
+                              "precision"}),  # fmt: skip
         input_key="distill",
     ),
     StageSpec(

@@ -1,0 +1,223 @@
+"""CIFAR-size GPU check (``gpu_check.py --model cifar``): a 35.75 M-parameter class-conditional EDM teacher.
+
+google/ddpm-cifar10-32's UNet layout plus 11 class embeddings, random weights (the numbers are speeds,
+not quality). Reports, in one run: generate images/s per precision with the stored images' difference
+to an fp32 solve; the generate stage against a bare solver loop; one DMD iteration against its compute
+floor (its network passes alone) in fp32, bf16 and bf16 compiled, with achieved TFLOP/s (the UNet's
+FLOPs counted once with torch.utils.flop_counter); one-step against Heun-18 images/s.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DModel
+
+from dmd_core.denoisers import EDMDenoiser, Parametrization
+from dmd_core.dmd import OneStep, SampleRNG
+from dmd_core.loading import save_denoiser
+from dmd_core.precision import at_precision
+from dmd_core.shards import sample_labels, sample_noise
+from dmd_core.solvers import teacher_sampler
+from stages import chain, distill, generate
+from stages.config import load_config
+
+SHAPE = (3, 32, 32)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# SMOKE: a small layout and few samples, to check this script on a CPU before spending GPU time on it
+SMOKE = not torch.cuda.is_available()
+CHANNELS = (16, 32, 32, 32) if SMOKE else (128, 256, 256, 256)
+N = {"fp32": 16, "tf32": 32, "bf16": 32, "fp16": 16} if SMOKE else {"fp32": 1024, "tf32": 2048, "bf16": 2048, "fp16": 1024}
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def cifar_teacher(path: Path) -> tuple[Path, int]:
+    """The teacher directory and its parameter count."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=CHANNELS,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, num_class_embeds=11, norm_num_groups=8 if SMOKE else 32,
+    )  # fmt: skip
+    param = Parametrization(kind="edm", num_classes=10, null_class=10, image_shape=SHAPE)
+    save_denoiser(EDMDenoiser(unet, param), path)
+    return path, sum(p.numel() for p in unet.parameters())
+
+
+def sync_time(fn, iters: int) -> float:
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
+def unet_flops(den, batch: int, backward: bool) -> float:
+    """FLOPs of one denoiser call (and its backward, weights included) at this batch, counted once in fp32."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(batch, *SHAPE, device=DEV)
+    labels = torch.zeros(batch, dtype=torch.long, device=DEV)
+    with FlopCounterMode(display=False) as counter:
+        out = den(x, torch.full((batch,), 1.0, device=DEV, dtype=torch.float64), labels)
+        if backward:
+            out.float().square().mean().backward()
+    return counter.get_total_flops()
+
+
+def generate_check(cfg_args: list[str], store: str, res: dict) -> None:
+    """The stage per precision (images/s, its recorded error) and, for tf32 and bf16, a bare solver loop on the same batches."""
+    for precision, n in N.items():
+        if precision == "fp16" and DEV != "cuda":
+            continue
+        cfg = load_config(None, [*cfg_args, f"store={store}", f"generate.num_samples={n}", f"generate.precision={precision}"])
+        t0 = time.perf_counter()
+        m = generate.run(cfg, progress=False)
+        stage_s = time.perf_counter() - t0
+        row = {"images": n, "stage_images_per_s": round(n / stage_s, 1), "error_vs_fp32": m.info["precision_error"]}
+        if precision in ("tf32", "bf16"):
+            den = chain.resolve_teacher(cfg).load(DEV)
+            sampler = at_precision(teacher_sampler(den, "heun", cfg.generate.steps)[0], precision, DEV)
+            B = cfg.generate.batch_size
+            sync()
+            t0 = time.perf_counter()
+            for s in range(0, n, B):
+                idx = range(s, min(s + B, n))
+                z = sample_noise(cfg.generate.seed, idx, SHAPE).to(DEV)
+                sampler(z, sample_labels(idx, 10).to(DEV)).float().cpu()
+            sync()
+            bare_s = time.perf_counter() - t0
+            row.update(bare_images_per_s=round(n / bare_s, 1), stage_over_bare=round(stage_s / bare_s, 3))
+        res[precision] = row
+        print(json.dumps({f"generate_{precision}": row}), flush=True)
+
+
+def floor_flops(teacher: Path, batch: int, guided: bool) -> float:
+    """The floor's FLOPs: generator fwd+bwd on 2B (DM + regression), real fwd (x2 with guidance), fake fwd, fake fwd+bwd."""
+    from dmd_core import load_denoiser
+
+    den = load_denoiser(teacher, DEV).requires_grad_(True)
+    return unet_flops(den, 2 * batch, True) + unet_flops(den, batch, False) * (2 if guided else 1) + unet_flops(den, batch, False) + unet_flops(den, batch, True)
+
+
+def iteration_check(cfg_args: list[str], store: str, res: dict, batch: int, iters: int) -> None:
+    """One DMD iteration against its floor, fp32 / bf16 / bf16 compiled."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    flops = None
+
+    for name, mp, comp in (("fp32", "no", False), ("bf16", "bf16", False), ("bf16_compiled", "bf16", True)):
+        cfg = load_config(None, [*cfg_args, f"store={store}", f"generate.num_samples={N['tf32']}", "generate.precision=tf32", f"distill.batch_size={batch}",
+                                 f"distill.mixed_precision={mp}", f"distill.compile={str(comp).lower()}"])  # fmt: skip
+        cfg.distill.pairs = None
+        chain.run(cfg, "generate", progress=False)
+        plan = chain.plan(cfg, "distill")
+        AcceleratorState._reset_state()
+        acc = Accelerator(mixed_precision=mp, cpu=DEV == "cpu")
+        if flops is None:
+            flops = floor_flops(Path(plan.inputs["teacher"]), batch, cfg.distill.guidance_scale != 1)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # training: PyTorch's defaults (TF32 convolutions)
+        tr = distill.Trainer(cfg, plan, acc)
+        tr.restart_data(0)
+        t0 = time.perf_counter()
+        tr.step(0)
+        sync()
+        first_s = time.perf_counter() - t0
+        B = batch
+        z_ref, y_ref, labels_ref = (t.to(DEV) if t is not None else None for t in next(tr.data))
+        rng = SampleRNG(0, 0, 0, range(B), DEV)
+        z, labels = rng.randn(tr.shape), rng.randint(0, 10)
+        x_t = torch.randn(B, *tr.shape, device=DEV)
+        sigma = torch.full((B,), 1.0, dtype=torch.float64, device=DEV)
+
+        def gen_fwd_bwd():
+            with acc.autocast():
+                x = tr.one_step(tr.gen, torch.cat([z, z_ref]), torch.cat([labels, labels_ref]))
+            x.float().square().mean().backward()
+
+        def real_fwd():
+            with torch.no_grad(), acc.autocast():
+                tr.real(x_t, sigma, labels, cfg.distill.guidance_scale)
+
+        def fake_fwd():
+            with torch.no_grad(), acc.autocast():
+                tr.fake(x_t, sigma, labels)
+
+        def fake_fwd_bwd():
+            with acc.autocast():
+                out = tr.fake(x_t, sigma, labels)
+            out.float().square().mean().backward()
+
+        step = [1]
+
+        def iteration():
+            tr.step(step[0])
+            step[0] += 1
+
+        parts = {"generator_fwd_bwd": gen_fwd_bwd, "real_fwd": real_fwd, "fake_fwd": fake_fwd, "fake_fwd_bwd": fake_fwd_bwd}
+        floors, its = [], []
+        for _ in range(2):  # interleaved
+            floors.append(sum(sync_time(fn, iters) for fn in parts.values()))
+            its.append(sync_time(iteration, iters))
+        floor, it = statistics.median(floors), statistics.median(its)
+        row = {"batch": B, "iteration_s": round(it, 4), "floor_s": round(floor, 4), "iteration_over_floor": round(it / floor, 3),
+               "floor_tflops": round(flops / floor / 1e12, 1), "iteration_tflops": round(flops / it / 1e12, 1),
+               "first_step_s": round(first_s, 1), "generator_samples_per_s": round(B / it, 1)}  # fmt: skip
+        res[name] = row
+        print(json.dumps({f"iteration_{name}": row}), flush=True)
+        del tr
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    res["compiled_speedup"] = round(res["bf16"]["iteration_s"] / res["bf16_compiled"]["iteration_s"], 3)
+
+
+@torch.no_grad()
+def one_step_vs_teacher(teacher: Path, res: dict, batch: int = 256) -> None:
+    from dmd_core import load_denoiser
+
+    den = load_denoiser(teacher, DEV)
+    idx = range(batch)
+    z, labels = sample_noise(0, idx, SHAPE).to(DEV), sample_labels(idx, 10).to(DEV)
+    for precision in ("tf32", "bf16"):
+        heun = at_precision(teacher_sampler(den, "heun", 18)[0], precision, DEV)
+        one = at_precision(lambda: OneStep.of(den)(den, z, labels), precision, DEV)
+        t_one, t_heun = sync_time(one, 20), sync_time(lambda: heun(z, labels), 2)
+        res[precision] = {"batch": batch, "one_step_images_per_s": round(batch / t_one, 1), "heun18_images_per_s": round(batch / t_heun, 1),
+                          "speedup": round(t_heun / t_one, 1)}  # fmt: skip
+
+
+def cifar_check(res: dict, batch: int = 128, iters: int = 5) -> None:
+    if SMOKE:
+        batch, iters = 4, 1
+    root = Path(tempfile.mkdtemp(prefix="dmd-cifar-"))
+    teacher, params = cifar_teacher(root / "teacher")
+    res["teacher_parameters"] = params
+    cfg_args = [f"teacher.path={teacher}", "generate.batch_size=1024", "generate.shard_size=1024", "generate.seed=0",
+                "distill.regression_loss=pseudo_huber", "distill.num_workers=4"]  # fmt: skip
+    store = str(root / "store")
+    for name, fn in (("generate", lambda r: generate_check(cfg_args, store, r)), ("iteration", lambda r: iteration_check(cfg_args, store, r, batch, iters)),
+                     ("one_step_vs_teacher", lambda r: one_step_vs_teacher(teacher, r))):  # fmt: skip
+        res[name] = {}
+        t0 = time.perf_counter()
+        try:
+            fn(res[name])
+        except Exception as e:  # one part failing must not lose the others' numbers
+            import traceback
+
+            traceback.print_exc()
+            res[name]["error"] = f"{type(e).__name__}: {e}"
+        res[name]["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps({name: res[name]}), flush=True)

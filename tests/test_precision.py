@@ -1,0 +1,58 @@
+"""Compute precision of generate and evaluate: the switches, the key, and the recorded cost in the data."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from conftest import ROOT, write_config
+
+from dmd_core.precision import compute_precision
+from dmd_core.shards import sample_labels
+from dmd_core.solvers import teacher_sampler
+from stages import chain, generate
+from stages.config import load_config
+
+
+def test_switches_inside_and_restored_after():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with compute_precision("tf32", "cpu"):
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    with compute_precision("fp32", "cpu"):
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.float32
+    with compute_precision("bf16", "cpu"):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.nn.functional.linear(torch.ones(2, 3), torch.ones(4, 3)).dtype == torch.bfloat16
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == saved and not torch.is_autocast_enabled("cpu")
+
+
+def test_bf16_generate_is_keyed_and_records_its_error_against_fp32(tmp_path, edm_teacher):
+    cfg = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", num_samples=24, shard_size=16)
+    fp32 = generate.run(load_config(cfg), progress=False)
+    bf16_cfg = load_config(cfg, ["generate.precision=bf16"])
+    bf16 = generate.run(bf16_cfg, progress=False)
+    assert "precision" not in fp32.upstream and bf16.upstream["precision"] == "bf16" and fp32.key != bf16.key
+    assert fp32.info["precision"] == "fp32" and fp32.info["precision_error"]["max_abs"] == 0.0  # fp32 stored as float32: exact
+    err = bf16.info["precision_error"]
+    assert err["samples"] == 8 and 0 < err["mean_abs"] <= err["max_abs"] < 0.5
+    # the same numbers, computed here: the stored first batch against an fp32 solve of its noise
+    den = chain.resolve_teacher(bf16_cfg).load()
+    from dmd_core.shards import _decode_pair, tar_samples
+
+    out = tmp_path / "store" / "generate" / bf16.key
+    pairs = [_decode_pair(s) for s, _ in zip(tar_samples([{"url": str(out / "pairs-000000.tar")}]), range(8))]
+    z = torch.from_numpy(np.stack([p[0] for p in pairs]))
+    want = teacher_sampler(den, "heun", 3)[0](z, sample_labels(range(8), 10)).float()
+    got = torch.from_numpy(np.stack([p[1] for p in pairs]))
+    assert float((got - want).abs().max()) == err["max_abs"]
+
+
+def test_fp16_needs_a_gpu(tmp_path, edm_teacher):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests" / "bad_input"))
+    from refusal import assert_refused  # the bad-input suite's check
+
+    cfg = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store")
+    if not torch.cuda.is_available():
+        assert_refused(["generate", "--config", str(cfg), "--set", "generate.precision=fp16"], tmp_path / "store", "generate.precision=fp16", "GPU")
