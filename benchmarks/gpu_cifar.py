@@ -10,6 +10,7 @@ FLOPs counted once with torch.utils.flop_counter); one-step against Heun-18 imag
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -77,16 +78,19 @@ def unet_flops(den, batch: int, backward: bool) -> float:
     return counter.get_total_flops()
 
 
-def generate_check(cfg_args: list[str], store: str, res: dict) -> None:
-    """The stage per precision (images/s, its recorded error) and, for tf32 and bf16, a bare solver loop on the same batches."""
-    for precision, n in N.items():
+def generate_check(cfg_args: list[str], store: str, res: dict, sizes: dict[str, int] | None = None) -> None:
+    """The stage per precision (images/s, its recorded error) and, for tf32 and bf16, a bare solver loop on the
+    same batches; the stage runs a second time on new noise (another seed), warm, as the bare loop is."""
+    for precision, n in (sizes or N).items():
         if precision == "fp16" and DEV != "cuda":
             continue
-        cfg = load_config(None, [*cfg_args, f"store={store}", f"generate.num_samples={n}", f"generate.precision={precision}"])
-        t0 = time.perf_counter()
-        m = generate.run(cfg, progress=False)
-        stage_s = time.perf_counter() - t0
-        row = {"images": n, "stage_images_per_s": round(n / stage_s, 1), "error_vs_fp32": m.info["precision_error"]}
+        row: dict = {"images": n}
+        for run, seed in (("cold", 0), ("warm", 1)) if precision in ("tf32", "bf16") else (("cold", 0),):
+            cfg = load_config(None, [*cfg_args, f"store={store}", f"generate.num_samples={n}", f"generate.precision={precision}", f"generate.seed={seed}"])
+            t0 = time.perf_counter()
+            m = generate.run(cfg, progress=False)
+            row[f"stage_images_per_s_{run}"] = round(n / (time.perf_counter() - t0), 1)
+            row["error_vs_fp32"] = m.info["precision_error"]
         if precision in ("tf32", "bf16"):
             den = chain.resolve_teacher(cfg).load(DEV)
             sampler = at_precision(teacher_sampler(den, "heun", cfg.generate.steps)[0], precision, DEV)
@@ -98,8 +102,9 @@ def generate_check(cfg_args: list[str], store: str, res: dict) -> None:
                 z = sample_noise(cfg.generate.seed, idx, SHAPE).to(DEV)
                 sampler(z, sample_labels(idx, 10).to(DEV)).float().cpu()
             sync()
-            bare_s = time.perf_counter() - t0
-            row.update(bare_images_per_s=round(n / bare_s, 1), stage_over_bare=round(stage_s / bare_s, 3))
+            bare = n / (time.perf_counter() - t0)
+            row.update(bare_images_per_s=round(bare, 1), stage_over_bare_warm=round(bare / row["stage_images_per_s_warm"], 3),
+                       stage_over_bare_cold=round(bare / row["stage_images_per_s_cold"], 3))  # fmt: skip
         res[precision] = row
         print(json.dumps({f"generate_{precision}": row}), flush=True)
 
@@ -205,9 +210,13 @@ def cifar_check(res: dict, batch: int = 128, iters: int = 5) -> None:
     root = Path(tempfile.mkdtemp(prefix="dmd-cifar-"))
     teacher, params = cifar_teacher(root / "teacher")
     res["teacher_parameters"] = params
-    cfg_args = [f"teacher.path={teacher}", "generate.batch_size=1024", "generate.shard_size=1024", "generate.seed=0",
+    cfg_args = [f"teacher.path={teacher}", "generate.batch_size=1024", "generate.shard_size=1024",
                 "distill.regression_loss=pseudo_huber", "distill.num_workers=4"]  # fmt: skip
     store = str(root / "store")
+    if os.environ.get("CIFAR_PARTS") == "generate":  # a second look at the generate stage alone, with larger runs
+        res["generate"] = {}
+        generate_check(cfg_args, store, res["generate"], None if SMOKE else {"tf32": 4096, "bf16": 4096})
+        return
     for name, fn in (("generate", lambda r: generate_check(cfg_args, store, r)), ("iteration", lambda r: iteration_check(cfg_args, store, r, batch, iters)),
                      ("one_step_vs_teacher", lambda r: one_step_vs_teacher(teacher, r))):  # fmt: skip
         res[name] = {}

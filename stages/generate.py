@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmd_core.denoisers import Denoiser
 from dmd_core.errors import InputError
 from dmd_core.faults import fault_point
 from dmd_core.precision import at_precision, difference
@@ -150,8 +151,8 @@ def check_finite_images(y: torch.Tensor, idx: range, p: Plan) -> None:
         )
 
 
-def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.device, progress: bool) -> int:
-    """Write the shards i = rank (mod world) that are missing or fail their checksum; returns the solver's NFE."""
+def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.device, progress: bool) -> tuple[int, Denoiser]:
+    """Write the shards i = rank (mod world) that are missing or fail their checksum; returns the solver's NFE and the teacher."""
     g = cfg.generate
     prompts = plan_prompts(p, g)
     den = p.teacher().load(device, prompts)
@@ -188,14 +189,14 @@ def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device:
         for f in pending:
             f.result()
     bar.close()
-    return nfe
+    return nfe, den
 
 
-PRECISION_SAMPLES = 32  # of the first batch, re-solved in fp32 at the end (a small cost: 32 of num_samples solves)
+PRECISION_SAMPLES = 8  # of the first batch, re-solved in fp32 at the end (the cost of 8 of num_samples solves)
 
 
 @torch.no_grad()
-def precision_error(cfg: PipelineConfig, p: Plan, device: torch.device) -> dict:
+def precision_error(cfg: PipelineConfig, p: Plan, device: torch.device, den: Denoiser | None = None) -> dict:
     """The first batch's stored images against an fp32 solve of the same noise: what the precision (and
     the storage dtype) cost, measured in the data itself."""
     from dmd_core.shards import _decode_pair, tar_samples
@@ -205,14 +206,14 @@ def precision_error(cfg: PipelineConfig, p: Plan, device: torch.device) -> dict:
     pairs = [_decode_pair(s) for s, _ in zip(samples, range(min(PRECISION_SAMPLES, g.batch_size, g.shard_size, g.num_samples)))]
     z = torch.from_numpy(np.stack([q[0] for q in pairs]).astype(np.float32)).to(device)
     stored = torch.from_numpy(np.stack([q[1] for q in pairs]).astype(np.float32))
-    den = p.teacher().load(device, plan_prompts(p, g))
+    den = den or p.teacher().load(device, plan_prompts(p, g))
     sampler, _ = teacher_sampler(den, g.solver, g.steps, g.guidance_scale)
     labels = sample_labels(range(len(pairs)), den.num_classes)
     fp32 = at_precision(sampler, "fp32", device)(z, None if labels is None else labels.to(device)).float().cpu()
     return {**difference(stored, fp32), "samples": len(pairs), "against": "fp32 solve of the same noise"}
 
 
-def finalize(cfg: PipelineConfig, p: Plan, nfe: int, wall_time: float, device: torch.device | None = None) -> Manifest:
+def finalize(cfg: PipelineConfig, p: Plan, nfe: int, wall_time: float, device: torch.device | None = None, den: Denoiser | None = None) -> Manifest:
     """Check every shard, then write manifest.json (last)."""
     g = cfg.generate
     ranges = shard_ranges(g.num_samples, g.shard_size)
@@ -252,7 +253,7 @@ def finalize(cfg: PipelineConfig, p: Plan, nfe: int, wall_time: float, device: t
             "num_prompts": None if prompts is None else len(prompts),
             "dtype": g.dtype,
             "precision": g.precision,
-            "precision_error": precision_error(cfg, p, device or torch.device("cpu")),
+            "precision_error": precision_error(cfg, p, device or torch.device("cpu"), den),
         },
         wall_time_s=round(wall_time, 3),
     )
@@ -272,8 +273,8 @@ def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool =
     timer = Timer()
     _set_threads(cfg.generate, 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    nfe = generate_shards(cfg, p, 0, 1, device, progress)
-    return finalize(cfg, p, nfe, timer.seconds, device)
+    nfe, den = generate_shards(cfg, p, 0, 1, device, progress)
+    return finalize(cfg, p, nfe, timer.seconds, device, den)
 
 
 def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | None:
@@ -284,9 +285,9 @@ def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Mani
     state = PartialState(cpu=os.environ.get("DMD_FORCE_CPU") == "1" or not torch.cuda.is_available())
     _set_threads(cfg.generate, state.num_processes)
     state.wait_for_everyone()
-    nfe = generate_shards(cfg, p, state.process_index, state.num_processes, state.device, progress)
+    nfe, den = generate_shards(cfg, p, state.process_index, state.num_processes, state.device, progress)
     state.wait_for_everyone()
-    return finalize(cfg, p, nfe, timer.seconds, state.device) if state.is_main_process else None
+    return finalize(cfg, p, nfe, timer.seconds, state.device, den) if state.is_main_process else None
 
 
 def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
