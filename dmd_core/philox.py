@@ -5,7 +5,7 @@ Written here because PyTorch exposes no counter-based generator whose key and co
 per element (its CUDA Philox is seeded per generator): drawing for a batch of samples would need one
 torch.Generator per sample on the CPU. Here a whole batch is one sequence of integer tensor ops on
 the batch's device, and sample i's numbers depend only on (key, i, draw), never on the batch it is in.
-Integers are held in int64 tensors; 32x32-bit products are split into 16-bit halves so nothing overflows.
+Integers are held in int64 tensors (uint32 values).
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ ROUNDS = 10
 
 
 def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(hi, lo) 32-bit words of the 64-bit product a * b (a a constant, b uint32 values in int64)."""
-    lo_half, hi_half = b & 0xFFFF, b >> 16
-    p_lo, p_hi = a * lo_half, a * hi_half  # each < 2^48
-    low = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2^49
-    return (p_hi >> 16) + (low >> 32), low & MASK32
+    """(hi, lo) 32-bit words of the 64-bit product a * b (a a constant, b uint32 values in int64).
+
+    The int64 product wraps modulo 2^64 (two's complement, as PyTorch's CPU and CUDA kernels multiply),
+    which keeps all 64 bits of the unsigned product: hi is bits 32-63, lo bits 0-31. The known-answer
+    tests (tests/test_philox.py) include all-ones words, where it wraps."""
+    p = b * a
+    return (p >> 32) & MASK32, p & MASK32
 
 
 def philox4x32(counter: tuple[Tensor, Tensor, Tensor, Tensor], key: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
