@@ -18,8 +18,10 @@ from dmd_core.losses import pseudo_huber_loss
 TEACHER = ROOT / "data" / "teacher"
 B, SEED, STREAM_GENERATOR, STREAM_FAKE = 4, 7, 0, 10  # the streams stages/distill.py draws from
 
-# Measured once with this test's recipe (torch 2.14.1 CPU, 1 thread); equal, to the last bit, to what
-# the loss code of stages/distill.py Trainer.step computed before it moved into dmd_core (commit 2b74917).
+# Measured once with this test's recipe (torch 2.14.1 CPU, 1 thread). First taken equal, to the last bit, to
+# what the loss code of stages/distill.py Trainer.step computed before it moved into dmd_core (commit
+# 2b74917); re-measured when the draws became counter-based (Philox, distill/3): step 0's generator terms
+# did not change (z and the pairs' terms match; loss_DM is 0 either way), the draws of t and eps did.
 # Step 0: the fake score is the teacher, so p_fake == p_real and loss_DM is exactly 0 (no DM gradient yet).
 GOLDEN = [
     {
@@ -27,20 +29,20 @@ GOLDEN = [
         "loss_reg": 6.960209846496582,
         "loss_g": 1.7400524616241455,
         "grad_norm_g": 3.9481897354125977,
-        "loss_fake": 0.15283145010471344,
-        "grad_norm_fake": 1.2643134593963623,
+        "loss_fake": 1.0796403884887695,
+        "grad_norm_fake": 6.0698699951171875,
         "gen_conv_in_sum": -4.794289623532677,  # sum of G's conv_in.weight after AdamW's step
-        "fake_conv_in_sum": -4.79448987118667,
+        "fake_conv_in_sum": -4.789289495820412,
     },
     {
-        "loss_dm": 0.008914289064705372,
+        "loss_dm": 0.002617072779685259,
         "loss_reg": 7.168155670166016,
-        "loss_g": 1.8009531497955322,
-        "grad_norm_g": 3.5619094371795654,
-        "loss_fake": 0.7554956674575806,
-        "grad_norm_fake": 4.461428165435791,
-        "gen_conv_in_sum": -4.795117498986656,
-        "fake_conv_in_sum": -4.79749525571242,
+        "loss_g": 1.7946560382843018,
+        "grad_norm_g": 3.6947529315948486,
+        "loss_fake": 0.5031883120536804,
+        "grad_norm_fake": 3.063788890838623,
+        "gen_conv_in_sum": -4.795326506820857,
+        "fake_conv_in_sum": -4.788674964947859,
     },
 ]
 TEACHER_CONV_IN_SUM = -4.791494398901705  # before any step: the updates above move it by ~1e-3, far above 1e-6 rel
