@@ -10,6 +10,10 @@ import pytest
 
 from conftest import run_cli, write_config
 
+# Each case here starts a fresh interpreter (~7 s); tests/bad_input/ checks the same refusals (and 190 more)
+# in process, plus one subprocess case per table, in make test.
+pytestmark = pytest.mark.slow
+
 
 def assert_clean_failure(proc, store: Path, *needles: str) -> None:
     assert proc.returncode == 2, proc.stderr

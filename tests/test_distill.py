@@ -203,6 +203,7 @@ def test_gradient_accumulation_equals_the_larger_batch(setup):
     assert max_diff(wa, wb) <= 2.5e-5
 
 
+@pytest.mark.slow  # make test rebuilds a distill output from its final checkpoint in tests/faults/test_corruption.py
 def test_damaged_output_is_rebuilt_from_the_final_checkpoint(trained):
     cfg, out, m = trained
     before, grid = weights(out / "generator"), (out / "samples.png").read_bytes()

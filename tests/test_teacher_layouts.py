@@ -84,6 +84,7 @@ def assert_one_line_error(proc, *needles):
         assert n in err, err
 
 
+@pytest.mark.slow  # subprocesses; tests/bad_input/test_teacher_cases.py refuses 80 damaged teachers in process in make test
 @pytest.mark.parametrize("case", ["eps", "scheduler_disagrees", "no_unet", "nothing"])
 def test_bad_teachers_give_one_line(both, tmp_path, case):
     pipe_dir, den_dir = both
