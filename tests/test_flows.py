@@ -232,6 +232,7 @@ def test_cancelling_a_served_run_stops_every_stage_process(harness, tmp_path, ed
         runner.wait()
 
 
+@pytest.mark.slow  # ~30 s of Prefect start-up; dmd run's up-front refusals are in tests/bad_input/ (make test)
 def test_dmd_schedule_refuses_what_would_fail_later(harness, tmp_path):
     r = dmd("schedule", "--cron", "not a cron")
     assert r.returncode == 2 and "invalid --cron" in r.stderr

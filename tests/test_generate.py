@@ -102,6 +102,7 @@ def test_two_processes_byte_identical(base):
     assert shard_bytes(out2) == ref
 
 
+@pytest.mark.slow  # batch-size independence of the noise is exact and fast-tested (test_two_processes_byte_identical)
 def test_batch_size_changes_within_tolerance(base):
     """Batch 64 vs 7 over one 64-sample shard and a partial one: same noise, images within 1e-4."""
     cfg, _ = base
