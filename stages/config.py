@@ -55,20 +55,17 @@ class Section(BaseModel):
         return v
 
 
-def _path_not_empty(v: str) -> str:
-    if not v.strip():
-        raise ValueError("must not be empty (an empty path is the current directory)")
-    return v
+def _not_empty(hint: str):
+    def check(v: str) -> str:
+        if not v.strip():
+            raise ValueError(f"must not be empty (an empty path is the current directory{hint})")
+        return v
+
+    return AfterValidator(check)
 
 
-def _optional_path_not_empty(v: str) -> str:
-    if not v.strip():
-        raise ValueError("must not be empty (an empty path is the current directory; null leaves it unset)")
-    return v
-
-
-PathStr = Annotated[str, AfterValidator(_path_not_empty)]
-OptionalPathStr = Annotated[str, AfterValidator(_optional_path_not_empty)]
+PathStr = Annotated[str, _not_empty("")]
+OptionalPathStr = Annotated[str, _not_empty("; null leaves it unset")]
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
