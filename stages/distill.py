@@ -50,6 +50,7 @@ from dmd_core.metrics import channel_stats
 from dmd_core.real_data import RealData, check_real_data, read_real_data
 from dmd_core.shards import check_pair_batch, pair_stream, sample_seed, shard_name
 from dmd_core.text import read_prompts
+from dmd_core.transfer import to_device
 
 from . import chain
 from .chain import DENOISER_FILES, Plan, Teacher
@@ -303,7 +304,8 @@ class Trainer:
         self.gen_loss = GeneratorLoss(dmd_settings(d), reg_loss, self.one_step, adversarial, d.gan_weight_generator, self.simulation)
         self.fake_loss = FakeScoreLoss.for_teacher(self.real)
         self.urls = [str(Path(p.inputs["pairs"]) / shard_name(i)) for i in range(p.info["num_shards"])] if "pairs" in p.inputs else []
-        self.data = None
+        self.data, self.ahead = None, None  # the pair stream; the next step's pairs when read ahead
+        self.ema_sources = None  # the generator's tensors the EMA follows (update_ema)
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         # quality during training (main process): FD of a fixed sample every eval_every steps, the best kept
         self.probe_fn, self.best = None, None
@@ -385,6 +387,7 @@ class Trainer:
         if not self.urls:  # no regression loss: no pairs are read
             return
         segment = step // self.d.checkpoint_every
+        self.ahead = None  # read from the previous segment's stream
         self.data = pair_stream(
             self.urls, self.d.batch_size, sample_seed(self.d.seed, STREAM_DATA, segment) % (2**31),
             self.d.shuffle_buffer, self.d.num_workers,
@@ -396,53 +399,82 @@ class Trainer:
         start = ((step * A + micro) * self.world + self.rank) * B
         return range(start, start + B)
 
-    def _check_finite(self, step: int, terms: dict[str, torch.Tensor]) -> None:
-        flags = torch.stack([t.detach().isfinite().all() for t in terms.values()]).float()
-        if self.world > 1:
-            flags = self.acc.reduce(flags, reduction="sum") / self.world
-        if bool((flags < 1).any()):
-            bad = [name for name, f in zip(terms, flags.tolist()) if f < 1]
+    def read_batches(self) -> list[tuple]:
+        """The next step's micro-batches of pairs, on the device (pinned and copied asynchronously on a GPU)."""
+        dev, out = self.acc.device, []
+        for _ in range(self.d.gradient_accumulation_steps):
+            batch = next(self.data)
+            check_pair_batch(batch, self.shape, self.p.inputs.get("pairs", "the pairs"))
+            out.append(tuple(None if t is None else to_device(t, dev) for t in batch))
+        return out
+
+    def next_batches(self) -> list[tuple] | None:
+        """This step's pairs: read ahead by the previous step while the device was busy, else read now."""
+        if not self.urls:  # no regression loss: no pairs are read
+            return None
+        ahead, self.ahead = self.ahead, None
+        return ahead if ahead is not None else self.read_batches()
+
+    def host_logs(self, step: int, sums: dict[str, torch.Tensor], norms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The step's scalars to the host in one transfer (the step's only device sync), and the NaN/Inf check
+        of its loss terms. A non-finite term propagates through the micro-batch sums, so checking the sums
+        checks every micro-batch; the run stops in the step it happens, before any checkpoint holds it."""
+        values = torch.stack([*sums.values(), *norms.values()])
+        finite = torch.isfinite(values[: len(sums)]).float()
+        if self.world > 1:  # every rank stops together
+            finite = self.acc.reduce(finite, reduction="sum") / self.world
+        host = torch.cat([values, finite]).tolist()
+        logs = dict(zip([*sums, *norms], host))
+        bad = [name for name, f in zip(sums, host[len(values) :]) if f < 1]
+        if bad:
             raise TrainingDiverged(
                 f"distill stopped at step {step + 1}: loss term {', '.join(bad)} is NaN or Inf. The last good checkpoint is kept in "
                 f"{self.p.out_dir / 'checkpoints'}. Fix: lower the learning rates (distill.generator_optimizer.lr, "
                 "distill.fake_optimizer.lr), keep distill.max_grad_norm set, or use distill.mixed_precision=no."
             )
+        return logs
 
     def step(self, step: int, batches: list | None = None) -> dict[str, float]:
-        """One generator update then ``fake_updates_per_generator_update`` fake-score updates."""
+        """One generator update then ``fake_updates_per_generator_update`` fake-score updates.
+
+        Nothing in it waits for the device until ``host_logs`` at the end (one transfer for every logged
+        scalar): the CPU keeps queueing work, and the next step's pairs are read while the device runs."""
         d, acc, A = self.d, self.acc, self.d.gradient_accumulation_steps
         dev = acc.device
         for group in self.opt_g.param_groups:
             group["lr"] = lr_at(step, d.generator_optimizer.lr, d.warmup_steps)
         for group in self.opt_f.param_groups:
             group["lr"] = lr_at(step, d.fake_optimizer.lr, d.warmup_steps)
-        logs: dict[str, float] = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_g": 0.0, "loss_fake": 0.0}
+        sums: dict[str, torch.Tensor] = {}  # logged scalars, summed on the device over micro-batches
+
+        def add(name: str, v: torch.Tensor, weight: float) -> None:
+            sums[name] = sums.get(name, 0.0) + v.detach().float() * weight
+
+        pairs = batches if batches is not None else self.next_batches()
         xs, labels_dm = [], []
         # ---- generator: loss_DM + lambda_reg * l(G(z_ref), y_ref)
         for m in range(A):
             rng = SampleRNG(d.seed, STREAM_GENERATOR, step, self.indices(step, m), dev)
             z = rng.randn(self.shape)
             labels = random_labels(rng, self.label_range)
-            if batches is not None or self.urls:
-                z_ref, y_ref, labels_ref = batches[m] if batches is not None else next(self.data)
+            z_ref, y_ref, labels_ref = pairs[m] if pairs is not None else (None, None, None)
+            if batches is not None:
                 check_pair_batch((z_ref, y_ref), self.shape, self.p.inputs.get("pairs", "the pairs"))
                 z_ref, y_ref = z_ref.to(dev), y_ref.to(dev)
                 labels_ref = None if labels_ref is None else labels_ref.to(dev)
-            else:
-                z_ref = y_ref = labels_ref = None
             sync = acc.no_sync(self.gen) if m < A - 1 else nullcontext()
             with sync, acc.autocast():
                 loss_g, terms, x = self.gen_loss(self.gen, self.real, self.fake, z, labels, rng, z_ref, y_ref, labels_ref)
-                self._check_finite(step, terms)
                 acc.backward(loss_g / A)
             xs.append(x)
             labels_dm.append(labels)
             for k, v in (*terms.items(), ("loss_g", loss_g)):
-                logs[k] = logs.get(k, 0.0) + v.item() / A
-        logs["grad_norm_g"] = float(acc.clip_grad_norm_(self.gen.parameters(), d.max_grad_norm or math.inf))
+                add(k, v, 1 / A)
+        norms = {"grad_norm_g": acc.clip_grad_norm_(self.gen.parameters(), d.max_grad_norm or math.inf)}
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
         # ---- fake score: denoising loss on stopgrad(G(z))
+        share = 1 / A / d.fake_updates_per_generator_update
         for k in range(d.fake_updates_per_generator_update):
             for m in range(A):
                 rng = SampleRNG(d.seed, STREAM_FAKE + k, step, self.indices(step, m), dev)
@@ -465,19 +497,31 @@ class Trainer:
                         gan = self.discriminator_terms(x, labels, rng)
                         total = loss_f + d.gan_weight_discriminator * gan["loss_gan_d"]
                         for name, v in gan.items():
-                            logs[name] = logs.get(name, 0.0) + v.item() / A / d.fake_updates_per_generator_update
-                    self._check_finite(step, {"loss_fake": total})
+                            add(name, v, share)
                     acc.backward(total / A)
-                logs["loss_fake"] += loss_f.item() / A / d.fake_updates_per_generator_update
-            logs["grad_norm_fake"] = float(acc.clip_grad_norm_(self.fake.parameters(), d.max_grad_norm or math.inf))
+                add("loss_fake", loss_f, share)
+            # the last update's norm is logged (as before: each update overwrote it)
+            norms["grad_norm_fake"] = acc.clip_grad_norm_(self.fake.parameters(), d.max_grad_norm or math.inf)
             self.opt_f.step()
             self.opt_f.zero_grad(set_to_none=True)
         if self.ema is not None:
-            with torch.no_grad():
-                for name, v in self.unwrap(self.gen).unet.state_dict().items():
-                    self.ema[name].lerp_(v.float(), 1 - d.ema_decay)
+            self.update_ema()
+        if batches is None and self.urls:
+            self.ahead = self.read_batches()  # the next step's pairs, decoded while the device works
+        logs = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_g": 0.0, "loss_fake": 0.0, **self.host_logs(step, sums, norms)}
         logs["lr_g"], logs["lr_fake"] = self.opt_g.param_groups[0]["lr"], self.opt_f.param_groups[0]["lr"]
         return logs
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- decay * ema + (1 - decay) * theta, one fused call over all tensors (a per-tensor loop is
+        hundreds of kernel launches at real model sizes)."""
+        if self.ema_sources is None:  # the generator's tensors, in the EMA's key order (the views stay valid:
+            # optimizer steps and checkpoint loads update them in place)
+            state = self.unwrap(self.gen).unet.state_dict()
+            self.ema_sources = {k: state[k] for k in self.ema}
+        keys = list(self.ema_sources)
+        torch._foreach_lerp_([self.ema[k] for k in keys], [self.ema_sources[k].float() for k in keys], 1 - self.d.ema_decay)
 
     # ---- outputs
 

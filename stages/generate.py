@@ -25,6 +25,7 @@ from dmd_core.precision import at_precision, difference
 from dmd_core.shards import sample_labels, sample_noise, shard_name, shard_ranges, write_shard
 from dmd_core.solvers import check_solver, teacher_sampler
 from dmd_core.text import read_prompts
+from dmd_core.transfer import HostCopy, to_device
 
 from . import chain
 from .chain import Plan, Teacher
@@ -151,6 +152,33 @@ def check_finite_images(y: torch.Tensor, idx: range, p: Plan) -> None:
         )
 
 
+def solved_batches(sampler, den: Denoiser, g: GenerateConfig, ranges: list[range], todo: list[int], device: torch.device):
+    """(shard i, sample indices, z, y on the host, labels) for every batch of the shards ``todo``, in order.
+
+    One batch stays in flight: batch k+1 is queued on the device before batch k's images are awaited, so
+    the device does not idle while the host makes noise and stores images (on a CPU it runs in turn)."""
+    shape, store_dtype = model_shape(den), np.dtype(g.dtype)
+    in_flight = None
+    for i in todo:
+        idx = ranges[i]
+        for start in range(0, len(idx), g.batch_size):
+            b = idx[start : start + g.batch_size]
+            # Round the noise to the storage dtype first, so the stored pair is exactly (z, ODE(z)).
+            z = sample_noise(g.seed, b, shape).numpy().astype(store_dtype).astype(np.float32)
+            labels = sample_labels(b, den.num_classes)
+            y = sampler(to_device(torch.from_numpy(z), device), None if labels is None else labels.to(device))
+            queued = (i, b, z, HostCopy(y), labels)
+            if in_flight is not None:
+                yield _landed(*in_flight)
+            in_flight = queued
+    if in_flight is not None:
+        yield _landed(*in_flight)
+
+
+def _landed(i: int, b: range, z: np.ndarray, y: HostCopy, labels):
+    return i, b, z, y.get(), labels
+
+
 def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.device, progress: bool) -> tuple[int, Denoiser]:
     """Write the shards i = rank (mod world) that are missing or fail their checksum; returns the solver's NFE and the teacher."""
     g = cfg.generate
@@ -158,7 +186,6 @@ def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device:
     den = p.teacher().load(device, prompts)
     sampler, nfe = teacher_sampler(den, g.solver, g.steps, g.guidance_scale)
     sampler = at_precision(sampler, g.precision, device)
-    shape = model_shape(den)
     store_dtype = np.dtype(g.dtype)
     ranges = shard_ranges(g.num_samples, g.shard_size)
     todo = [i for i in range(rank, len(ranges), world) if not shard_is_valid(p.out_dir, i)]
@@ -167,25 +194,21 @@ def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device:
         phase=f"{len(todo)} shards" + (f" on rank 0 of {world}" if world > 1 else ""),
     )  # fmt: skip
     pending: list[Future] = []
+    zs, ys, ls = [], [], []
     with ThreadPoolExecutor(max_workers=1) as writer:  # encoding and writing overlap the next shard's compute
-        for i in todo:
-            idx = ranges[i]
-            zs, ys, ls = [], [], []
-            for start in range(0, len(idx), g.batch_size):
-                b = idx[start : start + g.batch_size]
-                # Round the noise to the storage dtype first, so the stored pair is exactly (z, ODE(z)).
-                z = sample_noise(g.seed, b, shape).numpy().astype(store_dtype).astype(np.float32)
-                labels = sample_labels(b, den.num_classes)
-                y = sampler(torch.from_numpy(z).to(device), None if labels is None else labels.to(device))
-                check_finite_images(y, b, p)
-                zs.append(z.astype(store_dtype))
-                ys.append(y.float().cpu().numpy().astype(store_dtype))
-                ls.append(None if labels is None else labels.numpy())
-                bar.update(len(b))
+        for i, b, z, y, labels in solved_batches(sampler, den, g, ranges, todo, device):
+            check_finite_images(y, b, p)
+            zs.append(z.astype(store_dtype))
+            ys.append(y.float().numpy().astype(store_dtype))
+            ls.append(None if labels is None else labels.numpy())
+            bar.update(len(b))
+            if b.stop < ranges[i].stop:  # a batch never crosses a shard: this shard has more to come
+                continue
             labels_np = None if ls[0] is None else np.concatenate(ls)
             while len(pending) >= 2:
                 pending.pop(0).result()
-            pending.append(writer.submit(_write_shard_atomic, p.out_dir, i, idx, np.concatenate(zs), np.concatenate(ys), labels_np, prompts))
+            pending.append(writer.submit(_write_shard_atomic, p.out_dir, i, ranges[i], np.concatenate(zs), np.concatenate(ys), labels_np, prompts))
+            zs, ys, ls = [], [], []
         for f in pending:
             f.result()
     bar.close()

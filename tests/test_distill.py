@@ -213,3 +213,41 @@ def test_damaged_output_is_rebuilt_from_the_final_checkpoint(trained):
     assert "fails verification" in proc.stderr and "rebuilding the outputs" in proc.stderr
     assert max_diff(weights(out / "generator"), before) == 0
     assert (out / "samples.png").read_bytes() == grid  # the final grid, redrawn from the final checkpoint
+
+
+class _DeviceWaits(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that make the host wait for the device: a tensor read as a Python number (.item(),
+    float(), bool()) or a data-dependent shape (nonzero, masked_select)."""
+
+    WAITS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "is_nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.WAITS:
+            self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_step_reads_the_device_once_and_updates_the_ema_in_closed_form(setup):
+    """Trainer.step makes no .item()/float()/bool() of a device value: its scalars come back in one transfer
+    (host_logs). The fused EMA update is ema' = d * ema + (1 - d) * theta'."""
+    from accelerate import Accelerator
+
+    tmp, cfg = setup
+    c = load_config(cfg, ["distill.ema_decay=0.9", f"distill.pairs={_pairs(cfg)}", "distill.max_grad_norm=1.0"])
+    tr = distill.Trainer(c, chain.plan(c, "distill"), Accelerator(cpu=True))
+    tr.restart_data(0)
+    tr.step(0)
+    ema0 = {k: v.clone() for k, v in tr.ema.items()}
+    with _DeviceWaits() as waits:
+        logs = tr.step(1)
+    assert waits.names == []
+    assert {"loss_dm", "loss_reg", "loss_g", "loss_fake", "grad_norm_g", "grad_norm_fake"} <= logs.keys()
+    assert all(isinstance(v, float) and v == v for v in logs.values())
+    theta = tr.unwrap(tr.gen).unet.state_dict()
+    for k in ema0:  # within float32 rounding of the float64 closed form (2 ulp)
+        expected = 0.9 * ema0[k].double() + 0.1 * theta[k].double()
+        assert ((tr.ema[k].double() - expected).abs() <= 2 * 2**-24 * expected.abs() + 1e-12).all(), k
