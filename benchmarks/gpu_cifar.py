@@ -65,6 +65,23 @@ def sync_time(fn, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
+def host_syncs(fn) -> int | None:
+    """How many times one call of ``fn`` makes the host wait for the GPU (CUDA's sync debug mode warns at each)."""
+    import warnings
+
+    if DEV != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def unet_flops(den, batch: int, backward: bool) -> float:
     """FLOPs of one denoiser call (and its backward, weights included) at this batch, counted once in fp32."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -178,9 +195,10 @@ def iteration_check(cfg_args: list[str], store: str, res: dict, batch: int, iter
             floors.append(sum(sync_time(fn, iters) for fn in parts.values()))
             its.append(sync_time(iteration, iters))
         floor, it = statistics.median(floors), statistics.median(its)
+        syncs = host_syncs(iteration)
         row = {"batch": B, "iteration_s": round(it, 4), "floor_s": round(floor, 4), "iteration_over_floor": round(it / floor, 3),
                "floor_tflops": round(flops / floor / 1e12, 1), "iteration_tflops": round(flops / it / 1e12, 1),
-               "first_step_s": round(first_s, 1), "generator_samples_per_s": round(B / it, 1)}  # fmt: skip
+               "first_step_s": round(first_s, 1), "generator_samples_per_s": round(B / it, 1), "host_syncs_per_iteration": syncs}  # fmt: skip
         res[name] = row
         print(json.dumps({f"iteration_{name}": row}), flush=True)
         del tr

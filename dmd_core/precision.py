@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal, get_args
 
 import torch
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+Precision = Literal["fp32", "tf32", "bf16", "fp16"]  # the config fields generate.precision and evaluate.precision
+PRECISIONS = get_args(Precision)
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -112,6 +112,13 @@ def _decode_pair(sample: dict) -> tuple:
         ) from None
 
 
+def read_pairs(url: str | Path, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The first ``n`` pairs of one shard, in order, as float32 (noise, image, labels or None)."""
+    samples = tar_samples([{"url": str(url)}])
+    pairs = [_decode_pair(s) for s, _ in zip(samples, range(n))]
+    return _collate_pairs(pairs)
+
+
 def check_pair_batch(batch: tuple, shape: tuple[int, ...], where: str) -> None:
     """The pairs' samples must have the shape the teacher works in (a generate output of another teacher shape would not)."""
     if tuple(batch[0].shape[1:]) != tuple(shape):

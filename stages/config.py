@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from dmd_core.dmd import VP_GENERATOR_TIMESTEP, DMDSettings
 from dmd_core.errors import InputError
 from dmd_core.gan import GAN_WEIGHT_DISCRIMINATOR, GAN_WEIGHT_GENERATOR
+from dmd_core.precision import Precision
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = PROJECT_ROOT / "data" / "digits.yaml"
@@ -82,7 +83,7 @@ class GenerateConfig(Section):
     seed: int = Field(0, ge=0, description="noise of sample i is seeded by (seed, i)")
     dtype: Literal["float16", "float32"] = Field("float32", description="storage dtype of noise.npy and image.npy")
     guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance of the teacher (1 = none)")
-    precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
+    precision: Precision = Field(
         "fp32", description="compute precision of the teacher's network calls (fp32: TF32 off; fp16 needs a GPU); the ODE state stays float64"
     )
     prompts: OptionalPathStr | None = Field(None, description="text-to-image teachers: a .parquet or text file of prompts; pair i uses prompt i mod N")
@@ -171,7 +172,7 @@ class EvaluateConfig(Section):
         None, description="which generator of the distill output: final, ema or best (distill.eval_every's best by FD); default: use_ema decides"
     )
     teacher_steps: int | None = Field(None, gt=0, description="teacher solver steps (default: generate.steps)")
-    precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
+    precision: Precision = Field(
         "fp32", description="compute precision of the student's and the teacher's network calls (features stay fp32; fp16 needs a GPU)"
     )
     speed_batch_size: int = Field(256, gt=0, description="batch for the images/s comparison")

@@ -22,7 +22,7 @@ from dmd_core.denoisers import Denoiser
 from dmd_core.errors import InputError
 from dmd_core.faults import fault_point
 from dmd_core.precision import at_precision, difference
-from dmd_core.shards import sample_labels, sample_noise, shard_name, shard_ranges, write_shard
+from dmd_core.shards import read_pairs, sample_labels, sample_noise, shard_name, shard_ranges, write_shard
 from dmd_core.solvers import check_solver, teacher_sampler
 from dmd_core.text import read_prompts
 from dmd_core.transfer import HostCopy, to_device
@@ -222,18 +222,14 @@ PRECISION_SAMPLES = 8  # of the first batch, re-solved in fp32 at the end (the c
 def precision_error(cfg: PipelineConfig, p: Plan, device: torch.device, den: Denoiser | None = None) -> dict:
     """The first batch's stored images against an fp32 solve of the same noise: what the precision (and
     the storage dtype) cost, measured in the data itself."""
-    from dmd_core.shards import _decode_pair, tar_samples
-
     g = cfg.generate
-    samples = tar_samples([{"url": str(p.out_dir / shard_name(0))}])
-    pairs = [_decode_pair(s) for s, _ in zip(samples, range(min(PRECISION_SAMPLES, g.batch_size, g.shard_size, g.num_samples)))]
-    z = torch.from_numpy(np.stack([q[0] for q in pairs]).astype(np.float32)).to(device)
-    stored = torch.from_numpy(np.stack([q[1] for q in pairs]).astype(np.float32))
+    z, stored, _ = read_pairs(p.out_dir / shard_name(0), min(PRECISION_SAMPLES, g.batch_size, g.shard_size, g.num_samples))
+    z = z.to(device)
     den = den or p.teacher().load(device, plan_prompts(p, g))
     sampler, _ = teacher_sampler(den, g.solver, g.steps, g.guidance_scale)
-    labels = sample_labels(range(len(pairs)), den.num_classes)
+    labels = sample_labels(range(len(z)), den.num_classes)
     fp32 = at_precision(sampler, "fp32", device)(z, None if labels is None else labels.to(device)).float().cpu()
-    return {**difference(stored, fp32), "samples": len(pairs), "against": "fp32 solve of the same noise"}
+    return {**difference(stored, fp32), "samples": len(z), "against": "fp32 solve of the same noise"}
 
 
 def finalize(cfg: PipelineConfig, p: Plan, nfe: int, wall_time: float, device: torch.device | None = None, den: Denoiser | None = None) -> Manifest:

@@ -38,13 +38,11 @@ def test_bf16_generate_is_keyed_and_records_its_error_against_fp32(tmp_path, edm
     assert err["samples"] == 8 and 0 < err["mean_abs"] <= err["max_abs"] < 0.5
     # the same numbers, computed here: the stored first batch against an fp32 solve of its noise
     den = chain.resolve_teacher(bf16_cfg).load()
-    from dmd_core.shards import _decode_pair, tar_samples
+    from dmd_core.shards import read_pairs
 
-    out = tmp_path / "store" / "generate" / bf16.key
-    pairs = [_decode_pair(s) for s, _ in zip(tar_samples([{"url": str(out / "pairs-000000.tar")}]), range(8))]
-    z = torch.from_numpy(np.stack([p[0] for p in pairs]))
-    want = teacher_sampler(den, "heun", 3)[0](z, sample_labels(range(8), 10)).float()
-    got = torch.from_numpy(np.stack([p[1] for p in pairs]))
+    z, got, labels = read_pairs(tmp_path / "store" / "generate" / bf16.key / "pairs-000000.tar", 8)
+    assert labels.tolist() == sample_labels(range(8), 10).tolist()
+    want = teacher_sampler(den, "heun", 3)[0](z, labels).float()
     assert float((got - want).abs().max()) == err["max_abs"]
 
 
