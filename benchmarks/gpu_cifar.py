@@ -10,7 +10,6 @@ FLOPs counted once with torch.utils.flop_counter); one-step against Heun-18 imag
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -134,14 +133,15 @@ def floor_flops(teacher: Path, batch: int, guided: bool) -> float:
     return unet_flops(den, 2 * batch, True) + unet_flops(den, batch, False) * (2 if guided else 1) + unet_flops(den, batch, False) + unet_flops(den, batch, True)
 
 
-def iteration_check(cfg_args: list[str], store: str, res: dict, batch: int, iters: int) -> None:
-    """One DMD iteration against its floor, fp32 / bf16 / bf16 compiled."""
+def iteration_check(cfg_args: list[str], store: str, res: dict, batch: int, iters: int, compiled: bool = True) -> None:
+    """One DMD iteration against its floor, fp32 / bf16 / bf16 compiled (the last only when ``compiled``)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     flops = None
 
-    for name, mp, comp in (("fp32", "no", False), ("bf16", "bf16", False), ("bf16_compiled", "bf16", True)):
+    modes = (("fp32", "no", False), ("bf16", "bf16", False), ("bf16_compiled", "bf16", True))
+    for name, mp, comp in modes if compiled else modes[:2]:
         cfg = load_config(None, [*cfg_args, f"store={store}", f"generate.num_samples={N['tf32']}", "generate.precision=tf32", f"distill.batch_size={batch}",
                                  f"distill.mixed_precision={mp}", f"distill.compile={str(comp).lower()}"])  # fmt: skip
         cfg.distill.pairs = None
@@ -204,7 +204,8 @@ def iteration_check(cfg_args: list[str], store: str, res: dict, batch: int, iter
         del tr
         if DEV == "cuda":
             torch.cuda.empty_cache()
-    res["compiled_speedup"] = round(res["bf16"]["iteration_s"] / res["bf16_compiled"]["iteration_s"], 3)
+    if compiled:
+        res["compiled_speedup"] = round(res["bf16"]["iteration_s"] / res["bf16_compiled"]["iteration_s"], 3)
 
 
 @torch.no_grad()
@@ -222,25 +223,36 @@ def one_step_vs_teacher(teacher: Path, res: dict, batch: int = 256) -> None:
                           "speedup": round(t_heun / t_one, 1)}  # fmt: skip
 
 
-def cifar_check(res: dict, batch: int = 128, iters: int = 5) -> None:
+PARTS = ("generate", "iteration", "iteration-eager", "one_step")
+
+
+def cifar_check(res: dict, parts: list[str] = ["generate", "iteration", "one_step"], generate_samples: int | None = None,
+                batch: int = 128, iters: int = 5) -> None:  # fmt: skip
+    """The parts named (PARTS), each in its own entry of ``res``; one failing part keeps the others' numbers."""
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"unknown --parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     if SMOKE:
         batch, iters = 4, 1
+        generate_samples = generate_samples and min(generate_samples, 32)
     root = Path(tempfile.mkdtemp(prefix="dmd-cifar-"))
     teacher, params = cifar_teacher(root / "teacher")
     res["teacher_parameters"] = params
     cfg_args = [f"teacher.path={teacher}", "generate.batch_size=1024", "generate.shard_size=1024",
                 "distill.regression_loss=pseudo_huber", "distill.num_workers=4"]  # fmt: skip
     store = str(root / "store")
-    if os.environ.get("CIFAR_PARTS") == "generate":  # a second look at the generate stage alone, with larger runs
-        res["generate"] = {}
-        generate_check(cfg_args, store, res["generate"], None if SMOKE else {"tf32": 4096, "bf16": 4096})
-        return
-    for name, fn in (("generate", lambda r: generate_check(cfg_args, store, r)), ("iteration", lambda r: iteration_check(cfg_args, store, r, batch, iters)),
-                     ("one_step_vs_teacher", lambda r: one_step_vs_teacher(teacher, r))):  # fmt: skip
+    sizes = {"tf32": generate_samples, "bf16": generate_samples} if generate_samples else None
+    run = {
+        "generate": lambda r: generate_check(cfg_args, store, r, sizes),
+        "iteration": lambda r: iteration_check(cfg_args, store, r, batch, iters),
+        "iteration-eager": lambda r: iteration_check(cfg_args, store, r, batch, iters, compiled=False),
+        "one_step": lambda r: one_step_vs_teacher(teacher, r),
+    }
+    for name in parts:
         res[name] = {}
         t0 = time.perf_counter()
         try:
-            fn(res[name])
+            run[name](res[name])
         except Exception as e:  # one part failing must not lose the others' numbers
             import traceback
 
