@@ -7,7 +7,9 @@ and every read of a device value (``.item()``, ``float()``, ``bool()``, ``nonzer
 until the device has finished: after it the device idles while the host queues the next work. This
 counts both for one step of the digits default and for its network passes alone (generator
 forward+backward on the DM and regression batches, real forward, fake forward, fake forward+backward),
-plus the operations of one per-sample ``randn`` draw. The counts do not depend on the device.
+plus the operations of one per-sample ``randn`` draw, and how many operations the step dispatches
+before its first network call (while the device, idle after the previous step's one read, waits).
+The counts do not depend on the device.
 """
 
 from __future__ import annotations
@@ -32,9 +34,13 @@ class Count(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops: collections.Counter = collections.Counter()
+        self.before_network = None  # operations dispatched before the first convolution
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.__name__.split(".")[0]] += 1
+        name = func.__name__.split(".")[0]
+        if name == "convolution" and self.before_network is None:
+            self.before_network = sum(self.ops.values())
+        self.ops[name] += 1
         return func(*args, **(kwargs or {}))
 
     def reads(self) -> int:
@@ -73,6 +79,7 @@ def main() -> None:
         "ops_in_network_passes": sum(floor.ops.values()),
         "ops_per_randn_draw": sum(draw.ops.values()),
         "device_reads_per_step": step.reads(),
+        "ops_before_the_first_network_call": step.before_network,
         "most_common_extra_ops": dict(extra.most_common(8)),
     }, indent=2))  # fmt: skip
 

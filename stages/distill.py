@@ -306,6 +306,7 @@ class Trainer:
         self.urls = [str(Path(p.inputs["pairs"]) / shard_name(i)) for i in range(p.info["num_shards"])] if "pairs" in p.inputs else []
         self.data, self.ahead = None, None  # the pair stream; the next step's pairs when read ahead
         self.ema_sources = None  # the generator's tensors the EMA follows (update_ema)
+        self.draws_ahead: dict[tuple[int, int], tuple] = {}  # (step, micro-batch) -> generator_draws, made one step early
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         # quality during training (main process): FD of a fixed sample every eval_every steps, the best kept
         self.probe_fn, self.best = None, None
@@ -438,7 +439,8 @@ class Trainer:
         """One generator update then ``fake_updates_per_generator_update`` fake-score updates.
 
         Nothing in it waits for the device until ``host_logs`` at the end (one transfer for every logged
-        scalar): the CPU keeps queueing work, and the next step's pairs are read while the device runs."""
+        scalar): the CPU keeps queueing work, and the next step's pairs and first draws are made while the
+        device runs."""
         d, acc, A = self.d, self.acc, self.d.gradient_accumulation_steps
         dev = acc.device
         for group in self.opt_g.param_groups:
@@ -454,9 +456,7 @@ class Trainer:
         xs, labels_dm = [], []
         # ---- generator: loss_DM + lambda_reg * l(G(z_ref), y_ref)
         for m in range(A):
-            rng = SampleRNG(d.seed, STREAM_GENERATOR, step, self.indices(step, m), dev)
-            z = rng.randn(self.shape)
-            labels = random_labels(rng, self.label_range)
+            rng, z, labels = self.draws_ahead.pop((step, m), None) or self.generator_draws(step, m)
             z_ref, y_ref, labels_ref = pairs[m] if pairs is not None else (None, None, None)
             if batches is not None:
                 check_pair_batch((z_ref, y_ref), self.shape, self.p.inputs.get("pairs", "the pairs"))
@@ -508,9 +508,17 @@ class Trainer:
             self.update_ema()
         if batches is None and self.urls:
             self.ahead = self.read_batches()  # the next step's pairs, decoded while the device works
+        # and the next step's first draws (pure functions of (seed, step, sample)): the host's work before
+        # the next step's first network call is then only queueing it
+        self.draws_ahead = {(step + 1, m): self.generator_draws(step + 1, m) for m in range(A)}
         logs = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_g": 0.0, "loss_fake": 0.0, **self.host_logs(step, sums, norms)}
         logs["lr_g"], logs["lr_fake"] = self.opt_g.param_groups[0]["lr"], self.opt_f.param_groups[0]["lr"]
         return logs
+
+    def generator_draws(self, step: int, m: int) -> tuple[SampleRNG, torch.Tensor, torch.Tensor | None]:
+        """The generator's micro-batch m at ``step``: its rng, then z and labels (its first two draws)."""
+        rng = SampleRNG(self.d.seed, STREAM_GENERATOR, step, self.indices(step, m), self.acc.device)
+        return rng, rng.randn(self.shape), random_labels(rng, self.label_range)
 
     @torch.no_grad()
     def update_ema(self) -> None:
