@@ -9,6 +9,7 @@ the process count, since sample i's noise depends only on (seed, i).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -152,11 +153,14 @@ def check_finite_images(y: torch.Tensor, idx: range, p: Plan) -> None:
         )
 
 
-def solved_batches(sampler, den: Denoiser, g: GenerateConfig, ranges: list[range], todo: list[int], device: torch.device):
-    """(shard i, sample indices, z, y on the host, labels) for every batch of the shards ``todo``, in order.
+def solved_batches(sampler, den: Denoiser, g: GenerateConfig, ranges: list[range], todo: list[int], device: torch.device, reference=None):
+    """(shard i, sample indices, z, y on the host, labels, fp32 reference) for every batch of the shards
+    ``todo``, in order. The reference is ``reference`` (an fp32 sampler) applied to the first
+    ``precision_samples`` of shard 0 (None for every other batch, or without one).
 
     One batch stays in flight: batch k+1 is queued on the device before batch k's images are awaited, so
-    the device does not idle while the host makes noise and stores images (on a CPU it runs in turn)."""
+    the device does not idle while the host makes noise and stores images (on a CPU it runs in turn).
+    The reference's small solve is queued right behind the first batch, where a GPU hides its launches."""
     shape, store_dtype = model_shape(den), np.dtype(g.dtype)
     in_flight = None
     for i in todo:
@@ -166,26 +170,42 @@ def solved_batches(sampler, den: Denoiser, g: GenerateConfig, ranges: list[range
             # Round the noise to the storage dtype first, so the stored pair is exactly (z, ODE(z)).
             z = sample_noise(g.seed, b, shape).numpy().astype(store_dtype).astype(np.float32)
             labels = sample_labels(b, den.num_classes)
-            y = sampler(to_device(torch.from_numpy(z), device), None if labels is None else labels.to(device))
-            queued = (i, b, z, HostCopy(y), labels)
+            z_dev, labels_dev = to_device(torch.from_numpy(z), device), None if labels is None else labels.to(device)
+            y = HostCopy(sampler(z_dev, labels_dev))
+            ref = None
+            if reference is not None and b.start == 0:
+                n = precision_samples(g)
+                ref = HostCopy(reference(z_dev[:n], None if labels_dev is None else labels_dev[:n]))
             if in_flight is not None:
                 yield _landed(*in_flight)
-            in_flight = queued
+            in_flight = (i, b, z, y, labels, ref)
     if in_flight is not None:
         yield _landed(*in_flight)
 
 
-def _landed(i: int, b: range, z: np.ndarray, y: HostCopy, labels):
-    return i, b, z, y.get(), labels
+def _landed(i: int, b: range, z: np.ndarray, y: HostCopy, labels, ref: HostCopy | None):
+    return i, b, z, y.get(), labels, None if ref is None else ref.get()
 
 
-def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.device, progress: bool) -> tuple[int, Denoiser]:
-    """Write the shards i = rank (mod world) that are missing or fail their checksum; returns the solver's NFE and the teacher."""
+@dataclasses.dataclass
+class Solved:
+    """What ``generate_shards`` leaves for ``finalize``: the solver's NFE, the loaded teacher, and the fp32
+    reference of shard 0's first samples (None when shard 0 was written by an earlier run)."""
+
+    nfe: int
+    den: Denoiser
+    reference: torch.Tensor | None
+
+
+def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.device, progress: bool) -> Solved:
+    """Write the shards i = rank (mod world) that are missing or fail their checksum."""
     g = cfg.generate
     prompts = plan_prompts(p, g)
     den = p.teacher().load(device, prompts)
-    sampler, nfe = teacher_sampler(den, g.solver, g.steps, g.guidance_scale)
-    sampler = at_precision(sampler, g.precision, device)
+    solve, nfe = teacher_sampler(den, g.solver, g.steps, g.guidance_scale)
+    sampler = at_precision(solve, g.precision, device)
+    # an fp32 run's own images are the fp32 reference; any other precision solves a few samples again in fp32
+    reference = None if g.precision == "fp32" else at_precision(solve, "fp32", device)
     store_dtype = np.dtype(g.dtype)
     ranges = shard_ranges(g.num_samples, g.shard_size)
     todo = [i for i in range(rank, len(ranges), world) if not shard_is_valid(p.out_dir, i)]
@@ -195,9 +215,12 @@ def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device:
     )  # fmt: skip
     pending: list[Future] = []
     zs, ys, ls = [], [], []
+    fp32 = None
     with ThreadPoolExecutor(max_workers=1) as writer:  # encoding and writing overlap the next shard's compute
-        for i, b, z, y, labels in solved_batches(sampler, den, g, ranges, todo, device):
+        for i, b, z, y, labels, ref in solved_batches(sampler, den, g, ranges, todo, device, reference):
             check_finite_images(y, b, p)
+            if b.start == 0:
+                fp32 = (y[: precision_samples(g)] if ref is None else ref).float().clone()
             zs.append(z.astype(store_dtype))
             ys.append(y.float().numpy().astype(store_dtype))
             ls.append(None if labels is None else labels.numpy())
@@ -212,27 +235,36 @@ def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device:
         for f in pending:
             f.result()
     bar.close()
-    return nfe, den
+    return Solved(nfe, den, fp32)
 
 
-PRECISION_SAMPLES = 8  # of the first batch, re-solved in fp32 at the end (the cost of 8 of num_samples solves)
+PRECISION_SAMPLES = 8  # of the first batch, solved again in fp32 (unless the run is fp32): 8 of num_samples solves
+
+
+def precision_samples(g: GenerateConfig) -> int:
+    return min(PRECISION_SAMPLES, g.batch_size, g.shard_size, g.num_samples)
 
 
 @torch.no_grad()
-def precision_error(cfg: PipelineConfig, p: Plan, device: torch.device, den: Denoiser | None = None) -> dict:
+def precision_error(cfg: PipelineConfig, p: Plan, device: torch.device, solved: Solved | None = None) -> dict:
     """The first batch's stored images against an fp32 solve of the same noise: what the precision (and
-    the storage dtype) cost, measured in the data itself."""
+    the storage dtype) cost, measured in the data itself. The solve is the one made while generating;
+    when shard 0 came from an earlier run, it is made again here the way that run made it (the whole
+    first batch for an fp32 run, the first samples alone otherwise), so a resumed run records the same."""
     g = cfg.generate
-    z, stored, _ = read_pairs(p.out_dir / shard_name(0), min(PRECISION_SAMPLES, g.batch_size, g.shard_size, g.num_samples))
-    z = z.to(device)
-    den = den or p.teacher().load(device, plan_prompts(p, g))
-    sampler, _ = teacher_sampler(den, g.solver, g.steps, g.guidance_scale)
-    labels = sample_labels(range(len(z)), den.num_classes)
-    fp32 = at_precision(sampler, "fp32", device)(z, None if labels is None else labels.to(device)).float().cpu()
-    return {**difference(stored, fp32), "samples": len(z), "against": "fp32 solve of the same noise"}
+    n = precision_samples(g)
+    fp32 = None if solved is None else solved.reference
+    first = n if fp32 is not None or g.precision != "fp32" else min(g.batch_size, g.shard_size, g.num_samples)
+    z, stored, _ = read_pairs(p.out_dir / shard_name(0), first)
+    if fp32 is None:
+        den = solved.den if solved is not None else p.teacher().load(device, plan_prompts(p, g))
+        sampler, _ = teacher_sampler(den, g.solver, g.steps, g.guidance_scale)
+        labels = sample_labels(range(first), den.num_classes)
+        fp32 = at_precision(sampler, "fp32", device)(z.to(device), None if labels is None else labels.to(device))[:n].float().cpu()
+    return {**difference(stored[:n], fp32), "samples": n, "against": "fp32 solve of the same noise"}
 
 
-def finalize(cfg: PipelineConfig, p: Plan, nfe: int, wall_time: float, device: torch.device | None = None, den: Denoiser | None = None) -> Manifest:
+def finalize(cfg: PipelineConfig, p: Plan, solved: Solved, wall_time: float, device: torch.device | None = None) -> Manifest:
     """Check every shard, then write manifest.json (last)."""
     g = cfg.generate
     ranges = shard_ranges(g.num_samples, g.shard_size)
@@ -263,7 +295,7 @@ def finalize(cfg: PipelineConfig, p: Plan, nfe: int, wall_time: float, device: t
             "parametrization": teacher.param.kind,
             "solver": g.solver,
             "steps": g.steps,
-            "nfe": nfe,
+            "nfe": solved.nfe,
             "guidance_scale": g.guidance_scale,
             "num_samples": g.num_samples,
             "num_shards": len(ranges),
@@ -272,7 +304,7 @@ def finalize(cfg: PipelineConfig, p: Plan, nfe: int, wall_time: float, device: t
             "num_prompts": None if prompts is None else len(prompts),
             "dtype": g.dtype,
             "precision": g.precision,
-            "precision_error": precision_error(cfg, p, device or torch.device("cpu"), den),
+            "precision_error": precision_error(cfg, p, device or torch.device("cpu"), solved),
         },
         wall_time_s=round(wall_time, 3),
     )
@@ -292,8 +324,8 @@ def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool =
     timer = Timer()
     _set_threads(cfg.generate, 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    nfe, den = generate_shards(cfg, p, 0, 1, device, progress)
-    return finalize(cfg, p, nfe, timer.seconds, device, den)
+    solved = generate_shards(cfg, p, 0, 1, device, progress)
+    return finalize(cfg, p, solved, timer.seconds, device)
 
 
 def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | None:
@@ -304,9 +336,9 @@ def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Mani
     state = PartialState(cpu=os.environ.get("DMD_FORCE_CPU") == "1" or not torch.cuda.is_available())
     _set_threads(cfg.generate, state.num_processes)
     state.wait_for_everyone()
-    nfe, den = generate_shards(cfg, p, state.process_index, state.num_processes, state.device, progress)
+    solved = generate_shards(cfg, p, state.process_index, state.num_processes, state.device, progress)
     state.wait_for_everyone()
-    return finalize(cfg, p, nfe, timer.seconds, state.device, den) if state.is_main_process else None
+    return finalize(cfg, p, solved, timer.seconds, state.device) if state.is_main_process else None
 
 
 def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:

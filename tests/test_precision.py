@@ -46,6 +46,17 @@ def test_bf16_generate_is_keyed_and_records_its_error_against_fp32(tmp_path, edm
     assert float((got - want).abs().max()) == err["max_abs"]
 
 
+@pytest.mark.parametrize("sets", [["generate.dtype=float16"], ["generate.precision=bf16"]], ids=["fp32-float16", "bf16"])
+def test_a_resumed_run_records_the_same_precision_error(tmp_path, edm_teacher, sets):
+    """The error is measured against the fp32 solve made while generating (an fp32 run's own images); when
+    shard 0 comes from an earlier run it is solved again here, as that run did, giving the same numbers."""
+    cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", num_samples=24, shard_size=16), [*sets, "generate.batch_size=16"])
+    m = generate.run(cfg, progress=False)
+    assert m.info["precision_error"]["max_abs"] > 0  # float16 storage or bf16 compute: not trivially zero
+    again = generate.precision_error(cfg, chain.plan(cfg, "generate"), torch.device("cpu"))  # no solve from the run
+    assert again == m.info["precision_error"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed where a GPU is")
 def test_fp16_needs_a_gpu(tmp_path, edm_teacher):
     import sys
