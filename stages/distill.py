@@ -420,7 +420,7 @@ class Trainer:
         """The step's scalars to the host in one transfer (the step's only device sync), and the NaN/Inf check
         of its loss terms. A non-finite term propagates through the micro-batch sums, so checking the sums
         checks every micro-batch; the run stops in the step it happens, before any checkpoint holds it."""
-        values = torch.stack([*sums.values(), *norms.values()])
+        values = torch.stack([v.float() for v in (*sums.values(), *norms.values())])
         finite = torch.isfinite(values[: len(sums)]).float()
         if self.world > 1:  # every rank stops together
             finite = self.acc.reduce(finite, reduction="sum") / self.world
