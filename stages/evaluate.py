@@ -254,15 +254,15 @@ class Evaluator:
         for s in self.batch_starts():
             idx = range(s, min(s + e.batch_size, e.num_samples))
             z = sample_noise(e.seed, idx, self.shape).to(self.device)
-            labels = sample_labels(idx, self.num_classes)
-            labels = None if labels is None else labels.to(self.device)
+            labels_cpu = sample_labels(idx, self.num_classes)
+            labels = None if labels_cpu is None else labels_cpu.to(self.device)
             x = sampler(z, labels, idx).float().clamp(-1, 1)
             fid.update(x.to(torch.float64), real=False)
             classes = self.classes(labels)
             if self.classifier is not None and classes is not None:
                 correct += (self.classifier(x).argmax(1) == classes).sum()
             if clip is not None:
-                clip.update(to_uint8_rgb(x), [self.prompts[int(i)] for i in labels])
+                clip.update(to_uint8_rgb(x), [self.prompts[i] for i in labels_cpu.tolist()])  # host labels: no device read per sample
             bar.update(1)
         fd = float(fid.compute())  # torchmetrics all-reduces the float64 sums across processes
         if self.world > 1:
