@@ -36,9 +36,15 @@ def distributed_env() -> tuple[int, int]:
 
 
 def finish_distributed() -> None:
-    """Barrier, then tear the process group down: exiting with a live gloo group can abort a rank."""
+    """Barrier, then tear the process group down: exiting with a live gloo group can abort a rank.
+
+    Unreferenced DDP wrappers are collected first: one whose reducer outlives the group it talks to
+    can abort the process at exit ("terminate called without an active exception")."""
+    import gc
+
     import torch.distributed as dist
 
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -15,25 +15,31 @@ from stages import chain, distill
 from stages.config import load_config
 from stages.launch import finish_distributed
 
-config, global_batch, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-acc = Accelerator(cpu=True)
-per_process = global_batch // acc.num_processes
-cfg = load_config(config, [f"distill.batch_size={per_process}"])
-torch.set_num_threads(1)
-trainer = distill.Trainer(cfg, chain.plan(cfg, "distill"), acc)
-g = torch.Generator().manual_seed(123)  # the same regression pairs, whatever the split
-z_ref = torch.randn(global_batch, 1, 8, 8, generator=g)
-y_ref = torch.rand(global_batch, 1, 8, 8, generator=g) * 2 - 1
-labels_ref = torch.randint(0, 10, (global_batch,), generator=g)
-part = slice(acc.process_index * per_process, (acc.process_index + 1) * per_process)
-logs = trainer.step(0, batches=[(z_ref[part], y_ref[part], labels_ref[part])])
-if acc.is_main_process:
-    state = {f"gen.{k}": v.contiguous() for k, v in acc.unwrap_model(trainer.gen).unet.state_dict().items()}
-    state.update({f"fake.{k}": v.contiguous() for k, v in acc.unwrap_model(trainer.fake).unet.state_dict().items()})
-    head = getattr(acc.unwrap_model(trainer.fake), "gan_head", None)
-    if head is not None:  # DMD2's head trains with the fake score
-        state.update({f"head.{k}": v.contiguous() for k, v in head.state_dict().items()})
-    save_file(state, out)
-    with open(out + ".json", "w") as f:
-        json.dump(logs, f)
+
+def main() -> None:
+    """Locals, so the trainer and its DDP wrappers are gone before the process group is torn down."""
+    config, global_batch, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    acc = Accelerator(cpu=True)
+    per_process = global_batch // acc.num_processes
+    cfg = load_config(config, [f"distill.batch_size={per_process}"])
+    torch.set_num_threads(1)
+    trainer = distill.Trainer(cfg, chain.plan(cfg, "distill"), acc)
+    g = torch.Generator().manual_seed(123)  # the same regression pairs, whatever the split
+    z_ref = torch.randn(global_batch, 1, 8, 8, generator=g)
+    y_ref = torch.rand(global_batch, 1, 8, 8, generator=g) * 2 - 1
+    labels_ref = torch.randint(0, 10, (global_batch,), generator=g)
+    part = slice(acc.process_index * per_process, (acc.process_index + 1) * per_process)
+    logs = trainer.step(0, batches=[(z_ref[part], y_ref[part], labels_ref[part])])
+    if acc.is_main_process:
+        state = {f"gen.{k}": v.contiguous() for k, v in acc.unwrap_model(trainer.gen).unet.state_dict().items()}
+        state.update({f"fake.{k}": v.contiguous() for k, v in acc.unwrap_model(trainer.fake).unet.state_dict().items()})
+        head = getattr(acc.unwrap_model(trainer.fake), "gan_head", None)
+        if head is not None:  # DMD2's head trains with the fake score
+            state.update({f"head.{k}": v.contiguous() for k, v in head.state_dict().items()})
+        save_file(state, out)
+        with open(out + ".json", "w") as f:
+            json.dump(logs, f)
+
+
+main()
 finish_distributed()
