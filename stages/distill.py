@@ -304,9 +304,9 @@ class Trainer:
         self.gen_loss = GeneratorLoss(dmd_settings(d), reg_loss, self.one_step, adversarial, d.gan_weight_generator, self.simulation)
         self.fake_loss = FakeScoreLoss.for_teacher(self.real)
         self.urls = [str(Path(p.inputs["pairs"]) / shard_name(i)) for i in range(p.info["num_shards"])] if "pairs" in p.inputs else []
-        self.data, self.ahead = None, None  # the pair stream; the next step's pairs when read ahead
+        self.data = None  # the pair stream
+        self.ahead: dict[int, tuple] = {}  # step -> prepare(step), made by the step before while the device worked
         self.ema_sources = None  # the generator's tensors the EMA follows (update_ema)
-        self.draws_ahead: dict[tuple[int, int], tuple] = {}  # (step, micro-batch) -> generator_draws, made one step early
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         # quality during training (main process): FD of a fixed sample every eval_every steps, the best kept
         self.probe_fn, self.best = None, None
@@ -388,7 +388,7 @@ class Trainer:
         if not self.urls:  # no regression loss: no pairs are read
             return
         segment = step // self.d.checkpoint_every
-        self.ahead = None  # read from the previous segment's stream
+        self.ahead = {}  # its pairs came from the previous segment's stream
         self.data = pair_stream(
             self.urls, self.d.batch_size, sample_seed(self.d.seed, STREAM_DATA, segment) % (2**31),
             self.d.shuffle_buffer, self.d.num_workers,
@@ -400,21 +400,21 @@ class Trainer:
         start = ((step * A + micro) * self.world + self.rank) * B
         return range(start, start + B)
 
-    def read_batches(self) -> list[tuple]:
-        """The next step's micro-batches of pairs, on the device (pinned and copied asynchronously on a GPU)."""
-        dev, out = self.acc.device, []
-        for _ in range(self.d.gradient_accumulation_steps):
-            batch = next(self.data)
-            check_pair_batch(batch, self.shape, self.p.inputs.get("pairs", "the pairs"))
-            out.append(tuple(None if t is None else to_device(t, dev) for t in batch))
-        return out
+    def pairs_on_device(self, batch: tuple) -> tuple:
+        """One micro-batch of pairs, checked against the teacher's shape, on the device (pinned and copied
+        asynchronously on a GPU)."""
+        check_pair_batch(batch, self.shape, self.p.inputs.get("pairs", "the pairs"))
+        return tuple(None if t is None else to_device(t, self.acc.device) for t in batch)
 
-    def next_batches(self) -> list[tuple] | None:
-        """This step's pairs: read ahead by the previous step while the device was busy, else read now."""
-        if not self.urls:  # no regression loss: no pairs are read
-            return None
-        ahead, self.ahead = self.ahead, None
-        return ahead if ahead is not None else self.read_batches()
+    def prepare(self, step: int, read_pairs: bool) -> tuple[list[tuple] | None, list[tuple]]:
+        """What ``step`` needs before its first network call: its micro-batches of pairs (when it reads the
+        stream) and each generator micro-batch's rng with its first two draws, z and the labels."""
+        pairs = [self.pairs_on_device(next(self.data)) for _ in range(self.d.gradient_accumulation_steps)] if read_pairs and self.urls else None
+        draws = []
+        for m in range(self.d.gradient_accumulation_steps):
+            rng = SampleRNG(self.d.seed, STREAM_GENERATOR, step, self.indices(step, m), self.acc.device)
+            draws.append((rng, rng.randn(self.shape), random_labels(rng, self.label_range)))
+        return pairs, draws
 
     def host_logs(self, step: int, sums: dict[str, torch.Tensor], norms: dict[str, torch.Tensor]) -> dict[str, float]:
         """The step's scalars to the host in one transfer (the step's only device sync), and the NaN/Inf check
@@ -452,16 +452,14 @@ class Trainer:
         def add(name: str, v: torch.Tensor, weight: float) -> None:
             sums[name] = sums.get(name, 0.0) + v.detach().float() * weight
 
-        pairs = batches if batches is not None else self.next_batches()
+        pairs, draws = self.ahead.pop(step, None) or self.prepare(step, read_pairs=batches is None)
+        if batches is not None:
+            pairs = [self.pairs_on_device(b) for b in batches]
         xs, labels_dm = [], []
         # ---- generator: loss_DM + lambda_reg * l(G(z_ref), y_ref)
         for m in range(A):
-            rng, z, labels = self.draws_ahead.pop((step, m), None) or self.generator_draws(step, m)
+            rng, z, labels = draws[m]
             z_ref, y_ref, labels_ref = pairs[m] if pairs is not None else (None, None, None)
-            if batches is not None:
-                check_pair_batch((z_ref, y_ref), self.shape, self.p.inputs.get("pairs", "the pairs"))
-                z_ref, y_ref = z_ref.to(dev), y_ref.to(dev)
-                labels_ref = None if labels_ref is None else labels_ref.to(dev)
             sync = acc.no_sync(self.gen) if m < A - 1 else nullcontext()
             with sync, acc.autocast():
                 loss_g, terms, x = self.gen_loss(self.gen, self.real, self.fake, z, labels, rng, z_ref, y_ref, labels_ref)
@@ -506,19 +504,12 @@ class Trainer:
             self.opt_f.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.update_ema()
-        if batches is None and self.urls:
-            self.ahead = self.read_batches()  # the next step's pairs, decoded while the device works
-        # and the next step's first draws (pure functions of (seed, step, sample)): the host's work before
-        # the next step's first network call is then only queueing it
-        self.draws_ahead = {(step + 1, m): self.generator_draws(step + 1, m) for m in range(A)}
+        # the next step's pairs and first draws (pure functions of (seed, step, sample)), made while the device
+        # works: the host's work before the next step's first network call is then only queueing it
+        self.ahead = {step + 1: self.prepare(step + 1, read_pairs=batches is None)}
         logs = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_g": 0.0, "loss_fake": 0.0, **self.host_logs(step, sums, norms)}
         logs["lr_g"], logs["lr_fake"] = self.opt_g.param_groups[0]["lr"], self.opt_f.param_groups[0]["lr"]
         return logs
-
-    def generator_draws(self, step: int, m: int) -> tuple[SampleRNG, torch.Tensor, torch.Tensor | None]:
-        """The generator's micro-batch m at ``step``: its rng, then z and labels (its first two draws)."""
-        rng = SampleRNG(self.d.seed, STREAM_GENERATOR, step, self.indices(step, m), self.acc.device)
-        return rng, rng.randn(self.shape), random_labels(rng, self.label_range)
 
     @torch.no_grad()
     def update_ema(self) -> None:

@@ -241,8 +241,12 @@ def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device:
 PRECISION_SAMPLES = 8  # of the first batch, solved again in fp32 (unless the run is fp32): 8 of num_samples solves
 
 
+def first_batch_size(g: GenerateConfig) -> int:
+    return min(g.batch_size, g.shard_size, g.num_samples)
+
+
 def precision_samples(g: GenerateConfig) -> int:
-    return min(PRECISION_SAMPLES, g.batch_size, g.shard_size, g.num_samples)
+    return min(PRECISION_SAMPLES, first_batch_size(g))
 
 
 @torch.no_grad()
@@ -254,7 +258,7 @@ def precision_error(cfg: PipelineConfig, p: Plan, device: torch.device, solved: 
     g = cfg.generate
     n = precision_samples(g)
     fp32 = None if solved is None else solved.reference
-    first = n if fp32 is not None or g.precision != "fp32" else min(g.batch_size, g.shard_size, g.num_samples)
+    first = n if fp32 is not None or g.precision != "fp32" else first_batch_size(g)
     z, stored, _ = read_pairs(p.out_dir / shard_name(0), first)
     if fp32 is None:
         den = solved.den if solved is not None else p.teacher().load(device, plan_prompts(p, g))

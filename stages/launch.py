@@ -44,8 +44,8 @@ def finish_distributed() -> None:
 
     import torch.distributed as dist
 
-    gc.collect()
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
