@@ -59,7 +59,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["digits", "t2i"], default="digits")
     ap.add_argument("--model", choices=["digits", "cifar"], default="digits", help="cifar: the CIFAR-size speed check (benchmarks/gpu_cifar.py)")
     ap.add_argument("--parts", default="generate,iteration,one_step",
-                    help="cifar: comma-separated parts: generate, iteration (fp32, bf16, bf16 compiled), iteration-eager (fp32, bf16), one_step")
+                    help="cifar: comma-separated parts: generate, iteration (fp32, bf16, bf16 compiled), iteration-eager (fp32, bf16), "
+                         "iteration-bf16 (bf16, bf16 compiled, each profiled), profile (torch.profiler: bf16 iteration and generate), one_step")
     ap.add_argument("--generate-samples", type=int, default=None,
                     help="cifar: images per generate run (default: 1,024-2,048 per precision); with it, only tf32 and bf16 run, each cold then warm")
     args = ap.parse_args()
@@ -68,9 +69,8 @@ def main() -> None:
     if args.model == "cifar":
         from gpu_cifar import cifar_check
 
-        cifar_check(res, args.parts.split(","), args.generate_samples)
+        cifar_check(res, args.parts.split(","), args.generate_samples, save=lambda r: Path(args.out).write_text(json.dumps(r, indent=2)))
         print(json.dumps(res, indent=2), flush=True)
-        Path(args.out).write_text(json.dumps(res, indent=2))
         return
     if args.only == "t2i":
         res["digits_t2i"] = {}

@@ -64,8 +64,9 @@ def sync_time(fn, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def host_syncs(fn) -> int | None:
-    """How many times one call of ``fn`` makes the host wait for the GPU (CUDA's sync debug mode warns at each)."""
+def host_syncs(fn) -> dict | None:
+    """How many times one call of ``fn`` makes the host wait for the GPU, and where (CUDA's sync debug mode
+    warns at each; the warning names the Python line that asked)."""
     import warnings
 
     if DEV != "cuda":
@@ -78,7 +79,8 @@ def host_syncs(fn) -> int | None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    return sum("synchroniz" in str(w.message) for w in caught)
+    sites = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    return {"count": len(sites), "sites": sorted(set(sites))}
 
 
 def unet_flops(den, batch: int, backward: bool) -> float:
@@ -133,27 +135,68 @@ def floor_flops(teacher: Path, batch: int, guided: bool) -> float:
     return unet_flops(den, 2 * batch, True) + unet_flops(den, batch, False) * (2 if guided else 1) + unet_flops(den, batch, False) + unet_flops(den, batch, True)
 
 
-def iteration_check(cfg_args: list[str], store: str, res: dict, batch: int, iters: int, compiled: bool = True) -> None:
-    """One DMD iteration against its floor, fp32 / bf16 / bf16 compiled (the last only when ``compiled``)."""
+def bench_trainer(cfg_args: list[str], store: str, batch: int, mp: str, comp: bool):
+    """A distill Trainer on the CIFAR teacher's tf32 pairs (generated once, then cached), at step 0."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    cfg = load_config(None, [*cfg_args, f"store={store}", f"generate.num_samples={N['tf32']}", "generate.precision=tf32", f"distill.batch_size={batch}",
+                             f"distill.mixed_precision={mp}", f"distill.compile={str(comp).lower()}"])  # fmt: skip
+    cfg.distill.pairs = None
+    chain.run(cfg, "generate", progress=False)
+    plan = chain.plan(cfg, "distill")
+    AcceleratorState._reset_state()
+    acc = Accelerator(mixed_precision=mp, cpu=DEV == "cpu")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # training: PyTorch's defaults (TF32 convolutions)
+    tr = distill.Trainer(cfg, plan, acc)
+    tr.restart_data(0)
+    return tr, acc, cfg, plan
+
+
+MODES = {"fp32": ("no", False), "bf16": ("bf16", False), "bf16_compiled": ("bf16", True)}
+
+
+PHASE = "dmd."  # the Trainer's record_function names; on a GPU each also appears as a device-side range
+
+
+def phase_table(prof, steps: int) -> dict | str:
+    """The step's phases, ms per step: ``host`` the time the Python thread spent inside each, ``device_span``
+    the time from its first kernel's start to its last kernel's end (CUDA only)."""
+    from torch.autograd import DeviceType
+
+    try:
+        events = [e for e in prof.events() if e.name.startswith(PHASE)]
+    except Exception as e:  # the other tables still stand
+        return f"{type(e).__name__}: {e}"
+    table: dict = {}
+    for e in events:
+        side = "device_span_ms" if e.device_type == DeviceType.CUDA else "host_ms"
+        row = table.setdefault(e.name, {"host_ms": 0.0, "device_span_ms": 0.0})
+        row[side] += (e.time_range.end - e.time_range.start) / 1e3 / steps
+    return {k: {side: round(v, 2) for side, v in row.items()} for k, row in table.items()}
+
+
+def profiled(fn, steps: int) -> dict:
+    """``fn`` (``steps`` steps of work, warm) under torch.profiler: the Trainer's phases, kernel-busy time
+    against wall time with the idle gaps, and the top ops by device and by host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])) as prof:
+        fn()
+        sync()
+    return {"phases": phase_table(prof, steps), "timeline": device_timeline(prof, steps),
+            "top_device_ops": top_ops(prof, steps, "cuda", 12) if DEV == "cuda" else None, "top_host_ops": top_ops(prof, steps, "cpu", 12)}  # fmt: skip
+
+
+def iteration_check(cfg_args: list[str], store: str, res: dict, batch: int, iters: int, modes: tuple[str, ...], profile: bool = False) -> None:
+    """One DMD iteration against its floor, per mode of MODES; with ``profile``, 3 more steps under torch.profiler."""
     flops = None
 
-    modes = (("fp32", "no", False), ("bf16", "bf16", False), ("bf16_compiled", "bf16", True))
-    for name, mp, comp in modes if compiled else modes[:2]:
-        cfg = load_config(None, [*cfg_args, f"store={store}", f"generate.num_samples={N['tf32']}", "generate.precision=tf32", f"distill.batch_size={batch}",
-                                 f"distill.mixed_precision={mp}", f"distill.compile={str(comp).lower()}"])  # fmt: skip
-        cfg.distill.pairs = None
-        chain.run(cfg, "generate", progress=False)
-        plan = chain.plan(cfg, "distill")
-        AcceleratorState._reset_state()
-        acc = Accelerator(mixed_precision=mp, cpu=DEV == "cpu")
+    for name in modes:
+        mp, comp = MODES[name]
+        tr, acc, cfg, plan = bench_trainer(cfg_args, store, batch, mp, comp)
         if flops is None:
             flops = floor_flops(Path(plan.inputs["teacher"]), batch, cfg.distill.guidance_scale != 1)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # training: PyTorch's defaults (TF32 convolutions)
-        tr = distill.Trainer(cfg, plan, acc)
-        tr.restart_data(0)
         t0 = time.perf_counter()
         tr.step(0)
         sync()
@@ -196,16 +239,77 @@ def iteration_check(cfg_args: list[str], store: str, res: dict, batch: int, iter
             its.append(sync_time(iteration, iters))
         floor, it = statistics.median(floors), statistics.median(its)
         syncs = host_syncs(iteration)
+        if profile:
+            profile_row = profiled(lambda: [iteration() for _ in range(3)], 3)
         row = {"batch": B, "iteration_s": round(it, 4), "floor_s": round(floor, 4), "iteration_over_floor": round(it / floor, 3),
                "floor_tflops": round(flops / floor / 1e12, 1), "iteration_tflops": round(flops / it / 1e12, 1),
                "first_step_s": round(first_s, 1), "generator_samples_per_s": round(B / it, 1), "host_syncs_per_iteration": syncs}  # fmt: skip
+        if profile:
+            row["profile"] = profile_row
         res[name] = row
         print(json.dumps({f"iteration_{name}": row}), flush=True)
         del tr
         if DEV == "cuda":
             torch.cuda.empty_cache()
-    if compiled:
+    if "bf16" in res and "bf16_compiled" in res:
         res["compiled_speedup"] = round(res["bf16"]["iteration_s"] / res["bf16_compiled"]["iteration_s"], 3)
+
+
+def device_timeline(prof, steps: int) -> dict | str | None:
+    """Per step: the wall time of the profiled window, the time some kernel ran (union of kernel intervals),
+    and the idle gaps over 0.2 ms with the top-level host ops (or ops directly inside a phase) that began
+    inside each: what the GPU waited for."""
+    from torch.autograd import DeviceType
+
+    try:
+        events = list(prof.events())
+    except Exception as e:  # the tables above still stand
+        return f"{type(e).__name__}: {e}"
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith(PHASE))
+    if not kernels:
+        return None
+    host = sorted((e.time_range.start, e.name) for e in events if e.device_type == DeviceType.CPU and (e.cpu_parent is None or e.cpu_parent.name.startswith(PHASE)))
+    start, end = min(kernels[0][0], host[0][0]), kernels[-1][1]
+    busy, gaps, cur_s, cur_e, prev = 0.0, [], kernels[0][0], kernels[0][1], kernels[0][2]
+    for s, e, name in kernels[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            if s - cur_e > 200:
+                began = [n for t, n in host if cur_e <= t < s]
+                gaps.append({"us": round(s - cur_e), "after_kernel": prev[:60], "host_ops_began": sorted(set(began))[:8]})
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+        prev = name
+    busy += cur_e - cur_s
+    gaps.sort(key=lambda g: -g["us"])
+    return {"wall_ms_per_step": round((end - start) / 1e3 / steps, 2), "kernel_busy_ms_per_step": round(busy / 1e3 / steps, 2),
+            "idle_gaps_over_0.2ms_per_step": round(len(gaps) / steps, 1), "idle_in_gaps_ms_per_step": round(sum(g["us"] for g in gaps) / 1e3 / steps, 2),
+            "largest_gaps": gaps[:10]}  # fmt: skip
+
+
+def top_ops(prof, steps: int, key: str, n: int) -> list[dict]:
+    """The ``n`` ops with most self time on ``key`` ("cuda" or "cpu"), in ms per step."""
+    attr = "self_device_time_total" if key == "cuda" else "self_cpu_time_total"
+    rows = sorted((r for r in prof.key_averages() if not r.key.startswith(PHASE)), key=lambda r: -getattr(r, attr))[:n]
+    return [{"op": r.key[:80], "ms_per_step": round(getattr(r, attr) / 1e3 / steps, 3), "calls_per_step": round(r.count / steps, 1)} for r in rows]
+
+
+def profile_check(cfg_args: list[str], store: str, res: dict, batch: int, steps: int = 3) -> None:
+    """torch.profiler over ``steps`` warm bf16 DMD iterations and a warm bf16 generate stage: where the time
+    beyond the network passes goes."""
+    tr, _, _, _ = bench_trainer(cfg_args, store, batch, "bf16", False)
+    for i in range(3):  # warm: cuDNN autotuning, allocator
+        tr.step(i)
+    res["iteration_bf16"] = profiled(lambda: [tr.step(i) for i in range(3, 3 + steps)], steps)
+    del tr
+    n = N["bf16"] // 2
+    for seed in (2, 3):  # the first warms the stage up; the second is profiled
+        cfg = load_config(None, [*cfg_args, f"store={store}", f"generate.num_samples={n}", "generate.precision=bf16", f"generate.seed={seed}"])
+        if seed == 2:
+            generate.run(cfg, progress=False)
+    batches = -(-n // cfg.generate.batch_size)
+    res["generate_bf16"] = {"images": n, "batches": batches, **profiled(lambda: generate.run(cfg, progress=False), batches)}
 
 
 @torch.no_grad()
@@ -223,12 +327,13 @@ def one_step_vs_teacher(teacher: Path, res: dict, batch: int = 256) -> None:
                           "speedup": round(t_heun / t_one, 1)}  # fmt: skip
 
 
-PARTS = ("generate", "iteration", "iteration-eager", "one_step")
+PARTS = ("generate", "iteration", "iteration-eager", "iteration-bf16", "profile", "one_step")
 
 
 def cifar_check(res: dict, parts: list[str] = ["generate", "iteration", "one_step"], generate_samples: int | None = None,
-                batch: int = 128, iters: int = 5) -> None:  # fmt: skip
-    """The parts named (PARTS), each in its own entry of ``res``; one failing part keeps the others' numbers."""
+                batch: int = 128, iters: int = 5, save=lambda res: None) -> None:  # fmt: skip
+    """The parts named (PARTS), each in its own entry of ``res``, ``save(res)`` after each; one failing part
+    keeps the others' numbers."""
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise SystemExit(f"unknown --parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
@@ -244,8 +349,10 @@ def cifar_check(res: dict, parts: list[str] = ["generate", "iteration", "one_ste
     sizes = {"tf32": generate_samples, "bf16": generate_samples} if generate_samples else None
     run = {
         "generate": lambda r: generate_check(cfg_args, store, r, sizes),
-        "iteration": lambda r: iteration_check(cfg_args, store, r, batch, iters),
-        "iteration-eager": lambda r: iteration_check(cfg_args, store, r, batch, iters, compiled=False),
+        "iteration": lambda r: iteration_check(cfg_args, store, r, batch, iters, ("fp32", "bf16", "bf16_compiled")),
+        "iteration-eager": lambda r: iteration_check(cfg_args, store, r, batch, iters, ("fp32", "bf16")),
+        "iteration-bf16": lambda r: iteration_check(cfg_args, store, r, batch, iters, ("bf16", "bf16_compiled"), profile=True),
+        "profile": lambda r: profile_check(cfg_args, store, r, batch),
         "one_step": lambda r: one_step_vs_teacher(teacher, r),
     }
     for name in parts:
@@ -260,3 +367,4 @@ def cifar_check(res: dict, parts: list[str] = ["generate", "iteration", "one_ste
             res[name]["error"] = f"{type(e).__name__}: {e}"
         res[name]["wall_s"] = round(time.perf_counter() - t0, 1)
         print(json.dumps({name: res[name]}), flush=True)
+        save(res)

@@ -36,8 +36,11 @@ def cfg_combine(uncond: Tensor, cond: Tensor, guidance_scale: float) -> Tensor:
 
 
 def _per_sample(value: float | Tensor, batch: int, device: torch.device) -> Tensor:
-    """A float or (batch,) tensor as a float64 (batch,) tensor on ``device``."""
-    v = torch.as_tensor(value, dtype=torch.float64, device=device)
+    """A float or (batch,) tensor as a float64 (batch,) tensor on ``device``. A Python number is filled on
+    the device: ``as_tensor`` would copy it from host memory, and that copy makes the host wait for the GPU."""
+    if not isinstance(value, Tensor):
+        return torch.full((batch,), value, dtype=torch.float64, device=device)
+    v = value.to(device, torch.float64)
     return v.expand(batch) if v.ndim == 0 else v.reshape(batch)
 
 

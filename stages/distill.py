@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
+from torch.profiler import record_function
 
 from dmd_core.denoisers import Denoiser, Parametrization
 from dmd_core.digits import load_digits_data
@@ -457,57 +458,68 @@ class Trainer:
             pairs = [self.pairs_on_device(b) for b in batches]
         xs, labels_dm = [], []
         # ---- generator: loss_DM + lambda_reg * l(G(z_ref), y_ref)
-        for m in range(A):
-            rng, z, labels = draws[m]
-            z_ref, y_ref, labels_ref = pairs[m] if pairs is not None else (None, None, None)
-            sync = acc.no_sync(self.gen) if m < A - 1 else nullcontext()
-            with sync, acc.autocast():
-                loss_g, terms, x = self.gen_loss(self.gen, self.real, self.fake, z, labels, rng, z_ref, y_ref, labels_ref)
-                acc.backward(loss_g / A)
-            xs.append(x)
-            labels_dm.append(labels)
-            for k, v in (*terms.items(), ("loss_g", loss_g)):
-                add(k, v, 1 / A)
-        norms = {"grad_norm_g": acc.clip_grad_norm_(self.gen.parameters(), d.max_grad_norm or math.inf)}
-        self.opt_g.step()
-        self.opt_g.zero_grad(set_to_none=True)
-        # ---- fake score: denoising loss on stopgrad(G(z))
-        share = 1 / A / d.fake_updates_per_generator_update
-        for k in range(d.fake_updates_per_generator_update):
+        # (record_function: the phases' names in a torch.profiler trace; about a microsecond each otherwise)
+        with record_function("dmd.generator"):
             for m in range(A):
-                rng = SampleRNG(d.seed, STREAM_FAKE + k, step, self.indices(step, m), dev)
-                if k == 0:
-                    x, labels = xs[m], labels_dm[m]
-                else:  # DMD2's extra fake updates see fresh generator samples
-                    z = rng.randn(self.shape)
-                    labels = random_labels(rng, self.label_range)
-                    with torch.no_grad(), acc.autocast():
-                        if self.simulation is None:
-                            x = self.one_step(self.gen, z, labels).float()
-                        else:
-                            inputs, levels = self.simulation(self.gen, z, labels, rng)
-                            x = self.gen(inputs, levels, labels).float()
-                sync = acc.no_sync(self.fake) if m < A - 1 else nullcontext()
+                rng, z, labels = draws[m]
+                z_ref, y_ref, labels_ref = pairs[m] if pairs is not None else (None, None, None)
+                sync = acc.no_sync(self.gen) if m < A - 1 else nullcontext()
                 with sync, acc.autocast():
-                    loss_f = self.fake_loss(self.fake, x, labels, rng)
-                    total = loss_f
-                    if self.gan_logits is not None:
-                        gan = self.discriminator_terms(x, labels, rng)
-                        total = loss_f + d.gan_weight_discriminator * gan["loss_gan_d"]
-                        for name, v in gan.items():
-                            add(name, v, share)
-                    acc.backward(total / A)
-                add("loss_fake", loss_f, share)
-            # the last update's norm is logged (as before: each update overwrote it)
-            norms["grad_norm_fake"] = acc.clip_grad_norm_(self.fake.parameters(), d.max_grad_norm or math.inf)
-            self.opt_f.step()
-            self.opt_f.zero_grad(set_to_none=True)
+                    loss_g, terms, x = self.gen_loss(self.gen, self.real, self.fake, z, labels, rng, z_ref, y_ref, labels_ref)
+                    with record_function("dmd.generator.backward"):
+                        acc.backward(loss_g / A)
+                xs.append(x)
+                labels_dm.append(labels)
+                for k, v in (*terms.items(), ("loss_g", loss_g)):
+                    add(k, v, 1 / A)
+            with record_function("dmd.generator.update"):
+                norms = {"grad_norm_g": acc.clip_grad_norm_(self.gen.parameters(), d.max_grad_norm or math.inf)}
+                self.opt_g.step()
+                self.opt_g.zero_grad(set_to_none=True)
+        # ---- fake score: denoising loss on stopgrad(G(z))
+        with record_function("dmd.fake_score"):
+            share = 1 / A / d.fake_updates_per_generator_update
+            for k in range(d.fake_updates_per_generator_update):
+                for m in range(A):
+                    rng = SampleRNG(d.seed, STREAM_FAKE + k, step, self.indices(step, m), dev)
+                    if k == 0:
+                        x, labels = xs[m], labels_dm[m]
+                    else:  # DMD2's extra fake updates see fresh generator samples
+                        z = rng.randn(self.shape)
+                        labels = random_labels(rng, self.label_range)
+                        with torch.no_grad(), acc.autocast():
+                            if self.simulation is None:
+                                x = self.one_step(self.gen, z, labels).float()
+                            else:
+                                inputs, levels = self.simulation(self.gen, z, labels, rng)
+                                x = self.gen(inputs, levels, labels).float()
+                    sync = acc.no_sync(self.fake) if m < A - 1 else nullcontext()
+                    with sync, acc.autocast():
+                        loss_f = self.fake_loss(self.fake, x, labels, rng)
+                        total = loss_f
+                        if self.gan_logits is not None:
+                            gan = self.discriminator_terms(x, labels, rng)
+                            total = loss_f + d.gan_weight_discriminator * gan["loss_gan_d"]
+                            for name, v in gan.items():
+                                add(name, v, share)
+                        with record_function("dmd.fake_score.backward"):
+                            acc.backward(total / A)
+                    add("loss_fake", loss_f, share)
+                # the last update's norm is logged (as before: each update overwrote it)
+                with record_function("dmd.fake_score.update"):
+                    norms["grad_norm_fake"] = acc.clip_grad_norm_(self.fake.parameters(), d.max_grad_norm or math.inf)
+                    self.opt_f.step()
+                    self.opt_f.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.update_ema()
+            with record_function("dmd.ema"):
+                self.update_ema()
         # the next step's pairs and first draws (pure functions of (seed, step, sample)), made while the device
         # works: the host's work before the next step's first network call is then only queueing it
-        self.ahead = {step + 1: self.prepare(step + 1, read_pairs=batches is None)}
-        logs = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_g": 0.0, "loss_fake": 0.0, **self.host_logs(step, sums, norms)}
+        with record_function("dmd.read_ahead"):
+            self.ahead = {step + 1: self.prepare(step + 1, read_pairs=batches is None)}
+        with record_function("dmd.host_logs"):
+            host = self.host_logs(step, sums, norms)
+        logs = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_g": 0.0, "loss_fake": 0.0, **host}
         logs["lr_g"], logs["lr_fake"] = self.opt_g.param_groups[0]["lr"], self.opt_f.param_groups[0]["lr"]
         return logs
 
