@@ -74,7 +74,7 @@ log = logging.getLogger("dmd")
 
 
 class TrainingDiverged(InputError):
-    """A loss term became NaN or Inf."""
+    """A loss term or a gradient norm became NaN or Inf."""
 
 
 def check_regression_loss(d: DistillConfig) -> None:
@@ -419,18 +419,20 @@ class Trainer:
 
     def host_logs(self, step: int, sums: dict[str, torch.Tensor], norms: dict[str, torch.Tensor]) -> dict[str, float]:
         """The step's scalars to the host in one transfer (the step's only device sync), and the NaN/Inf check
-        of its loss terms. A non-finite term propagates through the micro-batch sums, so checking the sums
-        checks every micro-batch; the run stops in the step it happens, before any checkpoint holds it."""
+        of its loss terms and gradient norms. A non-finite term propagates through the micro-batch sums, so
+        checking the sums checks every micro-batch. A non-finite gradient norm with finite losses means the
+        optimizer has just written NaN into the weights. Either way the run stops in the step it happens,
+        before any checkpoint holds it."""
         values = torch.stack([v.float() for v in (*sums.values(), *norms.values())])
-        finite = torch.isfinite(values[: len(sums)]).float()
+        finite = torch.isfinite(values).float()
         if self.world > 1:  # every rank stops together
             finite = self.acc.reduce(finite, reduction="sum") / self.world
         host = torch.cat([values, finite]).tolist()
         logs = dict(zip([*sums, *norms], host))
-        bad = [name for name, f in zip(sums, host[len(values) :]) if f < 1]
+        bad = [name for name, f in zip([*sums, *norms], host[len(values) :]) if f < 1]
         if bad:
             raise TrainingDiverged(
-                f"distill stopped at step {step + 1}: loss term {', '.join(bad)} is NaN or Inf. The last good checkpoint is kept in "
+                f"distill stopped at step {step + 1}: {', '.join(bad)} is NaN or Inf. The last good checkpoint is kept in "
                 f"{self.p.out_dir / 'checkpoints'}. Fix: lower the learning rates (distill.generator_optimizer.lr, "
                 "distill.fake_optimizer.lr), keep distill.max_grad_norm set, or use distill.mixed_precision=no."
             )

@@ -141,6 +141,26 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(setup, monkeypatch):
     assert not (out / "manifest.json").exists()
 
 
+def test_nan_gradient_with_finite_losses_stops_before_a_checkpoint_holds_it(setup):
+    """A NaN gradient (finite losses, so only the norm shows it) poisons the weights at the optimizer step;
+    the step must stop there, not at the next step's NaN loss after a checkpoint may have saved it."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    tmp, cfg = setup
+    c = load_config(cfg, [f"store={tmp / 'nan-grad'}", f"distill.pairs={_pairs(cfg)}"])
+    AcceleratorState._reset_state()
+    tr = distill.Trainer(c, chain.plan(c, "distill"), Accelerator(cpu=True))
+    tr.restart_data(0)
+    tr.step(0)
+    weight = next(p for p in tr.fake.parameters() if p.requires_grad)
+    weight.register_hook(lambda g: torch.full_like(g, float("nan")))
+    with pytest.raises(distill.TrainingDiverged) as e:
+        tr.step(1)
+    assert "step 2: grad_norm_fake is NaN or Inf" in str(e.value)
+    assert not torch.isfinite(weight).all()  # what the check is for: the optimizer already wrote NaN
+
+
 def test_lpips_without_weights_is_refused(setup):
     tmp, cfg = setup
     proc = run_cli("distill", "--config", str(cfg), "--set", "distill.regression_loss=lpips", check=False, env={"TORCH_HOME": str(tmp / "empty")})
