@@ -98,17 +98,26 @@ def unet_flops(den, batch: int, backward: bool) -> float:
 
 def generate_check(cfg_args: list[str], store: str, res: dict, sizes: dict[str, int] | None = None) -> None:
     """The stage per precision (images/s, its recorded error) and, for tf32 and bf16, a bare solver loop on the
-    same batches; the stage runs a second time on new noise (another seed), warm, as the bare loop is."""
+    same batches; the stage runs a second time on new noise (another seed), warm, as the bare loop is.
+
+    A third, warm run of one batch splits the warm stage's time into a fixed cost per run and a cost per
+    image: t(n) = fixed + n c. ``stage_over_bare_per_image`` (c against the bare loop's) is what the stage
+    adds per batch, the ratio a run of real size approaches."""
+    batch = load_config(None, [*cfg_args, f"store={store}"]).generate.batch_size
     for precision, n in (sizes or N).items():
         if precision == "fp16" and DEV != "cuda":
             continue
         row: dict = {"images": n}
-        for run, seed in (("cold", 0), ("warm", 1)) if precision in ("tf32", "bf16") else (("cold", 0),):
-            cfg = load_config(None, [*cfg_args, f"store={store}", f"generate.num_samples={n}", f"generate.precision={precision}", f"generate.seed={seed}"])
+        seconds = {}
+        runs = (("cold", 0, n), ("warm", 1, n), ("one_batch", 2, min(n, batch))) if precision in ("tf32", "bf16") else (("cold", 0, n),)
+        for run, seed, count in runs:
+            cfg = load_config(None, [*cfg_args, f"store={store}", f"generate.num_samples={count}", f"generate.precision={precision}", f"generate.seed={seed}"])
             t0 = time.perf_counter()
             m = generate.run(cfg, progress=False)
-            row[f"stage_images_per_s_{run}"] = round(n / (time.perf_counter() - t0), 1)
-            row["error_vs_fp32"] = m.info["precision_error"]
+            seconds[run] = (count, time.perf_counter() - t0)
+            row[f"stage_images_per_s_{run}"] = round(count / seconds[run][1], 1)
+            if run != "one_batch":
+                row["error_vs_fp32"] = m.info["precision_error"]
         if precision in ("tf32", "bf16"):
             den = chain.resolve_teacher(cfg).load(DEV)
             sampler = at_precision(teacher_sampler(den, "heun", cfg.generate.steps)[0], precision, DEV)
@@ -123,6 +132,10 @@ def generate_check(cfg_args: list[str], store: str, res: dict, sizes: dict[str, 
             bare = n / (time.perf_counter() - t0)
             row.update(bare_images_per_s=round(bare, 1), stage_over_bare_warm=round(bare / row["stage_images_per_s_warm"], 3),
                        stage_over_bare_cold=round(bare / row["stage_images_per_s_cold"], 3))  # fmt: skip
+            (n1, t1), (n2, t2) = seconds["one_batch"], seconds["warm"]
+            if n2 > n1:
+                per_image = (t2 - t1) / (n2 - n1)
+                row.update(stage_fixed_s=round(t1 - n1 * per_image, 3), stage_over_bare_per_image=round(per_image * bare, 3))
         res[precision] = row
         print(json.dumps({f"generate_{precision}": row}), flush=True)
 
