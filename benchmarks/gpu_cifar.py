@@ -261,7 +261,7 @@ def iteration_check(cfg_args: list[str], store: str, res: dict, batch: int, iter
             row["profile"] = profile_row
         res[name] = row
         print(json.dumps({f"iteration_{name}": row}), flush=True)
-        del tr
+        tr = None  # frees its networks before the next mode
         if DEV == "cuda":
             torch.cuda.empty_cache()
     if "bf16" in res and "bf16_compiled" in res:
@@ -315,7 +315,7 @@ def profile_check(cfg_args: list[str], store: str, res: dict, batch: int, steps:
     for i in range(3):  # warm: cuDNN autotuning, allocator
         tr.step(i)
     res["iteration_bf16"] = profiled(lambda: [tr.step(i) for i in range(3, 3 + steps)], steps)
-    del tr
+    tr = None  # frees its networks before the next mode
     n = N["bf16"] // 2
     for seed in (2, 3):  # the first warms the stage up; the second is profiled
         cfg = load_config(None, [*cfg_args, f"store={store}", f"generate.num_samples={n}", "generate.precision=bf16", f"generate.seed={seed}"])

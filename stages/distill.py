@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -444,8 +445,7 @@ class Trainer:
         Nothing in it waits for the device until ``host_logs`` at the end (one transfer for every logged
         scalar): the CPU keeps queueing work, and the next step's pairs and first draws are made while the
         device runs."""
-        d, acc, A = self.d, self.acc, self.d.gradient_accumulation_steps
-        dev = acc.device
+        d = self.d
         for group in self.opt_g.param_groups:
             group["lr"] = lr_at(step, d.generator_optimizer.lr, d.warmup_steps)
         for group in self.opt_f.param_groups:
@@ -458,9 +458,27 @@ class Trainer:
         pairs, draws = self.ahead.pop(step, None) or self.prepare(step, read_pairs=batches is None)
         if batches is not None:
             pairs = [self.pairs_on_device(b) for b in batches]
+        # record_function names the phases in a torch.profiler trace (about a microsecond each otherwise)
+        xs, labels_dm, norms = self.generator_update(draws, pairs, add)
+        norms["grad_norm_fake"] = self.fake_score_updates(step, xs, labels_dm, add)
+        if self.ema is not None:
+            with record_function("dmd.ema"):
+                self.update_ema()
+        # the next step's pairs and first draws (pure functions of (seed, step, sample)), made while the device
+        # works: the host's work before the next step's first network call is then only queueing it
+        with record_function("dmd.read_ahead"):
+            self.ahead = {step + 1: self.prepare(step + 1, read_pairs=batches is None)}
+        with record_function("dmd.host_logs"):
+            host = self.host_logs(step, sums, norms)
+        logs = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_g": 0.0, "loss_fake": 0.0, **host}
+        logs["lr_g"], logs["lr_fake"] = self.opt_g.param_groups[0]["lr"], self.opt_f.param_groups[0]["lr"]
+        return logs
+
+    def generator_update(self, draws: list[tuple], pairs: list[tuple] | None, add: Callable) -> tuple[list, list, dict]:
+        """loss_G = loss_DM + lambda_reg * l(G(z_ref), y_ref) over the micro-batches, then one optimizer step.
+        Returns stopgrad(G(z)) and its labels per micro-batch (the fake score trains on them) and the norm."""
+        d, acc, A = self.d, self.acc, self.d.gradient_accumulation_steps
         xs, labels_dm = [], []
-        # ---- generator: loss_DM + lambda_reg * l(G(z_ref), y_ref)
-        # (record_function: the phases' names in a torch.profiler trace; about a microsecond each otherwise)
         with record_function("dmd.generator"):
             for m in range(A):
                 rng, z, labels = draws[m]
@@ -478,7 +496,12 @@ class Trainer:
                 norms = {"grad_norm_g": acc.clip_grad_norm_(self.gen.parameters(), d.max_grad_norm or math.inf)}
                 self.opt_g.step()
                 self.opt_g.zero_grad(set_to_none=True)
-        # ---- fake score: denoising loss on stopgrad(G(z))
+        return xs, labels_dm, norms
+
+    def fake_score_updates(self, step: int, xs: list, labels_dm: list, add: Callable) -> torch.Tensor:
+        """``fake_updates_per_generator_update`` denoising updates of the fake score on stopgrad(G(z)); the
+        first on the generator update's samples, later ones on fresh ones. Returns the last gradient norm."""
+        d, acc, A, dev = self.d, self.acc, self.d.gradient_accumulation_steps, self.acc.device
         with record_function("dmd.fake_score"):
             share = 1 / A / d.fake_updates_per_generator_update
             for k in range(d.fake_updates_per_generator_update):
@@ -509,21 +532,10 @@ class Trainer:
                     add("loss_fake", loss_f, share)
                 # the last update's norm is logged (as before: each update overwrote it)
                 with record_function("dmd.fake_score.update"):
-                    norms["grad_norm_fake"] = acc.clip_grad_norm_(self.fake.parameters(), d.max_grad_norm or math.inf)
+                    norm = acc.clip_grad_norm_(self.fake.parameters(), d.max_grad_norm or math.inf)
                     self.opt_f.step()
                     self.opt_f.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            with record_function("dmd.ema"):
-                self.update_ema()
-        # the next step's pairs and first draws (pure functions of (seed, step, sample)), made while the device
-        # works: the host's work before the next step's first network call is then only queueing it
-        with record_function("dmd.read_ahead"):
-            self.ahead = {step + 1: self.prepare(step + 1, read_pairs=batches is None)}
-        with record_function("dmd.host_logs"):
-            host = self.host_logs(step, sums, norms)
-        logs = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_g": 0.0, "loss_fake": 0.0, **host}
-        logs["lr_g"], logs["lr_fake"] = self.opt_g.param_groups[0]["lr"], self.opt_f.param_groups[0]["lr"]
-        return logs
+        return norm
 
     @torch.no_grad()
     def update_ema(self) -> None:
