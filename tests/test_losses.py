@@ -94,6 +94,38 @@ def test_noise_levels_edm_grid():
     assert torch.equal(level, sigma)
 
 
+class _HostToDevice(torch.utils._python_dispatch.TorchDispatchMode):
+    """Ops that take a host (CPU) tensor and give a device tensor: on a GPU each such copy from pageable
+    memory makes the host wait. The "meta" device stands in for the GPU, so the test runs anywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves
+        if any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in leaves((args, kwargs))) and any(
+            isinstance(o, torch.Tensor) and o.device.type == "meta" for o in leaves(out)
+        ):
+            self.names.append(func.__name__)
+        return out
+
+
+def test_noise_levels_copy_the_edm_grid_to_a_device_once():
+    """Every DMD step calls noise_levels twice; its grid is made on the host, so it must be copied once per
+    device, not once per call."""
+    t = torch.zeros(4, dtype=torch.long, device="meta")
+    noise_levels(Parametrization(kind="edm", sigma_max=79.0), t)  # this grid's first use on this device
+    with _HostToDevice() as copies:
+        for _ in range(3):
+            _, sigma, _ = noise_levels(Parametrization(kind="edm", sigma_max=79.0), t)
+    assert copies.names == [] and sigma.device.type == "meta"
+    with _HostToDevice() as copies:  # another grid: one copy, so the counter does see copies
+        noise_levels(Parametrization(kind="edm", sigma_max=78.0), t)
+    assert copies.names == ["_to_copy.default"]
+
+
 def test_t_max_one_reaches_the_last_level_and_no_further():
     assert dm_timestep_range(DMDSettings(t_max=1.0)) == (20, NUM_LEVELS)
     real = GaussianDenoiser(0.0, 1.0)
