@@ -13,6 +13,7 @@ import json
 import statistics
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -66,21 +67,50 @@ def sync_time(fn, iters: int) -> float:
 
 def host_syncs(fn) -> dict | None:
     """How many times one call of ``fn`` makes the host wait for the GPU, and where (CUDA's sync debug mode
-    warns at each; the warning names the Python line that asked)."""
-    import warnings
-
+    warns at each)."""
     if DEV != "cuda":
         return None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        sites = warning_sites(fn, "synchroniz")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    sites = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
     return {"count": len(sites), "sites": sorted(set(sites))}
+
+
+def warning_sites(fn, text: str) -> list[str]:
+    """``wait_site`` of every warning containing ``text`` while ``fn`` runs. A warning names only its
+    innermost Python frame, often inside torch; the stack when it is shown names the project line too."""
+    import warnings
+
+    sites = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if text in str(message):
+            stack = traceback.extract_stack()[:-1]  # without this function
+            while Path(stack[-1].filename) == Path(warnings.__file__):  # nor the warnings module's frames
+                stack.pop()
+            sites.append(wait_site(stack))
+
+    with warnings.catch_warnings():  # restores showwarning on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        fn()
+    return sites
+
+
+def wait_site(stack: list[traceback.FrameSummary]) -> str:
+    """``project_file:line (function)``, the innermost frame outside the installed packages, then the
+    innermost frame itself where it lies elsewhere (``... via torch/nn/utils/clip_grad.py:52``)."""
+    here = Path(__file__).resolve().parent.parent
+    inside = [f for f in stack if Path(f.filename).resolve().is_relative_to(here) and "site-packages" not in f.filename]
+    last = stack[-1]
+    short = lambda f: f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno} ({f.name})"  # noqa: E731
+    if not inside:
+        return short(last)
+    own = inside[-1]
+    return short(own) if own is last else f"{short(own)} via {short(last)}"
 
 
 def unet_flops(den, batch: int, backward: bool) -> float:

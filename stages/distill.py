@@ -272,7 +272,10 @@ class Trainer:
                 net.unet.enable_gradient_checkpointing()
         if d.compile:  # in place (nn.Module.compile): state_dict keys, checkpoints and saved networks stay as they are
             for net in (gen, fake):
-                net.unet.compile()
+                # dynamic=False: one graph per batch size. By default the second batch size seen (the fake
+                # score's B after the generator's 2B; both run UNet.forward's code) turns the batch into a
+                # symbol, and the fake score's forward and backward then run kernels made for any size.
+                net.unet.compile(dynamic=False)
         gen.param = generator_parametrization(d, self.real.param)
         self.one_step = OneStep.of(gen)
         self.steps = MultiStep.of(gen)  # k-step generators (DMD2): trained on backward-simulated inputs

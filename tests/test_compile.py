@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import write_config
 
-from stages import chain, distill
+from stages import chain, distill, generate
 from stages.config import load_config
 
 # Measured on this project's 2-core CPU machine (3 steps, tiny EDM teacher, guidance 2): the compiled
@@ -38,6 +38,43 @@ def test_compiled_step_equals_eager(tmp_path, edm_teacher):
     worst = max(abs(c[k] - e[k]) / max(abs(e[k]), 1e-12) for e, c in zip(eager, compiled) for k in COMPARED)
     print(f"compiled vs eager, largest relative difference: {worst:.2e}")
     assert worst <= TOLERANCE, worst
+
+
+def test_compiled_networks_get_one_static_graph_per_batch_size(tmp_path, edm_teacher, monkeypatch):
+    """The generator runs UNet.forward at 2B (DM + regression batches), the fake score at B: by default the
+    second size seen turns the batch into a symbol and the fake score's graphs become size-generic. Here a
+    recording backend stands in for inductor (the same graphs, traced in seconds) and counts symbols."""
+    from torch.fx.experimental.symbolic_shapes import free_symbols
+
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        inputs = {n.name: n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"}
+        symbolic = any(free_symbols(v) if isinstance(v, torch.SymInt) else free_symbols(v.shape) for v in inputs.values() if v is not None)
+        graphs.append((inputs["l_sample_"].shape[0], symbolic, torch.is_grad_enabled()))
+        return gm.forward
+
+    compile_fn = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_fn(fn, **{**kw, "backend": recording_backend}))
+    torch._dynamo.reset()
+    try:
+        path = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={"regression_weight": 0.25})
+        cfg = load_config(path, ["distill.compile=true"])
+        generate.run(cfg, progress=False)
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+        tr = distill.Trainer(cfg, chain.plan(cfg, "distill"), Accelerator(cpu=True))
+        tr.restart_data(0)
+        for step in range(2):
+            tr.step(step)
+    finally:
+        torch._dynamo.reset()
+    B = cfg.distill.batch_size
+    # the generator's forward+backward at 2B, the fake score's no-grad forward and forward+backward at B,
+    # each compiled once (step 1 reuses them) and none with a symbolic size
+    assert sorted(graphs) == [(B, False, False), (B, False, True), (2 * B, False, True)], graphs
 
 
 def test_compile_is_keyed_only_when_set(tmp_path, edm_teacher):
