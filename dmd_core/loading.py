@@ -131,6 +131,20 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _empty_unet(cls, cfg: dict) -> torch.nn.Module:
+    """The UNet of ``cfg`` with uninitialised weights, for a strict load to fill: built on the meta device,
+    then given memory. Its random initialisation would be thrown away (5.1 s for an SD-size UNet, 0.23 s
+    for a CIFAR-size one, on 2 cores). A module holding tensors that __init__ computes and no load fills
+    (non-persistent buffers, plain tensor attributes) is built the ordinary way."""
+    with torch.device("meta"):
+        unet = cls.from_config(cfg)
+    loaded = set(unet.state_dict())
+    computed = any(name not in loaded for name, _ in unet.named_buffers()) or any(
+        isinstance(v, torch.Tensor) for m in unet.modules() for v in vars(m).values()
+    )
+    return cls.from_config(cfg) if computed else unet.to_empty(device="cpu")
+
+
 def load_unet(model_dir: str | os.PathLike) -> torch.nn.Module:
     """Build the UNet from config.json and load its safetensors weights strictly (shapes must match)."""
     model_dir = Path(model_dir)
@@ -143,7 +157,7 @@ def load_unet(model_dir: str | os.PathLike) -> torch.nn.Module:
         )
     weights = check_weights(model_dir / WEIGHTS_FILE)
     try:
-        unet = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+        unet = _empty_unet(cls, {k: v for k, v in cfg.items() if not k.startswith("_")})
     except Exception as e:
         raise InputError(f"{model_dir}/config.json does not build a {cls.__name__}: {_one_line(e)}. {RESAVE}") from None
     try:

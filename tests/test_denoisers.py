@@ -14,6 +14,7 @@ from conftest import make_edm_teacher, make_vp_teacher
 from dmd_core import load_denoiser
 from dmd_core.denoisers import EDMDenoiser, Parametrization, VPDenoiser, cfg_combine, edm_precond, karras_sigmas
 from dmd_core.errors import InputError
+from dmd_core.loading import load_unet
 
 
 class StubUNet(nn.Module):
@@ -120,6 +121,40 @@ def test_load_denoiser_roundtrip(tmp_path):
     torch.testing.assert_close(unet(x, t, class_labels=labels).sample, den.unet(x, t, class_labels=labels).sample)
     assert den(x, torch.tensor([0.5, 3.0]), labels).shape == x.shape
     assert not any(p.requires_grad for p in den.parameters())
+
+
+def test_loading_a_unet_never_initialises_weights_it_overwrites(tmp_path, monkeypatch):
+    """Random initialisation runs on the meta device only (free); the load then fills every weight."""
+    path = make_edm_teacher(tmp_path / "t")
+    devices = []
+    kaiming = nn.init.kaiming_uniform_  # what nn.Conv2d and nn.Linear initialise with
+
+    def recording(tensor, *args, **kwargs):
+        devices.append(tensor.device.type)
+        return kaiming(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(nn.init, "kaiming_uniform_", recording)
+    unet = load_unet(path)
+    assert devices and set(devices) == {"meta"}, devices
+    saved = UNet2DModel.from_pretrained(str(path)).state_dict()
+    assert unet.state_dict().keys() == saved.keys()
+    assert all(torch.equal(unet.state_dict()[k], saved[k]) for k in saved)
+
+
+def test_a_unet_with_computed_buffers_is_built_the_ordinary_way(tmp_path, monkeypatch):
+    """A tensor that __init__ computes and no weights file holds (a non-persistent buffer) keeps its value."""
+    import functools
+
+    init = UNet2DModel.__init__
+
+    @functools.wraps(init)  # diffusers reads the config's names from this signature
+    def with_computed_buffer(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.register_buffer("table", torch.arange(4.0), persistent=False)
+
+    monkeypatch.setattr(UNet2DModel, "__init__", with_computed_buffer)
+    unet = load_unet(make_edm_teacher(tmp_path / "t"))
+    assert torch.equal(unet.table, torch.arange(4.0)) and not any(p.is_meta for p in unet.parameters())
 
 
 def test_load_vp_denoiser(tmp_path):
