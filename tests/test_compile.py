@@ -40,7 +40,7 @@ def test_compiled_step_equals_eager(tmp_path, edm_teacher):
     assert worst <= TOLERANCE, worst
 
 
-def test_compiled_networks_get_one_static_graph_per_batch_size(tmp_path, edm_teacher, monkeypatch):
+def test_compiled_networks_get_one_static_graph_per_batch_size_and_keep_it(tmp_path, edm_teacher, monkeypatch):
     """The generator runs UNet.forward at 2B (DM + regression batches), the fake score at B: by default the
     second size seen turns the batch into a symbol and the fake score's graphs become size-generic. Here a
     recording backend stands in for inductor (the same graphs, traced in seconds) and counts symbols."""
@@ -69,11 +69,13 @@ def test_compiled_networks_get_one_static_graph_per_batch_size(tmp_path, edm_tea
         tr.restart_data(0)
         for step in range(2):
             tr.step(step)
+        tr.save_networks(tmp_path / "checkpoint")  # saving must not change what the graphs were traced under
+        tr.step(2)
     finally:
         torch._dynamo.reset()
     B = cfg.distill.batch_size
     # the generator's forward+backward at 2B, the fake score's no-grad forward and forward+backward at B,
-    # each compiled once (step 1 reuses them) and none with a symbolic size
+    # each compiled once (steps 1 and 2 reuse them, also after a checkpoint) and none with a symbolic size
     assert sorted(graphs) == [(B, False, False), (B, False, True), (2 * B, False, True)], graphs
 
 
