@@ -40,7 +40,16 @@ def test_compiled_step_equals_eager(tmp_path, edm_teacher):
     assert worst <= TOLERANCE, worst
 
 
-def test_compiled_networks_get_one_static_graph_per_batch_size_and_keep_it(tmp_path, edm_teacher, monkeypatch):
+RECIPES = {
+    "dmd": ("edm_teacher", []),
+    "bf16": ("edm_teacher", ["distill.mixed_precision=bf16"]),
+    "4-step": ("edm_teacher", ["distill.generator_timesteps=[999,749,499,249]"]),
+    "vp-teacher": ("vp_teacher", ["generate.solver=pndm"]),
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_compiled_networks_get_one_static_graph_per_batch_size_and_keep_it(tmp_path, request, monkeypatch, recipe):
     """The generator runs UNet.forward at 2B (DM + regression batches), the fake score at B: by default the
     second size seen turns the batch into a symbol and the fake score's graphs become size-generic. Here a
     recording backend stands in for inductor (the same graphs, traced in seconds) and counts symbols."""
@@ -58,14 +67,15 @@ def test_compiled_networks_get_one_static_graph_per_batch_size_and_keep_it(tmp_p
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_fn(fn, **{**kw, "backend": recording_backend}))
     torch._dynamo.reset()
     try:
-        path = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={"regression_weight": 0.25})
-        cfg = load_config(path, ["distill.compile=true"])
+        teacher, overrides = RECIPES[recipe]
+        path = write_config(tmp_path / "c.yaml", request.getfixturevalue(teacher), tmp_path / "store", distill={"regression_weight": 0.25})
+        cfg = load_config(path, ["distill.compile=true", *overrides])
         generate.run(cfg, progress=False)
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state()
-        tr = distill.Trainer(cfg, chain.plan(cfg, "distill"), Accelerator(cpu=True))
+        tr = distill.Trainer(cfg, chain.plan(cfg, "distill"), Accelerator(cpu=True, mixed_precision=cfg.distill.mixed_precision))
         tr.restart_data(0)
         for step in range(2):
             tr.step(step)
@@ -74,8 +84,9 @@ def test_compiled_networks_get_one_static_graph_per_batch_size_and_keep_it(tmp_p
     finally:
         torch._dynamo.reset()
     B = cfg.distill.batch_size
-    # the generator's forward+backward at 2B, the fake score's no-grad forward and forward+backward at B,
-    # each compiled once (steps 1 and 2 reuse them, also after a checkpoint) and none with a symbolic size
+    # the generator's forward+backward at 2B, the fake score's no-grad forward and forward+backward at B
+    # (the 4-step generator's no-grad simulation shares the latter's shape), each compiled once (steps 1
+    # and 2 reuse them, also after a checkpoint; autocast is part of the graph) and none with a symbol
     assert sorted(graphs) == [(B, False, False), (B, False, True), (2 * B, False, True)], graphs
 
 
