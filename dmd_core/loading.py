@@ -173,6 +173,10 @@ def load_unet(model_dir: str | os.PathLike) -> torch.nn.Module:
             f"the weights in {weights} do not match {model_dir}/config.json ({detail}). "
             "Fix: save the model and its config together with save_pretrained, or retrain it."
         ) from None
+    # diffusers' first save_pretrained writes _class_name and _diffusers_version into the live config
+    # (to_json_string); serialising once here leaves a loaded UNet's config as any later save does. A
+    # compiled forward guards on the config: a change would recompile every graph at the first checkpoint.
+    unet.to_json_string()
     return unet.eval()
 
 

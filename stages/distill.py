@@ -275,10 +275,7 @@ class Trainer:
                 # dynamic=False: one graph per batch size. By default the second batch size seen (the fake
                 # score's B after the generator's 2B; both run UNet.forward's code) turns the batch into a
                 # symbol, and the fake score's forward and backward then run kernels made for any size.
-                # diffusers' first save_pretrained writes _class_name and _diffusers_version into the live
-                # config (to_json_string); the compiled forward guards on the config's length, so the first
-                # checkpoint would recompile every graph. Serialising once here makes that change first.
-                net.unet.to_json_string()
+                # (Checkpoints keep the graphs: load_unet leaves the config as saving leaves it.)
                 net.unet.compile(dynamic=False)
         gen.param = generator_parametrization(d, self.real.param)
         self.one_step = OneStep.of(gen)

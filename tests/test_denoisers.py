@@ -157,6 +157,14 @@ def test_a_unet_with_computed_buffers_is_built_the_ordinary_way(tmp_path, monkey
     assert torch.equal(unet.table, torch.arange(4.0)) and not any(p.is_meta for p in unet.parameters())
 
 
+def test_saving_a_loaded_unet_leaves_its_config_as_it_was(tmp_path):
+    """diffusers' first save writes two keys into the live config; a compiled forward guards on the config."""
+    unet = load_unet(make_edm_teacher(tmp_path / "t"))
+    before = dict(unet.config)
+    unet.save_pretrained(str(tmp_path / "saved"))
+    assert dict(unet.config) == before
+
+
 def test_load_vp_denoiser(tmp_path):
     path = make_vp_teacher(tmp_path / "vp", prediction_type="v_prediction")
     den = load_denoiser(path)
