@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--model", choices=["digits", "cifar"], default="digits", help="cifar: the CIFAR-size speed check (benchmarks/gpu_cifar.py)")
     ap.add_argument("--parts", default="generate,iteration,one_step",
                     help="cifar: comma-separated parts: generate, iteration (fp32, bf16, bf16 compiled), iteration-eager (fp32, bf16), "
-                         "iteration-bf16 (bf16, bf16 compiled, each profiled), profile (torch.profiler: bf16 iteration and generate), one_step")
+                         "iteration-bf16 (bf16, bf16 compiled, each profiled), iteration-cudagraphs (bf16, bf16 compiled as CUDA graphs, each profiled), profile (torch.profiler: bf16 iteration and generate), one_step")
     ap.add_argument("--generate-samples", type=int, default=None,
                     help="cifar: images per generate run (default: 1,024-2,048 per precision); with it, only tf32 and bf16 run, each cold then warm")
     args = ap.parse_args()

@@ -183,13 +183,14 @@ def floor_flops(teacher: Path, batch: int, guided: bool) -> float:
     return unet_flops(den, 2 * batch, True) + unet_flops(den, batch, False) * (2 if guided else 1) + unet_flops(den, batch, False) + unet_flops(den, batch, True)
 
 
-def bench_trainer(cfg_args: list[str], store: str, batch: int, mp: str, comp: bool):
-    """A distill Trainer on the CIFAR teacher's tf32 pairs (generated once, then cached), at step 0."""
+def bench_trainer(cfg_args: list[str], store: str, batch: int, mp: str, comp: bool | str):
+    """A distill Trainer on the CIFAR teacher's tf32 pairs (generated once, then cached), at step 0.
+    ``comp``: False (eager), True (``distill.compile``) or a torch.compile mode the benchmark applies itself."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     cfg = load_config(None, [*cfg_args, f"store={store}", f"generate.num_samples={N['tf32']}", "generate.precision=tf32", f"distill.batch_size={batch}",
-                             f"distill.mixed_precision={mp}", f"distill.compile={str(comp).lower()}"])  # fmt: skip
+                             f"distill.mixed_precision={mp}", f"distill.compile={str(comp is True).lower()}"])  # fmt: skip
     cfg.distill.pairs = None
     chain.run(cfg, "generate", progress=False)
     plan = chain.plan(cfg, "distill")
@@ -197,11 +198,31 @@ def bench_trainer(cfg_args: list[str], store: str, batch: int, mp: str, comp: bo
     acc = Accelerator(mixed_precision=mp, cpu=DEV == "cpu")
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # training: PyTorch's defaults (TF32 convolutions)
     tr = distill.Trainer(cfg, plan, acc)
+    if isinstance(comp, str):  # an experiment before it is a setting: distill.compile's networks, another mode
+        for net in (tr.gen, tr.fake):
+            tr.unwrap(net).unet.compile(dynamic=False, mode=comp)
     tr.restart_data(0)
     return tr, acc, cfg, plan
 
 
-MODES = {"fp32": ("no", False), "bf16": ("bf16", False), "bf16_compiled": ("bf16", True)}
+# bf16_cudagraphs: distill.compile's graphs replayed as CUDA graphs (mode "reduce-overhead"), one launch per
+# graph instead of one per kernel: the experiment for the compiled step's time beyond its floor on the H100
+MODES = {"fp32": ("no", False), "bf16": ("bf16", False), "bf16_compiled": ("bf16", True), "bf16_cudagraphs": ("bf16", "reduce-overhead")}
+
+
+def step_begin(comp: bool | str):
+    """What runs before each step: CUDA graph trees free the previous step's graph outputs on the mark."""
+    if comp == "reduce-overhead":
+        return torch.compiler.cudagraph_mark_step_begin
+    return lambda: None
+
+
+def allocator_counts() -> dict[str, int]:
+    """The caching allocator's device calls so far: a cudaMalloc/cudaFree in a warm step means a sync."""
+    if DEV != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: stats.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")}
 
 
 PHASE = "dmd."  # the Trainer's record_function names; on a GPU each also appears as a device-side range
@@ -243,9 +264,11 @@ def iteration_check(cfg_args: list[str], store: str, res: dict, batch: int, iter
     for name in modes:
         mp, comp = MODES[name]
         tr, acc, cfg, plan = bench_trainer(cfg_args, store, batch, mp, comp)
+        begin = step_begin(comp)
         if flops is None:
             flops = floor_flops(Path(plan.inputs["teacher"]), batch, cfg.distill.guidance_scale != 1)
         t0 = time.perf_counter()
+        begin()
         tr.step(0)
         sync()
         first_s = time.perf_counter() - t0
@@ -257,19 +280,23 @@ def iteration_check(cfg_args: list[str], store: str, res: dict, batch: int, iter
         sigma = torch.full((B,), 1.0, dtype=torch.float64, device=DEV)
 
         def gen_fwd_bwd():
+            begin()
             with acc.autocast():
                 x = tr.one_step(tr.gen, torch.cat([z, z_ref]), torch.cat([labels, labels_ref]))
             x.float().square().mean().backward()
 
         def real_fwd():
+            begin()
             with torch.no_grad(), acc.autocast():
                 tr.real(x_t, sigma, labels, cfg.distill.guidance_scale)
 
         def fake_fwd():
+            begin()
             with torch.no_grad(), acc.autocast():
                 tr.fake(x_t, sigma, labels)
 
         def fake_fwd_bwd():
+            begin()
             with acc.autocast():
                 out = tr.fake(x_t, sigma, labels)
             out.float().square().mean().backward()
@@ -277,6 +304,7 @@ def iteration_check(cfg_args: list[str], store: str, res: dict, batch: int, iter
         step = [1]
 
         def iteration():
+            begin()
             tr.step(step[0])
             step[0] += 1
 
@@ -286,12 +314,18 @@ def iteration_check(cfg_args: list[str], store: str, res: dict, batch: int, iter
             floors.append(sum(sync_time(fn, iters) for fn in parts.values()))
             its.append(sync_time(iteration, iters))
         floor, it = statistics.median(floors), statistics.median(its)
+        before = allocator_counts()
+        for _ in range(iters):
+            iteration()
+        sync()
+        allocator = {k: round((v - before[k]) / iters, 1) for k, v in allocator_counts().items()}
         syncs = host_syncs(iteration)
         if profile:
             profile_row = profiled(lambda: [iteration() for _ in range(3)], 3)
         row = {"batch": B, "iteration_s": round(it, 4), "floor_s": round(floor, 4), "iteration_over_floor": round(it / floor, 3),
                "floor_tflops": round(flops / floor / 1e12, 1), "iteration_tflops": round(flops / it / 1e12, 1),
-               "first_step_s": round(first_s, 1), "generator_samples_per_s": round(B / it, 1), "host_syncs_per_iteration": syncs}  # fmt: skip
+               "first_step_s": round(first_s, 1), "generator_samples_per_s": round(B / it, 1), "host_syncs_per_iteration": syncs,
+               "allocator_calls_per_iteration": allocator or None}  # fmt: skip
         if profile:
             row["profile"] = profile_row
         res[name] = row
@@ -299,8 +333,9 @@ def iteration_check(cfg_args: list[str], store: str, res: dict, batch: int, iter
         tr = None  # frees its networks before the next mode
         if DEV == "cuda":
             torch.cuda.empty_cache()
-    if "bf16" in res and "bf16_compiled" in res:
-        res["compiled_speedup"] = round(res["bf16"]["iteration_s"] / res["bf16_compiled"]["iteration_s"], 3)
+    for name, key in (("bf16_compiled", "compiled_speedup"), ("bf16_cudagraphs", "cudagraphs_speedup")):
+        if "bf16" in res and name in res:
+            res[key] = round(res["bf16"]["iteration_s"] / res[name]["iteration_s"], 3)
 
 
 def device_timeline(prof, steps: int) -> dict | str | None:
@@ -373,7 +408,7 @@ def one_step_vs_teacher(teacher: Path, res: dict, batch: int = 256) -> None:
                           "speedup": round(t_heun / t_one, 1)}  # fmt: skip
 
 
-PARTS = ("generate", "iteration", "iteration-eager", "iteration-bf16", "profile", "one_step")
+PARTS = ("generate", "iteration", "iteration-eager", "iteration-bf16", "iteration-cudagraphs", "profile", "one_step")
 
 
 def cifar_check(res: dict, parts: list[str] = ["generate", "iteration", "one_step"], generate_samples: int | None = None,
@@ -398,6 +433,7 @@ def cifar_check(res: dict, parts: list[str] = ["generate", "iteration", "one_ste
         "iteration": lambda r: iteration_check(cfg_args, store, r, batch, iters, ("fp32", "bf16", "bf16_compiled")),
         "iteration-eager": lambda r: iteration_check(cfg_args, store, r, batch, iters, ("fp32", "bf16")),
         "iteration-bf16": lambda r: iteration_check(cfg_args, store, r, batch, iters, ("bf16", "bf16_compiled"), profile=True),
+        "iteration-cudagraphs": lambda r: iteration_check(cfg_args, store, r, batch, iters, ("bf16", "bf16_cudagraphs"), profile=True),
         "profile": lambda r: profile_check(cfg_args, store, r, batch),
         "one_step": lambda r: one_step_vs_teacher(teacher, r),
     }
