@@ -23,14 +23,12 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file
 
 from dmd_core.loading import WEIGHTS_FILE, load_unet
+from gpu_cifar import cifar_unet_config
 
 MODELS = {
-    "cifar": (UNet2DModel, dict(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), num_class_embeds=11)),
+    "cifar": (UNet2DModel, cifar_unet_config()),
     "sd": (UNet2DConditionModel, dict(sample_size=64, cross_attention_dim=768)),  # diffusers' defaults are SD 1.5's layout
-}  # fmt: skip
+}
 
 
 def ordinary_load(cls, folder: Path) -> torch.nn.Module:
