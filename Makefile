@@ -24,20 +24,26 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(BIN)/dmd demo
 
+# Test files run side by side on TEST_JOBS processes (pytest-xdist; a file's tests stay on one process, so
+# its module fixtures, e.g. the Prefect server, are built once). Most tests wait on subprocesses, so 2 jobs
+# halve the time on 2 cores; more than 4 gain little and each costs about a GiB. TEST_JOBS=0 runs serially.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile
+
 # `make test` stays within 15 minutes on 2 cores; tests marked slow (minutes each, covered in part by
 # faster ones) run with `make test-slow`, everything with `make test-all`.
 test: install-dev
-	$(BIN)/python -m pytest -q -m "not slow and not faults_full" --durations=25
+	$(PYTEST) -m "not slow and not faults_full" --durations=25
 
 # The reliability suites in full: kill -9 at every fault point of every stage, every corruption, every bad input.
 faults: install-dev
-	$(BIN)/python -m pytest -q tests/faults tests/bad_input
+	$(PYTEST) tests/faults tests/bad_input
 
 test-slow: install-dev
-	$(BIN)/python -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 test-all: install-dev
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
