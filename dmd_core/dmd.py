@@ -318,21 +318,18 @@ class FakeScoreLoss:
 
 class GANLogits:
     """D(x) = head(bottleneck of fake(x_t, t)): x noised at t uniform over all T levels, DMD2's 'diffusion GAN'
-    (docs/math.md §12). ``unet`` is the fake score's UNet (the hook's place), ``fake`` the callable to run."""
+    (docs/math.md §12). ``fake`` is the callable to run, ``tap`` the BottleneckTap on its UNet."""
 
     def __init__(self, param: Parametrization, alphas_cumprod: Tensor | None = None):
         self.param, self.alphas_cumprod = param, alphas_cumprod
 
-    def __call__(self, fake: Callable, unet: torch.nn.Module, head: Callable, x: Tensor, labels: Tensor | None, rng: SampleRNG) -> Tensor:
-        from .gan import bottleneck_of
-
+    def __call__(self, fake: Callable, tap, head: Callable, x: Tensor, labels: Tensor | None, rng: SampleRNG) -> Tensor:
         t = rng.randint(0, NUM_LEVELS)
         eps = rng.randn(tuple(x.shape[1:])).to(x.dtype)
         alpha, sigma, level = noise_levels(self.param, t, self.alphas_cumprod)
         x_t = _bcast(alpha, x) * x + _bcast(sigma, x) * eps
-        with bottleneck_of(unet) as feats:
-            fake(x_t, level, labels)  # the whole forward: the up path's output is not used (simple, 2x the cost)
-        return head(feats[-1])
+        fake(x_t, level, labels)  # the whole forward: the up path's output is not used (simple, 2x the cost)
+        return head(tap.take())
 
 
 class AdversarialLoss:
@@ -348,7 +345,7 @@ class AdversarialLoss:
         flags = [p.requires_grad for p in self.fake.parameters()]
         self.fake.requires_grad_(False)
         try:
-            return generator_gan_loss(self.gan_logits(self.fake, self.fake.unet, self.fake.gan_head, x, labels, rng))
+            return generator_gan_loss(self.gan_logits(self.fake, self.fake.gan_tap, self.fake.gan_head, x, labels, rng))
         finally:
             for p, f in zip(self.fake.parameters(), flags):
                 p.requires_grad_(f)

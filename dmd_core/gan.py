@@ -11,8 +11,6 @@ D(x_t) = head(mid_block(fake_score(x_t, t))); x_t is the sample noised at a leve
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -64,20 +62,24 @@ class BottleneckHead(nn.Module):
         return self.net(features.float()).flatten(1).squeeze(1)
 
 
-@contextmanager
-def bottleneck_of(unet: nn.Module) -> Iterator[list[Tensor]]:
-    """Collect the output of ``unet.mid_block`` (diffusers UNets) of every forward inside the block."""
-    out: list[Tensor] = []
-    handle = unet.mid_block.register_forward_hook(lambda module, args, output: out.append(output))
-    try:
-        yield out
-    finally:
-        handle.remove()
+class BottleneckTap:
+    """Keeps the output of ``unet.mid_block`` (diffusers UNets) from the network's latest forward.
 
+    One hook for the network's life, registered before the first forward: torch.compile traces a module's
+    hooks into its graphs but does not guard on them, so a hook added after compiling would silently never
+    run, and one added per call would recompile per call.
+    """
 
-@torch.no_grad()
-def bottleneck_shape(unet: nn.Module, forward) -> tuple[int, int, int]:
-    """(C, H, W) of the mid block's output, from one call of ``forward()`` (a tiny probe batch)."""
-    with bottleneck_of(unet) as feats:
-        forward()
-    return tuple(feats[0].shape[1:])  # type: ignore[return-value]
+    def __init__(self, unet: nn.Module):
+        self.out: Tensor | None = None
+        unet.mid_block.register_forward_hook(self._keep)
+
+    def _keep(self, module: nn.Module, args, output: Tensor) -> None:
+        self.out = output
+
+    def take(self) -> Tensor:
+        """The bottleneck of the latest forward, released here so that the tap holds no activation."""
+        out, self.out = self.out, None
+        if out is None:
+            raise RuntimeError("no forward of the tapped UNet since the last take()")
+        return out

@@ -44,7 +44,7 @@ from dmd_core.dmd import (
 )
 from dmd_core.errors import InputError
 from dmd_core.faults import fault_point
-from dmd_core.gan import BottleneckHead, bottleneck_shape, discriminator_loss
+from dmd_core.gan import BottleneckHead, BottleneckTap, discriminator_loss
 from dmd_core.images import save_grid, training_curves_png
 from dmd_core.loading import encode_latents, save_denoiser
 from dmd_core.losses import DecodedLoss, LPIPSLoss, l2_loss, pseudo_huber_loss
@@ -112,8 +112,6 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
         from .generate import check_prompts
 
         check_prompts(teacher, cfg.generate.prompts, "generate")
-    if d.compile and d.gan:
-        raise InputError("distill.compile does not cover distill.gan yet (the GAN head reads the fake score's bottleneck through a hook). Fix: drop one of them.")
     if d.resume_from:
         ckpt = Path(d.resume_from)
         if not (ckpt / "trainer.json").is_file():
@@ -270,13 +268,6 @@ class Trainer:
         if d.gradient_checkpointing:
             for net in (gen, fake):
                 net.unet.enable_gradient_checkpointing()
-        if d.compile:  # in place (nn.Module.compile): state_dict keys, checkpoints and saved networks stay as they are
-            for net in (gen, fake):
-                # dynamic=False: one graph per batch size. By default the second batch size seen (the fake
-                # score's B after the generator's 2B; both run UNet.forward's code) turns the batch into a
-                # symbol, and the fake score's forward and backward then run kernels made for any size.
-                # (Checkpoints keep the graphs: load_unet leaves the config as saving leaves it.)
-                net.unet.compile(dynamic=False)
         gen.param = generator_parametrization(d, self.real.param)
         self.one_step = OneStep.of(gen)
         self.steps = MultiStep.of(gen)  # k-step generators (DMD2): trained on backward-simulated inputs
@@ -286,6 +277,7 @@ class Trainer:
         self.to_pixels = p.teacher().pixel_decoder(dev, d.gradient_checkpointing, getattr(torch, d.frozen_dtype))
         self.gan_logits = None
         if d.gan:  # the head is part of the fake score: optimised, checkpointed and synchronised with it
+            fake.gan_tap = BottleneckTap(fake.unet)
             fake.gan_head = self.make_gan_head(fake, d.seed, dev)
             self.gan_logits = GANLogits(self.real.param, getattr(self.real, "alphas_cumprod", None))
             if real_set is None:
@@ -294,6 +286,18 @@ class Trainer:
             else:  # latent teachers: the real images in model space, encoded once by the pipeline's VAE
                 images = encode_latents(teacher.path, real_set.images, dev) if self.real.param.text_conditioned else real_set.images.to(dev)
                 self.real_images, self.real_labels = images, None if real_set.labels is None else real_set.labels.to(dev)
+        if d.compile:  # in place (nn.Module.compile): state_dict keys, checkpoints and saved networks stay as they are
+            # after the GAN tap's hook is in place and the head's probe has run (BottleneckTap says why)
+            # The two UNets share UNet.forward's compiled code and dynamo by default does not guard on module
+            # hooks, so with the GAN tap on the fake score only, either could run a graph traced for the
+            # other. Set for every compiled run (process-wide), so that no graph this process traced lacks it.
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
+            for net in (gen, fake):
+                # dynamic=False: one graph per batch size. By default the second batch size seen (the fake
+                # score's B after the generator's 2B; both run UNet.forward's code) turns the batch into a
+                # symbol, and the fake score's forward and backward then run kernels made for any size.
+                # (Checkpoints keep the graphs: load_unet leaves the config as saving leaves it.)
+                net.unet.compile(dynamic=False)
         for net in (gen, fake):
             net.requires_grad_(True).train()
         # fused AdamW: one kernel over all tensors, about 4x cheaper than the per-tensor loop on CPU
@@ -327,10 +331,13 @@ class Trainer:
         return self.acc.unwrap_model(net)
 
     def make_gan_head(self, fake: Denoiser, seed: int, dev) -> BottleneckHead:
-        """DMD2's head, sized by one probe forward of the fake score; its initial weights depend on the seed only."""
+        """DMD2's head, sized by one probe forward of the fake score (before any compiling: a batch of 1 would
+        be a graph of its own); its initial weights depend on the seed only."""
         z = torch.zeros(1, *self.shape, device=dev)
         labels = torch.zeros(1, dtype=torch.long, device=dev) if fake.num_classes else None
-        shape = bottleneck_shape(fake.unet, lambda: fake(z, OneStep.of(fake).level, labels))
+        with torch.no_grad():
+            fake(z, OneStep.of(fake).level, labels)
+        shape = tuple(fake.gan_tap.take().shape[1:])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(seed, STREAM_GAN, 0, 0) % (2**63))
             return BottleneckHead(shape[0], shape[1:]).to(dev)
@@ -341,8 +348,8 @@ class Trainer:
         real_x = self.real_images[idx]
         real_labels = self.real_labels[idx] if self.real_labels is not None else None
         fake = self.unwrap(self.fake)
-        logits_real = self.gan_logits(self.fake, fake.unet, fake.gan_head, real_x, real_labels, rng)
-        logits_fake = self.gan_logits(self.fake, fake.unet, fake.gan_head, x.detach(), labels, rng)
+        logits_real = self.gan_logits(self.fake, fake.gan_tap, fake.gan_head, real_x, real_labels, rng)
+        logits_fake = self.gan_logits(self.fake, fake.gan_tap, fake.gan_head, x.detach(), labels, rng)
         return {
             "loss_gan_d": discriminator_loss(logits_real, logits_fake),
             "d_real": torch.sigmoid(logits_real).mean().detach(),  # the head's P(real) on real / generated images

@@ -16,7 +16,7 @@ from conftest import write_config
 from dmd_core import load_denoiser
 from dmd_core.dmd import AdversarialLoss, GANLogits, SampleRNG
 from dmd_core.errors import InputError
-from dmd_core.gan import BottleneckHead, bottleneck_of, bottleneck_shape, discriminator_loss, generator_gan_loss
+from dmd_core.gan import BottleneckHead, BottleneckTap, discriminator_loss, generator_gan_loss
 from stages import chain, distill, generate
 from stages.config import load_config
 
@@ -34,32 +34,30 @@ def test_gan_losses_against_their_formulas():
 def test_head_reads_the_bottleneck_only(edm_teacher):
     """The logits change with the mid block's weights and not with anything after it (up blocks, output conv)."""
     fake = load_denoiser(edm_teacher).requires_grad_(False)
-    x, labels = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(6)
-    shape = bottleneck_shape(fake.unet, lambda: fake(x[:1], 1.0, labels[:1]))
-    assert shape == (16, 4, 4)  # the tests' tiny teacher: 16 channels at 4x4 after one downsampling
-    head = BottleneckHead(*shape[:1], shape[1:])
-    logits = GANLogits(fake.param)
-
-    def run(net):
-        return logits(net, net.unet, head, x, labels, SampleRNG(0, 3, 0, range(6)))
-
-    base = run(fake)
-    after = copy.deepcopy(fake)
+    after, mid = copy.deepcopy(fake), copy.deepcopy(fake)
     for p in (*after.unet.up_blocks.parameters(), *after.unet.conv_out.parameters()):
         p.add_(1.0)
-    assert torch.equal(run(after), base)
-    mid = copy.deepcopy(fake)
     for p in mid.unet.mid_block.parameters():
         p.mul_(1.5)
+    taps = {net: BottleneckTap(net.unet) for net in (fake, after, mid)}
+    x, labels = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(6)
+    fake(x, 1.0, labels)
+    assert tuple(taps[fake].take().shape) == (6, 16, 4, 4)  # the tests' tiny teacher: 16 channels at 4x4 after one downsampling
+    with pytest.raises(RuntimeError, match="no forward"):
+        taps[fake].take()  # taken once: the tap holds no activation between forwards
+    head, logits = BottleneckHead(16, (4, 4)), GANLogits(fake.param)
+
+    def run(net):
+        return logits(net, taps[net], head, x, labels, SampleRNG(0, 3, 0, range(6)))
+
+    base = run(fake)
+    assert torch.equal(run(after), base)
     assert float((run(mid) - base).detach().abs().max()) > 1e-4
-    with bottleneck_of(fake.unet) as feats:
-        fake(x, 1.0, labels)
-    assert tuple(feats[0].shape) == (6, *shape)
 
 
 def test_generator_update_reaches_g_not_the_fake_score(edm_teacher):
     fake = load_denoiser(edm_teacher)
-    fake.gan_head = BottleneckHead(16, (4, 4))
+    fake.gan_tap, fake.gan_head = BottleneckTap(fake.unet), BottleneckHead(16, (4, 4))
     fake.requires_grad_(True)
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
     loss = AdversarialLoss(GANLogits(fake.param), fake)(x, torch.arange(4), SampleRNG(0, 3, 0, range(4)))
@@ -222,7 +220,7 @@ def test_discriminator_sees_real_digits_with_their_classes(tmp_path, edm_teacher
         idx = r.randint(0, len(images))
         assert len(set(idx.tolist())) > 1
         fake = tr.fake  # on 1 CPU process, Accelerate leaves the module unwrapped
-        logit = lambda v, c: tr.gan_logits(fake, fake.unet, fake.gan_head, v, c, r)  # noqa: E731
+        logit = lambda v, c: tr.gan_logits(fake, fake.gan_tap, fake.gan_head, v, c, r)  # noqa: E731
         real_logits, fake_logits = logit(images[idx], classes[idx]), logit(x, labels)
         by_hand = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
         assert float(terms["loss_gan_d"]) == pytest.approx(float(by_hand), rel=1e-6)
