@@ -11,6 +11,7 @@ D(x_t) = head(mid_block(fake_score(x_t, t))); x_t is the sample noised at a leve
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,20 +63,31 @@ class BottleneckHead(nn.Module):
         return self.net(features.float()).flatten(1).squeeze(1)
 
 
+class _BottleneckReached(Exception):
+    """Raised by a stopping tap's hook: ends the UNet's forward at its mid block."""
+
+
 class BottleneckTap:
     """Keeps the output of ``unet.mid_block`` (diffusers UNets) from the network's latest forward.
 
     One hook for the network's life, registered before the first forward: torch.compile traces a module's
-    hooks into its graphs but does not guard on them, so a hook added after compiling would silently never
-    run, and one added per call would recompile per call.
+    hooks into its graphs but by default does not guard on them, so a hook added after compiling would
+    silently never run, and one added per call would recompile per call.
+
+    ``stop_early``: ``bottleneck()`` ends the forward at the mid block (the up path's output is unused: DMD2
+    runs only the encoder for its classifier). diffusers' forward has no such exit, so the hook raises; for
+    a compiled UNet that splits the graph into pieces, so compiled runs leave it off and run the whole forward.
     """
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, stop_early: bool = False):
         self.out: Tensor | None = None
+        self.stop_early, self.stopping = stop_early, False
         unet.mid_block.register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, args, output: Tensor) -> None:
         self.out = output
+        if self.stopping:
+            raise _BottleneckReached
 
     def take(self) -> Tensor:
         """The bottleneck of the latest forward, released here so that the tap holds no activation."""
@@ -83,3 +95,14 @@ class BottleneckTap:
         if out is None:
             raise RuntimeError("no forward of the tapped UNet since the last take()")
         return out
+
+    def bottleneck(self, forward: Callable[[], object]) -> Tensor:
+        """Runs ``forward()`` (a call of the tapped UNet) only as far as the bottleneck where allowed; returns it."""
+        self.stopping = self.stop_early
+        try:
+            forward()
+        except _BottleneckReached:
+            pass
+        finally:
+            self.stopping = False
+        return self.take()

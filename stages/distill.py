@@ -277,7 +277,7 @@ class Trainer:
         self.to_pixels = p.teacher().pixel_decoder(dev, d.gradient_checkpointing, getattr(torch, d.frozen_dtype))
         self.gan_logits = None
         if d.gan:  # the head is part of the fake score: optimised, checkpointed and synchronised with it
-            fake.gan_tap = BottleneckTap(fake.unet)
+            fake.gan_tap = BottleneckTap(fake.unet, stop_early=not d.compile)
             fake.gan_head = self.make_gan_head(fake, d.seed, dev)
             self.gan_logits = GANLogits(self.real.param, getattr(self.real, "alphas_cumprod", None))
             if real_set is None:
@@ -336,8 +336,7 @@ class Trainer:
         z = torch.zeros(1, *self.shape, device=dev)
         labels = torch.zeros(1, dtype=torch.long, device=dev) if fake.num_classes else None
         with torch.no_grad():
-            fake(z, OneStep.of(fake).level, labels)
-        shape = tuple(fake.gan_tap.take().shape[1:])
+            shape = tuple(fake.gan_tap.bottleneck(lambda: fake(z, OneStep.of(fake).level, labels)).shape[1:])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(seed, STREAM_GAN, 0, 0) % (2**63))
             return BottleneckHead(shape[0], shape[1:]).to(dev)

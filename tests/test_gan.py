@@ -34,12 +34,14 @@ def test_gan_losses_against_their_formulas():
 def test_head_reads_the_bottleneck_only(edm_teacher):
     """The logits change with the mid block's weights and not with anything after it (up blocks, output conv)."""
     fake = load_denoiser(edm_teacher).requires_grad_(False)
-    after, mid = copy.deepcopy(fake), copy.deepcopy(fake)
+    after, mid, stopping = copy.deepcopy(fake), copy.deepcopy(fake), copy.deepcopy(fake)
     for p in (*after.unet.up_blocks.parameters(), *after.unet.conv_out.parameters()):
         p.add_(1.0)
     for p in mid.unet.mid_block.parameters():
         p.mul_(1.5)
-    taps = {net: BottleneckTap(net.unet) for net in (fake, after, mid)}
+    taps = {net: BottleneckTap(net.unet) for net in (fake, after, mid)} | {stopping: BottleneckTap(stopping.unet, stop_early=True)}
+    up_path_runs = []
+    stopping.unet.conv_out.register_forward_pre_hook(lambda module, args: up_path_runs.append(1))
     x, labels = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(6)
     fake(x, 1.0, labels)
     assert tuple(taps[fake].take().shape) == (6, 16, 4, 4)  # the tests' tiny teacher: 16 channels at 4x4 after one downsampling
@@ -53,6 +55,8 @@ def test_head_reads_the_bottleneck_only(edm_teacher):
     base = run(fake)
     assert torch.equal(run(after), base)
     assert float((run(mid) - base).detach().abs().max()) > 1e-4
+    assert torch.equal(run(stopping), base) and not up_path_runs  # the same logits without the up path
+    assert stopping(x, 1.0, labels).shape == x.shape and up_path_runs == [1]  # other forwards run whole
 
 
 def test_generator_update_reaches_g_not_the_fake_score(edm_teacher):
@@ -68,6 +72,27 @@ def test_generator_update_reaches_g_not_the_fake_score(edm_teacher):
 
 
 GAN = {"gan": True, "fake_updates_per_generator_update": 2, "regression_weight": 0.0, "steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2}
+
+
+def test_stopping_at_the_bottleneck_changes_no_number(tmp_path, edm_teacher):
+    """Eager runs end the head's passes at the mid block (BottleneckTap.stop_early): the same losses,
+    gradient norms and weights, bit for bit, as running the whole forward."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill=GAN))
+    runs = []
+    for stop_early in (True, False):
+        AcceleratorState._reset_state()
+        tr = distill.Trainer(cfg, chain.plan(cfg, "distill"), Accelerator(cpu=True))
+        tap = tr.unwrap(tr.fake).gan_tap
+        assert tap.stop_early  # the default when not compiled
+        tap.stop_early = stop_early
+        logs = [tr.step(step) for step in range(2)]
+        runs.append((logs, {k: v.clone() for k, v in tr.unwrap(tr.fake).state_dict().items()}))
+    (logs_a, weights_a), (logs_b, weights_b) = runs
+    assert logs_a == logs_b
+    assert weights_a.keys() == weights_b.keys() and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
 def test_gan_distill_logs_saves_and_resumes_exactly(tmp_path, edm_teacher):
