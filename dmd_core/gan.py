@@ -68,7 +68,8 @@ class _BottleneckReached(Exception):
 
 
 class BottleneckTap:
-    """Keeps the output of ``unet.mid_block`` (diffusers UNets) from the network's latest forward.
+    """Keeps the output of ``unet.mid_block`` (diffusers UNets) from the network's latest forward (one
+    bottleneck-sized tensor, held until taken).
 
     One hook for the network's life, registered before the first forward: torch.compile traces a module's
     hooks into its graphs but by default does not guard on them, so a hook added after compiling would
@@ -90,7 +91,7 @@ class BottleneckTap:
             raise _BottleneckReached
 
     def take(self) -> Tensor:
-        """The bottleneck of the latest forward, released here so that the tap holds no activation."""
+        """The bottleneck of the latest forward, released by the tap; a second take without a forward between fails."""
         out, self.out = self.out, None
         if out is None:
             raise RuntimeError("no forward of the tapped UNet since the last take()")

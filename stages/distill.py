@@ -287,10 +287,10 @@ class Trainer:
                 images = encode_latents(teacher.path, real_set.images, dev) if self.real.param.text_conditioned else real_set.images.to(dev)
                 self.real_images, self.real_labels = images, None if real_set.labels is None else real_set.labels.to(dev)
         if d.compile:  # in place (nn.Module.compile): state_dict keys, checkpoints and saved networks stay as they are
-            # after the GAN tap's hook is in place and the head's probe has run (BottleneckTap says why)
+            # Here, after the GAN tap's hook is in place and the head's probe has run (BottleneckTap says why).
             # The two UNets share UNet.forward's compiled code and dynamo by default does not guard on module
-            # hooks, so with the GAN tap on the fake score only, either could run a graph traced for the
-            # other. Set for every compiled run (process-wide), so that no graph this process traced lacks it.
+            # hooks, so with the tap on the fake score only, either could run a graph traced for the other.
+            # Set for every compiled run (process-wide), so that no graph this process traces lacks the guard.
             torch._dynamo.config.skip_nnmodule_hook_guards = False
             for net in (gen, fake):
                 # dynamic=False: one graph per batch size. By default the second batch size seen (the fake

@@ -46,7 +46,7 @@ def test_head_reads_the_bottleneck_only(edm_teacher):
     fake(x, 1.0, labels)
     assert tuple(taps[fake].take().shape) == (6, 16, 4, 4)  # the tests' tiny teacher: 16 channels at 4x4 after one downsampling
     with pytest.raises(RuntimeError, match="no forward"):
-        taps[fake].take()  # taken once: the tap holds no activation between forwards
+        taps[fake].take()  # taken once: never a stale bottleneck from an earlier forward
     head, logits = BottleneckHead(16, (4, 4)), GANLogits(fake.param)
 
     def run(net):
