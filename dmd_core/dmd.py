@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import functools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch.profiler import record_function
@@ -331,9 +332,24 @@ class GANLogits:
         return head(tap.bottleneck(lambda: fake(x_t, level, labels)))
 
 
+@contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Inside the block the module's parameters do not require grad (restored after): a gradient flows
+    through it to its inputs and reaches none of its weights. The backward belongs inside too: a gradient-
+    checkpointed forward is recomputed there, and a recompute under other flags saves other tensors."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
 class AdversarialLoss:
-    """The generator's GAN term softplus(-D(x)) through the fake score and head, both frozen for this call:
-    the gradient reaches x (and so G) but no weight of the fake score or head (DMD2's generator turn)."""
+    """The generator's GAN term softplus(-D(x)) through the fake score and head, which the caller holds
+    ``frozen`` for the generator's forward and backward: the gradient reaches x (and so G) but no weight of
+    the fake score or head (DMD2's generator turn)."""
 
     def __init__(self, gan_logits: GANLogits, fake: torch.nn.Module):
         self.gan_logits, self.fake = gan_logits, fake  # fake: the module itself, not a DDP wrapper
@@ -341,10 +357,6 @@ class AdversarialLoss:
     def __call__(self, x: Tensor, labels: Tensor | None, rng: SampleRNG) -> Tensor:
         from .gan import generator_gan_loss
 
-        flags = [p.requires_grad for p in self.fake.parameters()]
-        self.fake.requires_grad_(False)
-        try:
-            return generator_gan_loss(self.gan_logits(self.fake, self.fake.gan_tap, self.fake.gan_head, x, labels, rng))
-        finally:
-            for p, f in zip(self.fake.parameters(), flags):
-                p.requires_grad_(f)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.fake.parameters()):
+            raise RuntimeError("the fake score trains in the generator's GAN term: run the generator's update inside frozen(fake)")
+        return generator_gan_loss(self.gan_logits(self.fake, self.fake.gan_tap, self.fake.gan_head, x, labels, rng))

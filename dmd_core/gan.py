@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
+
 Tensor = torch.Tensor
 # DMD2's ImageNet-64 settings (tianweiy/DMD2, experiments/imagenet/*gan_classifier_genloss3e-3*.sh):
 # --gen_cls_loss_weight 3e-3, --cls_loss_weight 1e-2, --dfake_gen_update_ratio 5
@@ -81,6 +83,9 @@ class BottleneckTap:
     """
 
     def __init__(self, unet: nn.Module, stop_early: bool = False):
+        if getattr(unet, "mid_block", None) is None:
+            raise InputError("distill.gan: the head reads the UNet's mid block, and this teacher's UNet has none "
+                             "(mid_block_type null in its config.json). Fix: set distill.gan=false.")  # fmt: skip
         self.out: Tensor | None = None
         self.stop_early, self.stopping = stop_early, False
         unet.mid_block.register_forward_hook(self._keep)

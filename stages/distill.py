@@ -39,6 +39,7 @@ from dmd_core.dmd import (
     MultiStep,
     OneStep,
     SampleRNG,
+    frozen,
     random_labels,
     step_noise,
 )
@@ -494,7 +495,9 @@ class Trainer:
                 rng, z, labels = draws[m]
                 z_ref, y_ref, labels_ref = pairs[m] if pairs is not None else (None, None, None)
                 sync = acc.no_sync(self.gen) if m < A - 1 else nullcontext()
-                with sync, acc.autocast():
+                # the GAN term's gradient goes through the fake score and head to G only, backward included
+                freeze = frozen(self.unwrap(self.fake)) if self.gan_logits is not None else nullcontext()
+                with sync, freeze, acc.autocast():
                     loss_g, terms, x = self.gen_loss(self.gen, self.real, self.fake, z, labels, rng, z_ref, y_ref, labels_ref)
                     with record_function("dmd.generator.backward"):
                         acc.backward(loss_g / A)

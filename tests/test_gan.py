@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import write_config
 from dmd_core import load_denoiser
-from dmd_core.dmd import AdversarialLoss, GANLogits, SampleRNG
+from dmd_core.dmd import AdversarialLoss, GANLogits, SampleRNG, frozen
 from dmd_core.errors import InputError
 from dmd_core.gan import BottleneckHead, BottleneckTap, discriminator_loss, generator_gan_loss
 from stages import chain, distill, generate
@@ -59,19 +59,47 @@ def test_head_reads_the_bottleneck_only(edm_teacher):
     assert stopping(x, 1.0, labels).shape == x.shape and up_path_runs == [1]  # other forwards run whole
 
 
+def test_a_unet_without_a_mid_block_is_refused():
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, mid_block_type=None)  # fmt: skip
+    with pytest.raises(InputError, match="mid_block_type null.*distill.gan=false"):
+        BottleneckTap(unet)
+
+
 def test_generator_update_reaches_g_not_the_fake_score(edm_teacher):
     fake = load_denoiser(edm_teacher)
     fake.gan_tap, fake.gan_head = BottleneckTap(fake.unet), BottleneckHead(16, (4, 4))
     fake.requires_grad_(True)
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    loss = AdversarialLoss(GANLogits(fake.param), fake)(x, torch.arange(4), SampleRNG(0, 3, 0, range(4)))
-    loss.backward()
+    adversarial = AdversarialLoss(GANLogits(fake.param), fake)
+    with pytest.raises(RuntimeError, match="frozen"):
+        adversarial(x, torch.arange(4), SampleRNG(0, 3, 0, range(4)))
+    with frozen(fake):
+        adversarial(x, torch.arange(4), SampleRNG(0, 3, 0, range(4))).backward()
     assert x.grad is not None and float(x.grad.abs().max()) > 0
     assert all(p.grad is None for p in fake.parameters())  # neither the fake score nor the head
     assert all(p.requires_grad for p in fake.parameters())  # and they train again in the fake-score update
 
 
 GAN = {"gan": True, "fake_updates_per_generator_update": 2, "regression_weight": 0.0, "steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2}
+
+
+def test_gan_step_with_gradient_checkpointing_equals_without(tmp_path, edm_teacher):
+    """The fake score stays frozen through the generator's backward, where checkpointed blocks are
+    recomputed (unfrozen there, the recompute saved other tensors and torch raised CheckpointError)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    logs = []
+    for checkpointing in (False, True):
+        cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={**GAN, "gradient_checkpointing": checkpointing}))
+        AcceleratorState._reset_state()
+        tr = distill.Trainer(cfg, chain.plan(cfg, "distill"), Accelerator(cpu=True))
+        logs.append([tr.step(step) for step in range(2)])
+    assert all(b[k] == pytest.approx(a[k], rel=1e-6) for a, b in zip(*logs) for k in a), logs
 
 
 def test_stopping_at_the_bottleneck_changes_no_number(tmp_path, edm_teacher):
