@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,11 @@ from dmd_core.denoisers import EDMDenoiser, Parametrization, VPDenoiser
 from dmd_core.loading import save_denoiser
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Each test process, and every process it starts, gets a Prefect home (database, settings) of its own: the
+# tests never write to the user's ~/.prefect, and the processes of a parallel run never share a database.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="dmd-tests-prefect-home-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 
 
 def tiny_unet(num_class_embeds: int | None = 11, seed: int = 0) -> UNet2DModel:
