@@ -26,7 +26,8 @@ demo: install
 
 # Test files run side by side on TEST_JOBS processes (pytest-xdist; a file's tests stay on one process, so
 # its module fixtures, e.g. the Prefect server, are built once). Most tests wait on subprocesses, so 2 jobs
-# halve the time on 2 cores; more than 4 gain little and each costs about a GiB. TEST_JOBS=0 runs serially.
+# nearly halve the time on 2 cores. At most 4 by default: each process holds its own torch and test models.
+# TEST_JOBS=0 runs serially.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 PYTEST := $(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
