@@ -15,13 +15,14 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 
 import torch
 from accelerate import Accelerator
 
 from stages import chain, distill
 from stages.config import load_config
+
+from distill_iteration import timed  # warm-up, then the mean over iters
 
 DMD2 = ["distill.gan=true", "distill.fake_updates_per_generator_update=5", "distill.regression_weight=0"]
 
@@ -36,19 +37,15 @@ def main() -> None:
     tap = tr.unwrap(tr.fake).gan_tap
     step = [0]
 
-    def timed(stop_early: bool) -> float:
-        tap.stop_early = stop_early
-        tr.step(step[0])  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            step[0] += 1
-            tr.step(step[0])
-        return (time.perf_counter() - t0) / args.iters
+    def iteration():
+        tr.step(step[0])
+        step[0] += 1
 
     runs: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(args.repeats):
         for stop_early in (True, False):
-            runs[stop_early].append(timed(stop_early))
+            tap.stop_early = stop_early
+            runs[stop_early].append(timed(iteration, args.iters))
     stopped, whole = statistics.median(runs[True]), statistics.median(runs[False])
     print(json.dumps({
         "recipe": " ".join(DMD2),
