@@ -41,16 +41,16 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
 
 
 def run_one(config: Path, sets: list[str]) -> dict:
-    from stages import distill, evaluate, generate
+    from stages import chain
     from stages.config import load_config
 
     cfg = load_config(config, sets)
     t0 = time.perf_counter()
-    generate.run(cfg, progress=False)
+    chain.run(cfg, "generate", progress=False).manifest
     t1 = time.perf_counter()
-    dm = distill.run(cfg, progress=False)
+    dm = chain.run(cfg, "distill", progress=False).manifest
     t2 = time.perf_counter()
-    em = evaluate.run(cfg, progress=False)
+    em = chain.run(cfg, "evaluate", progress=False).manifest
     import pyarrow.parquet as pq
 
     rows = pq.read_table(Path(cfg.store) / "distill" / dm.key / "metrics.parquet").to_pylist()
@@ -144,10 +144,10 @@ def main() -> None:
     out = args.work / "ablation.json"
     results = json.loads(out.read_text()) if out.is_file() else {"recipes": {}, "teacher": {}}
     # the pairs first, in this process, so that workers find them cached instead of racing to write them
-    from stages import evaluate, generate
+    from stages import chain
     from stages.config import load_config
 
-    generate.run(load_config(config, base), progress=False)
+    chain.run(load_config(config, base), "generate", progress=False).manifest
     if (args.work / "claims").is_dir():
         for claim in (args.work / "claims").iterdir():  # claims of a crashed earlier run
             claim.unlink()
@@ -168,7 +168,7 @@ def main() -> None:
             results["recipes"][name] = sorted(runs, key=lambda r: r["seed"])
     # the teacher at 35 and 1 network evaluations (its numbers are cached per protocol in the store)
     for steps, nfe in ((18, 35), (1, 1)):
-        m = evaluate.run(load_config(config, [*base, f"evaluate.teacher_steps={steps}"]), progress=False).info["metrics"]
+        m = chain.run(load_config(config, [*base, f"evaluate.teacher_steps={steps}"]), "evaluate", progress=False).manifest.info["metrics"]
         results["teacher"][str(nfe)] = {"fd": m["teacher_fd"], "fd_ratio": m["teacher_fd"] / results_teacher_fd(results, m), "class_accuracy": m["teacher_class_accuracy"]}
     out.write_text(json.dumps(results, indent=2))
     print(summary(results))

@@ -43,7 +43,7 @@ def bare_loop(cfg, den) -> float:
 
 def stage_run(cfg) -> float:
     t0 = time.perf_counter()
-    generate.run(cfg, progress=False)
+    chain.run(cfg, "generate", progress=False).manifest
     return time.perf_counter() - t0
 
 

@@ -24,7 +24,7 @@ from dmd_core.digits import DigitsClassifier, load_digits_data
 from dmd_core.dmd import OneStep
 from dmd_core.metrics import class_accuracy, frechet_distance
 from dmd_core.shards import sample_labels, sample_noise
-from stages import distill, evaluate, generate
+from stages import chain, distill, evaluate, generate
 from stages.config import DEFAULT_CONFIG, load_config
 
 
@@ -81,7 +81,7 @@ def main() -> None:
 
     cfg = load_config(None, [f"store={store}", "generate.batch_size=1024", "generate.shard_size=1024"])
     t0 = time.perf_counter()
-    g = generate.run(cfg, progress=False)
+    g = chain.run(cfg, "generate", progress=False).manifest
     res["generate"] = {"images": g.info["num_samples"], "nfe": g.info["nfe"], "seconds": round(time.perf_counter() - t0, 2),
                        "images_per_s": round(g.info["num_samples"] / (time.perf_counter() - t0), 1)}  # fmt: skip
 
@@ -92,7 +92,7 @@ def main() -> None:
             f"distill.checkpoint_every={args.steps}", f"distill.sample_every={args.steps}", "distill.num_workers=4",
         ])  # fmt: skip
         t0 = time.perf_counter()
-        m = distill.run(c, progress=False)
+        m = chain.run(c, "distill", progress=False).manifest
         wall = time.perf_counter() - t0
         out = Path(store) / "distill" / m.key
         rows = pq.read_table(out / "metrics.parquet").to_pylist()

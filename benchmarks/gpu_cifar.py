@@ -25,7 +25,7 @@ from dmd_core.loading import save_denoiser
 from dmd_core.precision import at_precision
 from dmd_core.shards import sample_labels, sample_noise
 from dmd_core.solvers import teacher_sampler
-from stages import chain, distill, generate
+from stages import chain, distill
 from stages.config import load_config
 
 SHAPE = (3, 32, 32)
@@ -153,7 +153,7 @@ def generate_check(cfg_args: list[str], store: str, res: dict, sizes: dict[str, 
         for run, seed, count in runs:
             cfg = generate_config(cfg_args, store, count, precision, seed)
             t0 = time.perf_counter()
-            m = generate.run(cfg, progress=False)
+            m = chain.run(cfg, "generate", progress=False).manifest
             seconds[run] = (count, time.perf_counter() - t0)
             row[f"stage_images_per_s_{run}"] = round(count / seconds[run][1], 1)
             if run != "one_batch":
@@ -391,10 +391,10 @@ def profile_check(cfg_args: list[str], store: str, res: dict, batch: int, steps:
     res["iteration_bf16"] = profiled(lambda: [tr.step(i) for i in range(3, 3 + steps)], steps)
     tr = None  # frees its networks before generate loads the teacher
     n = N["bf16"] // 2
-    generate.run(generate_config(cfg_args, store, n, "bf16", seed=2), progress=False)  # warms the stage up
+    chain.run(generate_config(cfg_args, store, n, "bf16", seed=2), "generate", progress=False).manifest  # warms the stage up
     cfg = generate_config(cfg_args, store, n, "bf16", seed=3)  # new noise: not a cache hit
     batches = -(-n // cfg.generate.batch_size)
-    res["generate_bf16"] = {"images": n, "batches": batches, **profiled(lambda: generate.run(cfg, progress=False), batches)}
+    res["generate_bf16"] = {"images": n, "batches": batches, **profiled(lambda: chain.run(cfg, "generate", progress=False).manifest, batches)}
 
 
 @torch.no_grad()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from stages.cli import ConfigOpt, ProcOpt, SetOpt, app, guarded
 
-from stages.registry import ORDER as STAGE_NAMES
+from stages.contract import ORDER as STAGE_NAMES
 
 
 @app.command("run")
@@ -33,14 +34,16 @@ def run_command(
             if name is not None and name not in STAGE_NAMES:
                 flag = "--only" if name == only else "--refresh"
                 raise InputError(f"{flag}: unknown stage {name!r}. Fix: choose from {', '.join(STAGE_NAMES)}")
-        from stages.config import check_store_writable, load_config
+        from stages import chain
+        from stages.config import load_config
+        from stages.store import open_store
 
         cfg = load_config(config, set_ or [])
-        check_store_writable(cfg.store)
+        open_store(cfg.store).check_writable()
         if only is not None:  # one stage from the store: its upstream outputs must be there
-            from stages import chain
-
             chain.plan(cfg, only)
+        else:  # the teacher and every stage's settings
+            chain.check(cfg, STAGE_NAMES[-1])
         from .pipeline import dmd_pipeline, where_dashboards_are
         from .server import prefect_api
 
@@ -95,8 +98,9 @@ def demo_command() -> None:
     """The pipeline on the embedded default (digits) through the Prefect flow, then the results table."""
 
     def body() -> str:
-        from stages import evaluate
-        from stages.store import read_manifest
+        from stages.config import load_config
+        from stages.evaluate import results_table
+        from stages.store import open_store
 
         from .pipeline import dmd_pipeline, where_dashboards_are
         from .server import prefect_api
@@ -104,7 +108,7 @@ def demo_command() -> None:
         with prefect_api() as local:
             result = dmd_pipeline()
         out = result["outputs"]
-        table = evaluate.results_table(read_manifest(out["evaluate"]))
+        table = results_table(open_store(load_config(None).store).read_manifest(Path(out["evaluate"])))
         print(
             f"\n{table}\n\nsample grid: {out['evaluate']}/grid.png\nexport:      {out['export']}\n"
             f"model card:  {out['export']}/README.md\n{where_dashboards_are(result['flow_run_id'], local)}",

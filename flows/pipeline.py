@@ -43,13 +43,12 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 from stages import chain
-from stages.chain import Plan
 from stages.config import PipelineConfig, dump_config, load_config
+from stages.contract import ORDER, STAGES, Manifest, Plan, StageOutput, StageSpec
 from stages.launch import EXIT_WITH_PARENT, kill_process_tree
 from stages.progress import ENV as PROGRESS_ENV
 from stages.progress import Progress, parse_progress
-from stages.registry import ORDER, STAGES, StageSpec
-from stages.store import Manifest, StageOutput, remove_output, verified_manifest
+from stages.store import open_store
 
 PROGRESS_STAGES = tuple(s.name for s in STAGES if s.progress)
 STDERR_TAIL = 50
@@ -59,7 +58,7 @@ def resolved_config_file(config: str | None, overrides: list[str]) -> tuple[Pipe
     """Validate the config once and write it, resolved, where every task and subprocess reads it."""
     cfg = load_config(config, overrides)
     text = dump_config(cfg)
-    folder = Path(cfg.store) / ".flow-configs"
+    folder = open_store(cfg.store).scratch_dir("flow-configs")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
     path.write_text(text)
@@ -161,7 +160,7 @@ def run_stage(stage: str, config_file: str, plan_file: str, cache_key: str, upst
         tail = "\n".join(err_tail)
         raise RuntimeError(f"stage {stage} exited with status {rc}; last {len(err_tail)} lines of stderr:\n{tail}")
     out_dir = Path(out_lines[-1]).resolve()
-    m = verified_manifest(out_dir)
+    m = open_store(load_config(config_file).store).verified(out_dir)
     if m is None:
         raise RuntimeError(f"stage {stage} printed {out_dir}, which holds no verified manifest")
     return {"out_dir": str(out_dir), "manifest": m.model_dump(mode="json")}
@@ -225,14 +224,15 @@ class StageTasks:
         self.cache: dict[str, str] = {}
         self.seconds: dict[str, float] = {}
         self.forced = False
+        self.store = open_store(cfg.store)
 
     def __call__(self, s: StageSpec, p: Plan) -> StageOutput:
         self.forced = self.forced or s.name in self.refresh
-        valid = verified_manifest(p.out_dir) is not None
+        valid = self.store.verified(p.out_dir) is not None
         if self.forced and p.out_dir.exists():
-            remove_output(p.out_dir)  # a refreshed stage (and all after it) really recomputes
+            self.store.remove(p.out_dir)  # a refreshed stage (and all after it) really recomputes
             valid = False
-        plan_file = p.save(Path(self.cfg.store) / ".flow-plans" / f"{s.name}-{p.key}.json")
+        plan_file = p.save(self.store.scratch_dir("flow-plans") / f"{s.name}-{p.key}.json")
         n = self.num_processes if s.multi_process else 1
         t0 = time.perf_counter()
         task_run = run_stage.with_options(refresh_cache=not valid)
@@ -263,7 +263,7 @@ def dmd_pipeline(
     cfg, config_file = resolved_config_file(config, overrides or [])
     tasks = StageTasks(cfg, config_file, num_processes, set(refresh or []))
     # --only: the upstream outputs must be in the store already (an error names the first missing one)
-    chain.walk(cfg, only or ORDER[-1], tasks, chain.require_existing if only else None)
+    chain.walk(cfg, only or ORDER[-1], tasks, chain.require_existing(cfg) if only else None)
     if only is None:
         publish(tasks.results, tasks.cache, tasks.seconds)
     outputs = {s: r["out_dir"] for s, r in tasks.results.items()}

@@ -11,10 +11,11 @@ import typer
 
 from dmd_core.errors import InputError
 
-from .config import check_store_writable, dump_config, load_config
+from .config import dump_config, load_config
+from .contract import ORDER, STAGES
+from .files import write_text_atomic
 from .launch import distributed_env, exit_with_parent, finish_distributed, terminate_on_sigterm
-from .registry import ORDER, STAGES
-from .store import write_text_atomic
+from .store import open_store
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -77,26 +78,27 @@ def stage_output(name: str, cfg, num_processes: int, progress: bool, plan_file: 
     """Run one stage: from a plan file (already planned by a flow task or the launcher), or through the chain."""
     from dataclasses import replace
 
-    from .chain import Plan, local_obtain, plan, run
-    from .registry import spec
-    from .store import partial_dir, publish, verified_manifest
+    from .chain import local_obtain, plan, run
+    from .contract import Plan, spec
+    from .registry import module
 
+    store = open_store(cfg.store)
     rank, world = distributed_env()
     if world > 1:  # this process is one rank under accelerate launch
         if plan_file:  # launched by launch_plan: the plan names the partial directory to build in
             p = Plan.load(plan_file)
         else:  # `accelerate launch -m stages.X` by hand: build under the hidden name, rank 0 publishes
             p = plan(cfg, name)
-            if verified_manifest(p.out_dir) is not None:
+            if store.verified(p.out_dir) is not None:
                 return p.out_dir if rank == 0 else None
-            final, p = p.out_dir, replace(p, out_dir=partial_dir(p.out_dir))
+            final, p = p.out_dir, replace(p, out_dir=store.partial_dir(p.out_dir))
         p.out_dir.mkdir(parents=True, exist_ok=True)
         if rank == 0 and not (p.out_dir / "config.yaml").is_file():
             write_text_atomic(p.out_dir / "config.yaml", dump_config(cfg))
-        m = spec(name).module.run_distributed(cfg, p, progress)
+        m = module(name).run_distributed(cfg, p, progress)
         finish_distributed()
         if m is not None and not plan_file:
-            publish(p.out_dir, final)
+            store.publish(p.out_dir, final)
             return final
         return None if m is None else p.out_dir
     if plan_file is not None:
@@ -111,7 +113,7 @@ def stage_command(name: str, doc: str) -> Callable[..., None]:
     def command(config: ConfigOpt = None, set_: SetOpt = None, num_processes: ProcOpt = 1, quiet: QuietOpt = False, plan_file: PlanOpt = None) -> None:
         def body() -> Optional[str]:
             cfg = load_config(config, set_ or [])
-            check_store_writable(cfg.store)  # a store that is a file or read-only fails now, not after the first stage
+            open_store(cfg.store).check_writable()  # a store that is a file or read-only fails now, not after the first stage
             out = stage_output(name, cfg, num_processes, not quiet, plan_file)
             return None if out is None else str(out)
 
@@ -143,17 +145,14 @@ def verify_command(
 
     Normally a file is re-hashed only when its size, mtime or inode changed since it was last checked (the store's .verified.json records); --deep re-hashes everything, which also catches a file changed in place that kept all three.
     """
-    from .store import MANIFEST, bad_files, read_manifest
-
     def body() -> None:
-        store = Path(load_config(config, set_ or []).store)
+        store = open_store(load_config(config, set_ or []).store)
         failed = 0
-        for name in [*ORDER, "reference", "teacher_eval"]:
-            for out in sorted((store / name).glob(f"*/{MANIFEST}")):
-                m = read_manifest(out.parent)
-                bad = ["manifest.json unreadable"] if m is None else bad_files(out.parent, m, deep)
-                failed += bool(bad)
-                typer.echo(f"{'FAIL' if bad else 'ok  '}  {name:<12} {out.parent.name}" + (f"  ({', '.join(bad[:5])})" if bad else ""))
+        for name, out in store.outputs():
+            m = store.read_manifest(out)
+            bad = ["manifest.json unreadable"] if m is None else store.problems(out, m, deep)
+            failed += bool(bad)
+            typer.echo(f"{'FAIL' if bad else 'ok  '}  {name:<12} {out.name}" + (f"  ({', '.join(bad[:5])})" if bad else ""))
         typer.echo(f"{failed} output(s) failed verification" if failed else "all outputs verify", err=True)
         if failed:
             raise typer.Exit(1)

@@ -6,7 +6,6 @@ Relative paths inside a config file (``teacher.path``) are resolved against that
 
 from __future__ import annotations
 
-import os
 import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -340,31 +339,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise InputError(
             f"invalid config ({path}): {_format_validation(e)}. "
             "Fix: correct it in the YAML or with --set section.key=value (README lists every key)."
-        ) from None
-
-
-def check_store_writable(path: str | Path) -> None:
-    """Refuse a store that is a file or cannot be written, before any stage runs; never creates the store.
-
-    Writability is probed by creating and removing a hidden file: permission bits say nothing for root,
-    nor for read-only mounts.
-    """
-    store = Path(path).expanduser()
-    if store.exists() and not store.is_dir():
-        raise InputError(f"store {store} is a file, not a directory. Fix: point store at a directory (--set store=DIR) or move the file away.")
-    parent = store
-    while not parent.exists() and parent != parent.parent:  # a new store is made inside its nearest existing parent
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"store {store} cannot be created: {parent} is a file. Fix: point store at a directory (--set store=DIR).")
-    probe = parent / f".write-test-{os.getpid()}"
-    try:
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        what = "store" if parent == store else f"store {store}: its parent"
-        raise InputError(
-            f"{what} {parent} is not writable ({e.strerror}). Fix: make it writable or point store at a writable directory (--set store=DIR)."
         ) from None
 
 

@@ -19,7 +19,8 @@ import torch
 from dmd_core.errors import InputError
 
 from .config import PipelineConfig, dump_config
-from .store import Manifest, read_manifest
+from .contract import Manifest, Plan
+from .store import open_store
 
 log = logging.getLogger("dmd")
 
@@ -135,8 +136,9 @@ def accelerate_launch(stage: str, cfg: PipelineConfig, plan_file: Path, num_proc
     """
     child = cfg.model_copy(deep=True)
     child.store = str(Path(cfg.store).resolve())
-    Path(cfg.store).mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=".launch-", dir=cfg.store, delete=False) as f:
+    scratch = open_store(cfg.store).scratch_dir("launch")
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="config-", dir=scratch, delete=False) as f:
         f.write(dump_config(child))
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -156,11 +158,11 @@ def accelerate_launch(stage: str, cfg: PipelineConfig, plan_file: Path, num_proc
         raise InputError(f"`stages.{stage}` on {num_processes} processes exited with status {rc}; the log above names the cause")
 
 
-def launch_plan(stage: str, cfg: PipelineConfig, plan, num_processes: int) -> Manifest:
+def launch_plan(stage: str, cfg: PipelineConfig, plan: Plan, num_processes: int) -> Manifest:
     """Run a planned stage on ``num_processes`` processes; returns the manifest rank 0 wrote."""
     plan_file = plan.save(plan.out_dir / ".plan.json")
     accelerate_launch(stage, cfg, plan_file, num_processes)
-    m = read_manifest(plan.out_dir)
+    m = open_store(cfg.store).read_manifest(plan.out_dir)
     if m is None:
         raise InputError(f"{stage} on {num_processes} processes wrote no manifest in {plan.out_dir}")
     return m

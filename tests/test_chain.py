@@ -9,7 +9,9 @@ import pytest
 
 from conftest import ROOT, add_tiny_evaluate, run_cli, write_config
 from dmd_core.errors import InputError
-from stages import chain, store
+from stages import chain
+from stages import files
+from stages.store import LocalStore, local
 from stages.config import load_config
 from stages.registry import ORDER, STAGES
 
@@ -20,15 +22,15 @@ def done(tmp_path_factory, edm_teacher):
     tmp = tmp_path_factory.mktemp("chain")
     cfg = add_tiny_evaluate(write_config(tmp / "c.yaml", edm_teacher, tmp / "store", distill={}))
     hashed: list[str] = []
-    real = store.sha256_file
+    real = local.sha256_file
 
     def counting(path, chunk=1 << 20):
         hashed.append(str(Path(path).resolve()))
         return real(path, chunk)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(store, "sha256_file", counting)
-    mp.setattr(store, "_SEEN", {})  # as in a fresh process: earlier tests may have hashed the same teacher
+    mp.setattr(local, "sha256_file", counting)
+    mp.setattr(local, "_SEEN", {})  # as in a fresh process: earlier tests may have hashed the same teacher
     outputs = chain.walk(load_config(cfg), "export", chain.local_obtain(load_config(cfg), progress=False))
     mp.undo()
     return cfg, outputs, hashed
@@ -52,16 +54,16 @@ def test_cached_run_hashes_nothing_and_loads_no_weights(done, monkeypatch):
     import dmd_core.loading
 
     monkeypatch.setattr(dmd_core.loading, "load_unet", no_weights)
-    before = store.HASHED.bytes
+    before = files.HASHED.bytes
     again = chain.run(load_config(cfg), "export", progress=False)
-    assert store.HASHED.bytes == before
+    assert files.HASHED.bytes == before
     assert again.out_dir == outputs["export"].out_dir
 
 
 def test_a_fresh_process_rerun_hashes_nothing(done, tmp_path):
     cfg, outputs, _ = done
     log = tmp_path / "hashed.log"
-    proc = run_cli("export", "--config", str(cfg), "-q", env={store.HASH_LOG: str(log)})
+    proc = run_cli("export", "--config", str(cfg), "-q", env={files.HASH_LOG: str(log)})
     assert Path(proc.stdout.strip().splitlines()[-1]) == outputs["export"].out_dir
     assert [int(line.split()[1]) for line in log.read_text().splitlines()] == [0]
 
@@ -78,14 +80,14 @@ def test_changed_in_place_is_caught_only_by_deep(done):
         with open(path, "r+b") as f:  # in place: the inode stays
             f.write(data)
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-        assert store.verified_manifest(out) is not None
+        assert LocalStore(out.parent.parent).verified(out) is not None
         proc = run_cli("verify", "--config", str(cfg), "--deep", check=False)
         assert proc.returncode == 1 and "FAIL" in proc.stdout and "grid.png" in proc.stdout
-        assert store.verified_manifest(out) is None  # the deep check updated the record
+        assert LocalStore(out.parent.parent).verified(out) is None  # the deep check updated the record
     finally:
         data[-5] ^= 0xFF
         path.write_bytes(bytes(data))
-    assert store.verified_manifest(out, deep=True) is not None
+    assert LocalStore(out.parent.parent).verified(out, deep=True) is not None
     proc = run_cli("verify", "--config", str(cfg))
     assert "all outputs verify" in proc.stderr and proc.stdout.count("ok") >= 6
 
@@ -98,7 +100,7 @@ def test_damaged_side_cache_is_recomputed_not_trusted(done):
     proc = run_cli("evaluate", "--config", str(cfg), "--set", "evaluate.speed_repeats=2", "-q")
     assert "teacher numbers from cache" not in proc.stderr and "fails verification" in proc.stderr
     assert (teacher_eval / "metrics.json").read_text() == good
-    m = store.read_manifest(Path(proc.stdout.strip().splitlines()[-1]))
+    m = LocalStore(load_config(cfg).store).read_manifest(Path(proc.stdout.strip().splitlines()[-1]))
     assert m.info["metrics"]["teacher_fd"] == outputs["evaluate"].manifest.info["metrics"]["teacher_fd"]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import write_config
 
-from stages import chain, distill, generate
+from stages import chain, distill
 from stages.config import load_config
 
 # Measured on this project's 2-core CPU machine (3 steps, tiny EDM teacher, guidance 2): the compiled
@@ -77,7 +77,7 @@ def test_compiled_networks_get_one_static_graph_per_batch_size_and_keep_it(tmp_p
         teacher, overrides = RECIPES[recipe]
         path = write_config(tmp_path / "c.yaml", request.getfixturevalue(teacher), tmp_path / "store", distill={"regression_weight": 0.25})
         cfg = load_config(path, ["distill.compile=true", *overrides])
-        generate.run(cfg, progress=False)
+        chain.run(cfg, "generate", progress=False).manifest
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
 

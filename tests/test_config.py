@@ -6,8 +6,7 @@ import pytest
 
 from dmd_core.errors import InputError
 from stages.config import DEFAULT_CONFIG, PipelineConfig, load_config, parse_override
-from stages.registry import spec
-from stages.store import content_key
+from stages.contract import content_key, spec
 
 
 def test_embedded_default_loads_and_resolves_teacher_path():
@@ -39,7 +38,7 @@ def test_content_key_depends_on_what_changes_the_bytes():
 
 
 def test_manifest_digest_ignores_the_config_record():
-    from stages.store import FileEntry, Manifest
+    from stages.contract import FileEntry, Manifest
 
     def manifest(config_sha: str) -> Manifest:
         files = [FileEntry(name="pairs-000000.tar", size=1, sha256="a"), FileEntry(name="config.yaml", size=1, sha256=config_sha, record=True)]
@@ -106,10 +105,9 @@ def test_yaml_merge_keys_are_not_duplicates(tmp_path):
         load_config(path)
 
 
-def test_check_store_writable_never_creates_the_store(tmp_path):
-    from stages.config import check_store_writable
+def test_check_writable_never_creates_the_store(tmp_path):
+    from stages.store import LocalStore
 
-    store = tmp_path / "a" / "b" / "store"
-    check_store_writable(store)
-    check_store_writable(tmp_path)
+    LocalStore(tmp_path / "a" / "b" / "store").check_writable()
+    LocalStore(tmp_path).check_writable()
     assert list(tmp_path.iterdir()) == []  # no store, no parents, no probe file left

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import first_step_one_and_two_processes, kill_when, run_cli, write_config
 from dmd_core import load_denoiser
 from dmd_core.errors import InputError
-from stages import chain, distill, generate
+from stages import chain, distill
 from stages.config import load_config
 
 
@@ -24,14 +24,14 @@ from stages.config import load_config
 def setup(tmp_path_factory, edm_teacher):
     tmp = tmp_path_factory.mktemp("distill")
     cfg = write_config(tmp / "c.yaml", edm_teacher, tmp / "store", distill={})
-    generate.run(load_config(cfg), progress=False)
+    chain.run(load_config(cfg), "generate", progress=False).manifest
     return tmp, cfg
 
 
 @pytest.fixture(scope="module")
 def trained(setup):
     tmp, cfg = setup
-    m = distill.run(load_config(cfg), progress=False)
+    m = chain.run(load_config(cfg), "distill", progress=False).manifest
     return cfg, Path(load_config(cfg).store) / "distill" / m.key, m
 
 
@@ -91,7 +91,7 @@ def test_two_processes_take_the_same_first_step(setup):
 def test_kill_and_resume_is_exact(setup):
     tmp, cfg = setup
     sets = ["distill.steps=40", "distill.checkpoint_every=10"]
-    ref = distill.run(load_config(cfg, [*sets, f"store={tmp / 'ref'}", f"distill.pairs={_pairs(cfg)}"]), progress=False)
+    ref = chain.run(load_config(cfg, [*sets, f"store={tmp / 'ref'}", f"distill.pairs={_pairs(cfg)}"]), "distill", progress=False).manifest
     ref_dir = tmp / "ref" / "distill" / ref.key
 
     store = tmp / "killed"
@@ -114,11 +114,11 @@ def _pairs(cfg) -> str:
 def test_resume_from_checkpoint_with_more_steps(trained):
     cfg, out, _ = trained
     ckpt = out / "checkpoints" / "step-0000004"
-    longer = distill.run(load_config(cfg, ["distill.steps=6", f"distill.resume_from={ckpt}"]), progress=False)
+    longer = chain.run(load_config(cfg, ["distill.steps=6", f"distill.resume_from={ckpt}"]), "distill", progress=False).manifest
     rows = pq.read_table(Path(load_config(cfg).store) / "distill" / longer.key / "metrics.parquet").to_pylist()
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     with pytest.raises(InputError) as e:
-        distill.run(load_config(cfg, ["distill.steps=6", f"distill.resume_from={ckpt}", "distill.regression_weight=0.5", "distill.seed=3"]), progress=False)
+        chain.run(load_config(cfg, ["distill.steps=6", f"distill.resume_from={ckpt}", "distill.regression_weight=0.5", "distill.seed=3"]), "distill", progress=False).manifest
     assert "regression_weight" in str(e.value) and "seed" in str(e.value)
 
 
@@ -133,7 +133,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(setup, monkeypatch):
     monkeypatch.setattr(distill, "regression_loss_fn", lambda d: poisoned)
     c = load_config(cfg, [f"store={tmp / 'nan'}", f"distill.pairs={_pairs(cfg)}"])
     with pytest.raises(distill.TrainingDiverged) as e:
-        distill.run(c, progress=False)
+        chain.run(c, "distill", progress=False).manifest
     assert "step 3" in str(e.value) and "loss_reg" in str(e.value)
     assert not [d for d in (tmp / "nan" / "distill").iterdir() if not d.name.startswith(".")]  # nothing under a final name
     out = next((tmp / "nan" / "distill").glob(".*.partial"))

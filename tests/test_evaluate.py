@@ -102,7 +102,7 @@ def tiny(tmp_path_factory, edm_teacher):
         f"  classifier: {CLASSIFIER}\n  speed_batch_size: 8\n  speed_repeats: 1\n  num_threads: 1\n"
     )
     cfg.write_text(text)
-    m = evaluate.run(load_config(cfg), progress=False)
+    m = chain.run(load_config(cfg), "evaluate", progress=False).manifest
     return tmp, cfg, m
 
 
@@ -164,23 +164,24 @@ def test_two_processes_equal_one(tiny):
 def test_too_few_samples_is_refused(tiny):
     tmp, cfg, m = tiny
     with pytest.raises(InputError, match="feature dimension"):
-        evaluate.run(load_config(cfg, ["evaluate.num_samples=50"]), progress=False)
+        chain.run(load_config(cfg, ["evaluate.num_samples=50"]), "evaluate", progress=False).manifest
 
 
 def test_broken_generator_is_named(tiny, tmp_path):
     """A distill output whose manifest verifies but whose generator does not load: dir and reason named."""
-    from stages.store import file_entry, read_manifest
+    from stages.contract import file_entry
+    from stages.store import LocalStore
 
     tmp, cfg, m = tiny
     broken = tmp_path / "distill"
     shutil.copytree(m.info["distill_dir"], broken)
     config = broken / "generator" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "block_out_channels": [16, 32]}))
-    dm = read_manifest(broken)
+    dm = LocalStore(broken.parent.parent).read_manifest(broken)
     dm.files = [file_entry(broken / f.name).model_copy(update={"name": f.name}) for f in dm.files]
     dm.save(broken)
     with pytest.raises(InputError) as e:
-        evaluate.run(load_config(cfg, [f"evaluate.distill={broken}", f"store={tmp_path / 'store'}"]), progress=False)
+        chain.run(load_config(cfg, [f"evaluate.distill={broken}", f"store={tmp_path / 'store'}"]), "evaluate", progress=False).manifest
     assert str(broken / "generator") in str(e.value) and "do not match" in str(e.value)
     shutil.rmtree(broken / "generator")
     with pytest.raises(InputError, match="not a complete distill output"):

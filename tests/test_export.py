@@ -18,7 +18,7 @@ from dmd_core import load_denoiser
 from dmd_core.dmd import OneStep
 from dmd_core.errors import InputError
 from dmd_core.shards import sample_labels, sample_noise
-from stages import export
+from stages import chain, export
 from stages.config import load_config
 
 CLASSIFIER = str(ROOT / "data" / "classifier")
@@ -33,7 +33,7 @@ def exported(tmp_path_factory, edm_teacher):
         "evaluate:\n  num_samples: 100\n  batch_size: 50\n  features: digits\n"
         f"  classifier: {CLASSIFIER}\n  speed_batch_size: 8\n  speed_repeats: 1\n  num_threads: 1\n"
     ))  # fmt: skip
-    m = export.run(load_config(cfg), progress=False)
+    m = chain.run(load_config(cfg), "export", progress=False).manifest
     return cfg, Path(load_config(cfg).store) / "export" / m.key, m
 
 
@@ -115,7 +115,7 @@ def test_onnx_parity_failure_is_refused(exported, tmp_path):
     c = load_config(cfg, [f"store={tmp_path / 'store'}", "export.onnx_tolerance=1e-30",
                           f"evaluate.distill={evaluation_info(m)['distill_dir']}"])  # fmt: skip
     with pytest.raises(InputError, match="ONNX parity failed"):
-        export.run(c, progress=False)
+        chain.run(c, "export", progress=False).manifest
     assert not [d for d in (tmp_path / "store" / "export").iterdir() if not d.name.startswith(".")]  # nothing under a final name
     bad = next((tmp_path / "store" / "export").glob(".*.partial"))
     assert not (bad / "generator.onnx").exists() and not (bad / "manifest.json").exists()

@@ -17,7 +17,7 @@ from dmd_core import load_denoiser
 from dmd_core.dmd import AdversarialLoss, GANLogits, SampleRNG, frozen
 from dmd_core.errors import InputError
 from dmd_core.gan import BottleneckHead, BottleneckTap, discriminator_loss, generator_gan_loss
-from stages import chain, distill, generate
+from stages import chain, distill
 from stages.config import load_config
 
 
@@ -125,8 +125,8 @@ def test_stopping_at_the_bottleneck_changes_no_number(tmp_path, edm_teacher):
 
 def test_gan_distill_logs_saves_and_resumes_exactly(tmp_path, edm_teacher):
     cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill=GAN))
-    generate.run(cfg, progress=False)
-    m = distill.run(cfg, progress=False)
+    chain.run(cfg, "generate", progress=False).manifest
+    m = chain.run(cfg, "distill", progress=False).manifest
     out = Path(cfg.store) / "distill" / m.key
     rows = pq.read_table(out / "metrics.parquet").to_pylist()
     assert all(r["loss_gan_g"] > 0 and r["loss_gan_d"] > 0 and 0 < r["d_real"] < 1 and 0 < r["d_fake"] < 1 for r in rows)
@@ -137,7 +137,7 @@ def test_gan_distill_logs_saves_and_resumes_exactly(tmp_path, edm_teacher):
     # stopped after the step-2 checkpoint: resumes to the same generator, fake score and head
     for name in ("manifest.json", "generator", "fake_score", "checkpoints/step-0000004"):
         shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-    assert distill.run(cfg, progress=False).key == m.key
+    assert chain.run(cfg, "distill", progress=False).manifest.key == m.key
     for f in files:
         got = load_file(str(out / f))
         assert max(float((got[k] - want[f][k]).abs().max()) for k in got) <= 1e-6, f
@@ -145,14 +145,14 @@ def test_gan_distill_logs_saves_and_resumes_exactly(tmp_path, edm_teacher):
 
 def test_gan_settings_key_and_refusals(tmp_path, edm_teacher, sd_teacher):
     base = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={})
-    generate.run(load_config(base), progress=False)
+    chain.run(load_config(base), "generate", progress=False).manifest
     plain = chain.plan(load_config(base), "distill").key
     assert chain.plan(load_config(base, ["distill.gan_weight_generator=0.5"]), "distill").key == plain  # only with gan on
     on = chain.plan(load_config(base, ["distill.gan=true"]), "distill").key
     assert on != plain != chain.plan(load_config(base, ["distill.gan=true", "distill.gan_weight_generator=0.5"]), "distill").key
     (tmp_path / "p.txt").write_text("the digit 7\n")
     sd = write_config(tmp_path / "s.yaml", sd_teacher, tmp_path / "store", distill={}, solver="pndm", steps=4, num_samples=8, shard_size=8, prompts=str(tmp_path / "p.txt"))
-    generate.run(load_config(sd), progress=False)
+    chain.run(load_config(sd), "generate", progress=False).manifest
     with pytest.raises(InputError, match="needs real images with captions"):
         chain.plan(load_config(sd, ["distill.gan=true"]), "distill")
 
@@ -250,7 +250,7 @@ def test_webdataset_real_data_for_a_text_teacher(tmp_path, sd_teacher):
     assert tr.label_range == 2 and tr.real.num_classes == len(table)
     assert tr.real_labels.tolist() == [table.index(c) for c in captions]
     assert torch.allclose(tr.real_images, encode_latents(sd_teacher, images), atol=1e-6) and tr.real_images.shape == (6, 4, 4, 4)
-    m = distill.run(cfg, progress=False)
+    m = chain.run(cfg, "distill", progress=False).manifest
     rows = pq.read_table(Path(cfg.store) / "distill" / m.key / "metrics.parquet").to_pylist()
     assert all(r["loss_gan_d"] > 0 and torch.isfinite(torch.tensor(r["loss_g"])) for r in rows)
 
@@ -296,7 +296,7 @@ def test_no_regression_runs_skip_generate_and_read_no_pairs(tmp_path, edm_teache
     monkeypatch.setattr(distill, "pair_stream", no_pairs)
     cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={"regression_weight": 0.0, "steps": 2}))
     assert [s.name for s in chain.stages_for(cfg, "evaluate")] == ["distill", "evaluate"]
-    m = distill.run(cfg, progress=False)
+    m = chain.run(cfg, "distill", progress=False).manifest
     assert not (tmp_path / "store" / "generate").exists() and "pairs" not in m.upstream
     assert all(r["loss_reg"] == 0 for r in pq.read_table(Path(cfg.store) / "distill" / m.key / "metrics.parquet").to_pylist())
     with_reg = load_config(write_config(tmp_path / "r.yaml", edm_teacher, tmp_path / "store", distill={}))
@@ -311,7 +311,7 @@ def test_two_processes_take_the_same_first_step_with_gan(tmp_path, edm_teacher):
     from conftest import first_step_one_and_two_processes
 
     cfg = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={"gan": True, "fake_updates_per_generator_update": 2})
-    generate.run(load_config(cfg), progress=False)
+    chain.run(load_config(cfg), "generate", progress=False).manifest
     one, two = first_step_one_and_two_processes(cfg, tmp_path)
     a, b = load_file(one), load_file(two)
     assert any(k.startswith("head.") for k in a) and a.keys() == b.keys()

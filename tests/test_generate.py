@@ -11,9 +11,9 @@ import webdataset as wds
 
 from conftest import kill_when, run_cli, write_config
 from dmd_core.shards import shard_name
-from stages import generate
+from stages import chain
 from stages.config import load_config
-from stages.store import sha256_file
+from stages.files import sha256_file
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
@@ -32,7 +32,7 @@ def base(tmp_path_factory, edm_teacher):
     """One reference output: 40 samples in shards of 16 (the last one partial), batch 8."""
     tmp = tmp_path_factory.mktemp("gen")
     cfg = write_config(tmp / "c.yaml", edm_teacher, tmp / "store")
-    m = generate.run(load_config(cfg), progress=False)
+    m = chain.run(load_config(cfg), "generate", progress=False).manifest
     return cfg, Path(load_config(cfg).store) / "generate" / m.key
 
 
@@ -168,6 +168,6 @@ def test_kill_and_resume_equals_uninterrupted(base, tmp_path):
 
 def test_pndm_generate_with_vp_teacher(tmp_path, vp_teacher):
     cfg = write_config(tmp_path / "c.yaml", vp_teacher, tmp_path / "store", solver="pndm", steps=4, num_samples=6, shard_size=4)
-    m = generate.run(load_config(cfg), progress=False)
+    m = chain.run(load_config(cfg), "generate", progress=False).manifest
     assert m.info["solver"] == "pndm" and m.info["nfe"] == 5 and m.info["parametrization"] == "vp"
     assert [f.samples for f in m.files if f.name.startswith("pairs-")] == [4, 2]

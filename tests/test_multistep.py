@@ -16,7 +16,7 @@ from dmd_core import load_denoiser
 from dmd_core.denoisers import Parametrization
 from dmd_core.dmd import BackwardSimulation, MultiStep, OneStep, SampleRNG
 from dmd_core.errors import InputError
-from stages import chain, distill, evaluate, generate
+from stages import chain
 from stages.config import load_config
 
 STEPS4 = [999, 749, 499, 249]
@@ -82,9 +82,9 @@ def test_one_timestep_is_todays_one_step_generator(tmp_path, request, teacher, o
     path = request.getfixturevalue(teacher)
     solver = {} if teacher == "edm_teacher" else {"solver": "pndm", "steps": 4}
     cfg = load_config(write_config(tmp_path / "c.yaml", path, tmp_path / "store", distill={"steps": 2}, **solver))
-    generate.run(cfg, progress=False)
-    today = distill.run(cfg, progress=False)
-    listed = distill.run(load_config(write_config(tmp_path / "l.yaml", path, tmp_path / "store", distill={"steps": 2, "generator_timesteps": one}, **solver)), progress=False)
+    chain.run(cfg, "generate", progress=False).manifest
+    today = chain.run(cfg, "distill", progress=False).manifest
+    listed = chain.run(load_config(write_config(tmp_path / "l.yaml", path, tmp_path / "store", distill={"steps": 2, "generator_timesteps": one}, **solver)), "distill", progress=False).manifest
     assert listed.key != today.key
     a, b = (weights(Path(cfg.store) / "distill" / m.key / "generator") for m in (today, listed))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -95,24 +95,23 @@ def test_four_steps_train_resume_exactly_and_evaluate(tmp_path, edm_teacher):
     ev = ["evaluate.features=digits", f"evaluate.classifier={ROOT / 'data' / 'classifier'}", "evaluate.num_samples=80", "evaluate.batch_size=40",
           "evaluate.speed_batch_size=4", "evaluate.speed_repeats=1"]  # fmt: skip
     cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill=d), ev)
-    generate.run(cfg, progress=False)
-    m = distill.run(cfg, progress=False)
+    chain.run(cfg, "generate", progress=False).manifest
+    m = chain.run(cfg, "distill", progress=False).manifest
     out = Path(cfg.store) / "distill" / m.key
     assert load_denoiser(out / "generator").param.generator_timesteps == tuple(STEPS4)
     want = {n: weights(out / n) for n in ("generator", "fake_score")}
     for name in ("manifest.json", "generator", "fake_score", "checkpoints/step-0000004"):
         shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
-    assert distill.run(cfg, progress=False).key == m.key
+    assert chain.run(cfg, "distill", progress=False).manifest.key == m.key
     for n, w in want.items():
         got = weights(out / n)
         assert max(float((got[k] - w[k]).abs().max()) for k in got) <= 1e-6, n
     assert len(pq.read_table(out / "metrics.parquet").to_pylist()) == 4
-    r = evaluate.run(cfg, progress=False).info["metrics"]
+    r = chain.run(cfg, "evaluate", progress=False).manifest.info["metrics"]
     assert r["student_nfe"] == 4 and r["student_fd"] > 0
     # export: OneStepPipeline runs the 4 steps; ONNX is one network call, run 4 times by the parity check
-    from stages import export
 
-    e = export.run(load_config(tmp_path / "c.yaml", [*ev, "export.parity_samples=4"]), progress=False)
+    e = chain.run(load_config(tmp_path / "c.yaml", [*ev, "export.parity_samples=4"]), "export", progress=False).manifest
     x = Path(cfg.store) / "export" / e.key
     spec = json.loads((x / "one_step.json").read_text())
     assert spec["network_evaluations"] == 4 and spec["generator_timesteps"] == STEPS4 and len(spec["later_steps"]) == 3
@@ -132,7 +131,7 @@ def test_four_steps_train_resume_exactly_and_evaluate(tmp_path, edm_teacher):
 
 def test_bad_generator_timesteps_are_refused(tmp_path, edm_teacher):
     base = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={})
-    generate.run(load_config(base), progress=False)
+    chain.run(load_config(base), "generate", progress=False).manifest
     for bad, msg in (("[749, 499]", "starting at 999"), ("[999, 499, 749]", "decreasing"), ("[999, 0]", r"\[1, 999\]")):
         with pytest.raises(InputError, match=msg):
             chain.plan(load_config(base, [f"distill.generator_timesteps={bad}"]), "distill")

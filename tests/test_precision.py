@@ -29,9 +29,9 @@ def test_switches_inside_and_restored_after():
 
 def test_bf16_generate_is_keyed_and_records_its_error_against_fp32(tmp_path, edm_teacher):
     cfg = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", num_samples=24, shard_size=16)
-    fp32 = generate.run(load_config(cfg), progress=False)
+    fp32 = chain.run(load_config(cfg), "generate", progress=False).manifest
     bf16_cfg = load_config(cfg, ["generate.precision=bf16"])
-    bf16 = generate.run(bf16_cfg, progress=False)
+    bf16 = chain.run(bf16_cfg, "generate", progress=False).manifest
     assert "precision" not in fp32.upstream and bf16.upstream["precision"] == "bf16" and fp32.key != bf16.key
     assert fp32.info["precision"] == "fp32" and fp32.info["precision_error"]["max_abs"] == 0.0  # fp32 stored as float32: exact
     err = bf16.info["precision_error"]
@@ -51,7 +51,7 @@ def test_a_resumed_run_records_the_same_precision_error(tmp_path, edm_teacher, s
     """The error is measured against the fp32 solve made while generating (an fp32 run's own images); when
     shard 0 comes from an earlier run it is solved again here, as that run did, giving the same numbers."""
     cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", num_samples=24, shard_size=16), [*sets, "generate.batch_size=16"])
-    m = generate.run(cfg, progress=False)
+    m = chain.run(cfg, "generate", progress=False).manifest
     assert m.info["precision_error"]["max_abs"] > 0  # float16 storage or bf16 compute: not trivially zero
     again = generate.precision_error(cfg, chain.plan(cfg, "generate"), torch.device("cpu"))  # no solve from the run
     assert again == m.info["precision_error"]

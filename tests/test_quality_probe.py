@@ -17,7 +17,7 @@ from dmd_core.digits import DigitsClassifier, load_digits_data
 from dmd_core.dmd import OneStep
 from dmd_core.errors import InputError
 from dmd_core.metrics import PenultimateFeatures, channel_stats, class_accuracy, frechet_distance
-from stages import chain, distill, generate
+from stages import chain
 from stages.config import load_config
 
 CLASSIFIER = ROOT / "data" / "classifier"
@@ -29,8 +29,8 @@ EVAL = ["evaluate.features=digits", f"evaluate.classifier={CLASSIFIER}", "evalua
 def probed(tmp_path_factory, edm_teacher):
     tmp = tmp_path_factory.mktemp("probe")
     cfg = load_config(write_config(tmp / "c.yaml", edm_teacher, tmp / "store", distill=PROBE), EVAL)
-    generate.run(cfg, progress=False)
-    m = distill.run(cfg, progress=False)
+    chain.run(cfg, "generate", progress=False).manifest
+    m = chain.run(cfg, "distill", progress=False).manifest
     return cfg, Path(cfg.store) / "distill" / m.key, m
 
 
@@ -81,7 +81,7 @@ def test_resume_restores_the_best(probed):
     for name in ("manifest.json", "generator_best", "best.json", "metrics.parquet", "checkpoints/step-0000006"):
         target = out / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-    m2 = distill.run(cfg, progress=False)
+    m2 = chain.run(cfg, "distill", progress=False).manifest
     assert m2.key == m.key and m2.info["best"] == m.info["best"]
     got = load_file(str(out / "generator_best" / "diffusion_pytorch_model.safetensors"))
     assert max(float((got[k] - want_best[k]).abs().max()) for k in got) <= 1e-6
@@ -101,7 +101,7 @@ def test_evaluate_generator_choice(probed, edm_teacher, tmp_path):
     # a run without probes has no generator_best/
     pairs = chain.plan(cfg, "generate").out_dir
     plain = load_config(write_config(tmp_path / "p.yaml", edm_teacher, Path(cfg.store), distill={}), [*EVAL, "evaluate.generator=best", f"distill.pairs={pairs}"])
-    distill.run(plain, progress=False)
+    chain.run(plain, "distill", progress=False).manifest
     with pytest.raises(InputError, match="no generator_best/.*distill.eval_every"):
         chain.plan(plain, "evaluate")
 
@@ -109,7 +109,7 @@ def test_evaluate_generator_choice(probed, edm_teacher, tmp_path):
 def test_probe_keys_only_when_set(tmp_path, edm_teacher):
     """Runs without probes keep their keys; eval_every and eval_samples change the key when set."""
     base = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={})
-    generate.run(load_config(base), progress=False)
+    chain.run(load_config(base), "generate", progress=False).manifest
     keys = {s: chain.plan(load_config(base, [*EVAL, *s]), "distill").key for s in [(), ("distill.eval_every=2",), ("distill.eval_every=4",)]}
     assert len(set(keys.values())) == 3
     assert chain.plan(load_config(base), "distill").key == keys[()]  # the evaluate settings alone change nothing

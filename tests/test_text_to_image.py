@@ -16,7 +16,7 @@ from conftest import make_tiny_clip, write_config
 from dmd_core.errors import InputError
 from dmd_core.loading import read_parametrization
 from dmd_core.text import read_prompts
-from stages import generate
+from stages import chain
 from stages.config import load_config
 
 PROMPTS = ["the digit 7", "a handwritten seven", "3"]
@@ -46,7 +46,7 @@ def test_pairs_equal_diffusers_stable_diffusion_pipeline(tmp_path, sd_teacher, g
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     cfg = write_config(tmp_path / "c.yaml", sd_teacher, tmp_path / "store", solver="pndm", steps=50, num_samples=6, shard_size=6,
                        prompts=str(tmp_path / "prompts.txt"), guidance_scale=guidance)  # fmt: skip
-    m = generate.run(load_config(cfg), progress=False)
+    m = chain.run(load_config(cfg), "generate", progress=False).manifest
     pairs = read_pairs(Path(load_config(cfg).store) / "generate" / m.key)
     assert [s["index"] for s in pairs] == [i % 3 for i in range(6)] and [s["prompt"] for s in pairs] == [PROMPTS[i % 3] for i in range(6)]
     pipe = StableDiffusionPipeline.from_pretrained(str(sd_teacher))
@@ -135,12 +135,11 @@ def test_text_distill_runs_and_saves_a_text_generator(tmp_path, sd_teacher):
     import json
 
     from dmd_core.loading import load_denoiser
-    from stages import distill
 
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     cfg = load_config(write_config(tmp_path / "c.yaml", sd_teacher, tmp_path / "store", distill={"steps": 2, "guidance_scale": 3.0},
                                    solver="pndm", steps=4, num_samples=8, shard_size=8, prompts=str(tmp_path / "prompts.txt")))  # fmt: skip
-    m = distill.run(cfg, progress=False)
+    m = chain.run(cfg, "distill", progress=False).manifest
     out = Path(cfg.store) / "distill" / m.key
     spec = json.loads((out / "generator" / "denoiser.json").read_text())
     assert spec["text_conditioned"] and spec["one_step_timestep"] == 500
@@ -151,7 +150,6 @@ def test_text_distill_runs_and_saves_a_text_generator(tmp_path, sd_teacher):
 @pytest.fixture(scope="module")
 def exported_t2i(tmp_path_factory, sd_teacher):
     from conftest import ROOT
-    from stages import export
 
     tmp = tmp_path_factory.mktemp("t2i")
     (tmp / "train.txt").write_text("\n".join(PROMPTS) + "\n")
@@ -162,7 +160,7 @@ def exported_t2i(tmp_path_factory, sd_teacher):
                  "evaluate.features=digits", f"evaluate.classifier={ROOT / 'data' / 'classifier'}", "evaluate.speed_batch_size=4",
                  "evaluate.speed_repeats=1", "export.parity_samples=4", f"evaluate.clip_model={make_tiny_clip(tmp / 'clip')}"]  # fmt: skip
     c = load_config(cfg, overrides)
-    return c, export.run(c, progress=False)
+    return c, chain.run(c, "export", progress=False).manifest
 
 
 def test_evaluate_decodes_latents_and_scores_prompts(exported_t2i):
@@ -248,7 +246,6 @@ def test_k_step_export_is_a_plain_stable_diffusion_pipeline(tmp_path, sd_teacher
     from conftest import ROOT
     from dmd_core.dmd import MultiStep
     from dmd_core.loading import load_denoiser, load_prompt_encoder
-    from stages import export
 
     (tmp_path / "train.txt").write_text("\n".join(PROMPTS) + "\n")
     pq.write_table(pa.table({"prompt": ["the digit 3", "seven"], "digit": [3, 7]}), tmp_path / "eval.parquet")
@@ -256,7 +253,7 @@ def test_k_step_export_is_a_plain_stable_diffusion_pipeline(tmp_path, sd_teacher
                        solver="pndm", steps=4, num_samples=8, shard_size=8, prompts=str(tmp_path / "train.txt"))  # fmt: skip
     c = load_config(cfg, [f"evaluate.prompts={tmp_path / 'eval.parquet'}", "evaluate.num_samples=80", "evaluate.batch_size=40", "evaluate.features=digits",
                           f"evaluate.classifier={ROOT / 'data' / 'classifier'}", "evaluate.speed_batch_size=2", "evaluate.speed_repeats=1", "export.parity_samples=3"])  # fmt: skip
-    m = export.run(c, progress=False)
+    m = chain.run(c, "export", progress=False).manifest
     assert m.info["metrics"]["student_nfe"] == 2 and m.info["network_evaluations"] == 2
     assert m.info["plain_diffusers_parity"]["max_rel_diff"] <= 1e-5
     out = Path(c.store) / "export" / m.key
@@ -281,7 +278,6 @@ def test_memory_options_keep_the_step(tmp_path, sd_teacher):
     """Gradient checkpointing changes memory, not the update: same generator weights after 2 steps."""
     from safetensors.torch import load_file
 
-    from stages import distill
 
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     base = write_config(tmp_path / "c.yaml", sd_teacher, tmp_path / "store", distill={"steps": 2, "ema_decay": 0.0},
@@ -289,13 +285,13 @@ def test_memory_options_keep_the_step(tmp_path, sd_teacher):
     weights = []
     for overrides in ([], ["distill.gradient_checkpointing=true"]):
         cfg = load_config(base, overrides)
-        m = distill.run(cfg, progress=False)
+        m = chain.run(cfg, "distill", progress=False).manifest
         weights.append(load_file(str(Path(cfg.store) / "distill" / m.key / "generator" / "diffusion_pytorch_model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
     assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0]) <= 1e-6
     cfg = load_config(base, ["distill.frozen_dtype=float16"])
     with pytest.raises(InputError, match="frozen_dtype=float16 needs a CUDA GPU"):
-        distill.run(cfg, progress=False)
+        chain.run(cfg, "distill", progress=False).manifest
 
 
 def test_lpips_on_decoded_images_reaches_the_latents(sd_teacher):
@@ -383,10 +379,9 @@ def test_frozen_vae_in_bfloat16_decodes_to_float32(sd_teacher):
 
 def test_text_distill_without_regression_reads_the_prompt_file(tmp_path, sd_teacher):
     """No pairs: the prompt table comes from generate.prompts, and generate does not run."""
-    from stages import distill
 
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     cfg = load_config(write_config(tmp_path / "c.yaml", sd_teacher, tmp_path / "store", distill={"steps": 2, "regression_weight": 0.0},
                                    solver="pndm", steps=4, prompts=str(tmp_path / "prompts.txt")))  # fmt: skip
-    m = distill.run(cfg, progress=False)
+    m = chain.run(cfg, "distill", progress=False).manifest
     assert not (tmp_path / "store" / "generate").exists() and m.upstream["prompts"].endswith(":prompt")

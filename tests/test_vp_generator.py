@@ -17,7 +17,7 @@ from dmd_core.dmd import VP_GENERATOR_TIMESTEP, OneStep
 from dmd_core.errors import InputError
 from dmd_core.shards import sample_labels, sample_noise
 from dmd_core.solvers import teacher_sampler
-from stages import chain, distill, generate
+from stages import chain
 from stages.config import load_config
 
 
@@ -75,8 +75,8 @@ def test_parametrization_checks_the_timestep():
 def test_distill_writes_the_generator_timestep(tmp_path, vp_teacher, setting):
     cfg_path = write_config(tmp_path / "c.yaml", vp_teacher, tmp_path / "store", distill={"steps": 2}, solver="pndm", num_samples=16)
     cfg = load_config(cfg_path, [f"distill.generator_timestep={setting}"] if setting else [])
-    generate.run(cfg, progress=False)
-    m = distill.run(cfg, progress=False)
+    chain.run(cfg, "generate", progress=False).manifest
+    m = chain.run(cfg, "distill", progress=False).manifest
     out = Path(cfg.store) / "distill" / m.key
     want = setting or VP_GENERATOR_TIMESTEP
     for net in ("generator", "generator_ema"):
@@ -89,6 +89,6 @@ def test_distill_writes_the_generator_timestep(tmp_path, vp_teacher, setting):
 def test_generator_timestep_is_refused_for_edm(tmp_path, edm_teacher):
     cfg_path = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={})
     cfg = load_config(cfg_path, ["distill.generator_timestep=500"])
-    generate.run(cfg, progress=False)
+    chain.run(cfg, "generate", progress=False).manifest
     with pytest.raises(InputError, match="generator_timestep applies to VP teachers"):
         chain.plan(cfg, "distill")

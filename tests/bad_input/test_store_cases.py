@@ -18,18 +18,19 @@ from conftest import add_tiny_evaluate, write_config
 from refusal import assert_refused
 
 from dmd_core.shards import npy_bytes, shard_name
-from stages.store import MANIFEST, sha256_file
+from stages.contract import MANIFEST
+from stages.files import sha256_file
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, edm_teacher):
     """A config and a store holding its generate output (in process: seconds)."""
-    from stages import generate
+    from stages import chain
     from stages.config import load_config
 
     tmp = tmp_path_factory.mktemp("store-cases")
     cfg = add_tiny_evaluate(write_config(tmp / "c.yaml", edm_teacher, tmp / "store", distill={}))
-    m = generate.run(load_config(cfg), progress=False)
+    m = chain.run(load_config(cfg), "generate", progress=False).manifest
     return cfg, tmp / "store", tmp / "store" / "generate" / m.key
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from common import KILLED, dmd_forked, leftovers, max_weight_diff, product_files
-from stages.store import MANIFEST, bad_files, read_manifest, verified_manifest
+from stages.contract import MANIFEST
+from stages.store import LocalStore
 from test_kill import pipeline  # noqa: F401  (the session's reference pipeline)
 
 full = pytest.mark.faults_full
@@ -55,7 +56,7 @@ def _copy(pipeline, stage: str, tmp: Path) -> Path:  # noqa: F811
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "empty-list", "drop-entry-and-flip", "garbage-manifest"])
 def test_damage_is_named_and_never_verifies(pipeline, tmp_path, stage, damage):  # noqa: F811
     out = _copy(pipeline, stage, tmp_path)
-    assert verified_manifest(out) is not None
+    assert LocalStore(out.parent.parent).verified(out) is not None
     victim = out / VICTIMS[stage]
     if damage == "flip":
         flip(victim)
@@ -70,10 +71,11 @@ def test_damage_is_named_and_never_verifies(pipeline, tmp_path, stage, damage): 
         flip(victim)
     else:
         (out / MANIFEST).write_text("{oops")
-    assert verified_manifest(out) is None
-    m = read_manifest(out)
+    store = LocalStore(out.parent.parent)
+    assert store.verified(out) is None
+    m = store.read_manifest(out)
     if m is not None:
-        assert any(name.startswith(VICTIMS[stage]) for name in bad_files(out, m)), bad_files(out, m)
+        assert any(name.startswith(VICTIMS[stage]) for name in store.problems(out, m)), store.problems(out, m)
 
 
 @pytest.mark.parametrize(
@@ -105,10 +107,10 @@ def test_damaged_output_is_rebuilt_exactly(pipeline, tmp_path, stage, damage):  
     assert code == 0, log[-3000:]
     named = "step-0000002.png" if damage == "delete-intermediate-grid" else VICTIMS[stage]
     assert "fails verification" in log and named in log, log[-2000:]
-    m = verified_manifest(out)
+    m = LocalStore(out.parent.parent).verified(out)
     assert m is not None
     if stage != "export":  # (an export's model card names its own directory, so its digest differs between stores)
-        assert m.digest == read_manifest(ref).digest  # same files, same checksums: downstream keys unchanged
+        assert m.digest == LocalStore(ref.parent.parent).read_manifest(ref).digest  # same files, same checksums: downstream keys unchanged
     assert product_files(out) == product_files(ref)
     assert leftovers(store) == []
 
@@ -126,7 +128,7 @@ def _nan_weights(ckpt: Path) -> None:
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    from stages.store import sha256_file
+    from stages.files import sha256_file
 
     path = ckpt / "accelerate" / "model.safetensors"
     tensors = {k: np.full_like(v, np.nan) for k, v in load_file(str(path)).items()}

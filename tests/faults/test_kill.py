@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from common import KILLED, Pipeline, dmd_forked, leftovers, max_weight_diff, product_files
-from stages.store import verified_manifest
+from stages.store import LocalStore
 
 full = pytest.mark.faults_full
 
@@ -57,7 +57,7 @@ def test_killed_run_resumes_to_the_uninterrupted_output(pipeline, tmp_path, stag
     assert code == 0, (tmp_path / "rerun.log").read_text()[-3000:]
     out, ref = pipeline.output(stage, store), pipeline.output(stage)
     assert out.name == ref.name
-    assert verified_manifest(out) is not None
+    assert LocalStore(out.parent.parent).verified(out) is not None
     assert product_files(out) == product_files(ref)
     weights = {"distill": "generator/diffusion_pytorch_model.safetensors", "export": "generator/diffusion_pytorch_model.safetensors"}
     if stage in weights:

@@ -23,19 +23,16 @@ import torch
 from PIL import Image
 
 from dmd_core.denoisers import Denoiser
-from dmd_core.digits import DigitsClassifier, load_digits_data
+from dmd_core.digits import IMAGE_SHAPE as DIGITS_SHAPE, DigitsClassifier
 from dmd_core.dmd import MultiStep, step_noise
 from dmd_core.errors import InputError
 from dmd_core.faults import fault_point
 from dmd_core.precision import at_precision
 from dmd_core.images import caption_columns, grid_image
-from dmd_core.loading import load_denoiser, load_prompt_encoder
+from dmd_core.loading import load_denoiser
 from dmd_core.metrics import (
     InceptionFeatures,
-    PenultimateFeatures,
-    channel_stats,
     clear_reference,
-    inception_weights_path,
     load_stats,
     make_clip_score,
     make_fid,
@@ -48,58 +45,22 @@ from dmd_core.shards import sample_labels, sample_noise
 from dmd_core.solvers import check_solver, teacher_sampler
 from dmd_core.text import read_prompt_labels, read_prompts
 
-from . import chain
-from .chain import Plan, Teacher
-from .config import EvaluateConfig, PipelineConfig
-from .generate import check_precision, check_prompts, model_shape
-from .launch import launch_plan
-from .progress import Bar, progress_bar
-from .registry import spec
-from .store import (
-    Manifest,
-    StageOutput,
-    Timer,
-    content_key,
-    dir_digest,
-    file_digest,
-    file_entry,
-    save_side_output,
-    verified_manifest,
-    tmp_sibling,
-    write_text_atomic,
-)
+from ..checks import check_precision, check_prompts
+from ..config import EvaluateConfig, PipelineConfig
+from ..contract import EVALUATE_FILES, Manifest, Plan, StageOutput, Teacher, content_key, file_entry, spec, stage_manifest
+from ..files import Timer, tmp_sibling, write_text_atomic
+from ..launch import launch_plan
+from ..progress import Bar, progress_bar
+from ..quality import QUALITY_VERSION, features_digest, make_features, reference_digest, reference_stats
+from ..store import open_store
 
 STAGE = "evaluate"
 SPEC = spec(STAGE)
-OUTPUT_FILES = ("metrics.json", "metrics.parquet", "grid.png", "student_stats.npz", "config.yaml")
 log = logging.getLogger("dmd")
 
 
 def teacher_steps(cfg: PipelineConfig) -> int:
     return cfg.evaluate.teacher_steps or cfg.generate.steps
-
-
-def features_digest(e: EvaluateConfig, store: str) -> str:
-    if e.features == "digits":
-        if not e.classifier or not Path(e.classifier, "model.safetensors").is_file():
-            raise InputError(f"evaluate.features=digits needs evaluate.classifier, a `dmd toy classifier` directory; got {e.classifier!r}. "
-                             "Fix: point evaluate.classifier at one (the embedded one is data/classifier).")
-        return "digits:" + dir_digest(e.classifier, store)
-    return "inception:" + file_digest(inception_weights_path(e.inception_weights), store)
-
-
-def reference_digest(e: EvaluateConfig, store: str) -> str:
-    if e.reference == "digits":
-        return "sklearn-digits-1797"
-    path = Path(e.reference)
-    if not path.is_file():
-        raise InputError(f"evaluate.reference: no such file {path}. Fix: give 'digits' or an .npz with mu and sigma.")
-    return "npz:" + file_digest(path, store)
-
-
-def reference_key(e: EvaluateConfig, store: str) -> str:
-    """Key of the cached reference statistics: (feature network, reference set)."""
-    return content_key("reference", {}, {"features": features_digest(e, store), "reference": reference_digest(e, store)}, SPEC.code_version)
 
 
 def generator_name(e: EvaluateConfig, dm: Manifest) -> str:
@@ -127,7 +88,16 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
     if e.clip_model and not Path(e.clip_model, "config.json").is_file():
         raise InputError(f"evaluate.clip_model: {e.clip_model} is not a local CLIP model directory (no config.json). Fix: point it at a "
                          "CLIPModel + CLIPProcessor save_pretrained folder (e.g. a snapshot of openai/clip-vit-large-patch14).")  # fmt: skip
-    features_digest(e, cfg.store), reference_digest(e, cfg.store)  # the feature network's weights and the reference exist
+    store = open_store(cfg.store)
+    features_digest(e, store), reference_digest(e, store)  # the feature network's weights and the reference exist
+    pixels = teacher.pixel_shape()
+    if e.features == "digits" and tuple(pixels) != DIGITS_SHAPE:
+        raise InputError(
+            f"evaluate.features=digits measures 1x8x8 digit images; this teacher makes {'x'.join(map(str, pixels))} images. "
+            "Fix: --set evaluate.features=inception (with evaluate.inception_weights) and evaluate.reference=<stats .npz of your data>."
+        )
+    if pixels[0] not in (1, 3):
+        raise InputError(f"evaluate: the teacher makes {pixels[0]}-channel images; the feature networks take 1 or 3 channels. Fix: evaluate such a model elsewhere.")
     dim = InceptionFeatures.num_features if e.features == "inception" else DigitsClassifier.load(e.classifier).num_features
     if e.reference != "digits":
         mu, _, _ = load_stats(e.reference)
@@ -144,40 +114,32 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
 def plan(cfg: PipelineConfig, teacher: Teacher, distilled: StageOutput) -> Plan:
     """Key = (evaluate config, teacher protocol, digests of the generator, teacher, features, reference); ``check`` ran first."""
     e = cfg.evaluate
-    optional = {}  # inputs in the key only when used
+    store = open_store(cfg.store)
+    optional = {}  # inputs in the key only when used: a key without them is the key of the same run without the option
     if e.prompts:
-        optional = {"prompts": f"{file_digest(e.prompts, cfg.store)}:{e.prompt_column}:{e.prompt_labels}"}
+        optional = {"prompts": f"{store.digest(e.prompts)}:{e.prompt_column}:{e.prompt_labels}"}
     if e.clip_model:
-        optional["clip_model"] = dir_digest(e.clip_model, cfg.store)
-    features = features_digest(e, cfg.store)
-    reference = reference_digest(e, cfg.store)
+        optional["clip_model"] = store.digest(e.clip_model)
+    features = features_digest(e, store)
+    reference = reference_digest(e, store)
     dm = distilled.manifest
     gen_dir = distilled.out_dir / generator_name(e, dm)
     protocol = {"num_samples": e.num_samples, "seed": e.seed, "batch_size": e.batch_size}
-    ref_key = reference_key(e, cfg.store)
+    ref_key = content_key("reference", {}, {"features": features, "reference": reference}, QUALITY_VERSION)
     teacher_cfg = {**protocol, "solver": cfg.generate.solver, "steps": teacher_steps(cfg), "guidance_scale": cfg.generate.guidance_scale}
-    if e.precision != "fp32":  # in the keys only when not the default, so existing keys stay as they were
+    if e.precision != "fp32":
         teacher_cfg["precision"] = optional["precision"] = e.precision
     teacher_key = content_key("teacher_eval", teacher_cfg, {"teacher": teacher.digest, "features": features, "reference": reference, **optional}, SPEC.code_version)
     up = {"distill": dm.digest, "teacher": teacher.digest, "features": features, "reference": reference, **optional}
-    if e.generator is not None:  # the choice is in the key only when made (keys without it stay as they were)
+    if e.generator is not None:  # in the key only when chosen (the default is the use_ema rule)
         up["generator"] = gen_dir.name
     key = SPEC.key(cfg, up, {"teacher": teacher_cfg})
     info = {"generator_dir": str(gen_dir.resolve()), "teacher_key": teacher_key, "reference_key": ref_key, "distill_steps": dm.info.get("steps")}
     inputs = {"teacher": str(teacher.path), "distill": str(distilled.out_dir), **({"prompts": e.prompts} if e.prompts else {})}
-    return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, inputs, info)
+    return Plan(STAGE, key, store.output_dir(STAGE, key), up, inputs, info)
 
 
 # ---------------------------------------------------------------- measuring
-
-
-def cached_side_output(out: Path) -> bool:
-    """Whether a side cache (reference statistics, teacher numbers) is complete and verifies."""
-    if verified_manifest(out) is not None:
-        return True
-    if (out / "manifest.json").is_file():
-        log.warning("evaluate: %s fails verification: recomputing it", out)
-    return False
 
 
 class Evaluator:
@@ -203,7 +165,7 @@ class Evaluator:
         self.teacher: Denoiser = teacher.load(device, self.prompts)
         if self.prompts is not None:
             self.student.set_prompts(self.teacher.prompt_table)
-            self.prompt_encoder = load_prompt_encoder(teacher.path, device)
+            self.prompt_encoder = teacher.prompt_encoder(device)
         self.clip_model = self.e.clip_model if self.prompts is not None else None
         self.to_pixels = teacher.pixel_decoder(device)
         g = cfg.generate
@@ -212,7 +174,7 @@ class Evaluator:
         self.teacher_sample = at_precision(lambda z, labels, idx=None: self.to_pixels(teacher_sample(z, labels)), self.e.precision, device)
         self.student_sample = at_precision(self.student_sample, self.e.precision, device)  # (the feature network stays fp32)
         self.steps = MultiStep.of(self.student)  # one step, or a k-step (DMD2) generator
-        self.shape = model_shape(self.student)
+        self.shape = tuple(self.student.param.image_shape)
         self.num_classes = self.student.num_classes
 
     # samplers: (z, labels) -> images (pixels: latent models are decoded)
@@ -328,71 +290,8 @@ class Evaluator:
         tmp.replace(path)
 
 
-def make_features(e: EvaluateConfig, classifier: DigitsClassifier | None) -> torch.nn.Module:
-    return PenultimateFeatures(classifier) if e.features == "digits" else InceptionFeatures(e.inception_weights)
-
-
-def reference_stats(cfg: PipelineConfig, key: str, features: torch.nn.Module, device: torch.device, rank: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
-    """Reference statistics, computed once per (dataset, features) and cached (verified) in <store>/reference/<key>/."""
-    e = cfg.evaluate
-    if e.reference != "digits":
-        return load_stats(e.reference)
-    out = Path(cfg.store) / "reference" / key
-    if cached_side_output(out):
-        return load_stats(out / "stats.npz")
-    fid = make_fid(features).to(device)
-    real, _ = load_digits_data()
-    with torch.no_grad():
-        for s in range(0, len(real), e.batch_size):
-            fid.update(real[s : s + e.batch_size].to(device, torch.float64), real=True)
-    mu, sigma, n = side_stats(fid.real_features_sum, fid.real_features_cov_sum, fid.real_features_num_samples)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_stats(out / "stats.npz", mu, sigma, n)
-        up = {"features": features_digest(e, cfg.store), "reference": reference_digest(e, cfg.store)}
-        save_side_output(out, "reference", key, SPEC.code_version, ["stats.npz"], up)
-    return mu, sigma, n
-
-
-class QualityProbe:
-    """FD (evaluate.features against evaluate.reference) and class accuracy of a fixed sample, for tracking
-    a generator during training: the same noise and labels every time (evaluate.seed), one process."""
-
-    def __init__(self, cfg: PipelineConfig, num_samples: int, shape: tuple[int, ...], num_classes: int, device: torch.device, class_of=None):
-        e = cfg.evaluate
-        self.classifier = DigitsClassifier.load(e.classifier).to(device) if e.classifier else None
-        self.features = make_features(e, self.classifier)
-        self.reference = reference_stats(cfg, reference_key(e, cfg.store), self.features, device)
-        idx = range(num_samples)
-        self.z = sample_noise(e.seed, idx, shape).to(device)
-        labels = sample_labels(idx, num_classes)
-        self.labels = None if labels is None else labels.to(device)
-        # the class each sample should show (None: no accuracy, e.g. prompts without labels)
-        self.classes = self.labels if class_of is None else class_of(self.labels)
-        self.batch_size, self.device = e.batch_size, device
-
-    @torch.no_grad()
-    def __call__(self, sample: Callable) -> dict:
-        """``sample(z, labels, idx) -> (model-space x, pixels)``: FD, accuracy and per-channel mean/std of x (first 4)."""
-        fid = make_fid(self.features).to(self.device)
-        set_reference(fid, *self.reference)
-        correct, xs = 0, []
-        for s in range(0, len(self.z), self.batch_size):
-            labels = None if self.labels is None else self.labels[s : s + self.batch_size]
-            x, pixels = sample(self.z[s : s + self.batch_size], labels, range(s, min(s + self.batch_size, len(self.z))))
-            pixels = pixels.float().clamp(-1, 1)
-            fid.update(pixels.to(torch.float64), real=False)
-            if self.classifier is not None and self.classes is not None:
-                correct += int((self.classifier(pixels).argmax(1) == self.classes[s : s + self.batch_size]).sum())
-            xs.append(x.float())
-        x = torch.cat(xs)
-        out = {"probe_fd": float(fid.compute())}
-        out["probe_class_accuracy"] = correct / len(self.z) if self.classifier is not None and self.classes is not None else None
-        return out | channel_stats(x, "probe")
-
-
 def teacher_numbers_dir(ev: Evaluator) -> Path:
-    return Path(ev.cfg.store) / "teacher_eval" / ev.p.info["teacher_key"]
+    return open_store(ev.cfg.store).side_dir("teacher_eval", ev.p.info["teacher_key"])
 
 
 def teacher_numbers(ev: Evaluator, bar: Bar, cached: bool) -> dict:
@@ -410,7 +309,7 @@ def teacher_numbers(ev: Evaluator, bar: Bar, cached: bool) -> dict:
         save_stats(out / "teacher_stats.npz", *r["stats"])
         write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
         up = {k: ev.p.upstream[k] for k in ("teacher", "features", "reference", "prompts", "clip_model") if k in ev.p.upstream}
-        save_side_output(out, "teacher_eval", ev.p.info["teacher_key"], SPEC.code_version, ["metrics.json", "teacher_stats.npz"], up)
+        open_store(ev.cfg.store).save_side_output(out, "teacher_eval", ev.p.info["teacher_key"], SPEC.code_version, ["metrics.json", "teacher_stats.npz"], up)
     return result
 
 
@@ -418,7 +317,7 @@ def evaluate(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.
     timer = Timer()
     torch.set_num_threads(cfg.evaluate.num_threads or max(1, (os.cpu_count() or 1) // world))
     ev = Evaluator(cfg, p, rank, world, device, progress)
-    cached = cached_side_output(teacher_numbers_dir(ev))  # the teacher's numbers may be cached
+    cached = open_store(cfg.store).cached_side_output(teacher_numbers_dir(ev))  # the teacher's numbers may be cached
     bar = progress_bar(STAGE, (1 if cached else 2) * len(ev.batch_starts()), progress and rank == 0, unit="batch")
     student = ev.measure(ev.student_sample, bar, f"student ({ev.steps.num_steps} NFE)")
     fault_point("evaluate.measured")
@@ -446,28 +345,19 @@ def evaluate(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.
     tmp = tmp_sibling(p.out_dir / "metrics.parquet")
     pq.write_table(pa.Table.from_pylist([{"key": p.key, **metrics}]), tmp)
     tmp.replace(p.out_dir / "metrics.parquet")
-    names = OUTPUT_FILES
-    m = Manifest(
-        stage=STAGE,
-        key=p.key,
-        code_version=SPEC.code_version,
-        config=cfg.evaluate.model_dump(mode="json"),
-        pipeline_config=cfg.model_dump(mode="json"),
-        upstream=p.upstream,
+    m = stage_manifest(
+        cfg,
+        p,
         # metrics.json/.parquet hold the images/s timings: records, so a recompute keeps the digest
         # (the FDs they hold are functions of student_stats.npz, which is in it)
-        files=[file_entry(p.out_dir / n, record=n.startswith("metrics.") or None) for n in names],
-        info={"metrics": metrics, "distill_dir": p.inputs["distill"], "generator_dir": p.info["generator_dir"], "num_processes": world,
-              "precision": cfg.evaluate.precision},  # fmt: skip
-        wall_time_s=round(timer.seconds, 3),
+        [file_entry(p.out_dir / n, record=n.startswith("metrics.") or None) for n in EVALUATE_FILES],
+        {"metrics": metrics, "distill_dir": p.inputs["distill"], "generator_dir": p.info["generator_dir"], "num_processes": world,
+         "precision": cfg.evaluate.precision},  # fmt: skip
+        timer.seconds,
     )
     fault_point("evaluate.before-manifest")
-    m.save(p.out_dir)
+    open_store(cfg.store).save_manifest(m, p.out_dir)
     return m
-
-
-def required_files(m: Manifest) -> list[str]:
-    return list(OUTPUT_FILES)
 
 
 def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool = True) -> Manifest:
@@ -483,11 +373,6 @@ def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Mani
 
     state = PartialState(cpu=os.environ.get("DMD_FORCE_CPU") == "1" or not torch.cuda.is_available())
     return evaluate(cfg, p, state.process_index, state.num_processes, state.device, progress)
-
-
-def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
-    """Evaluate (or reuse the evaluation of) the generator this config distils."""
-    return chain.run(cfg, STAGE, num_processes, progress).manifest
 
 
 def results_table(m: Manifest) -> str:
@@ -508,12 +393,3 @@ def results_table(m: Manifest) -> str:
     lines.append(f"{fd_name} ratio (one-step / teacher): {r['fd_ratio']:.2f}   speedup: {r['speedup']:.1f}x")
     return "\n".join(lines)
 
-
-def main() -> None:
-    from .cli import stage_app
-
-    stage_app("evaluate")()
-
-
-if __name__ == "__main__":
-    main()

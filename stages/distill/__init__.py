@@ -47,7 +47,7 @@ from dmd_core.errors import InputError
 from dmd_core.faults import fault_point
 from dmd_core.gan import BottleneckHead, BottleneckTap, discriminator_loss
 from dmd_core.images import save_grid, training_curves_png
-from dmd_core.loading import encode_latents, save_denoiser
+from dmd_core.loading import save_denoiser
 from dmd_core.losses import DecodedLoss, LPIPSLoss, l2_loss, pseudo_huber_loss
 from dmd_core.metrics import channel_stats
 from dmd_core.real_data import RealData, check_real_data, read_real_data
@@ -55,14 +55,14 @@ from dmd_core.shards import check_pair_batch, pair_stream, sample_seed, shard_na
 from dmd_core.text import read_prompts
 from dmd_core.transfer import to_device
 
-from . import chain
-from .chain import DENOISER_FILES, Plan, Teacher
-from .config import DistillConfig, PipelineConfig
-from .generate import pair_prompts, plan_prompts
-from .launch import launch_plan
-from .progress import progress_bar
-from .registry import spec
-from .store import Manifest, StageOutput, Timer, dir_digest, file_digest, file_entry, sha256_file, tmp_sibling, write_bytes_atomic, write_text_atomic
+from ..checks import check_guidance, check_prompts
+from ..config import DistillConfig, PipelineConfig
+from ..contract import Manifest, Plan, StageOutput, Teacher, file_entry, pair_prompts, spec, stage_manifest, tree_entries
+from ..files import Timer, sha256_file, tmp_sibling, write_bytes_atomic, write_text_atomic
+from ..launch import launch_plan
+from ..progress import progress_bar
+from ..quality import QualityProbe, features_digest, reference_digest
+from ..store import Store, open_store
 
 STAGE = "distill"
 SPEC = spec(STAGE)
@@ -107,11 +107,8 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
         check_real_data_setting(d, teacher)
     if d.dm_weight == 0 and d.regression_weight == 0:
         raise InputError("distill.dm_weight and distill.regression_weight are both 0: the generator would have no loss. Fix: set one above 0.")
-    if d.guidance_scale != 1.0 and teacher.param.num_classes == 0 and not teacher.param.text_conditioned:
-        raise InputError("distill.guidance_scale != 1 needs a class-conditional teacher. Fix: --set distill.guidance_scale=1")
+    check_guidance("distill", d.guidance_scale, teacher)
     if d.regression_weight == 0:
-        from .generate import check_prompts
-
         check_prompts(teacher, cfg.generate.prompts, "generate")
     if d.resume_from:
         ckpt = Path(d.resume_from)
@@ -137,30 +134,31 @@ def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput | None) -> Pl
     up = {"pairs": pm.digest, "teacher": teacher.digest, **_optional_upstream(cfg)}
     key = SPEC.key(cfg, up)
     info = {"image_shape": pm.info["image_shape"], "num_shards": pm.info["num_shards"]}
-    return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, {"teacher": str(teacher.path), "pairs": str(pairs.out_dir)}, info)
+    return Plan(STAGE, key, open_store(cfg.store).output_dir(STAGE, key), up, {"teacher": str(teacher.path), "pairs": str(pairs.out_dir)}, info)
 
 
 def _plan_without_pairs(cfg: PipelineConfig, teacher: Teacher) -> Plan:
     """DM-only training (with or without the GAN term): the prompts, for text teachers, come from generate.prompts."""
     g = cfg.generate
+    store = open_store(cfg.store)
     up = {"teacher": teacher.digest, **_optional_upstream(cfg)}
     inputs = {"teacher": str(teacher.path)}
     if g.prompts:
         read_prompts(g.prompts, g.prompt_column)  # a bad file fails here
-        up["prompts"] = f"{file_digest(g.prompts, cfg.store)}:{g.prompt_column}"
+        up["prompts"] = f"{store.digest(g.prompts)}:{g.prompt_column}"
         inputs["prompts"] = g.prompts
     key = SPEC.key(cfg, up)
-    return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, inputs, {"image_shape": list(teacher.param.image_shape), "num_shards": 0})
+    return Plan(STAGE, key, store.output_dir(STAGE, key), up, inputs, {"image_shape": list(teacher.image_shape), "num_shards": 0})
 
 
 def check_real_data_setting(d: DistillConfig, teacher: Teacher) -> None:
     """distill.real_data fits the teacher (read from its first sample only; the whole set is checked at load)."""
     if d.real_data == "digits":
         fix = "Fix: --set distill.real_data=DIR (a WebDataset of real images, docs/formats.md) or distill.gan=false."
-        if teacher.param.text_conditioned:
+        if teacher.takes_prompts:
             raise InputError(f"distill.real_data=digits holds class-labelled 1x8x8 images; a text-to-image teacher needs real images with captions. {fix}")
-        if tuple(teacher.param.image_shape) != (1, 8, 8):
-            raise InputError(f"distill.real_data=digits holds 1x8x8 images; this teacher makes {list(teacher.param.image_shape)}. {fix}")
+        if teacher.image_shape != (1, 8, 8):
+            raise InputError(f"distill.real_data=digits holds 1x8x8 images; this teacher makes {list(teacher.image_shape)}. {fix}")
         return
     load_real_set(d, teacher, 1)
 
@@ -169,27 +167,24 @@ def load_real_set(d: DistillConfig, teacher: Teacher, max_samples: int) -> RealD
     """The first ``max_samples`` of a WebDataset real_data, checked against the teacher (pixel shape, classes, captions)."""
     shape = teacher.pixel_shape()
     data = read_real_data(d.real_data, max_samples, shape[0])
-    check_real_data(data, shape, teacher.param.num_classes, teacher.param.text_conditioned, d.real_data)
+    check_real_data(data, shape, teacher.param.num_classes, teacher.takes_prompts, d.real_data)
     return data
 
 
-def _real_data_digest(d: DistillConfig, store: str) -> str:
+def _real_data_digest(d: DistillConfig, store: Store) -> str:
     if d.real_data == "digits":
-        return "digits"  # the key of the embedded set, as before WebDataset real data existed
-    p = Path(d.real_data)
-    return f"wds:{file_digest(p, store) if p.is_file() else dir_digest(p, store)}:{d.real_samples}"
+        return "digits"  # the embedded set: fixed, named
+    return f"wds:{store.digest(d.real_data)}:{d.real_samples}"
 
 
 def _optional_upstream(cfg: PipelineConfig) -> dict[str, str]:
-    """Settings that enter the key only when used, so keys of runs without them stay as they were."""
-    d, up = cfg.distill, {}
-    if d.eval_every:  # in the key only when set: keys of runs without probes stay as they were
-        from .evaluate import features_digest, reference_digest
-
+    """Settings that enter the key only when used: a key without them is the key of the same run without the option."""
+    d, up, store = cfg.distill, {}, open_store(cfg.store)
+    if d.eval_every:
         e = cfg.evaluate
-        up["quality_probe"] = f"{d.eval_every}:{d.eval_samples}:{e.seed}:{features_digest(e, cfg.store)}:{reference_digest(e, cfg.store)}"
+        up["quality_probe"] = f"{d.eval_every}:{d.eval_samples}:{e.seed}:{features_digest(e, store)}:{reference_digest(e, store)}"
     if d.gan:
-        up["gan"] = f"{d.gan_weight_generator}:{d.gan_weight_discriminator}:{_real_data_digest(d, cfg.store)}"
+        up["gan"] = f"{d.gan_weight_generator}:{d.gan_weight_discriminator}:{_real_data_digest(d, store)}"
     if d.dm_weight != 1.0:
         up["dm_weight"] = str(d.dm_weight)
     if d.generator_timesteps is not None:
@@ -244,12 +239,12 @@ class Trainer:
         d = self.d = cfg.distill
         dev = accelerator.device
         # frozen teacher, loaded once; text-to-image: with the pairs' prompts (the DM term draws from them too)
-        prompts = pair_prompts(p.inputs["pairs"]) if "pairs" in p.inputs else plan_prompts(p, cfg.generate)
+        prompts = pair_prompts(p.inputs["pairs"]) if "pairs" in p.inputs else p.prompts(cfg.generate.prompt_column)
         teacher = p.teacher()
         real_set = None
         if d.gan and d.real_data != "digits":
             real_set = load_real_set(d, teacher, d.real_samples)
-            if not teacher.param.num_classes and not teacher.param.text_conditioned:
+            if not teacher.guidable:
                 real_set.labels = None  # an unconditional teacher ignores the set's classes
         # the DM term draws its prompts from the training prompts; the real set's captions join the table after them
         self.label_range = len(prompts) if prompts is not None else teacher.param.num_classes
@@ -259,8 +254,9 @@ class Trainer:
             row = {q: i for i, q in reversed(list(enumerate(prompts)))}  # a caption's first row
             real_set.labels = torch.tensor([row[q] for q in real_set.prompts])
         self.real: Denoiser = teacher.load(dev, prompts)
+        self.takes_prompts = teacher.takes_prompts
         gen, fake = copy.deepcopy(self.real), copy.deepcopy(self.real)  # theta, phi <- teacher
-        if self.real.param.text_conditioned:  # one prompt table for the three networks, not three copies
+        if teacher.takes_prompts:  # one prompt table for the three networks, not three copies
             for net in (gen, fake):
                 net.set_prompts(self.real.prompt_table)
         # memory: the frozen score's weights need not be float32 (alphas and prompt table stay as they are)
@@ -275,7 +271,7 @@ class Trainer:
         self.simulation = BackwardSimulation(self.steps) if self.steps.num_steps > 1 else None
         self.shape = tuple(p.info["image_shape"])
         self.num_classes = gen.num_classes
-        self.to_pixels = p.teacher().pixel_decoder(dev, d.gradient_checkpointing, getattr(torch, d.frozen_dtype))
+        self.to_pixels = teacher.pixel_decoder(dev, d.gradient_checkpointing, getattr(torch, d.frozen_dtype))
         self.gan_logits = None
         if d.gan:  # the head is part of the fake score: optimised, checkpointed and synchronised with it
             fake.gan_tap = BottleneckTap(fake.unet, stop_early=not d.compile)
@@ -285,7 +281,7 @@ class Trainer:
                 images, classes = load_digits_data()
                 self.real_images, self.real_labels = images.to(dev), classes.to(dev) if self.num_classes else None
             else:  # latent teachers: the real images in model space, encoded once by the pipeline's VAE
-                images = encode_latents(teacher.path, real_set.images, dev) if self.real.param.text_conditioned else real_set.images.to(dev)
+                images = teacher.encode_pixels(real_set.images, dev)
                 self.real_images, self.real_labels = images, None if real_set.labels is None else real_set.labels.to(dev)
         if d.compile:  # in place (nn.Module.compile): state_dict keys, checkpoints and saved networks stay as they are
             # Here, after the GAN tap's hook is in place and the head's probe has run (BottleneckTap says why).
@@ -308,7 +304,7 @@ class Trainer:
         reg_loss = regression_loss_fn(d) if d.regression_weight > 0 else None
         if isinstance(reg_loss, torch.nn.Module):
             reg_loss.to(dev)
-        if d.regression_loss == "lpips" and reg_loss is not None and self.real.param.text_conditioned:
+        if d.regression_loss == "lpips" and reg_loss is not None and teacher.latent:
             reg_loss = DecodedLoss(reg_loss, self.to_pixels, d.lpips_resolution)  # LPIPS sees images, not latents
         # the GAN term runs the fake score itself, not its DDP wrapper: that forward belongs to G's backward
         adversarial = AdversarialLoss(self.gan_logits, self.unwrap(self.fake)) if d.gan else None
@@ -322,9 +318,7 @@ class Trainer:
         # quality during training (main process): FD of a fixed sample every eval_every steps, the best kept
         self.probe_fn, self.best = None, None
         if d.eval_every and accelerator.is_main_process:
-            from .evaluate import QualityProbe
-
-            no_accuracy = self.real.param.text_conditioned  # training prompts carry no class column
+            no_accuracy = teacher.takes_prompts  # training prompts carry no class column
             self.probe_fn = QualityProbe(cfg, d.eval_samples, self.shape, self.label_range, dev, (lambda labels: None) if no_accuracy else None)
             self.teacher_channels = self.pair_channel_stats(d.eval_samples) if self.urls else {}
 
@@ -584,7 +578,7 @@ class Trainer:
     @torch.no_grad()
     def sample_grid(self, path: Path) -> None:
         """Fixed noise, 8 rows; one column per class (text-to-image: per prompt, the first 10), decoded to pixels."""
-        C = min(self.label_range, 10) if self.real.param.text_conditioned else self.num_classes
+        C = min(self.label_range, 10) if self.takes_prompts else self.num_classes
         n = 8 * (C or 8)
         rng = SampleRNG(self.d.seed, STREAM_SAMPLES, 0, range(n), self.acc.device)
         z = rng.randn(self.shape)
@@ -654,17 +648,6 @@ def restore_samples(ckpt: Path, out: Path) -> None:
         for f in (ckpt / "samples").glob("step-*.png"):
             if not (out / "samples" / f.name).is_file():
                 shutil.copyfile(f, out / "samples" / f.name)
-
-
-def required_files(m: Manifest) -> list[str]:
-    """The networks, the final grid and every scheduled grid (when the run did not continue another), the records."""
-    d = DistillConfig.model_validate(m.config)
-    nets = ["generator", "fake_score"] + (["generator_ema"] if d.ema_decay else []) + (["generator_best"] if d.eval_every else [])
-    names = [f"{net}/{f}" for net in nets for f in DENOISER_FILES]
-    grid_steps = {d.steps} | (set() if d.resume_from else set(range(d.sample_every, d.steps + 1, d.sample_every)))
-    names += [f"samples/step-{k:07d}.png" for k in sorted(grid_steps)]
-    names += ["metrics.parquet", "curves.png", "samples.png", "config.yaml"] + (["best.json"] if d.eval_every else [])
-    return names + (["fake_score/gan_head.safetensors"] if d.gan else [])
 
 
 def check_resume_compatible(ckpt: Path, cfg: PipelineConfig, p: Plan) -> dict:
@@ -825,39 +808,25 @@ def finalize(cfg: PipelineConfig, p: Plan, tr: Trainer, rows: list[dict], wall: 
         tr.sample_grid(final_grid)
     shutil.copyfile(final_grid, out / "samples.png")
     write_bytes_atomic(out / "curves.png", training_curves_png(rows))
-    files = []
-    for sub in ("generator", "generator_ema", "generator_best", "fake_score", "samples"):
-        for f in sorted((out / sub).rglob("*")) if (out / sub).is_dir() else []:
-            if f.is_file():
-                files.append(file_entry(f).model_copy(update={"name": str(f.relative_to(out))}))
-    # metrics.parquet holds timings: a record, so a deterministic retrain keeps the same digest
-    # metrics.parquet and curves.png hold timings / are drawn from them: records
+    files = [e for sub in ("generator", "generator_ema", "generator_best", "fake_score", "samples") for e in tree_entries(out, sub)]
+    # metrics.parquet holds timings and curves.png is drawn from them: records, so a deterministic retrain keeps the same digest
     files += [file_entry(out / "metrics.parquet", record=True), file_entry(out / "curves.png", record=True), file_entry(out / "samples.png"), file_entry(out / "config.yaml")]
     if tr.best is not None:
         files.append(file_entry(out / "best.json"))
     last = rows[-1] if rows else {}
-    m = Manifest(
-        stage=STAGE,
-        key=p.key,
-        code_version=SPEC.code_version,
-        config=cfg.distill.model_dump(mode="json"),
-        pipeline_config=cfg.model_dump(mode="json"),
-        upstream=p.upstream,
-        files=files,
-        info={
-            "pairs_dir": p.inputs.get("pairs"),
-            "teacher_path": p.inputs["teacher"],
-            "steps": cfg.distill.steps,
-            "num_processes": tr.world,
-            "final": {k: v for k, v in last.items() if k.startswith(("loss", "grad"))},
-            "samples_per_s": last.get("samples_per_s"),
-            "ema": tr.ema is not None,
-            "best": None if tr.best is None else {k: tr.best[k] for k in ("step", "probe_fd")},
-        },
-        wall_time_s=round(wall, 3),
-    )
+    info = {
+        "pairs_dir": p.inputs.get("pairs"),
+        "teacher_path": p.inputs["teacher"],
+        "steps": cfg.distill.steps,
+        "num_processes": tr.world,
+        "final": {k: v for k, v in last.items() if k.startswith(("loss", "grad"))},
+        "samples_per_s": last.get("samples_per_s"),
+        "ema": tr.ema is not None,
+        "best": None if tr.best is None else {k: tr.best[k] for k in ("step", "probe_fd")},
+    }
+    m = stage_manifest(cfg, p, files, info, wall)
     fault_point("distill.before-manifest")
-    m.save(out)
+    open_store(cfg.store).save_manifest(m, out)
     return m
 
 
@@ -874,18 +843,3 @@ def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool =
 def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | None:
     """One process under ``accelerate launch``."""
     return train(cfg, p, progress)
-
-
-def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
-    """Train (or reuse, or resume) the one-step generator for ``cfg``; returns the verified manifest."""
-    return chain.run(cfg, STAGE, num_processes, progress).manifest
-
-
-def main() -> None:
-    from .cli import stage_app
-
-    stage_app("distill")()
-
-
-if __name__ == "__main__":
-    main()

@@ -28,17 +28,16 @@ from dmd_core.solvers import check_solver, teacher_sampler
 from dmd_core.text import read_prompts
 from dmd_core.transfer import HostCopy, to_device
 
-from . import chain
-from .chain import Plan, Teacher
-from .config import GenerateConfig, PipelineConfig, load_config
-from .launch import launch_plan
-from .progress import progress_bar
-from .registry import spec
-from .store import Manifest, StageOutput, Timer, file_digest, file_entry, sha256_file, tmp_sibling, write_text_atomic
+from ..checks import check_guidance, check_precision, check_prompts
+from ..config import GenerateConfig, PipelineConfig, load_config
+from ..contract import PROMPTS_FILE, Manifest, Plan, StageOutput, Teacher, file_entry, spec, stage_manifest
+from ..files import Timer, sha256_file, tmp_sibling, write_text_atomic
+from ..launch import launch_plan
+from ..progress import progress_bar
+from ..store import open_store
 
 STAGE = "generate"
 SPEC = spec(STAGE)
-PROMPTS_FILE = "prompts.json"  # text-to-image: the prompt list that cls.txt indexes
 log = logging.getLogger("dmd")
 
 
@@ -48,29 +47,19 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
     check_prompts(teacher, g.prompts, "generate")
     if g.prompts:
         read_prompts(g.prompts, g.prompt_column)  # a bad file fails here, before anything is written
-    if g.guidance_scale != 1.0 and teacher.param.num_classes == 0 and not teacher.param.text_conditioned:
-        raise InputError("generate.guidance_scale != 1 needs a class-conditional or text-to-image teacher. Fix: --set generate.guidance_scale=1")
+    check_guidance("generate", g.guidance_scale, teacher)
     check_solver(g.solver, teacher.param.kind)
     check_precision("generate", g.precision)
     check_room(cfg, teacher)
 
 
-def check_precision(section: str, precision: str) -> None:
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise InputError(f"{section}.precision=fp16 needs a CUDA GPU. Fix: --set {section}.precision=bf16 (or fp32) on CPU.")
-
-
 def check_room(cfg: PipelineConfig, teacher: Teacher) -> None:
     """Refuse a run whose pairs cannot fit on the store's disk (a cached or partly built output needs less: not counted)."""
-    import shutil
-
     g = cfg.generate
-    need = g.num_samples * 2 * int(np.prod(model_shape(teacher.param))) * np.dtype(g.dtype).itemsize
-    where = Path(cfg.store)
-    while not where.exists():
-        where = where.parent
-    free = shutil.disk_usage(where).free
-    if need > free and not any((Path(cfg.store) / STAGE).glob("*")):
+    store = open_store(cfg.store)
+    need = g.num_samples * 2 * int(np.prod(teacher.image_shape)) * np.dtype(g.dtype).itemsize
+    free = store.free_bytes()
+    if need > free and not store.has_outputs(STAGE):
         raise InputError(
             f"generate.num_samples={g.num_samples} needs about {need / 2**30:.1f} GiB of pairs; the store's disk has {free / 2**30:.1f} GiB free. "
             "Fix: lower generate.num_samples or point store at a larger disk."
@@ -80,41 +69,14 @@ def check_room(cfg: PipelineConfig, teacher: Teacher) -> None:
 def plan(cfg: PipelineConfig, teacher: Teacher, upstream: StageOutput | None = None) -> Plan:
     """Key = (config, teacher digest, prompt file digest); ``check`` ran first."""
     g = cfg.generate
+    store = open_store(cfg.store)
     up, inputs = {"teacher": teacher.digest}, {"teacher": str(teacher.path)}
     if g.prompts:
-        up["prompts"], inputs["prompts"] = f"{file_digest(g.prompts, cfg.store)}:{g.prompt_column}", g.prompts
-    if g.precision != "fp32":  # in the key only when not the default, so existing keys stay as they were
+        up["prompts"], inputs["prompts"] = f"{store.digest(g.prompts)}:{g.prompt_column}", g.prompts
+    if g.precision != "fp32":  # in the key only when used: a key without it is the key of the same fp32 run
         up["precision"] = g.precision
     key = SPEC.key(cfg, up)
-    return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, inputs)
-
-
-def check_prompts(teacher: Teacher, prompts: str | None, section: str) -> None:
-    """A text-to-image teacher needs a prompt file; any other teacher must not be given one."""
-    if teacher.param.text_conditioned and not prompts:
-        raise InputError(
-            f"the teacher {teacher.path} is text-to-image: {section}.prompts must name a prompt file. "
-            f"Fix: --set {section}.prompts=PATH (a text file, one prompt per line, or a .parquet with a 'prompt' column)."
-        )
-    if prompts and not teacher.param.text_conditioned:
-        raise InputError(f"{section}.prompts is set but the teacher {teacher.path} is not text-conditioned. Fix: drop {section}.prompts.")
-
-
-def pair_prompts(pairs_dir: str | Path) -> list[str] | None:
-    """The prompt list a generate output's ``cls.txt`` index (None for class-conditional pairs)."""
-    path = Path(pairs_dir) / PROMPTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def plan_prompts(p: Plan, g: GenerateConfig) -> list[str] | None:
-    """The prompt list of a text-to-image plan (None otherwise)."""
-    return read_prompts(p.inputs["prompts"], g.prompt_column) if "prompts" in p.inputs else None
-
-
-def model_shape(den_or_param) -> tuple[int, int, int]:
-    """(C, H, W) of model space (loading fills it in from the UNet config when denoiser.json lacks it)."""
-    param = getattr(den_or_param, "param", den_or_param)
-    return tuple(param.image_shape)
+    return Plan(STAGE, key, store.output_dir(STAGE, key), up, inputs)
 
 
 def shard_is_valid(out_dir: Path, i: int) -> bool:
@@ -161,7 +123,7 @@ def solved_batches(sampler, den: Denoiser, g: GenerateConfig, ranges: list[range
     One batch stays in flight: batch k+1 is queued on the device before batch k's images are awaited, so
     the device does not idle while the host makes noise and stores images (on a CPU it runs in turn).
     The reference's small solve is queued right behind the first batch, where a GPU hides its launches."""
-    shape, store_dtype = model_shape(den), np.dtype(g.dtype)
+    shape, store_dtype = tuple(den.param.image_shape), np.dtype(g.dtype)
     in_flight = None
     for i in todo:
         idx = ranges[i]
@@ -200,7 +162,7 @@ class Solved:
 def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.device, progress: bool) -> Solved:
     """Write the shards i = rank (mod world) that are missing or fail their checksum."""
     g = cfg.generate
-    prompts = plan_prompts(p, g)
+    prompts = p.prompts(g.prompt_column)
     den = p.teacher().load(device, prompts)
     solve, nfe = teacher_sampler(den, g.solver, g.steps, g.guidance_scale)
     sampler = at_precision(solve, g.precision, device)
@@ -261,7 +223,7 @@ def precision_error(cfg: PipelineConfig, p: Plan, device: torch.device, solved: 
     first = n if fp32 is not None or g.precision != "fp32" else first_batch_size(g)
     z, stored, _ = read_pairs(p.out_dir / shard_name(0), first)
     if fp32 is None:
-        den = solved.den if solved is not None else p.teacher().load(device, plan_prompts(p, g))
+        den = solved.den if solved is not None else p.teacher().load(device, p.prompts(g.prompt_column))
         sampler, _ = teacher_sampler(den, g.solver, g.steps, g.guidance_scale)
         labels = sample_labels(range(first), den.num_classes)
         fp32 = at_precision(sampler, "fp32", device)(z.to(device), None if labels is None else labels.to(device))[:n].float().cpu()
@@ -282,19 +244,15 @@ def finalize(cfg: PipelineConfig, p: Plan, solved: Solved, wall_time: float, dev
         for i, r in enumerate(ranges)
     ]
     files.append(file_entry(p.out_dir / "config.yaml"))
-    prompts = plan_prompts(p, g)
+    prompts = p.prompts(g.prompt_column)
     if prompts is not None:
         write_text_atomic(p.out_dir / PROMPTS_FILE, json.dumps(prompts, ensure_ascii=False, indent=0) + "\n")
         files.append(file_entry(p.out_dir / PROMPTS_FILE))
-    m = Manifest(
-        stage=STAGE,
-        key=p.key,
-        code_version=SPEC.code_version,
-        config=g.model_dump(),
-        pipeline_config=cfg.model_dump(mode="json"),
-        upstream=p.upstream,
-        files=files,
-        info={
+    m = stage_manifest(
+        cfg,
+        p,
+        files,
+        {
             "teacher_path": str(teacher.path),
             "parametrization": teacher.param.kind,
             "solver": g.solver,
@@ -303,17 +261,17 @@ def finalize(cfg: PipelineConfig, p: Plan, solved: Solved, wall_time: float, dev
             "guidance_scale": g.guidance_scale,
             "num_samples": g.num_samples,
             "num_shards": len(ranges),
-            "image_shape": list(model_shape(teacher.param)),
+            "image_shape": list(teacher.image_shape),
             "num_classes": teacher.param.num_classes,
             "num_prompts": None if prompts is None else len(prompts),
             "dtype": g.dtype,
             "precision": g.precision,
             "precision_error": precision_error(cfg, p, device or torch.device("cpu"), solved),
         },
-        wall_time_s=round(wall_time, 3),
+        wall_time,
     )
     fault_point("generate.before-manifest")
-    m.save(p.out_dir)
+    open_store(cfg.store).save_manifest(m, p.out_dir)
     return m
 
 
@@ -345,18 +303,6 @@ def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Mani
     return finalize(cfg, p, solved, timer.seconds, state.device) if state.is_main_process else None
 
 
-def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
-    """Make (or reuse) the pair shards for ``cfg``; returns the verified manifest."""
-    return chain.run(cfg, STAGE, num_processes, progress).manifest
-
-
-def required_files(m: Manifest) -> list[str]:
-    """Every shard of ``num_samples`` (whatever the manifest lists), the config and, for text-to-image, the prompts."""
-    g = GenerateConfig.model_validate(m.config)
-    names = [shard_name(i) for i in range(len(shard_ranges(g.num_samples, g.shard_size)))] + ["config.yaml"]
-    return names + [PROMPTS_FILE] if "prompts" in m.upstream else names
-
-
 def incomplete_detail(out_dir: Path) -> str:
     """The shards of an unfinished generate output that are missing or fail their checksum."""
     cfg_file = out_dir / "config.yaml"
@@ -366,12 +312,3 @@ def incomplete_detail(out_dir: Path) -> str:
     missing = [shard_name(i) for i in range(len(shard_ranges(g.num_samples, g.shard_size))) if not shard_is_valid(out_dir, i)]
     return f"; missing or corrupt shards: {', '.join(missing[:8]) or 'none'}{' ...' if len(missing) > 8 else ''}"
 
-
-def main() -> None:
-    from .cli import stage_app
-
-    stage_app("generate")()
-
-
-if __name__ == "__main__":
-    main()

@@ -28,16 +28,15 @@ from dmd_core.denoisers import VPDenoiser
 from dmd_core.dmd import MultiStep, OneStep, noise_levels, step_noise
 from dmd_core.errors import InputError
 from dmd_core.faults import fault_point
-from dmd_core.loading import PARAM_FILE, load_denoiser, load_prompt_encoder
+from dmd_core.loading import PARAM_FILE, load_denoiser
 from dmd_core.pipeline import DenoiserCallModule, OneStepModule, OneStepPipeline
 from dmd_core.shards import sample_labels, sample_noise
 from dmd_core.text import read_prompts
 
-from . import chain
-from .chain import DENOISER_FILES, Plan, Teacher
-from .config import PipelineConfig
-from .registry import spec
-from .store import FileEntry, Manifest, StageOutput, Timer, file_entry, final_dir_of, read_manifest, write_text_atomic
+from ..config import PipelineConfig
+from ..contract import FileEntry, Manifest, Plan, StageOutput, Teacher, file_entry, spec, stage_manifest
+from ..files import Timer, write_text_atomic
+from ..store import open_store
 
 STAGE = "export"
 SPEC = spec(STAGE)
@@ -49,8 +48,8 @@ def plan(cfg: PipelineConfig, teacher: Teacher, evaluation: StageOutput) -> Plan
     up = {"evaluate": evaluation.manifest.digest}
     gen_dir = evaluation.manifest.info["generator_dir"]
     key = SPEC.key(cfg, up)
-    info = {"generator_dir": gen_dir}
-    return Plan(STAGE, key, SPEC.out_dir(cfg, key), up, {"teacher": str(teacher.path), "evaluate": str(evaluation.out_dir)}, info)
+    info = {"generator_dir": gen_dir, "teacher_digest": teacher.digest}
+    return Plan(STAGE, key, open_store(cfg.store).output_dir(STAGE, key), up, {"teacher": str(teacher.path), "evaluate": str(evaluation.out_dir)}, info)
 
 
 def one_step_spec(den) -> dict:
@@ -182,7 +181,7 @@ def class_model_use(cfg: PipelineConfig, out: Path, info: dict) -> str:
 
 ```python
 from dmd_core.pipeline import OneStepPipeline
-pipe = OneStepPipeline.from_pretrained("{final_dir_of(out)}")
+pipe = OneStepPipeline.from_pretrained("{open_store(cfg.store).final_dir(out)}")
 images = pipe(class_labels=[0, 1, 2, 3], seed=0)           # list of PIL images
 ```
 
@@ -282,7 +281,7 @@ def text_to_image_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, out: P
     prompts = read_prompts(em.pipeline_config["evaluate"]["prompts"], cfg.evaluate.prompt_column)
     n = cfg.export.parity_samples
     batch = [prompts[i % len(prompts)] for i in range(n)]
-    den.set_prompts(load_prompt_encoder(teacher_path).table(batch))
+    den.set_prompts(p.teacher().prompt_encoder().table(batch))
     z = sample_noise(cfg.evaluate.seed, range(n), tuple(den.param.image_shape))
     rng = torch.Generator().manual_seed(cfg.evaluate.seed)
     with torch.no_grad():
@@ -321,7 +320,7 @@ relative difference to the evaluated generator's latents {rel:.2e}."""
 
 ```python
 from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{final_dir_of(out)}")
+pipe = StableDiffusionPipeline.from_pretrained("{open_store(cfg.store).final_dir(out)}")
 image = pipe("{batch[0]}", {call}, guidance_scale=1.0).images[0]
 ```
 
@@ -336,15 +335,21 @@ def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool =
     timer = Timer()
     out = p.out_dir
     eval_dir = Path(p.inputs["evaluate"])
-    em = read_manifest(eval_dir)
-    gen_dir = Path(p.info["generator_dir"])
-    den = load_denoiser(gen_dir)
-    if den.param.text_conditioned:
+    em = open_store(cfg.store).read_manifest(eval_dir)
+    den = load_denoiser(Path(p.info["generator_dir"]))
+    if p.teacher().pipeline_class == "StableDiffusionPipeline":
         info, use = text_to_image_export(cfg, p, em, den, out)
         write_text_atomic(out / "one_step.json", json.dumps(one_step_spec(den), indent=2) + "\n")
         shutil.copyfile(eval_dir / "grid.png", out / "grid.png")
         info.update(evaluation=str(eval_dir), metrics=em.info["metrics"], image_shape=list(den.param.image_shape))
-        return finish(cfg, p, em, out, info, use, timer)
+    else:
+        info, use = one_step_pipeline_export(cfg, p, em, den, out)
+    return finish(cfg, p, em, out, info, use, timer)
+
+
+def one_step_pipeline_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, out: Path) -> tuple[dict, str]:
+    """The project's OneStepPipeline folder (diffusers layout), ONNX, both checked against the evaluated generator."""
+    eval_dir, gen_dir = Path(p.inputs["evaluate"]), Path(p.info["generator_dir"])
     shutil.rmtree(out / "generator", ignore_errors=True)
     pipeline_for(den).save_pretrained(str(out), safe_serialization=True)  # generator/ + model_index.json
     shutil.copyfile(gen_dir / PARAM_FILE, out / "generator" / PARAM_FILE)
@@ -359,55 +364,23 @@ def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool =
         info["onnx"] = write_onnx(cfg, den, out, want)
         fault_point("export.onnx-written")
     info["torch_parity"] = fresh_process_parity(cfg, out, want)
-    return finish(cfg, p, em, out, info, class_model_use(cfg, out, info), timer)
+    return info, class_model_use(cfg, out, info)
 
 
 def finish(cfg: PipelineConfig, p: Plan, em: Manifest, out: Path, info: dict, use: str, timer: Timer) -> Manifest:
     """The model card with every file's sha256, then the manifest (last)."""
     files = [
-        file_entry(f).model_copy(update={"name": str(f.relative_to(out))})
+        file_entry(f, name=str(f.relative_to(out)))
         for f in sorted(out.rglob("*"))
         if f.is_file() and f.name not in ("manifest.json", "README.md") and not f.name.startswith(".")
     ]
     write_text_atomic(out / "README.md", model_card(cfg, em, out, info, files, use))
     files.append(file_entry(out / "README.md"))
-    m = Manifest(
-        stage=STAGE,
-        key=p.key,
-        code_version=SPEC.code_version,
-        config=cfg.export.model_dump(),
-        pipeline_config=cfg.model_dump(mode="json"),
-        upstream=p.upstream,
-        files=files,
-        info=info,
-        wall_time_s=round(timer.seconds, 3),
-    )
+    m = stage_manifest(cfg, p, files, info, timer.seconds)
     fault_point("export.before-manifest")
-    m.save(out)
+    open_store(cfg.store).save_manifest(m, out)
     return m
-
-
-def required_files(m: Manifest) -> list[str]:
-    """The card, the recipe, the grid and the network (text-to-image: the pipeline's UNet; else generator/ and ONNX)."""
-    net = "unet" if m.pipeline_config.get("generate", {}).get("prompts") else "generator"
-    names = ["README.md", "one_step.json", "grid.png", "model_index.json", *(f"{net}/{n}" for n in DENOISER_FILES)]
-    return names + ["generator.onnx"] if net == "generator" and m.config.get("onnx") else names
 
 
 def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | None:
     raise InputError("export runs in one process; run `dmd export` without accelerate launch")
-
-
-def run(cfg: PipelineConfig, num_processes: int = 1, progress: bool = True) -> Manifest:
-    """Export (or reuse the export of) the generator this config distils and evaluates."""
-    return chain.run(cfg, STAGE, num_processes, progress).manifest
-
-
-def main() -> None:
-    from .cli import stage_app
-
-    stage_app("export")()
-
-
-if __name__ == "__main__":
-    main()

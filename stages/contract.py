@@ -1,0 +1,372 @@
+"""The stage contract: what each stage is (``StageSpec``), what it is asked to make (``Plan``), from which
+teacher (``Teacher``), and what a finished output says about itself (``Manifest``, ``required_files``).
+
+Every stage module, the store, the chain and the flow build on this module; it imports no stage.
+A stage's output directory holds its files and, written last, ``manifest.json`` (docs/formats.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from pydantic import BaseModel
+
+from dmd_core.denoisers import Denoiser, Parametrization
+from dmd_core.loading import PARAM_FILE, WEIGHTS_FILE, encode_latents, latent_decoder, load_denoiser, load_prompt_encoder, load_vae, read_parametrization
+from dmd_core.shards import shard_name, shard_ranges
+from dmd_core.text import PromptEncoder, read_prompts
+
+from .config import DistillConfig, GenerateConfig, PipelineConfig
+from .files import digest_json, sha256_file, write_text_atomic
+
+DENOISER_FILES = ("config.json", WEIGHTS_FILE, PARAM_FILE)  # what save_denoiser writes: every saved network has them
+PROMPTS_FILE = "prompts.json"  # a text-to-image generate output: the prompt list that the pairs' cls.txt index
+MANIFEST = "manifest.json"
+
+
+# ---------------------------------------------------------------- the stages
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What the CLI, the chain, the flow and the docs know of a stage without importing its module."""
+
+    name: str
+    code_version: str  # bump when the bytes a stage writes change for the same inputs
+    upstream: str | None  # the stage whose output this one reads (None: only the teacher)
+    summary: str  # one line: the README's stage table, the CLI's list
+    help: str  # the CLI command's help
+    not_in_key: frozenset[str] = frozenset()  # fields of the config section that never change the output
+    input_key: str | None = None  # section key naming an explicit upstream output dir (e.g. distill.pairs)
+    needs_upstream: Callable[[PipelineConfig], bool] = lambda cfg: True  # False: the upstream stage is skipped
+    progress: bool = True  # reports progress (bar; artifact under the flow)
+    multi_process: bool = True  # may run under accelerate launch
+
+    @property
+    def section(self) -> str:
+        return self.name  # each stage's settings live in the config section of its name
+
+    def key_config(self, cfg: PipelineConfig) -> dict:
+        """The stage's settings that determine its output."""
+        return getattr(cfg, self.section).model_dump(mode="json", exclude=set(self.not_in_key))
+
+    def key(self, cfg: PipelineConfig, upstream: dict[str, str], extra: dict | None = None) -> str:
+        return content_key(self.name, {**self.key_config(cfg), **(extra or {})}, upstream, self.code_version)
+
+
+def content_key(stage: str, config: dict, upstream: dict[str, str], code_version: str) -> str:
+    """The cache key of a stage output: 20 hex digits of sha256 over everything that determines it."""
+    return digest_json({"stage": stage, "config": config, "upstream": upstream, "code": code_version})[:20]
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec(
+        name="generate",
+        code_version="generate/1",
+        upstream=None,
+        summary="the teacher's ODE solver (Heun / PNDM) writes (noise, image, class) WebDataset shards",
+        help="""Solve the teacher's ODE from seeded noise and write (noise, image, class) WebDataset shards.
+
+        The output directory is content-addressed in the store and printed as the last line on stdout;
+        a rerun reuses a complete output and resumes an interrupted one.""",
+        # the prompt file (digest and column) and a precision other than fp32 enter the key as upstream
+        # entries, only when used, so that a key without them is the key of the same run without the option
+        not_in_key=frozenset({"num_threads", "prompts", "prompt_column", "precision"}),
+    ),
+    StageSpec(
+        name="distill",
+        code_version="distill/3",  # /3: counter-based (Philox) per-sample draws
+        upstream="generate",
+        summary="DMD training on Accelerate (distribution matching + regression), checkpoints, metrics",
+        help="""Train the one-step generator with DMD (distribution matching + regression), on Accelerate.
+
+        Uses the pairs for this config from the store (running generate first when they are missing),
+        trains, and prints the output directory (generator/, metrics.parquet, samples.png) as the last
+        line on stdout. An interrupted run resumes from its last checkpoint when rerun.""",
+        # logging, housekeeping, where the pairs are (their digest is in the key) and gradient checkpointing
+        # (it recomputes the same activations: memory, not results). The probe, GAN, DM-weight, k-step and
+        # compile settings enter the key as upstream entries, only when used (distill.keyed_when_set).
+        not_in_key=frozenset({"log_every", "sample_every", "keep_checkpoints", "num_threads", "pairs", "gradient_checkpointing", "eval_every", "eval_samples",
+                              "gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "real_samples", "dm_weight", "generator_timesteps",
+                              "compile"}),  # fmt: skip
+        input_key="pairs",
+        needs_upstream=lambda cfg: cfg.distill.regression_weight > 0,  # the pairs feed only the regression loss
+    ),
+    StageSpec(
+        name="evaluate",
+        code_version="evaluate/1",
+        upstream="distill",
+        summary="Fréchet distance (FD-digits / FID via torchmetrics), class accuracy, speed vs the teacher",
+        help="""Measure the one-step generator against its teacher: Fréchet distance, class accuracy, speed.
+
+        Writes metrics.json (teacher_fd, student_fd, fd_ratio, class accuracies, teacher_nfe, speedup),
+        metrics.parquet and grid.png (teacher | student); prints the output directory last on stdout.
+        The teacher's numbers and the reference statistics are computed once and cached in the store.""",
+        # paths: the digests of what they point to are in the key
+        not_in_key=frozenset({"num_threads", "distill", "classifier", "inception_weights", "reference", "prompts", "prompt_column", "prompt_labels", "clip_model", "generator",
+                              "precision"}),  # fmt: skip
+        input_key="distill",
+    ),
+    StageSpec(
+        name="export",
+        code_version="export/2",
+        upstream="evaluate",
+        summary="diffusers layout, `OneStepPipeline`, ONNX with parity check, model card",
+        help="""Write the one-step generator for others: diffusers layout, OneStepPipeline, ONNX, model card.
+
+        Evaluates first if needed; checks ONNX against PyTorch and a fresh-process reload bit for bit;
+        prints the export directory (with README.md, the model card) as the last line on stdout.""",
+        progress=False,
+        multi_process=False,
+    ),
+)
+
+ORDER: list[str] = [s.name for s in STAGES]
+
+
+def spec(name: str) -> StageSpec:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise KeyError(name)
+
+
+# ---------------------------------------------------------------- the teacher
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The resolved teacher: where it is, its digest and its parametrisation (no weights loaded).
+
+    Stages ask it, never the folder: how it is conditioned, how its model space maps to pixels."""
+
+    path: Path
+    digest: str
+    param: Parametrization
+
+    @staticmethod
+    @functools.lru_cache(maxsize=8)
+    def at(path: str | Path, digest: str) -> "Teacher":
+        """The teacher in ``path`` whose digest is known (read once per process)."""
+        return Teacher(Path(path), digest, read_parametrization(path))
+
+    @property
+    def takes_prompts(self) -> bool:
+        """Conditioned on prompts (a prompt table) rather than class labels."""
+        return self.param.text_conditioned
+
+    @property
+    def guidable(self) -> bool:
+        """Has a condition that classifier-free guidance can drop (classes or prompts)."""
+        return self.param.num_classes > 0 or self.takes_prompts
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """C x H x W of the teacher's model space (pixels, or latents)."""
+        return tuple(self.param.image_shape)
+
+    def load(self, device="cpu", prompts: list[str] | None = None) -> Denoiser:
+        """The weights, loaded when a stage is about to use them (a bad file fails here, named).
+
+        A teacher that takes prompts gets the prompt table of ``prompts`` from its own text encoder.
+        """
+        den = load_denoiser(self.path, device)
+        if self.takes_prompts and prompts is not None:
+            den.set_prompts(self.prompt_encoder(device).table(prompts))
+        return den
+
+    @property
+    def latent(self) -> bool:
+        """Model space is a codec's latents (the VAE's), not pixels."""
+        return self.takes_prompts
+
+    @property
+    def pipeline_class(self) -> str | None:
+        """The diffusers pipeline an export of this teacher's family is written as (None: the project's OneStepPipeline)."""
+        return "StableDiffusionPipeline" if self.takes_prompts else None
+
+    def prompt_encoder(self, device="cpu") -> PromptEncoder:
+        return load_prompt_encoder(self.path, device)
+
+    def check_loads(self) -> None:
+        """Load every part once, so that a damaged file fails before anything is written (InputError)."""
+        self.load()
+        if self.takes_prompts:
+            load_prompt_encoder(self.path), load_vae(self.path)
+
+    def pixel_shape(self) -> tuple[int, ...]:
+        """C x H x W of the images the teacher makes: its model space, or the VAE's image side for latent teachers."""
+        if not self.takes_prompts:
+            return self.image_shape
+        vae = json.loads((self.path / "vae" / "config.json").read_text())
+        f = 2 ** (len(vae["block_out_channels"]) - 1)
+        _, h, w = self.image_shape
+        return (vae.get("in_channels", 3), h * f, w * f)
+
+    def pixel_decoder(self, device="cpu", gradient_checkpointing: bool = False, dtype: torch.dtype | None = None) -> Callable:
+        """Model space -> pixels: the pipeline's VAE decoder for latent teachers, else identity."""
+        return latent_decoder(self.path, device, gradient_checkpointing, dtype) if self.takes_prompts else (lambda x: x)
+
+    def encode_pixels(self, images: torch.Tensor, device="cpu") -> torch.Tensor:
+        """Pixels in [-1, 1] -> model space (the VAE's latents for latent teachers)."""
+        return encode_latents(self.path, images, device) if self.takes_prompts else images.to(device)
+
+
+# ---------------------------------------------------------------- plans
+
+
+@dataclass
+class Plan:
+    """What a stage will make: its content key and output directory, and the inputs it reads."""
+
+    stage: str
+    key: str
+    out_dir: Path
+    upstream: dict[str, str]  # name -> digest of each input (they are in the key)
+    inputs: dict[str, str]  # name -> path of each input directory
+    info: dict = field(default_factory=dict)  # stage-specific facts decided at planning time
+
+    def save(self, path: str | Path) -> Path:
+        # absolute paths: the reader (an accelerate worker, a flow task) may run elsewhere in the tree
+        data = {**asdict(self), "out_dir": str(self.out_dir.resolve()), "inputs": {k: str(Path(v).resolve()) for k, v in self.inputs.items()}}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        data = json.loads(Path(path).read_text())
+        return cls(**{**data, "out_dir": Path(data["out_dir"])})
+
+    def teacher(self) -> Teacher:
+        """The teacher this plan was made for (digest as planned: no re-hash). A stage whose key holds the
+        teacher only through its upstream output (export) keeps the digest in ``info``."""
+        return Teacher.at(self.inputs["teacher"], self.upstream.get("teacher") or self.info["teacher_digest"])
+
+    def prompts(self, column: str) -> list[str] | None:
+        """The prompt list of a plan that reads a prompt file (None otherwise)."""
+        return read_prompts(self.inputs["prompts"], column) if "prompts" in self.inputs else None
+
+
+def pair_prompts(pairs_dir: str | Path) -> list[str] | None:
+    """The prompt list a generate output's ``cls.txt`` index (None for class-conditional pairs)."""
+    path = Path(pairs_dir) / PROMPTS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------- manifests
+
+
+class FileEntry(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    samples: int | None = None
+    record: bool = False  # kept for people (resolved config, timings): not part of the output's digest
+
+
+class Manifest(BaseModel):
+    stage: str
+    key: str
+    code_version: str
+    config: dict  # the stage's own section
+    pipeline_config: dict  # the whole resolved config
+    upstream: dict[str, str]  # name -> digest of each input
+    files: list[FileEntry]
+    info: dict = {}  # stage-specific facts (solver, nfe, ...)
+    wall_time_s: float
+    created_unix: float = 0.0
+
+    @property
+    def digest(self) -> str:
+        """Digest of what the stage made (file checksums), which downstream keys use.
+
+        Leaves out record files (``config.yaml`` with its absolute paths, logs with timings): they must
+        not change the identity of identical products (same shards on another machine = same digest).
+        """
+        made = sorted((f for f in self.files if not f.record), key=lambda f: f.name)
+        return digest_json([[f.name, f.sha256] for f in made])
+
+
+def file_entry(path: Path, samples: int | None = None, sha256: str | None = None, record: bool | None = None, name: str | None = None) -> FileEntry:
+    """Size and checksum of ``path`` (listed as ``name``, default its file name); pass ``sha256`` when it
+    was just computed (saves a re-read). ``config.yaml`` is a record file unless told otherwise."""
+    record = path.name == "config.yaml" if record is None else record
+    return FileEntry(name=name or path.name, size=path.stat().st_size, sha256=sha256 or sha256_file(path), samples=samples, record=record)
+
+
+def tree_entries(out: Path, sub: str) -> list[FileEntry]:
+    """Entries of every file below ``out/sub``, named relative to ``out``, sorted."""
+    root = out / sub
+    return [file_entry(f, name=str(f.relative_to(out))) for f in sorted(root.rglob("*")) if f.is_file()] if root.is_dir() else []
+
+
+def stage_manifest(cfg: PipelineConfig, p: Plan, files: list[FileEntry], info: dict, wall_time_s: float) -> Manifest:
+    """The manifest of a stage output: the one way every stage describes what it made."""
+    return Manifest(
+        stage=p.stage,
+        key=p.key,
+        code_version=spec(p.stage).code_version,
+        config=getattr(cfg, spec(p.stage).section).model_dump(mode="json"),
+        pipeline_config=cfg.model_dump(mode="json"),
+        upstream=p.upstream,
+        files=files,
+        info=info,
+        wall_time_s=round(wall_time_s, 3),
+    )
+
+
+class StageOutput(NamedTuple):
+    """A complete, verified stage output: where it is and what its manifest says."""
+
+    out_dir: Path
+    manifest: Manifest
+
+
+# ---------------------------------------------------------------- what an output must hold
+
+
+def _generate_files(m: Manifest) -> list[str]:
+    """Every shard of ``num_samples`` (whatever the manifest lists), the config and, for text-to-image, the prompts."""
+    g = GenerateConfig.model_validate(m.config)
+    names = [shard_name(i) for i in range(len(shard_ranges(g.num_samples, g.shard_size)))] + ["config.yaml"]
+    return names + [PROMPTS_FILE] if "prompts" in m.upstream else names
+
+
+def _distill_files(m: Manifest) -> list[str]:
+    """The networks, the final grid and every scheduled grid (when the run did not continue another), the records."""
+    d = DistillConfig.model_validate(m.config)
+    nets = ["generator", "fake_score"] + (["generator_ema"] if d.ema_decay else []) + (["generator_best"] if d.eval_every else [])
+    names = [f"{net}/{f}" for net in nets for f in DENOISER_FILES]
+    grid_steps = {d.steps} | (set() if d.resume_from else set(range(d.sample_every, d.steps + 1, d.sample_every)))
+    names += [f"samples/step-{k:07d}.png" for k in sorted(grid_steps)]
+    names += ["metrics.parquet", "curves.png", "samples.png", "config.yaml"] + (["best.json"] if d.eval_every else [])
+    return names + (["fake_score/gan_head.safetensors"] if d.gan else [])
+
+
+EVALUATE_FILES = ("metrics.json", "metrics.parquet", "grid.png", "student_stats.npz", "config.yaml")
+
+
+def _export_files(m: Manifest) -> list[str]:
+    """The card, the recipe, the grid and the network (a diffusers pipeline's unet/; else generator/ and ONNX)."""
+    net = "unet" if m.info.get("layout") else "generator"
+    names = ["README.md", "one_step.json", "grid.png", "model_index.json", *(f"{net}/{n}" for n in DENOISER_FILES)]
+    return names + ["generator.onnx"] if net == "generator" and m.config.get("onnx") else names
+
+
+REQUIRED_FILES: dict[str, Callable[[Manifest], list[str]]] = {
+    "generate": _generate_files,
+    "distill": _distill_files,
+    "evaluate": lambda m: list(EVALUATE_FILES),
+    "export": _export_files,
+}
+
+
+def required_files(m: Manifest) -> list[str]:
+    """The files an output of ``m.stage`` must have, whatever its manifest lists (a side cache: none)."""
+    return REQUIRED_FILES.get(m.stage, lambda m: [])(m)

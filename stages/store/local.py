@@ -1,0 +1,280 @@
+"""The store as a directory on a local (or shared POSIX) file system.
+
+An output is ``<root>/<stage>/<key>/``, built in the hidden sibling ``.<key>.partial`` and renamed
+into place (``os.replace``) once its manifest is written, so a final name only ever holds a complete
+output. One builder per output: ``flock`` on a hidden lock file, which the kernel drops when its holder
+dies. Verification is cheap after the first time: beside each output a hidden ``.verified.json`` records,
+per file, (size, mtime_ns, inode, sha256) as of its last full check; a later check re-hashes only the
+files whose stat changed (``dmd verify --deep`` re-hashes everything). Digests of inputs outside the
+store (teacher, classifier, prompt files) are remembered the same way under ``<root>/.digests/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from dmd_core.errors import InputError
+from dmd_core.faults import fault_point
+
+from ..contract import MANIFEST, ORDER, Manifest
+from ..files import digest_json, sha256_file, write_text_atomic
+from .base import SIDE_CACHES, Store
+
+RECORD = ".verified.json"  # hidden: never part of a manifest or a directory digest
+DIGESTS = ".digests"
+PARTIAL = ".partial"
+_TMP_NAME = re.compile(r"^\..*\.tmp(-(\d+))?$")
+log = logging.getLogger("dmd")
+
+# (path, size, mtime_ns, inode) -> sha256, for this process: a file state is hashed at most once.
+_SEEN: dict[tuple[str, int, int, int], str] = {}
+
+
+class LocalStore(Store):
+    """Stage outputs in the directory ``root`` (see the module doc)."""
+
+    def __init__(self, root: str | Path):
+        self.root = str(root)
+        self.path = Path(root)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.root!r})"
+
+    # ---- names
+    def output_dir(self, stage: str, key: str) -> Path:
+        return self.path / stage / key
+
+    def side_dir(self, kind: str, key: str) -> Path:
+        return self.path / kind / key
+
+    def scratch_dir(self, name: str) -> Path:
+        return self.path / f".{name}"
+
+    def outputs(self) -> Iterator[tuple[str, Path]]:
+        for kind in [*ORDER, *SIDE_CACHES]:
+            for m in sorted((self.path / kind).glob(f"*/{MANIFEST}")):
+                yield kind, m.parent
+
+    def final_dir(self, work: Path) -> Path:
+        """The output a work directory is published as."""
+        name = work.name
+        return work.parent / name[1 : -len(PARTIAL)] if name.startswith(".") and name.endswith(PARTIAL) else work
+
+    # ---- reading
+    def read_manifest(self, out: Path) -> Manifest | None:
+        path = Path(out) / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return Manifest.model_validate_json(path.read_text())
+        except ValueError:
+            return None
+
+    def problems(self, out: Path, m: Manifest, deep: bool = False) -> list[str]:
+        out = Path(out)
+        hashes = file_hashes(out, [f.name for f in m.files], out / RECORD, deep)
+        listed = {f.name for f in m.files}
+        unlisted = [f"{n} (not in the manifest)" for n in self.required(m) if n not in listed]
+        return [f.name for f in m.files if hashes[f.name] != f.sha256] + unlisted
+
+    def digest(self, path: str | Path) -> str:
+        """sha256 over (relative path, file sha256) of every non-hidden file below a folder, or the file's sha256."""
+        p = Path(path)
+        if p.is_file():
+            return file_hashes(p.parent, [p.name], self._digest_record(p))[p.name] or ""
+        names = tree_files(p)
+        hashes = file_hashes(p, names, self._digest_record(p))
+        return digest_json([(n, hashes[n]) for n in names])
+
+    def _digest_record(self, path: Path) -> Path:
+        return self.path / DIGESTS / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24] + ".json")
+
+    # ---- writing
+    def save_manifest(self, m: Manifest, work: Path) -> None:
+        work = Path(work)
+        record = {}
+        for f in m.files:
+            st = _stat_key(work / f.name)
+            if st is not None and st[0] == f.size:
+                record[f.name] = [*st, f.sha256]
+        _write_record(work / RECORD, record)
+        write_text_atomic(work / MANIFEST, m.model_dump_json(indent=2) + "\n")
+
+    def partial_dir(self, out: Path) -> Path:
+        return out.parent / f".{out.name}{PARTIAL}"
+
+    @contextlib.contextmanager
+    def lock(self, out: Path):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.parent / f".{out.name}.lock", "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting: another process is building %s", out)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def publish(self, work: Path, out: Path) -> None:
+        fault_point("publish")
+        if out.exists():  # an older, failing copy that was not moved aside (e.g. read-only parts): replace it
+            shutil.rmtree(out)
+        os.replace(work, out)
+
+    def set_aside(self, out: Path, work: Path) -> None:
+        if out.exists():
+            (out / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(work, ignore_errors=True) if work.exists() else None
+            os.replace(out, work)
+
+    def clean(self, work: Path) -> None:
+        remove_orphans(work)
+        remove_orphans(self.path / DIGESTS)
+
+    def remove(self, out: Path) -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(self.partial_dir(out), ignore_errors=True)
+
+    def check_writable(self) -> None:
+        """A store that is a file or cannot be written is refused; nothing is created. Writability is probed
+        by creating and removing a hidden file: permission bits say nothing for root, nor for read-only mounts."""
+        store = self.path.expanduser()
+        if store.exists() and not store.is_dir():
+            raise InputError(f"store {store} is a file, not a directory. Fix: point store at a directory (--set store=DIR) or move the file away.")
+        parent = store
+        while not parent.exists() and parent != parent.parent:  # a new store is made inside its nearest existing parent
+            parent = parent.parent
+        if not parent.is_dir():
+            raise InputError(f"store {store} cannot be created: {parent} is a file. Fix: point store at a directory (--set store=DIR).")
+        probe = parent / f".write-test-{os.getpid()}"
+        try:
+            probe.touch()
+            probe.unlink()
+        except OSError as e:
+            what = "store" if parent == store else f"store {store}: its parent"
+            raise InputError(
+                f"{what} {parent} is not writable ({e.strerror}). Fix: make it writable or point store at a writable directory (--set store=DIR)."
+            ) from None
+
+    def free_bytes(self) -> int:
+        where = self.path
+        while not where.exists():
+            where = where.parent
+        return shutil.disk_usage(where).free
+
+    def has_outputs(self, stage: str) -> bool:
+        return any((self.path / stage).glob("*"))
+
+    def noted(self, name: str) -> bool:
+        return (self.path / DIGESTS / name).is_file()
+
+    def note(self, name: str) -> None:
+        try:
+            (self.path / DIGESTS).mkdir(parents=True, exist_ok=True)
+            (self.path / DIGESTS / name).touch()
+        except OSError:  # read-only store: validated again next time
+            pass
+
+
+# ---------------------------------------------------------------- verification records
+
+
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _read_record(path: Path) -> dict[str, list]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_record(path: Path, record: dict[str, list]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(record, sort_keys=True))
+    except OSError:  # a read-only store: verification still works, it is just not remembered
+        pass
+
+
+def file_hashes(root: Path, names: list[str], record_path: Path, deep: bool = False) -> dict[str, str | None]:
+    """sha256 of each ``root/name`` (None if absent), re-hashing only files whose stat changed since
+    ``record_path`` was written (every file when ``deep``); the record is updated."""
+    record = {} if deep else _read_record(record_path)
+    out: dict[str, str | None] = {}
+    fresh: dict[str, list] = {}
+    for name in names:
+        path = root / name
+        st = _stat_key(path) if path.is_file() else None
+        if st is None:
+            out[name] = None
+            continue
+        seen_key = (str(path.resolve()), *st)
+        old = record.get(name)
+        if old is not None and tuple(old[:3]) == st:
+            sha = old[3]
+        elif not deep and seen_key in _SEEN:
+            sha = _SEEN[seen_key]
+        else:
+            sha = sha256_file(path)
+        _SEEN[seen_key] = sha
+        out[name] = sha
+        fresh[name] = [*st, sha]
+    if fresh != {k: v for k, v in record.items() if k in fresh} or deep:
+        _write_record(record_path, {**record, **fresh})
+    return out
+
+
+def tree_files(path: Path) -> list[str]:
+    """Relative names of the non-hidden files below ``path``, sorted."""
+    return sorted(
+        str(p.relative_to(path))
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphans(root: Path) -> list[Path]:
+    """Delete temporary files and directories (``.<name>.tmp[-PID]``) below ``root`` left by a killed or
+    failed writer: they would hold disk space forever. A name with the PID of a live process is kept."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for path in sorted(root.rglob(".*"), key=lambda q: len(q.parts)):
+        m = _TMP_NAME.match(path.name)
+        if m is None or not os.path.lexists(path):
+            continue
+        if m.group(2) and int(m.group(2)) != os.getpid() and _pid_alive(int(m.group(2))):
+            continue
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run under %s", len(removed), root)
+    return removed
