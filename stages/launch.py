@@ -134,9 +134,10 @@ def accelerate_launch(stage: str, cfg: PipelineConfig, plan_file: Path, num_proc
     The workers get the plan made here (no re-planning) and the store by absolute path; their
     stdout goes to this process's stderr.
     """
+    store = open_store(cfg.store)
     child = cfg.model_copy(deep=True)
-    child.store = str(Path(cfg.store).resolve())
-    scratch = open_store(cfg.store).scratch_dir("launch")
+    child.store = store.absolute_root()
+    scratch = store.scratch_dir("launch")
     scratch.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="config-", dir=scratch, delete=False) as f:
         f.write(dump_config(child))

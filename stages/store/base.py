@@ -39,6 +39,10 @@ class Store(ABC):
         """A cache beside the stages (``reference``, ``teacher_eval``): built once, verified like an output."""
 
     @abstractmethod
+    def absolute_root(self) -> str:
+        """The root as another process sees it from anywhere (accelerate workers, flow tasks)."""
+
+    @abstractmethod
     def scratch_dir(self, name: str) -> Path:
         """A local folder for the run's own files (flow plans and configs, launch configs); never an output."""
 

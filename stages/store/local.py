@@ -56,6 +56,9 @@ class LocalStore(Store):
     def side_dir(self, kind: str, key: str) -> Path:
         return self.path / kind / key
 
+    def absolute_root(self) -> str:
+        return str(self.path.resolve())
+
     def scratch_dir(self, name: str) -> Path:
         return self.path / f".{name}"
 
