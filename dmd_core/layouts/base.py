@@ -1,0 +1,64 @@
+"""The interface every teacher layout answers (docs/layouts.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..denoisers import Denoiser, Parametrization
+from ..errors import InputError
+from ..text import PromptEncoder
+
+Tensor = torch.Tensor
+
+
+class Layout:
+    """One family of teacher folders: how to recognise one, read its parametrisation, load its parts.
+
+    Layouts hold no state: every method takes the folder. Defaults are those of a pixel-space,
+    class-conditioned (or unconditional) teacher; a latent or prompt-conditioned layout overrides them.
+    """
+
+    name: str = ""  # the module's name, e.g. "ddpm_pipeline"
+    description: str = ""  # what such a folder holds, for the error that lists the known layouts
+    takes_prompts: bool = False  # conditioned on prompts (a prompt table) rather than class labels
+    pipeline_class: str | None = None  # the diffusers pipeline an export is written as; None: the project's OneStepPipeline
+
+    def matches(self, folder: Path) -> bool:
+        """Whether ``folder`` is of this layout, from file names and model_index.json alone (never raises)."""
+        raise NotImplementedError
+
+    def parametrization(self, folder: Path) -> Parametrization:
+        """The teacher's parametrisation, read and checked without loading weights (InputError naming the file)."""
+        raise NotImplementedError
+
+    def load_denoiser(self, folder: Path, device: str | torch.device = "cpu") -> Denoiser:
+        """The network as an x0-predictor, frozen, in eval mode, float32."""
+        raise NotImplementedError
+
+    def prompt_encoder(self, folder: Path, device: str | torch.device = "cpu") -> PromptEncoder:
+        """prompts -> embeddings through the teacher's own tokenizer and text encoder (prompt layouts only)."""
+        raise InputError(f"{folder} is a {self.name} teacher, conditioned on class labels: it has no text encoder. Fix: drop the prompts setting.")
+
+    def pixel_shape(self, folder: Path, param: Parametrization) -> tuple[int, int, int]:
+        """C x H x W of the images the teacher makes (its model space, or the decoder's image side)."""
+        return tuple(param.image_shape)
+
+    def pixel_decoder(
+        self, folder: Path, device: str | torch.device = "cpu", gradient_checkpointing: bool = False, dtype: torch.dtype | None = None
+    ) -> Callable[[Tensor], Tensor]:
+        """Model space -> pixels in [-1, 1] (differentiable); identity for pixel-space teachers."""
+        return lambda x: x
+
+    def encode_pixels(self, folder: Path, images: Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> Tensor:
+        """Pixels in [-1, 1] -> model space (deterministic); identity for pixel-space teachers."""
+        return images.to(device)
+
+    def check_loads(self, folder: Path) -> None:
+        """Load every part once, so that a damaged file fails before anything is written (InputError)."""
+        self.load_denoiser(folder)
+
+    def __repr__(self) -> str:
+        return f"<layout {self.name}>"

@@ -1,0 +1,243 @@
+"""A diffusers ``StableDiffusionPipeline`` folder (SD 1.x/2.x): a latent, prompt-conditioned VP teacher.
+
+``model_index.json``, ``unet/`` (a UNet2DConditionModel on the VAE's latents), ``scheduler/``, ``vae/`` (an
+AutoencoderKL: the latent codec), ``text_encoder/`` and ``tokenizer/`` (the classes model_index.json names,
+e.g. CLIPTextModel and CLIPTokenizer). Every part is loaded in float32 whatever dtype it was saved in, as
+the UNet is: a pipeline saved in float16 then gives the pairs diffusers gives in float32.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import InputError
+from ..text import PromptEncoder
+from .common import PIPELINE_INDEX, RESAVE, TEXT_WEIGHTS_FILE, WEIGHTS_FILE, check_weights, is_int, named, one_line
+from .common import pipeline_index, positive_number, read_json
+from .ddpm_pipeline import DDPMPipelineLayout
+
+Tensor = torch.Tensor
+TEXT_PARTS = ("text_encoder", "tokenizer", "vae")
+SAVE_WHOLE = "Fix: save the whole pipeline (StableDiffusionPipeline.save_pretrained writes unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
+# Files a tokenizer reads its vocabulary from: fast (tokenizer.json), BPE, WordPiece, SentencePiece.
+VOCABULARIES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("vocab.txt",), ("spiece.model",), ("sentencepiece.bpe.model",))
+
+
+class StableDiffusionLayout(DDPMPipelineLayout):
+    name = "sd_pipeline"
+    description = "a diffusers StableDiffusionPipeline folder (SD 1.x/2.x: model_index.json, unet/, scheduler/, vae/, text_encoder/, tokenizer/)"
+    takes_prompts = True
+    pipeline_class = "StableDiffusionPipeline"
+    classes = ("StableDiffusionPipeline",)
+    save_hint = "StableDiffusionPipeline.save_pretrained(dir)"
+
+    def matches(self, folder: Path) -> bool:
+        index = pipeline_index(folder)
+        if index is None:
+            return False
+        if "_class_name" in index:
+            return index["_class_name"] in self.classes
+        parts = {k for k in index if not k.startswith("_") and named(index, k)}  # a hand-written index
+        return bool(parts & set(TEXT_PARTS)) and parts <= {"unet", "scheduler", *TEXT_PARTS}
+
+    # ------------------------------------------------------------ parametrisation
+
+    def conditioning(self, embeds: int | None) -> dict:
+        return {"num_classes": 0, "null_class": None, "text_conditioned": True}
+
+    def check_parts(self, folder: Path, index: dict) -> None:
+        missing = [part for part in TEXT_PARTS if not named(index, part) or not (folder / part).is_dir()]
+        if missing:
+            raise InputError(f"{folder} is a text-to-image pipeline folder without {', '.join(p + '/' for p in missing)}. {SAVE_WHOLE}")
+
+    def check_against_parts(self, folder: Path, unet_cfg: dict) -> None:
+        """The text encoder's width is what the UNet reads, the VAE's latents what it denoises
+        (else a matmul or a convolution fails mid-sampling)."""
+        enc_file, vae_file, unet_file = folder / "text_encoder" / "config.json", folder / "vae" / "config.json", folder / "unet" / "config.json"
+        hidden = read_json(enc_file, "text_encoder config").get("hidden_size")
+        # encoder_hid_dim: the UNet projects the prompt embeddings to cross_attention_dim itself
+        key = "encoder_hid_dim" if unet_cfg.get("encoder_hid_dim") is not None else "cross_attention_dim"
+        width = unet_cfg.get(key)
+        if is_int(hidden) and is_int(width) and hidden != width:
+            raise InputError(
+                f"{enc_file} has hidden_size {hidden} but {unet_file} has {key} {width}. "
+                "Fix: use the text encoder the UNet was trained with (save the whole pipeline together)."
+            )
+        latent, channels = read_json(vae_file, "vae config").get("latent_channels"), unet_cfg.get("in_channels")
+        if is_int(latent) and is_int(channels) and latent != channels:
+            raise InputError(
+                f"{vae_file} has latent_channels {latent} but {unet_file} has in_channels {channels}. "
+                "Fix: use the VAE the UNet was trained with (save the whole pipeline together)."
+            )
+
+    # ------------------------------------------------------------ prompts
+
+    def prompt_encoder(self, folder: Path, device: str | torch.device = "cpu") -> PromptEncoder:
+        """The pipeline's own tokenizer and text encoder (frozen, float32), the classes model_index.json names."""
+        import transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a bar per small file load: noise in every stage's log
+        index = read_json(folder / PIPELINE_INDEX, "pipeline index")
+        tok_dir = _check_tokenizer(folder / "tokenizer")
+        enc_dir = _check_part(folder, "text_encoder", TEXT_WEIGHTS_FILE)
+        tokenizer_cls = _component_class(folder, index, "tokenizer", transformers.PreTrainedTokenizerBase)
+        encoder_cls = _component_class(folder, index, "text_encoder", transformers.PreTrainedModel)
+        try:
+            tokenizer = tokenizer_cls.from_pretrained(str(tok_dir), local_files_only=True)
+        except Exception as e:  # transformers raises OSError, ValueError, TypeError, ... for a damaged tokenizer
+            raise InputError(f"the tokenizer in {tok_dir} does not load: {one_line(e)}. {RESAVE}") from None
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its multi-line load report: the one-line error below says it
+        try:
+            encoder, info = encoder_cls.from_pretrained(
+                str(enc_dir), local_files_only=True, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True,
+                dtype=torch.float32,  # transformers keeps a float16 file's dtype unless told: prompts would be encoded in float16
+            )  # fmt: skip
+        except Exception as e:
+            raise InputError(f"the text encoder in {enc_dir} does not load: {one_line(e)}. {RESAVE}") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        # transformers fills missing or mis-shaped tensors with random values and only warns: a silently wrong teacher
+        bad = sorted(info["missing_keys"]) + sorted(k[0] for k in info["mismatched_keys"])
+        if bad:
+            raise InputError(
+                f"the weights in {enc_dir / TEXT_WEIGHTS_FILE} do not match {enc_dir}/config.json ({len(bad)} tensors missing or "
+                f"of another shape, e.g. {bad[0]}). Fix: save the text encoder and its config together (save_pretrained), or re-download the teacher."
+            )
+        return PromptEncoder(tokenizer, encoder.requires_grad_(False).eval().to(device))
+
+    # ------------------------------------------------------------ the latent codec
+
+    def load_vae(self, folder: Path, device: str | torch.device = "cpu"):
+        """The pipeline's AutoencoderKL (frozen, float32); ``vae.config.scaling_factor`` maps its latents to model space."""
+        from diffusers import AutoencoderKL
+        from diffusers.utils import logging as d_logging
+
+        vae_dir = _check_part(folder, "vae", WEIGHTS_FILE)
+        scale = read_json(vae_dir / "config.json", "vae config").get("scaling_factor", 0.18215)
+        if not positive_number(scale):
+            raise InputError(f"{vae_dir}/config.json: scaling_factor must be a finite number > 0, got {json.dumps(scale)}. {RESAVE}")
+        verbosity = d_logging.get_verbosity()
+        d_logging.set_verbosity_error()  # its "newly initialized" warning: the one-line error below says it
+        try:
+            vae, info = AutoencoderKL.from_pretrained(
+                str(vae_dir), local_files_only=True, use_safetensors=True, output_loading_info=True, dtype=torch.float32
+            )
+        except Exception as e:  # a config that builds another shape than the weights, ...
+            # first sentence only: diffusers goes on with advice for its Python callers (low_cpu_mem_usage=False, ...)
+            detail = one_line(e).split(" If you want")[0].rstrip(". ")
+            if "expected shape" in detail:
+                raise InputError(
+                    f"the weights in {vae_dir / WEIGHTS_FILE} do not match {vae_dir}/config.json ({detail.split(' because ')[-1]}). "
+                    "Fix: save the VAE and its config together (save_pretrained), or re-download the teacher."
+                ) from None
+            raise InputError(f"the VAE in {vae_dir} does not load: {detail}. {RESAVE}") from None
+        finally:
+            d_logging.set_verbosity(verbosity)
+        bad = sorted(info["missing_keys"]) + sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])
+        if bad:  # left uninitialised (on the meta device): it would fail later, or decode noise
+            raise InputError(
+                f"the weights in {vae_dir / WEIGHTS_FILE} do not match {vae_dir}/config.json ({len(bad)} tensors missing or of another "
+                f"shape, e.g. {bad[0]}). Fix: save the VAE and its config together (save_pretrained), or re-download the teacher."
+            )
+        return vae.requires_grad_(False).eval().to(device)
+
+    def pixel_shape(self, folder: Path, param) -> tuple[int, int, int]:
+        """The VAE's image side: latents times 2 per down block, the VAE's input channels."""
+        vae_file = folder / "vae" / "config.json"
+        vae = read_json(vae_file, "vae config")
+        blocks, channels = vae.get("block_out_channels"), vae.get("in_channels", 3)
+        if not (isinstance(blocks, list) and blocks and is_int(channels) and channels > 0):
+            raise InputError(f"{vae_file}: block_out_channels must be a list and in_channels a positive integer. {RESAVE}")
+        f = 2 ** (len(blocks) - 1)
+        _, h, w = param.image_shape
+        return (channels, h * f, w * f)
+
+    def pixel_decoder(
+        self, folder: Path, device: str | torch.device = "cpu", gradient_checkpointing: bool = False, dtype: torch.dtype | None = None
+    ) -> Callable[[Tensor], Tensor]:
+        """latents -> images: ``vae.decode(latents / scaling_factor)`` (with ``gradient_checkpointing`` its backward
+        recomputes the decoder's activations: less memory for LPIPS; ``dtype``: the VAE's weights, e.g. bfloat16
+        on a GPU; images come back as float32)."""
+        vae = self.load_vae(folder, device)
+        if dtype is not None:
+            vae.to(dtype)
+        if gradient_checkpointing:
+            vae.enable_gradient_checkpointing()
+        scale = vae.config.scaling_factor
+
+        def decode(latents: Tensor) -> Tensor:
+            return vae.decode((latents / scale).to(vae.dtype)).sample.float()
+
+        return decode
+
+    @torch.no_grad()
+    def encode_pixels(self, folder: Path, images: Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> Tensor:
+        """images in [-1, 1] -> latents: the mean of ``vae.encode`` times scaling_factor (deterministic)."""
+        vae = self.load_vae(folder, device)
+        scale = vae.config.scaling_factor
+        parts = [vae.encode(images[s : s + batch_size].to(device)).latent_dist.mean * scale for s in range(0, len(images), batch_size)]
+        return torch.cat(parts).float()
+
+    def check_loads(self, folder: Path) -> None:
+        self.load_denoiser(folder)
+        self.prompt_encoder(folder)
+        self.load_vae(folder)
+
+
+def _check_part(folder: Path, part: str, weights_name: str) -> Path:
+    """A pipeline component folder: present, its config a JSON object, its safetensors weights readable."""
+    path = _require_part(folder, part)
+    read_json(path / "config.json", f"{part} config")
+    if not (path / f"{weights_name}.index.json").is_file():  # sharded weights: from_pretrained reads the index
+        check_weights(path / weights_name)
+    return path
+
+
+def _require_part(folder: Path, part: str) -> Path:
+    if not (folder / part).is_dir():
+        raise InputError(f"{folder} is a text-to-image pipeline folder without {part}/. {SAVE_WHOLE}")
+    return folder / part
+
+
+def _check_tokenizer(folder: Path) -> Path:
+    """A tokenizer folder: its JSON files objects, merges.txt UTF-8, and a vocabulary present."""
+    _require_part(folder.parent, folder.name)
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "vocab.json", "tokenizer.json"):
+        if (folder / name).is_file():
+            read_json(folder / name, "tokenizer file")
+    for name in ("merges.txt", "vocab.txt"):
+        try:
+            if (folder / name).is_file():
+                (folder / name).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"tokenizer file {folder / name} is not UTF-8 text ({e.reason} at byte {e.start}). {RESAVE}") from None
+    if not any(all((folder / name).is_file() for name in files) for files in VOCABULARIES):
+        said = ", ".join(" and ".join(files) for files in VOCABULARIES)
+        raise InputError(f"the tokenizer in {folder} has no vocabulary (one of: {said}). {RESAVE}")
+    return folder
+
+
+def _component_class(folder: Path, index: dict, part: str, base: type) -> type:
+    """The transformers class model_index.json names for ``part``; only subclasses of ``base`` (no arbitrary code)."""
+    entry = index.get(part)
+    name = entry[1] if isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers" else None
+    cls = None
+    if isinstance(name, str):
+        import transformers
+
+        try:
+            cls = getattr(transformers, name, None)
+        except Exception:  # a class whose optional dependency is missing
+            cls = None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise InputError(
+            f"{folder / PIPELINE_INDEX} names {part} {json.dumps(entry)}, not a {base.__name__} of the transformers library. "
+            f'Fix: name the class it was saved with, e.g. "{part}": ["transformers", "{"CLIPTokenizer" if part == "tokenizer" else "CLIPTextModel"}"].'
+        )
+    return cls
