@@ -78,10 +78,13 @@ def reference_stats(cfg: PipelineConfig, key: str, features: torch.nn.Module, de
             fid.update(real[s : s + e.batch_size].to(device, torch.float64), real=True)
     mu, sigma, n = side_stats(fid.real_features_sum, fid.real_features_cov_sum, fid.real_features_num_samples)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_stats(out / "stats.npz", mu, sigma, n)
+
+        def write(work: Path) -> list[str]:
+            save_stats(work / "stats.npz", mu, sigma, n)
+            return ["stats.npz"]
+
         up = {"features": features_digest(e, store), "reference": reference_digest(e, store)}
-        store.save_side_output(out, "reference", key, QUALITY_VERSION, ["stats.npz"], up)
+        store.publish_side_output(out, "reference", key, QUALITY_VERSION, up, write)
     return mu, sigma, n
 
 

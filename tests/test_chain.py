@@ -94,7 +94,7 @@ def test_changed_in_place_is_caught_only_by_deep(done):
 
 def test_damaged_side_cache_is_recomputed_not_trusted(done):
     cfg, outputs, _ = done
-    teacher_eval = next((Path(load_config(cfg).store) / "teacher_eval").iterdir())
+    teacher_eval = next(p for p in (Path(load_config(cfg).store) / "teacher_eval").iterdir() if not p.name.startswith("."))
     good = (teacher_eval / "metrics.json").read_text()
     (teacher_eval / "metrics.json").write_text(good.replace('"teacher_fd": ', '"teacher_fd": 1'))
     proc = run_cli("evaluate", "--config", str(cfg), "--set", "evaluate.speed_repeats=2", "-q")

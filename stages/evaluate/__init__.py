@@ -305,11 +305,14 @@ def teacher_numbers(ev: Evaluator, bar: Bar, cached: bool) -> dict:
     if "clip_score" in r:
         result["teacher_clip_score"] = r["clip_score"]
     if ev.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_stats(out / "teacher_stats.npz", *r["stats"])
-        write_text_atomic(out / "metrics.json", json.dumps(result, indent=2) + "\n")
+
+        def write(work: Path) -> list[str]:
+            save_stats(work / "teacher_stats.npz", *r["stats"])
+            write_text_atomic(work / "metrics.json", json.dumps(result, indent=2) + "\n")
+            return ["metrics.json", "teacher_stats.npz"]
+
         up = {k: ev.p.upstream[k] for k in ("teacher", "features", "reference", "prompts", "clip_model") if k in ev.p.upstream}
-        open_store(ev.cfg.store).save_side_output(out, "teacher_eval", ev.p.info["teacher_key"], SPEC.code_version, ["metrics.json", "teacher_stats.npz"], up)
+        open_store(ev.cfg.store).publish_side_output(out, "teacher_eval", ev.p.info["teacher_key"], SPEC.code_version, up, write)
     return result
 
 

@@ -167,11 +167,19 @@ class Store(ABC):
             log.warning("%s fails verification: recomputing it", out)
         return False
 
-    def save_side_output(self, out: Path, kind: str, key: str, code_version: str, names: list[str], upstream: dict[str, str]) -> Manifest:
-        """The manifest of a side cache, written last: such caches are trusted only when they verify."""
-        m = Manifest(stage=kind, key=key, code_version=code_version, config={}, pipeline_config={}, upstream=upstream,
-                     files=[file_entry(out / n) for n in names], wall_time_s=0.0, created_unix=time.time())  # fmt: skip
-        self.save_manifest(m, out)
+    def publish_side_output(self, out: Path, kind: str, key: str, code_version: str, upstream: dict[str, str], write: Callable[[Path], list[str]]) -> Manifest:
+        """A side cache, made like an output: ``write(work)`` writes its files and returns their names, the
+        manifest is written last and the work directory published, one writer at a time."""
+        with self.lock(out):
+            work = self.partial_dir(out)
+            self.set_aside(out, work)
+            self.clean(work)
+            work.mkdir(parents=True, exist_ok=True)
+            names = write(work)
+            m = Manifest(stage=kind, key=key, code_version=code_version, config={}, pipeline_config={}, upstream=upstream,
+                         files=[file_entry(work / n) for n in names], wall_time_s=0.0, created_unix=time.time())  # fmt: skip
+            self.save_manifest(m, work)
+            self.publish(work, out)
         return m
 
     @staticmethod
