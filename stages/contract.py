@@ -17,7 +17,8 @@ import torch
 from pydantic import BaseModel
 
 from dmd_core.denoisers import Denoiser, Parametrization
-from dmd_core.loading import PARAM_FILE, WEIGHTS_FILE, encode_latents, latent_decoder, load_denoiser, load_prompt_encoder, load_vae, read_parametrization
+from dmd_core.layouts import Layout, detect
+from dmd_core.loading import PARAM_FILE, WEIGHTS_FILE
 from dmd_core.shards import shard_name, shard_ranges
 from dmd_core.text import PromptEncoder, read_prompts
 
@@ -143,22 +144,25 @@ def spec(name: str) -> StageSpec:
 class Teacher:
     """The resolved teacher: where it is, its digest and its parametrisation (no weights loaded).
 
-    Stages ask it, never the folder: how it is conditioned, how its model space maps to pixels."""
+    Stages ask it, never the folder; it asks the folder's layout (``dmd_core.layouts``): how the teacher is
+    conditioned, how its model space maps to pixels, what an export of it is written as."""
 
     path: Path
     digest: str
     param: Parametrization
+    layout: Layout
 
     @staticmethod
     @functools.lru_cache(maxsize=8)
     def at(path: str | Path, digest: str) -> "Teacher":
-        """The teacher in ``path`` whose digest is known (read once per process)."""
-        return Teacher(Path(path), digest, read_parametrization(path))
+        """The teacher in ``path`` whose digest is known (its folder read once per process)."""
+        layout = detect(path)
+        return Teacher(Path(path), digest, layout.parametrization(Path(path)), layout)
 
     @property
     def takes_prompts(self) -> bool:
         """Conditioned on prompts (a prompt table) rather than class labels."""
-        return self.param.text_conditioned
+        return self.layout.takes_prompts
 
     @property
     def guidable(self) -> bool:
@@ -170,51 +174,44 @@ class Teacher:
         """C x H x W of the teacher's model space (pixels, or latents)."""
         return tuple(self.param.image_shape)
 
+    @property
+    def latent(self) -> bool:
+        """Model space is a codec's latents, not pixels."""
+        return self.pixel_shape() != self.image_shape
+
+    @property
+    def pipeline_class(self) -> str | None:
+        """The diffusers pipeline an export of this teacher's family is written as (None: the project's OneStepPipeline)."""
+        return self.layout.pipeline_class
+
     def load(self, device="cpu", prompts: list[str] | None = None) -> Denoiser:
         """The weights, loaded when a stage is about to use them (a bad file fails here, named).
 
         A teacher that takes prompts gets the prompt table of ``prompts`` from its own text encoder.
         """
-        den = load_denoiser(self.path, device)
+        den = self.layout.load_denoiser(self.path, device)
         if self.takes_prompts and prompts is not None:
             den.set_prompts(self.prompt_encoder(device).table(prompts))
         return den
 
-    @property
-    def latent(self) -> bool:
-        """Model space is a codec's latents (the VAE's), not pixels."""
-        return self.takes_prompts
-
-    @property
-    def pipeline_class(self) -> str | None:
-        """The diffusers pipeline an export of this teacher's family is written as (None: the project's OneStepPipeline)."""
-        return "StableDiffusionPipeline" if self.takes_prompts else None
-
     def prompt_encoder(self, device="cpu") -> PromptEncoder:
-        return load_prompt_encoder(self.path, device)
+        return self.layout.prompt_encoder(self.path, device)
 
     def check_loads(self) -> None:
         """Load every part once, so that a damaged file fails before anything is written (InputError)."""
-        self.load()
-        if self.takes_prompts:
-            load_prompt_encoder(self.path), load_vae(self.path)
+        self.layout.check_loads(self.path)
 
     def pixel_shape(self) -> tuple[int, ...]:
-        """C x H x W of the images the teacher makes: its model space, or the VAE's image side for latent teachers."""
-        if not self.takes_prompts:
-            return self.image_shape
-        vae = json.loads((self.path / "vae" / "config.json").read_text())
-        f = 2 ** (len(vae["block_out_channels"]) - 1)
-        _, h, w = self.image_shape
-        return (vae.get("in_channels", 3), h * f, w * f)
+        """C x H x W of the images the teacher makes: its model space, or its decoder's image side."""
+        return tuple(self.layout.pixel_shape(self.path, self.param))
 
     def pixel_decoder(self, device="cpu", gradient_checkpointing: bool = False, dtype: torch.dtype | None = None) -> Callable:
-        """Model space -> pixels: the pipeline's VAE decoder for latent teachers, else identity."""
-        return latent_decoder(self.path, device, gradient_checkpointing, dtype) if self.takes_prompts else (lambda x: x)
+        """Model space -> pixels (a latent teacher's VAE decoder; identity for pixel-space teachers)."""
+        return self.layout.pixel_decoder(self.path, device, gradient_checkpointing, dtype)
 
     def encode_pixels(self, images: torch.Tensor, device="cpu") -> torch.Tensor:
-        """Pixels in [-1, 1] -> model space (the VAE's latents for latent teachers)."""
-        return encode_latents(self.path, images, device) if self.takes_prompts else images.to(device)
+        """Pixels in [-1, 1] -> model space (a latent teacher's VAE latents)."""
+        return self.layout.encode_pixels(self.path, images, device)
 
 
 # ---------------------------------------------------------------- plans
