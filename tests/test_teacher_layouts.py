@@ -1,4 +1,5 @@
-"""Teachers in the layouts people have: a diffusers DDPMPipeline folder, the same in the HF cache; one-line errors."""
+"""Teachers in the layouts people have: a diffusers DDPMPipeline folder, the same in the HF cache, Stable Diffusion
+folders as diffusers saves them (float16, encoder_hid_dim, another text encoder); the layout interface; one-line errors."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from conftest import make_vp_teacher, run_cli, tiny_unet, write_config
 from dmd_core.denoisers import Parametrization
 from dmd_core.errors import InputError
+from dmd_core.layouts import DDPMPipelineLayout, DenoiserDirLayout, Layout, StableDiffusionLayout, detect, register, registered
 from dmd_core.loading import load_denoiser, read_parametrization
 
 
@@ -159,3 +161,145 @@ def test_ddpm_loss_is_its_formula(both):
     with torch.no_grad():
         eps = den.unet(abar.sqrt() * x + (1 - abar).sqrt() * noise, t, class_labels=labels).sample
         assert float(ddpm_denoising_loss(den, x, t, noise, labels)) == pytest.approx(float(((eps - noise) ** 2).mean()), rel=1e-6)
+
+
+# ---------------------------------------------------------------- the layout interface
+
+
+def test_detect_names_each_layout_and_what_it_answers(both, edm_teacher, sd_teacher):
+    pipe_dir, den_dir = both
+    assert [type(layout) for layout in registered()] == [StableDiffusionLayout, DDPMPipelineLayout, DenoiserDirLayout]
+    for folder, cls in ((edm_teacher, DenoiserDirLayout), (den_dir, DenoiserDirLayout), (pipe_dir, DDPMPipelineLayout), (sd_teacher, StableDiffusionLayout)):
+        layout = detect(folder)
+        assert type(layout) is cls and detect(str(folder)) is layout
+        assert layout.parametrization(folder) == read_parametrization(folder)
+    sd, ddpm = detect(sd_teacher), detect(pipe_dir)
+    assert (sd.takes_prompts, sd.pipeline_class, ddpm.takes_prompts, ddpm.pipeline_class) == (True, "StableDiffusionPipeline", False, None)
+    assert sd.pixel_shape(sd_teacher, sd.parametrization(sd_teacher)) == (1, 8, 8)  # 4x4x4 latents, one 2x down block
+    assert ddpm.pixel_shape(pipe_dir, ddpm.parametrization(pipe_dir)) == (1, 8, 8)
+    x = torch.randn(2, 1, 8, 8)
+    assert ddpm.pixel_decoder(pipe_dir)(x) is x and torch.equal(ddpm.encode_pixels(pipe_dir, x), x)
+    with pytest.raises(InputError, match="conditioned on class labels: it has no text encoder"):
+        ddpm.prompt_encoder(pipe_dir)
+
+
+def test_the_latent_codec_is_the_pipelines_vae(sd_teacher):
+    """encode_pixels = vae.encode(x).latent_dist.mean * scaling_factor; pixel_decoder = vae.decode(z / scaling_factor)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(sd_teacher / "vae"))
+    layout, images = detect(sd_teacher), torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+        torch.testing.assert_close(layout.encode_pixels(sd_teacher, images), latents, rtol=0, atol=0)
+        torch.testing.assert_close(layout.encode_pixels(sd_teacher, images, batch_size=2), latents, rtol=0, atol=1e-6)  # in batches
+        torch.testing.assert_close(layout.pixel_decoder(sd_teacher)(latents), vae.decode(latents / vae.config.scaling_factor).sample, rtol=0, atol=0)
+
+
+def test_a_registered_layout_is_asked(tmp_path, monkeypatch):
+    """Adding a layout is a module and a register line (docs/layouts.md): detect then answers with it."""
+    import dmd_core.layouts as layouts
+
+    class Marked(Layout):
+        name, description = "marked", "a folder with marked.txt"
+
+        def matches(self, folder: Path) -> bool:
+            return (folder / "marked.txt").is_file()
+
+    monkeypatch.setattr(layouts, "_REGISTRY", list(layouts._REGISTRY))
+    (tmp_path / "marked.txt").write_text("")
+    with pytest.raises(InputError, match="not a teacher.*Fix: point teacher.path at .*denoiser directory"):
+        detect(tmp_path)
+    layout = register(Marked())
+    assert detect(tmp_path) is layout and registered()[-1] is layout
+    with pytest.raises(ValueError, match="registered already"):
+        register(Marked())
+
+
+# ---------------------------------------------------------------- Stable Diffusion folders as diffusers saves them
+
+
+def sd_variant(sd_teacher: Path, path: Path, **components) -> Path:
+    """The session's tiny Stable Diffusion pipeline with some components replaced, saved by diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd_teacher))
+    StableDiffusionPipeline(**{**pipe.components, **components}).save_pretrained(str(path))
+    return path
+
+
+def conditional_unet(**changes):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(1)
+    return UNet2DConditionModel(**{
+        "sample_size": 4, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (8, 16),
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 16, "norm_num_groups": 4, "attention_head_dim": 4, **changes,
+    })  # fmt: skip
+
+
+def pairs_against_diffusers(teacher: Path, tmp_path: Path, guidance: float = 3.0) -> float:
+    """Max |stored latent - StableDiffusionPipeline(prompt, latents=z, 50 PLMS steps, output_type="latent")|, the oracle in float32."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    (tmp_path / "prompts.txt").write_text("the digit 7\na handwritten seven\n3\n")
+    cfg = write_config(tmp_path / "c.yaml", teacher, tmp_path / "store", solver="pndm", steps=50, num_samples=6, shard_size=6,
+                       prompts=str(tmp_path / "prompts.txt"), guidance_scale=guidance)  # fmt: skip
+    out = Path(run_cli("generate", "--config", str(cfg), "-q").stdout.strip().splitlines()[-1])
+    samples = list(wds.WebDataset(str(out / "pairs-000000.tar"), shardshuffle=False))
+    z, got = (torch.from_numpy(np.stack([np.load(io.BytesIO(s[k])) for s in samples])) for k in ("noise.npy", "image.npy"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(teacher), dtype=torch.float32)
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe([s["prompt.txt"].decode() for s in samples], latents=z, num_inference_steps=50, guidance_scale=guidance, output_type="latent").images
+    assert got.shape == want.shape
+    return float((got - want).abs().max())
+
+
+def test_a_pipeline_saved_in_float16_gives_the_float32_pairs(tmp_path, sd_teacher):
+    """from_pretrained(..., torch_dtype=float16).save_pretrained(d): every part loads in float32, as the UNet does."""
+    from diffusers import StableDiffusionPipeline
+
+    half = tmp_path / "sd-fp16"
+    StableDiffusionPipeline.from_pretrained(str(sd_teacher), dtype=torch.float16).save_pretrained(str(half))
+    layout = detect(half)
+    encoder = layout.prompt_encoder(half)
+    assert {p.dtype for p in encoder.text_encoder.parameters()} == {torch.float32}
+    assert {p.dtype for p in layout.load_vae(half).parameters()} == {torch.float32}
+    assert layout.load_denoiser(half).dtype == torch.float32
+    assert pairs_against_diffusers(half, tmp_path) <= 1e-4  # a float16 text encoder: 3.2e-3
+
+
+def test_a_unet_with_encoder_hid_dim_is_a_teacher(tmp_path, sd_teacher):
+    """The UNet projects the 16-wide prompt embeddings to its 24-wide cross-attention itself (encoder_hid_dim)."""
+    teacher = sd_variant(sd_teacher, tmp_path / "sd-hid", unet=conditional_unet(encoder_hid_dim=16, cross_attention_dim=24))
+    assert read_parametrization(teacher).text_conditioned
+    assert pairs_against_diffusers(teacher, tmp_path) <= 1e-4
+
+
+def test_the_text_encoder_and_tokenizer_are_the_classes_model_index_names(tmp_path, sd_teacher):
+    """A BERT text encoder and WordPiece tokenizer (as LDM's text-to-image models have): the prompt table is
+    what StableDiffusionPipeline.encode_prompt computes from the same folder, to the bit."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "handwritten", "the", "digit", "seven", "three", "7", "3"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    torch.manual_seed(2)
+    bert = BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, max_position_embeddings=8))
+    tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"), model_max_length=8)
+    teacher = sd_variant(sd_teacher, tmp_path / "sd-bert", text_encoder=bert, tokenizer=tokenizer)
+    assert json.loads((teacher / "model_index.json").read_text())["text_encoder"] == ["transformers", "BertModel"]
+    encoder = detect(teacher).prompt_encoder(teacher)
+    assert (type(encoder.tokenizer).__name__, type(encoder.text_encoder).__name__) == ("BertTokenizer", "BertModel")
+    prompts = ["the digit 7", "a handwritten seven", ""]
+    oracle = StableDiffusionPipeline.from_pretrained(str(teacher), dtype=torch.float32)
+    with torch.no_grad():
+        want, _ = oracle.encode_prompt(prompts, "cpu", 1, False)
+    assert torch.equal(encoder(prompts), want)

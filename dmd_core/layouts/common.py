@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 
@@ -136,11 +135,12 @@ def check_weights(path: Path) -> Path:
         stem, suffix = path.name.split(".", 1)
         variants = [n for n in present if n.startswith(stem + ".") and n.endswith("." + suffix) and n != path.name]
         if variants:
-            variant = variants[0][len(stem) + 1 : -len(suffix) - 1]
+            variant = variants[0][len(stem) + 1 : -len(suffix) - 1].split("-")[0]  # fp16, or fp16-00001-of-00002 when sharded
             raise InputError(
-                f"weights missing: expected {path}; {folder} has {', '.join(variants)}, the {variant!r} variant of them, and folders "
-                f'of variant weights are not loaded yet. Fix: re-save the model in float32 without a variant (from_pretrained(dir, variant="{variant}", '
-                "torch_dtype=torch.float32), then save_pretrained(new_dir)) and point teacher.path at new_dir; a variant setting is planned."
+                f"weights missing: expected {path}, found only {', '.join(str(folder / n) for n in variants)}: the {variant!r} variant, "
+                "and folders of variant weights are not loaded yet. Fix: re-save the model in float32 without a variant "
+                f'(from_pretrained(dir, variant="{variant}", dtype=torch.float32).save_pretrained(new_dir)) and point teacher.path '
+                "at new_dir; a variant setting is planned."
             )
         pickles = [n for n in present if Path(n).suffix in PICKLE_SUFFIXES]
         if pickles:
@@ -395,7 +395,3 @@ def make_denoiser(unet: torch.nn.Module, param: Parametrization, sched_dir: Path
             f"{scheduler.config.beta_end}): no noise schedule. Fix: set betas in (0, 1), as the model was trained with."
         )
     return VPDenoiser(unet, param, abar, dict(scheduler.config)).requires_grad_(False)
-
-
-def positive_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0

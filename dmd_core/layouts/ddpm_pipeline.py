@@ -15,7 +15,8 @@ import torch
 from ..denoisers import Denoiser, Parametrization
 from ..errors import InputError
 from .base import Layout
-from .common import PARAM_FILE, PIPELINE_INDEX, SCHEDULER_FILE, check_against_unet, check_class_embeds, check_conditioning, load_unet
+from . import common  # common.load_unet: one name to patch where a test asserts nothing loads
+from .common import PARAM_FILE, PIPELINE_INDEX, SCHEDULER_FILE, check_against_unet, check_class_embeds, check_conditioning
 from .common import make_denoiser, named, parametrization_from, pipeline_index, read_json, read_param_file, read_scheduler_config
 from .common import with_image_shape
 
@@ -84,4 +85,4 @@ class DDPMPipelineLayout(Layout):
 
     def load_denoiser(self, folder: Path, device: str | torch.device = "cpu") -> Denoiser:
         param = self.parametrization(folder)
-        return make_denoiser(load_unet(folder / "unet"), param, folder / "scheduler", folder / PARAM_FILE).to(device)
+        return make_denoiser(common.load_unet(folder / "unet"), param, folder / "scheduler", folder / PARAM_FILE).to(device)

@@ -18,7 +18,8 @@ import torch
 from ..denoisers import Denoiser, Parametrization
 from ..errors import InputError
 from .base import Layout
-from .common import PARAM_FILE, PIPELINE_INDEX, SCHEDULER_FILE, check_against_unet, check_prediction, load_unet, make_denoiser
+from . import common  # common.load_unet: one name to patch where a test asserts nothing loads
+from .common import PARAM_FILE, PIPELINE_INDEX, SCHEDULER_FILE, check_against_unet, check_prediction, make_denoiser
 from .common import parametrization_from, read_json, read_param_file, read_scheduler_config, with_image_shape
 
 
@@ -44,7 +45,7 @@ class DenoiserDirLayout(Layout):
 
     def load_denoiser(self, folder: Path, device: str | torch.device = "cpu") -> Denoiser:
         param = self.parametrization(folder)
-        return make_denoiser(load_unet(folder), param, folder / "scheduler", folder / PARAM_FILE).to(device)
+        return make_denoiser(common.load_unet(folder), param, folder / "scheduler", folder / PARAM_FILE).to(device)
 
     def prompt_encoder(self, folder: Path, device: str | torch.device = "cpu"):
         if self.parametrization(folder).text_conditioned:

@@ -9,6 +9,7 @@ the UNet is: a pipeline saved in float16 then gives the pairs diffusers gives in
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -17,7 +18,7 @@ import torch
 from ..errors import InputError
 from ..text import PromptEncoder
 from .common import PIPELINE_INDEX, RESAVE, TEXT_WEIGHTS_FILE, WEIGHTS_FILE, check_weights, is_int, named, one_line
-from .common import pipeline_index, positive_number, read_json
+from .common import pipeline_index, read_json
 from .ddpm_pipeline import DDPMPipelineLayout
 
 Tensor = torch.Tensor
@@ -120,7 +121,7 @@ class StableDiffusionLayout(DDPMPipelineLayout):
 
         vae_dir = _check_part(folder, "vae", WEIGHTS_FILE)
         scale = read_json(vae_dir / "config.json", "vae config").get("scaling_factor", 0.18215)
-        if not positive_number(scale):
+        if not _positive_number(scale):
             raise InputError(f"{vae_dir}/config.json: scaling_factor must be a finite number > 0, got {json.dumps(scale)}. {RESAVE}")
         verbosity = d_logging.get_verbosity()
         d_logging.set_verbosity_error()  # its "newly initialized" warning: the one-line error below says it
@@ -188,6 +189,10 @@ class StableDiffusionLayout(DDPMPipelineLayout):
         self.load_denoiser(folder)
         self.prompt_encoder(folder)
         self.load_vae(folder)
+
+
+def _positive_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def _check_part(folder: Path, part: str, weights_name: str) -> Path:

@@ -3,7 +3,9 @@ the problem, exit 2, no traceback, nothing written.
 
 One row per damage, over the three teacher layouts: an EDM denoiser directory (and its VP sibling with
 scheduler/), a diffusers DDPMPipeline folder and a Stable Diffusion pipeline folder. Each row copies a
-session-built teacher, damages the copy and runs the command in this process.
+session-built teacher, damages the copy and runs the command in this process. Then the folders of families
+the project knows but does not load (LDM, SDXL, SD3, Flux, DiT, inpainting, single-file checkpoints), each
+refused by name, and the folders whose old refusal pointed the wrong way (variant weights, zero-terminal SNR).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ W = "diffusion_pytorch_model.safetensors"
 GARBAGE = random.Random(0).randbytes(4096)
 NOT_UTF8 = b'{"_class_name": "\xff\xfe caf\xe9"}'
 READ = ("is not a readable safetensors file", "Fix: re-save or re-download the teacher")
-FIXTURES = {"edm": "edm_teacher", "vp": "vp_teacher", "ddpm": "ddpm_teacher", "sd": "sd_teacher"}
+FIXTURES = {"edm": "edm_teacher", "vp": "vp_teacher", "ddpm": "ddpm_teacher", "sd": "sd_teacher", "ldm": "ldm_teacher", "identity": "identity_teacher"}
+NO_LAYOUT = "Fix: distil a teacher of a supported layout"
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +37,35 @@ def ddpm_teacher(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "ddpm"
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     DDPMPipeline(unet=tiny_unet(11), scheduler=sched).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ldm_teacher(tmp_path_factory) -> Path:
+    """diffusers' LDMPipeline: a UNet on the latents of a VQ autoencoder (vqvae/), beside unet/ and scheduler/."""
+    from diffusers import DDIMScheduler, LDMPipeline, VQModel
+
+    vqvae = VQModel(
+        in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,), latent_channels=1, norm_num_groups=4, num_vq_embeddings=16, vq_embed_dim=1,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("teacher") / "ldm"
+    LDMPipeline(vqvae=vqvae, unet=tiny_unet(None), scheduler=DDIMScheduler()).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def identity_teacher(tmp_path_factory) -> Path:
+    """A DDPMPipeline whose UNet adds class_labels to the time embedding as they are (class_embed_type "identity")."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), class_embed_type="identity",
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("teacher") / "identity"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(str(path))
     return path
 
 
@@ -78,6 +110,42 @@ def only_pickle(t: Path) -> None:
     """The safetensors weights replaced by a torch.save pickle of the same tensors."""
     torch.save(load_file(str(t / W)), t / "diffusion_pytorch_model.bin")
     (t / W).unlink()
+
+
+def to_variant(rel: str, variant: str = "fp16"):
+    """Only the variant file, as save_pretrained(..., variant="fp16") names it: model.safetensors -> model.fp16.safetensors."""
+
+    def damage(t: Path) -> None:
+        stem, suffix = (t / rel).name.split(".", 1)
+        (t / rel).rename((t / rel).with_name(f"{stem}.{variant}.{suffix}"))
+
+    return damage
+
+
+def index(class_name: str, **parts):
+    """model_index.json of a pipeline of another family (as its save_pretrained writes it), the unet/ of the copy removed."""
+
+    def damage(t: Path) -> None:
+        shutil.rmtree(t / "unet")
+        entries = {k: list(v) for k, v in parts.items()}
+        (t / "model_index.json").write_text(json.dumps({"_class_name": class_name, "_diffusers_version": "0.42.1", **entries}))
+        for part in parts:
+            (t / part).mkdir(exist_ok=True)
+
+    return damage
+
+
+CLIP = {"text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer")}
+SDXL = {**CLIP, "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"), "tokenizer_2": ("transformers", "CLIPTokenizer"),
+        "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"), "scheduler": ("diffusers", "EulerDiscreteScheduler")}  # fmt: skip
+SD3 = {**CLIP, "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"), "text_encoder_3": ("transformers", "T5EncoderModel"),
+       "transformer": ("diffusers", "SD3Transformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
+       "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler")}  # fmt: skip
+FLUX = {**CLIP, "text_encoder_2": ("transformers", "T5EncoderModel"), "tokenizer_2": ("transformers", "T5TokenizerFast"),
+        "transformer": ("diffusers", "FluxTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL"),
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler")}  # fmt: skip
+DIT = {"transformer": ("diffusers", "DiTTransformer2DModel"), "vae": ("diffusers", "AutoencoderKL"), "scheduler": ("diffusers", "DPMSolverMultistepScheduler")}
+ZERO_SNR_BETAS = [0.0001 + i * (0.02 - 0.0001) / 998 for i in range(999)] + [1.0]  # the last step all noise: alphas_cumprod[-1] = 0
 
 
 def p(layout, case_id, damage, *needles):
@@ -169,6 +237,27 @@ CASES = [
     p("sd", "tokenizer-merges-not-utf8", write("tokenizer/merges.txt", b"#version: 0.2\n\xff\xfe\n"), "tokenizer/merges.txt", "is not UTF-8"),
     p("sd", "model_index-invalid-json", write("model_index.json", "{"), "model_index.json", "is not valid JSON"),
     p("sd", "scheduler-timesteps-negative", edit("scheduler/scheduler_config.json", num_train_timesteps=-1), "scheduler_config.json", "num_train_timesteps", "got -1"),
+    # folders of families the project knows but does not load: refused by name, before any weights
+    p("ldm", "vq-latents", lambda t: None, "model_index.json", "LDMPipeline", "vqvae/", "VQ", NO_LAYOUT),
+    p("ddpm", "vqvae-without-class-name", edit("model_index.json", _class_name=None, vqvae=["diffusers", "VQModel"]), "model_index.json", "vqvae/"),
+    p("identity", "class-embedding", lambda t: None, "unet/config.json", "class_embed_type 'identity'", "integer labels", "learned label table"),
+    p("identity", "class-embedding-with-denoiser-json", write("denoiser.json", '{"num_classes": 10, "null_class": 10}'), "class_embed_type 'identity'"),
+    p("ddpm", "timestep-class-embedding", edit("unet/config.json", class_embed_type="timestep", num_class_embeds=None), "class_embed_type 'timestep'"),
+    p("sd", "inpainting-unet", edit("unet/config.json", in_channels=9), "unet/config.json", "in_channels 9 and out_channels 4", "inpainting UNet", "base"),
+    p("sd", "inpainting-pipeline", edit("model_index.json", _class_name="StableDiffusionInpaintPipeline"), "StableDiffusionInpaintPipeline", "inpainting"),
+    p("sd", "sdxl", index("StableDiffusionXLPipeline", **SDXL), "model_index.json", "StableDiffusionXLPipeline", "SDXL", NO_LAYOUT),
+    p("sd", "sdxl-added-conditions", edit("unet/config.json", addition_embed_type="text_time"), "unet/config.json", "addition_embed_type 'text_time'"),
+    p("sd", "sd3", index("StableDiffusion3Pipeline", **SD3), "model_index.json", "StableDiffusion3Pipeline", "SD3", "transformer/"),
+    p("sd", "flux", index("FluxPipeline", **FLUX), "model_index.json", "FluxPipeline", "Flux", "transformer/"),
+    p("sd", "dit", index("DiTPipeline", **DIT), "model_index.json", "DiTPipeline", "DiT"),
+    p("ddpm", "unknown-pipeline", edit("model_index.json", _class_name="KarrasVePipeline"), "KarrasVePipeline", "no layout here loads", "DDPMPipeline", "StableDiffusionPipeline", "denoiser.json"),
+    p("sd", "text_encoder-class-not-transformers", edit("model_index.json", text_encoder=["diffusers", "UNet2DModel"]), "model_index.json", "text_encoder", "not a PreTrainedModel"),
+    # refusals that once pointed the wrong way
+    p("ddpm", "fp16-variant-only", to_variant(f"unet/{W}"), f"unet/{W.replace('.safetensors', '.fp16.safetensors')}", "'fp16' variant", "not loaded yet", "save_pretrained"),
+    p("edm", "fp16-variant-only", to_variant(W), "'fp16' variant", "float32"),
+    p("sd", "text_encoder-fp16-variant-only", to_variant("text_encoder/model.safetensors"), "text_encoder/model.fp16.safetensors", "'fp16' variant"),
+    p("ddpm", "zero-terminal-snr", edit("scheduler/scheduler_config.json", rescale_betas_zero_snr=True), "scheduler_config.json", "rescale_betas_zero_snr", "zero-terminal-SNR"),
+    p("ddpm", "zero-terminal-snr-betas", edit("scheduler/scheduler_config.json", trained_betas=ZERO_SNR_BETAS), "scheduler_config.json", "zero-terminal-SNR", "alphas_cumprod[-1] = 0"),
 ]
 
 
@@ -183,6 +272,16 @@ def test_a_damaged_teacher_is_refused(request, tmp_path, layout, damage, needles
     cfg = write_config(tmp_path / "c.yaml", teacher, tmp_path / "store", **generate)
     line = assert_refused(["generate", "--config", str(cfg)], tmp_path / "store", *needles)
     assert "weights_only=False" not in line  # never the advice to unpickle an untrusted file
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_a_single_file_checkpoint_is_refused_with_the_conversion(tmp_path, edm_teacher, suffix):
+    """teacher.path at one file (what from_single_file reads): it exists, so "not found" would point the wrong way."""
+    single = tmp_path / f"model{suffix}"
+    shutil.copy(edm_teacher / W, single)
+    cfg = write_config(tmp_path / "c.yaml", single, tmp_path / "store")
+    line = assert_refused(["generate", "--config", str(cfg)], tmp_path / "store", str(single), "single-file checkpoint", "from_single_file", "save_pretrained")
+    assert "not found" not in line and ("pickle" in line) == (suffix == ".ckpt")
 
 
 def test_the_installed_command_refuses_too(tmp_path, edm_teacher):
