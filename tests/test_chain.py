@@ -51,9 +51,9 @@ def test_cached_run_hashes_nothing_and_loads_no_weights(done, monkeypatch):
     def no_weights(*a, **k):
         raise AssertionError("a fully cached run loaded weights")
 
-    import dmd_core.loading
+    import dmd_core.layouts.common
 
-    monkeypatch.setattr(dmd_core.loading, "load_unet", no_weights)
+    monkeypatch.setattr(dmd_core.layouts.common, "load_unet", no_weights)  # every layout loads its UNet through it
     before = files.HASHED.bytes
     again = chain.run(load_config(cfg), "export", progress=False)
     assert files.HASHED.bytes == before
