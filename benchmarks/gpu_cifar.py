@@ -107,7 +107,7 @@ def warning_sites(fn, text: str) -> list[str]:
 
 def wait_site(stack: list[traceback.FrameSummary]) -> str:
     """``project_file:line (function)``, the innermost frame outside the installed packages, then the
-    innermost frame itself where it lies elsewhere (``stages/distill.py:530 (fn) via utils/clip_grad.py:52 (g)``)."""
+    innermost frame itself where it lies elsewhere (``step.py:58 (generator_update) via utils/clip_grad.py:52 (g)``)."""
     here = Path(__file__).resolve().parent.parent
     inside = [f for f in stack if Path(f.filename).resolve().is_relative_to(here) and "site-packages" not in f.filename]
     last = stack[-1]

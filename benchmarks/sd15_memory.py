@@ -121,7 +121,7 @@ def unet_fwd_bwd(real, batch: int, ckpt: bool, device: str, warmup: int, repeats
 
 def dmd_iteration(real, vae, batch: int, ckpt: bool, regression: str, lpips_resolution: int | None, frozen_dtype: str,
                   device: str, warmup: int, repeats: int) -> dict:  # fmt: skip
-    """One generator update + one fake-score update, as stages.distill.Trainer.step does them."""
+    """One generator update + one fake-score update, as dmd_core.step's generator_update and fake_score_updates make them."""
     gen, fake, frozen = copy.deepcopy(real), copy.deepcopy(real), copy.deepcopy(real)
     frozen.unet.to(getattr(torch, frozen_dtype))  # as distill.frozen_dtype does: the weights only
     gen.param = dataclasses.replace(real.param, one_step_timestep=500)  # the VP generator's t*

@@ -157,6 +157,18 @@ class DistillConfig(Section):
     eval_samples: int = Field(1000, gt=1, description="samples of each quality probe (more than the feature dimension)")
     num_threads: int | None = Field(None, gt=0, description="torch threads per process; not part of the cache key")
 
+    @model_validator(mode="after")
+    def _rules_between_settings(self) -> "DistillConfig":
+        # The rules that need no teacher; the ones that do (and the machine's) are the distill stage's check.
+        if self.t_min >= self.t_max:
+            raise ValueError(f"distill.t_min ({self.t_min}) must be below distill.t_max ({self.t_max}). Fix: lower t_min or raise t_max")
+        if self.dm_weight == 0 and self.regression_weight == 0:
+            raise ValueError("distill.dm_weight and distill.regression_weight are both 0: the generator would have no loss. Fix: set one above 0")
+        ts, t = self.generator_timesteps, self.generator_timestep
+        if ts and t is not None and ts[0] != t:
+            raise ValueError(f"distill.generator_timesteps starts at {ts[0]} but distill.generator_timestep is {t}. Fix: drop one of them")
+        return self
+
 
 class EvaluateConfig(Section):
     num_samples: int = Field(50_000, gt=1, le=MAX_COUNT, description="one-step samples (class-balanced labels)")
@@ -336,10 +348,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        raise InputError(
-            f"invalid config ({path}): {_format_validation(e)}. "
-            "Fix: correct it in the YAML or with --set section.key=value (README lists every key)."
-        ) from None
+        problems = _format_validation(e)
+        # a rule between settings names its own fix
+        fix = "" if "Fix:" in problems else " Fix: correct it in the YAML or with --set section.key=value (README lists every key)."
+        raise InputError(f"invalid config ({path}): {problems}.{fix}") from None
 
 
 def dump_config(cfg: PipelineConfig) -> str:

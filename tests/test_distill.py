@@ -130,7 +130,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(setup, monkeypatch):
         calls["n"] += 1
         return torch.tensor(float("nan")) if calls["n"] == 3 else torch.zeros(())
 
-    monkeypatch.setattr(distill, "regression_loss_fn", lambda d: poisoned)
+    monkeypatch.setattr(distill.trainer, "regression_loss_fn", lambda d: poisoned)
     c = load_config(cfg, [f"store={tmp / 'nan'}", f"distill.pairs={_pairs(cfg)}"])
     with pytest.raises(distill.TrainingDiverged) as e:
         chain.run(c, "distill", progress=False).manifest
@@ -166,6 +166,21 @@ def test_lpips_without_weights_is_refused(setup):
     proc = run_cli("distill", "--config", str(cfg), "--set", "distill.regression_loss=lpips", check=False, env={"TORCH_HOME": str(tmp / "empty")})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "vgg16-397923af.pth" in proc.stderr and "pseudo_huber" in proc.stderr
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["distill.t_min=0.99"], "distill.t_min (0.99) must be below distill.t_max (0.98). Fix: lower t_min or raise t_max."),
+    (["distill.dm_weight=0", "distill.regression_weight=0"],
+     "distill.dm_weight and distill.regression_weight are both 0: the generator would have no loss. Fix: set one above 0."),
+    (["distill.generator_timestep=500", "distill.generator_timesteps=[999,499]"],
+     "distill.generator_timesteps starts at 999 but distill.generator_timestep is 500. Fix: drop one of them."),
+])  # fmt: skip
+def test_rules_between_settings_refuse_the_config_as_it_is_read(setup, sets, message):
+    """The distill rules that need no teacher are the config's: refused by load_config, each with its own fix."""
+    _, cfg = setup
+    with pytest.raises(InputError) as e:
+        load_config(cfg, sets)
+    assert str(e.value).endswith(f"distill: {message}") and str(e.value).count("Fix:") == 1
 
 
 def test_pairs_from_another_teacher_are_refused(setup, tmp_path):

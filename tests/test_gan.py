@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 from pathlib import Path
@@ -85,6 +86,51 @@ def test_generator_update_reaches_g_not_the_fake_score(edm_teacher):
 
 
 GAN = {"gan": True, "fake_updates_per_generator_update": 2, "regression_weight": 0.0, "steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2}
+
+
+class _PlainAccelerator:
+    """The four methods of Accelerate's Accelerator that dmd_core.step calls, for one process without it."""
+
+    def backward(self, loss):
+        loss.backward()
+
+    def no_sync(self, net):
+        return contextlib.nullcontext()
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, params, max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def test_the_step_in_dmd_core_needs_no_accelerate(tmp_path, edm_teacher):
+    """dmd_core.step's two updates (generator, then the fake score's two with the head's term) driven by a
+    plain object give the Trainer's logs and weights under Accelerate, bit for bit."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from dmd_core.step import Sums, fake_score_updates, generator_update
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill=GAN))
+    d, runs = cfg.distill, []
+    for plain in (False, True):
+        AcceleratorState._reset_state()
+        tr = distill.Trainer(cfg, chain.plan(cfg, "distill"), Accelerator(cpu=True))
+        if plain:
+            acc, sums = _PlainAccelerator(), Sums()
+            _, draws = tr.prepare(0, read_pairs=False)
+            xs, labels, norm_g = generator_update(acc, tr.gen, tr.real, tr.fake, tr.opt_g, tr.gen_loss, draws, None, d.max_grad_norm, sums)
+            norm_f = fake_score_updates(acc, tr.fake, tr.opt_f, tr.fake_loss, tr.fake_batches(0, xs, labels), d.fake_updates_per_generator_update,
+                                        1, d.max_grad_norm, sums, tr.discriminator, d.gan_weight_discriminator)  # fmt: skip
+            logs = {k: float(v) for k, v in {**sums, "grad_norm_g": norm_g, "grad_norm_fake": norm_f}.items()}
+        else:
+            logs = tr.step(0)
+        runs.append((logs, {k: v.clone() for net in (tr.gen, tr.fake) for k, v in net.state_dict().items()}))
+    (accelerated, weights_a), (plain, weights_p) = runs
+    assert plain.keys() >= {"loss_dm", "loss_gan_g", "loss_gan_d", "d_real", "loss_fake", "grad_norm_g", "grad_norm_fake"}
+    assert all(plain[k] == accelerated[k] for k in plain)
+    assert all(torch.equal(weights_a[k], weights_p[k]) for k in weights_a)
 
 
 def test_gan_step_with_gradient_checkpointing_equals_without(tmp_path, edm_teacher):
@@ -198,7 +244,7 @@ def test_webdataset_real_data_for_a_pixel_teacher(tmp_path, edm_teacher):
     cfg = load_config(base, [f"distill.real_data={real}", "distill.real_samples=10"])
     tr = distill.Trainer(cfg, chain.plan(cfg, "distill"), Accelerator(cpu=True))
     assert torch.equal(tr.real_images, pixels[:10].float() / 127.5 - 1) and torch.equal(tr.real_labels, classes[:10])  # shard order, first 10
-    assert all(bool(torch.isfinite(v)) for v in tr.discriminator_terms(torch.zeros(4, 1, 8, 8), classes[:4], SampleRNG(0, 10, 0, range(4))).values())
+    assert all(bool(torch.isfinite(v)) for v in tr.discriminator(torch.zeros(4, 1, 8, 8), classes[:4], SampleRNG(0, 10, 0, range(4))).values())
     key = chain.plan(cfg, "distill").key
     assert key != chain.plan(load_config(base), "distill").key != chain.plan(load_config(base, [f"distill.real_data={real}"]), "distill").key
     write_real_shard(real / "real-000001.tar", pixels[8:].flip(0), classes[8:])  # content, not the name, is keyed
@@ -227,7 +273,7 @@ def test_an_unconditional_teacher_gets_real_images_without_classes(tmp_path):
         cfg = load_config(write_config(tmp_path / "c.yaml", teacher, tmp_path / "store", distill={"gan": True, "regression_weight": 0.0, "real_data": real_data}))
         tr = distill.Trainer(cfg, chain.plan(cfg, "distill"), Accelerator(cpu=True))
         assert tr.real_labels is None
-        terms = tr.discriminator_terms(torch.zeros(4, 1, 8, 8), None, SampleRNG(0, 10, 0, range(4)))
+        terms = tr.discriminator(torch.zeros(4, 1, 8, 8), None, SampleRNG(0, 10, 0, range(4)))
         assert bool(torch.isfinite(terms["loss_gan_d"]))
 
 
@@ -256,8 +302,9 @@ def test_webdataset_real_data_for_a_text_teacher(tmp_path, sd_teacher):
 
 
 def test_discriminator_sees_real_digits_with_their_classes(tmp_path, edm_teacher):
-    """Trainer.discriminator_terms: the real half is the embedded digits at indices the step's RNG draws, with
-    their own classes (a wrong label changes the loss); the generated half is x; same RNG, same loss."""
+    """The head's loss (dmd_core.step.DiscriminatorLoss): the real half is the embedded digits at indices the
+    step's RNG draws, with their own classes (a wrong label changes the loss); the generated half is x; same
+    RNG, same loss."""
     from accelerate import Accelerator
 
     from dmd_core.digits import load_digits_data
@@ -267,7 +314,7 @@ def test_discriminator_sees_real_digits_with_their_classes(tmp_path, edm_teacher
     x, labels = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10
     rng = lambda: SampleRNG(0, 10, 3, range(8))  # noqa: E731
     with torch.no_grad():
-        terms = tr.discriminator_terms(x, labels, rng())
+        terms = tr.discriminator(x, labels, rng())
         images, classes = load_digits_data()
         r = rng()
         idx = r.randint(0, len(images))
@@ -278,7 +325,7 @@ def test_discriminator_sees_real_digits_with_their_classes(tmp_path, edm_teacher
         by_hand = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
         assert float(terms["loss_gan_d"]) == pytest.approx(float(by_hand), rel=1e-6)
         assert float(terms["d_real"]) == pytest.approx(float(torch.sigmoid(real_logits).mean()), rel=1e-6)
-        assert float(tr.discriminator_terms(x, labels, rng())["loss_gan_d"]) == float(terms["loss_gan_d"])
+        assert float(tr.discriminator(x, labels, rng())["loss_gan_d"]) == float(terms["loss_gan_d"])
         r = rng()
         r.randint(0, len(images))
         wrong = logit(images[idx], (classes[idx] + 1) % 10)
@@ -293,7 +340,7 @@ def test_no_regression_runs_skip_generate_and_read_no_pairs(tmp_path, edm_teache
         raise AssertionError("a pair shard was opened")
 
     monkeypatch.setattr(dmd_core.shards, "pair_stream", no_pairs)
-    monkeypatch.setattr(distill, "pair_stream", no_pairs)
+    monkeypatch.setattr(distill.trainer, "pair_stream", no_pairs)
     cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={"regression_weight": 0.0, "steps": 2}))
     assert [s.name for s in chain.stages_for(cfg, "evaluate")] == ["distill", "evaluate"]
     m = chain.run(cfg, "distill", progress=False).manifest

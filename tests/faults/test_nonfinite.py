@@ -41,7 +41,7 @@ def test_weights_that_overflow_are_never_checkpointed(pipeline, tmp_path):  # no
     line = _error((tmp_path / "log").read_text())
     assert code == 2 and "NaN or Inf" in line and "learning rate" in line
     assert not [p for p in (store / "distill").iterdir() if not p.name.startswith(".")]
-    from stages.distill import checkpoint_problem
+    from stages.distill.checkpoints import checkpoint_problem
 
     for ckpt in (store / "distill").glob(".*.partial/checkpoints/step-*"):
         assert checkpoint_problem(ckpt) is None  # every checkpoint written verifies: finite weights only

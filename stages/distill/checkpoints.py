@@ -1,0 +1,165 @@
+"""The checkpoints of a distill run, ``<out>/checkpoints/step-N``: Accelerate's state (networks, optimizers,
+RNG), the networks as denoiser directories, the EMA, metrics.parquet and the sample grids so far.
+
+A checkpoint is written under a temporary name, its files' sha256 go to checksums.json, trainer.json is
+written last (it marks the checkpoint complete), then one rename; the newest ``keep_checkpoints`` stay.
+Reading back, a checkpoint counts only if it verifies (``checkpoint_problem``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+
+from dmd_core.errors import InputError
+from dmd_core.faults import fault_point
+
+from ..config import PipelineConfig
+from ..contract import Plan
+from ..files import sha256_file, write_text_atomic
+from .outputs import save_networks, write_metrics
+from .trainer import Trainer, TrainingDiverged
+
+CHECKSUMS = "checksums.json"  # sha256 of every file of a checkpoint, written before trainer.json
+log = logging.getLogger("dmd")
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (None if it verifies): trainer.json unreadable, a file
+    missing or changed since it was written."""
+    try:
+        state = json.loads((ckpt / "trainer.json").read_text())
+        sums = json.loads((ckpt / CHECKSUMS).read_text())
+        if not isinstance(state, dict) or not isinstance(sums, dict) or not isinstance(state.get("step"), int):
+            return "trainer.json or checksums.json is not what a checkpoint writes"
+    except (OSError, ValueError) as e:
+        return f"unreadable {getattr(e, 'filename', None) and Path(e.filename).name or 'trainer.json/checksums.json'} ({type(e).__name__})"
+    for name, sha in sums.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if sha256_file(path) != sha:
+            return f"{name} does not match its checksum"
+    for weights in sorted((ckpt / "accelerate").glob("*.safetensors")):  # the networks and optimizer moments it would load
+        bad = nonfinite_tensors(load_file(str(weights)))
+        if bad:
+            return f"{weights.relative_to(ckpt)} holds NaN/Inf ({bad[0]})"
+    return None
+
+
+def checkpoints_newest_first(root: Path) -> list[Path]:
+    return sorted((p for p in root.glob("step-*") if (p / "trainer.json").is_file()), reverse=True)
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def restore_samples(ckpt: Path, out: Path) -> None:
+    """Sample grids a checkpoint holds that the output lost (a rebuild restores, it does not drop them)."""
+    if (ckpt / "samples").is_dir():
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        for f in (ckpt / "samples").glob("step-*.png"):
+            if not (out / "samples" / f.name).is_file():
+                shutil.copyfile(f, out / "samples" / f.name)
+
+
+class CheckpointManager:
+    """The checkpoints of one run: ``restore`` (the newest that verifies, else distill.resume_from's, when its
+    run is compatible) and ``save``. ``may_differ``: the settings a resumed run may change."""
+
+    def __init__(self, cfg: PipelineConfig, p: Plan, accelerator, may_differ: frozenset[str]):
+        self.cfg, self.p, self.acc, self.may_differ = cfg, p, accelerator, may_differ
+        self.root = p.out_dir / "checkpoints"
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that verifies; the ones skipped are named with the reason."""
+        for ckpt in checkpoints_newest_first(self.root):
+            problem = checkpoint_problem(ckpt)
+            if problem is None:
+                return ckpt
+            log.warning("distill: skipping checkpoint %s: %s", ckpt.name, problem)
+        return None
+
+    def compatible(self, ckpt: Path) -> dict:
+        """The checkpoint's trainer.json, if its run is compatible with this one; else an error naming the keys."""
+        state = json.loads((ckpt / "trainer.json").read_text())
+        old, new = state["distill"], self.cfg.distill.model_dump(mode="json")
+        differ = sorted(k for k in set(old) | set(new) if k not in self.may_differ and old.get(k) != new.get(k))
+        if state["teacher_digest"] != self.p.upstream["teacher"]:
+            differ.append("teacher")
+        if state.get("pairs_digest") != self.p.upstream.get("pairs"):
+            differ.append("pairs")
+        if differ:
+            raise InputError(
+                f"cannot resume from {ckpt}: its run differs in {', '.join(differ)} "
+                f"(only {', '.join(sorted(self.may_differ))} may change). Fix: use the same settings or start fresh."
+            )
+        return state
+
+    def restore(self, tr: Trainer) -> tuple[Path | None, int, list[dict]]:
+        """Loads the checkpoint to continue from into ``tr``: (checkpoint, its step, its metrics rows);
+        (None, 0, []) when the run starts fresh. distill.resume_from was verified by the stage's check."""
+        ckpt = self.latest()
+        if ckpt is None and self.cfg.distill.resume_from:
+            ckpt = Path(self.cfg.distill.resume_from)
+        if ckpt is None:
+            return None, 0, []
+        state = self.compatible(ckpt)
+        self.acc.load_state(str(ckpt / "accelerate"))
+        if tr.ema is not None and (ckpt / "ema.safetensors").is_file():
+            tr.ema = {k: v.to(self.acc.device) for k, v in load_file(str(ckpt / "ema.safetensors")).items()}
+        if tr.probe_fn is not None and (ckpt / "best.json").is_file():  # the best-so-far generator
+            info = json.loads((ckpt / "best.json").read_text())
+            best = load_file(str(ckpt / "generator_best" / "diffusion_pytorch_model.safetensors"))
+            tr.best = {**info, "state": {k: v.float() for k, v in best.items()}}
+        rows = pq.read_table(ckpt / "metrics.parquet").to_pylist() if (ckpt / "metrics.parquet").is_file() else []
+        if self.acc.is_main_process:
+            restore_samples(ckpt, self.p.out_dir)
+        log.info("distill: resuming from %s (step %d)", ckpt, state["step"])
+        return ckpt, state["step"], rows
+
+    def save(self, step: int, tr: Trainer, rows: list[dict]) -> None:
+        """checkpoints/step-N, on every rank (Accelerate's state) and the main process (the rest)."""
+        d, acc, p = self.cfg.distill, self.acc, self.p
+        # the weights are checked first: a checkpoint is never written with NaN/Inf in it (every rank
+        # holds the same weights, so all ranks stop together)
+        bad = nonfinite_tensors(tr.unwrap(tr.gen).unet.state_dict()) + nonfinite_tensors(tr.unwrap(tr.fake).unet.state_dict())
+        if bad:
+            raise TrainingDiverged(
+                f"distill stopped at step {step}: the weights became NaN or Inf ({bad[0]}); no checkpoint was written for it, the last good "
+                "one is kept. Fix: lower the learning rates (distill.generator_optimizer.lr, distill.fake_optimizer.lr) or keep distill.max_grad_norm set."
+            )
+        final, tmp = self.root / f"step-{step:07d}", self.root / f".step-{step:07d}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
+        fault_point("distill.checkpoint-state")
+        if acc.is_main_process:
+            save_networks(tr, tmp)
+            fault_point("distill.checkpoint-networks")
+            if tr.ema is not None:
+                save_file({k: v.contiguous() for k, v in tr.ema.items()}, str(tmp / "ema.safetensors"))
+            if rows:
+                write_metrics(rows, tmp / "metrics.parquet")
+            if (p.out_dir / "samples").is_dir():  # so a rebuild can restore every grid (they are small)
+                shutil.copytree(p.out_dir / "samples", tmp / "samples")
+            sums = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+            write_text_atomic(tmp / CHECKSUMS, json.dumps(sums, indent=1))
+            state = {"step": step, "distill": d.model_dump(mode="json"), "teacher_digest": p.upstream["teacher"], "pairs_digest": p.upstream.get("pairs")}
+            write_text_atomic(tmp / "trainer.json", json.dumps(state, indent=2))  # written last: marks it complete
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            fault_point("distill.checkpoint-renamed")
+            for old in sorted(self.root.glob("step-*"))[: -d.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()

@@ -1,0 +1,101 @@
+"""What a distill run leaves in its output directory (and in each checkpoint): the networks as denoiser
+directories, the sample grids, metrics.parquet, curves.png and, last, the manifest."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import save_file
+
+from dmd_core.dmd import SampleRNG
+from dmd_core.faults import fault_point
+from dmd_core.images import save_grid, training_curves_png
+from dmd_core.loading import save_denoiser
+
+from ..config import PipelineConfig
+from ..contract import Manifest, Plan, file_entry, stage_manifest, tree_entries
+from ..files import tmp_sibling, write_bytes_atomic
+from ..store import open_store
+from .trainer import STREAM_SAMPLES, Trainer
+
+
+def save_networks(tr: Trainer, target: Path) -> None:
+    """generator/, generator_ema/, generator_best/ (with best.json) and fake_score/ as denoiser directories (main process)."""
+    gen = tr.unwrap(tr.gen)
+    save_denoiser(gen, target / "generator")
+    fake = tr.unwrap(tr.fake)
+    save_denoiser(fake, target / "fake_score")
+    if getattr(fake, "gan_head", None) is not None:  # DMD2's head, saved with the fake score
+        save_file({k: v.contiguous() for k, v in fake.gan_head.state_dict().items()}, str(target / "fake_score" / "gan_head.safetensors"))
+    if tr.ema is not None:
+        ema_net = copy.deepcopy(gen)
+        ema_net.unet.load_state_dict({k: v.to(ema_net.dtype) for k, v in tr.ema.items()})
+        save_denoiser(ema_net, target / "generator_ema")
+    if tr.best is not None:
+        best_net = copy.deepcopy(gen)
+        best_net.unet.load_state_dict({k: v.to(best_net.dtype) for k, v in tr.best["state"].items()})
+        save_denoiser(best_net, target / "generator_best")
+        (target / "best.json").write_text(json.dumps({k: tr.best[k] for k in ("step", "probe_fd")}, indent=2) + "\n")
+
+
+@torch.no_grad()
+def sample_grid(tr: Trainer, path: Path) -> None:
+    """Fixed noise, 8 rows; one column per class (text-to-image: per prompt, the first 10), decoded to pixels."""
+    C = min(tr.label_range, 10) if tr.takes_prompts else tr.num_classes
+    n = 8 * (C or 8)
+    rng = SampleRNG(tr.d.seed, STREAM_SAMPLES, 0, range(n), tr.acc.device)
+    z = rng.randn(tr.shape)
+    labels = torch.arange(n, device=tr.acc.device) % C if C else None
+    gen = tr.unwrap(tr.gen)
+    with tr.acc.autocast():
+        x = tr.to_pixels(tr.steps(gen, z, labels, lambda j: rng.randn(tr.shape)).float())
+    save_grid(x, path, nrow=C or 8)
+
+
+def write_metrics(rows: list[dict], path: Path) -> None:
+    """One row per logged step; columns that only some rows have (the probe's) are null elsewhere."""
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    tmp = tmp_sibling(path)
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in names} for r in rows]), tmp)
+    os.replace(tmp, path)
+
+
+def finalize(cfg: PipelineConfig, p: Plan, tr: Trainer, rows: list[dict], wall: float) -> Manifest:
+    """The networks, metrics, final grid and curves in the output directory, then its manifest (main process)."""
+    out = p.out_dir
+    save_networks(tr, out)
+    write_metrics(rows, out / "metrics.parquet")
+    final_grid = out / "samples" / f"step-{cfg.distill.steps:07d}.png"
+    if not final_grid.is_file():  # rebuilding from the final checkpoint after samples/ was lost
+        final_grid.parent.mkdir(parents=True, exist_ok=True)
+        sample_grid(tr, final_grid)
+    shutil.copyfile(final_grid, out / "samples.png")
+    write_bytes_atomic(out / "curves.png", training_curves_png(rows))
+    files = [e for sub in ("generator", "generator_ema", "generator_best", "fake_score", "samples") for e in tree_entries(out, sub)]
+    # metrics.parquet holds timings and curves.png is drawn from them: records, so a deterministic retrain keeps the same digest
+    files += [file_entry(out / "metrics.parquet", record=True), file_entry(out / "curves.png", record=True), file_entry(out / "samples.png"), file_entry(out / "config.yaml")]
+    if tr.best is not None:
+        files.append(file_entry(out / "best.json"))
+    last = rows[-1] if rows else {}
+    info = {
+        "pairs_dir": p.inputs.get("pairs"),
+        "teacher_path": p.inputs["teacher"],
+        "steps": cfg.distill.steps,
+        "num_processes": tr.world,
+        "final": {k: v for k, v in last.items() if k.startswith(("loss", "grad"))},
+        "samples_per_s": last.get("samples_per_s"),
+        "ema": tr.ema is not None,
+        "best": None if tr.best is None else {k: tr.best[k] for k in ("step", "probe_fd")},
+    }
+    m = stage_manifest(cfg, p, files, info, wall)
+    fault_point("distill.before-manifest")
+    open_store(cfg.store).save_manifest(m, out)
+    return m
+
