@@ -4,7 +4,8 @@ The flow walks the stages with the project's one resolver (``stages.chain.walk``
 resolved once, each stage is planned once, from the output the previous task returned, and its task
 gets that plan. A task runs its stage as a subprocess (``python -m stages <stage> --plan <plan>``: no
 re-planning there), so multi-process stages go through ``accelerate launch`` and every output line
-reaches the run logs, except the stage's ``dmd-progress`` lines, which update its progress artifact.
+reaches the run logs, except the stage's ``dmd-progress`` lines, which update its progress artifact
+and its status line on stderr (``flows/terminal.py``: a heartbeat for a stage that reports none).
 Each task takes the previous task's result as its ``upstream`` input, so the run graph in the UI shows
 generate -> distill -> evaluate -> export. A task that stops early stops the stage's whole process tree.
 
@@ -48,6 +49,8 @@ from stages.contract import ORDER, STAGES, Manifest, Plan, StageOutput, StageSpe
 from stages.launch import EXIT_WITH_PARENT, kill_process_tree
 from stages.progress import ENV as PROGRESS_ENV
 from stages.progress import Progress, parse_progress
+
+from .terminal import StatusLine
 from stages.store import open_store
 
 PROGRESS_STAGES = tuple(s.name for s in STAGES if s.progress)
@@ -128,6 +131,7 @@ def run_stage(stage: str, config_file: str, plan_file: str, cache_key: str, upst
         cmd += ["--num-processes", str(num_processes)]
     env = {**os.environ, PROGRESS_ENV: "1", EXIT_WITH_PARENT: "1"}
     progress = ProgressArtifact(stage) if stage in PROGRESS_STAGES else None
+    terminal = StatusLine(stage)  # the same events on stderr, and a heartbeat while there are none
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env, start_new_session=True)
     out_lines: deque = deque(maxlen=5)
     err_tail: deque = deque(maxlen=STDERR_TAIL)
@@ -141,21 +145,28 @@ def run_stage(stage: str, config_file: str, plan_file: str, cache_key: str, upst
     for t in pumps:
         t.start()
     try:
-        while proc.poll() is None or any(t.is_alive() for t in pumps):
-            try:
-                p = events.get(timeout=0.5)
-            except queue.Empty:
-                p = None
-            if progress is not None:
-                progress.update(p)
-        rc = proc.wait()
+        with terminal.sharing():  # Prefect's console log lines and the in-place status line take turns
+            while proc.poll() is None or any(t.is_alive() for t in pumps):
+                try:
+                    p = events.get(timeout=0.5)
+                except queue.Empty:
+                    p = None
+                if progress is not None:
+                    progress.update(p)
+                terminal.update(p)
+            rc = proc.wait()
     except BaseException:  # cancelled (Prefect raises on the runner's SIGTERM), interrupted, or failed
+        terminal.finish(None)
         kill_process_tree(proc.pid)  # the whole tree: no orphaned accelerate workers
         raise
+    while not events.empty():
+        p = events.get()
+        if progress is not None:
+            progress.update(p)
+        terminal.update(p)
     if progress is not None:
-        while not events.empty():
-            progress.update(events.get())
         progress.finish(rc)
+    terminal.finish(rc)
     if rc != 0:
         tail = "\n".join(err_tail)
         raise RuntimeError(f"stage {stage} exited with status {rc}; last {len(err_tail)} lines of stderr:\n{tail}")
@@ -245,6 +256,8 @@ class StageTasks:
         # hit: Prefect's cache record; store: no record (e.g. a new PREFECT_HOME) but the stage found
         # its verified output in the store and reused it; miss: computed.
         self.cache[s.name] = "hit" if state.name == "Cached" else "store" if valid else "miss"
+        if state.name == "Cached":  # run_stage did not run: its status line would be missing
+            StatusLine.cached(s.name)
         return StageOutput(Path(result["out_dir"]), Manifest.model_validate(result["manifest"]))
 
 
