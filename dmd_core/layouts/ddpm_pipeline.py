@@ -35,7 +35,11 @@ class DDPMPipelineLayout(Layout):
             return False
         if "_class_name" in index:
             return index["_class_name"] in self.classes
-        return {k for k in index if not k.startswith("_") and named(index, k)} <= self.components  # a hand-written index
+        return self.matches_parts({k for k in index if not k.startswith("_") and named(index, k)})  # a hand-written index
+
+    def matches_parts(self, parts: set[str]) -> bool:
+        """Whether a model_index.json without ``_class_name`` naming ``parts`` is this layout's."""
+        return parts <= self.components
 
     def parametrization(self, folder: Path) -> Parametrization:
         index = read_json(folder / PIPELINE_INDEX, "pipeline index")

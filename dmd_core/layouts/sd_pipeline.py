@@ -18,7 +18,7 @@ import torch
 from ..errors import InputError
 from ..text import PromptEncoder
 from .common import PIPELINE_INDEX, RESAVE, TEXT_WEIGHTS_FILE, WEIGHTS_FILE, check_weights, is_int, named, one_line
-from .common import pipeline_index, read_json
+from .common import read_json
 from .ddpm_pipeline import DDPMPipelineLayout
 
 Tensor = torch.Tensor
@@ -36,13 +36,7 @@ class StableDiffusionLayout(DDPMPipelineLayout):
     classes = ("StableDiffusionPipeline",)
     save_hint = "StableDiffusionPipeline.save_pretrained(dir)"
 
-    def matches(self, folder: Path) -> bool:
-        index = pipeline_index(folder)
-        if index is None:
-            return False
-        if "_class_name" in index:
-            return index["_class_name"] in self.classes
-        parts = {k for k in index if not k.startswith("_") and named(index, k)}  # a hand-written index
+    def matches_parts(self, parts: set[str]) -> bool:
         return bool(parts & set(TEXT_PARTS)) and parts <= {"unet", "scheduler", *TEXT_PARTS}
 
     # ------------------------------------------------------------ parametrisation
