@@ -191,6 +191,12 @@ def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return None if a is None else torch.cat([a, b])
 
 
+def _loss_precision(x: Tensor) -> Tensor:
+    """The generator's samples in float32 at least for the losses: bf16/fp16 samples are upcast, float64 ones
+    kept (a float64 run is free of float32 rounding end to end; tests/test_dmd_step.py's golden numbers are one)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 @dataclass
 class DMDSettings:
     """The distribution matching settings of one run (docs/math.md §3, §6, §8)."""
@@ -270,13 +276,13 @@ class GeneratorLoss:
         z_all, labels_all = (torch.cat([z, z_ref]), _cat(labels, labels_ref)) if regress else (z, labels)
         one_step = self.one_step or OneStep.of(real)
         if self.simulation is None:
-            x_all = one_step(gen, z_all, labels_all).float()
+            x_all = _loss_precision(one_step(gen, z_all, labels_all))
         else:  # the DM batch at its simulated steps; the regression batch at the first step (its pairs start from noise)
             inputs, levels = self.simulation(gen, z, labels, rng)
             if regress:
                 inputs = torch.cat([inputs, z_ref * one_step.scale])
                 levels = torch.cat([levels, torch.full((len(z_ref),), float(one_step.level), dtype=levels.dtype, device=levels.device)])
-            x_all = gen(inputs, levels, labels_all).float()
+            x_all = _loss_precision(gen(inputs, levels, labels_all))
         x, x_reg = x_all[: len(z)], x_all[len(z) :]
         w_dm = self.settings.dm_weight
         loss_dm = self.dm(x, labels, real, fake, rng) if w_dm > 0 else x.new_zeros(())

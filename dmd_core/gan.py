@@ -21,10 +21,9 @@ from .errors import InputError
 
 Tensor = torch.Tensor
 # DMD2's ImageNet-64 settings (tianweiy/DMD2, experiments/imagenet/*gan_classifier_genloss3e-3*.sh):
-# --gen_cls_loss_weight 3e-3, --cls_loss_weight 1e-2, --dfake_gen_update_ratio 5
+# --gen_cls_loss_weight 3e-3, --cls_loss_weight 1e-2
 GAN_WEIGHT_GENERATOR = 3e-3
 GAN_WEIGHT_DISCRIMINATOR = 1e-2
-DMD2_FAKE_UPDATES = 5
 
 
 def discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:

@@ -158,8 +158,9 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: fl
     return proc
 
 
-def kill_when(args: list[str], root: Path, pattern: str, timeout: float = 120) -> None:
-    """Start ``python -m stages <args>``, SIGKILL it as soon as ``root.glob(pattern)`` finds a file."""
+def kill_when(args: list[str], root: Path, pattern: str, timeout: float = 300) -> None:
+    """Start ``python -m stages <args>``, SIGKILL it as soon as ``root.glob(pattern)`` finds a file (``timeout``: a
+    bound for a file that never comes, far above a loaded machine's wait)."""
     import signal
     import time
 
@@ -182,8 +183,9 @@ def processes_mentioning(text: str) -> list:
     return found
 
 
-def wait_for_processes(text: str, module: str, count: int, timeout: float = 120) -> list:
-    """Wait until ``count`` live processes mention ``text`` and run ``-m module``; return all mentioning ``text``."""
+def wait_for_processes(text: str, module: str, count: int, timeout: float = 300) -> list:
+    """Wait until ``count`` live processes mention ``text`` and run ``-m module``; return all mentioning ``text``
+    (``timeout``: a bound for processes that never come, far above a loaded machine's start-up)."""
     import time
 
     deadline = time.time() + timeout

@@ -20,7 +20,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 def harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_test_harness(server_startup_timeout=600):  # a bound for a server that never starts, not a speed check
         yield
 
 
@@ -211,7 +211,7 @@ def test_cancelling_a_served_run_stops_every_stage_process(harness, tmp_path, ed
     runner = subprocess.Popen([sys.executable, "-c", serve], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         with get_client(sync_client=True) as client:
-            deadline = time.time() + 60
+            deadline = time.time() + 600  # a bound for a runner that never registers, not a speed check
             while True:
                 try:
                     dep = client.read_deployment_by_name("dmd-pipeline/cancel-test")
@@ -222,8 +222,8 @@ def test_cancelling_a_served_run_stops_every_stage_process(harness, tmp_path, ed
             run = client.create_flow_run_from_deployment(dep.id, parameters={"config": str(cfg), "num_processes": 2})
             procs = wait_for_processes(str(tmp_path), "stages.generate", 3)  # stage + launcher + 2 workers
             client.set_flow_run_state(run.id, Cancelling(), force=True)
-            assert still_alive(procs, timeout=60) == []
-            deadline = time.time() + 60
+            assert still_alive(procs, timeout=300) == []
+            deadline = time.time() + 300
             while not client.read_flow_run(run.id).state.is_final() and time.time() < deadline:
                 time.sleep(0.5)
             assert client.read_flow_run(run.id).state.name == "Cancelled"

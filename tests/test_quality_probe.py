@@ -97,7 +97,7 @@ def test_evaluate_generator_choice(probed, edm_teacher, tmp_path):
     plans = {g: chain.plan(with_generator(cfg, g), "evaluate") for g in ("final", "ema", "best")}
     assert {g: Path(p.info["generator_dir"]).name for g, p in plans.items()} == {"final": "generator", "ema": "generator_ema", "best": "generator_best"}
     assert len({p.key for p in plans.values()}) == 3
-    assert Path(chain.plan(cfg, "evaluate").info["generator_dir"]).name == "generator_ema"  # default: use_ema, as before
+    assert Path(chain.plan(cfg, "evaluate").info["generator_dir"]).name == "generator_ema"  # default: use_ema
     # a run without probes has no generator_best/
     pairs = chain.plan(cfg, "generate").out_dir
     plain = load_config(write_config(tmp_path / "p.yaml", edm_teacher, Path(cfg.store), distill={}), [*EVAL, "evaluate.generator=best", f"distill.pairs={pairs}"])

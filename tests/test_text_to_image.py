@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,10 @@ def test_evaluate_decodes_latents_and_scores_prompts(exported_t2i):
     r = m.info["metrics"]
     assert r["teacher_nfe"] == 5 and r["student_nfe"] == 1
     # the digits classifier saw decoded 1x8x8 images; accuracy is against the digit each prompt names
-    assert 0.0 <= r["student_class_accuracy"] <= 1.0 and r["student_fd"] > 0 and r["speedup"] > 1
+    assert 0.0 <= r["student_class_accuracy"] <= 1.0 and r["student_fd"] > 0
+    # speed: measured, not compared (a loaded machine times anything); benchmarks/ holds the speed numbers
+    speeds = [r["teacher_images_per_s"], r["student_images_per_s"]]
+    assert all(math.isfinite(v) and v > 0 for v in speeds) and r["speedup"] == pytest.approx(speeds[1] / speeds[0], rel=1e-12)
     # CLIP score of both samplers' decoded images against their prompts (the tiny CLIP: random weights)
     assert 0.0 <= r["student_clip_score"] <= 100.0 and 0.0 <= r["teacher_clip_score"] <= 100.0
     assert r["student_clip_score"] != r["teacher_clip_score"]

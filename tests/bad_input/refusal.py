@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from typer.testing import CliRunner
 
@@ -28,6 +30,38 @@ def final_names(store: Path) -> set[str]:
         if not any(part.startswith(".") for part in rel.parts) and (len(rel.parts) > 1 or p.is_file()):
             out.add(str(rel))
     return out
+
+
+def every_path(store: Path) -> set[str]:
+    """Every path below ``store``, hidden ones included (a stage that starts builds its partial directory here),
+    except the digests of inputs outside the store (``.digests/``), which the checks before any stage hash."""
+    if not store.is_dir():
+        return set()
+    return {str(rel) for rel in (p.relative_to(store) for p in store.rglob("*")) if rel.parts[0] != ".digests"}
+
+
+@contextmanager
+def nothing_started(store: Path) -> Iterator[None]:
+    """Fails unless the block starts no process (a stage under accelerate, a Prefect server, a stage task) and
+    leaves ``store`` as it was, hidden paths included (an in-process stage writes its partial build first):
+    a refusal comes before any work, checked without a clock."""
+    before = every_path(store)
+    started: list = []
+    real = subprocess.Popen
+
+    class Recording(real):  # subprocess.run starts its process through subprocess.Popen too
+        def __init__(self, args, *a, **k):
+            started.append(args)
+            super().__init__(args, *a, **k)
+
+    subprocess.Popen = Recording
+    try:
+        yield
+    finally:
+        subprocess.Popen = real
+    assert not started, f"refused, yet processes were started: {started}"
+    new = every_path(store) - before
+    assert not new, f"refused, yet paths were written under the store: {sorted(new)[:10]}"
 
 
 def invoke(args: list[str], env: dict | None = None, subprocess_: bool = False, cwd: Path | None = None) -> tuple[int, str, str]:
