@@ -180,9 +180,10 @@ def test_broken_generator_is_named(tiny, tmp_path):
     shutil.copytree(m.info["distill_dir"], broken)
     config = broken / "generator" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "block_out_channels": [16, 32]}))
-    dm = LocalStore(broken.parent.parent).read_manifest(broken)
-    dm.files = [file_entry(broken / f.name).model_copy(update={"name": f.name}) for f in dm.files]
-    dm.save(broken)
+    store = LocalStore(broken.parent.parent)
+    dm = store.read_manifest(broken)
+    dm.files = [file_entry(broken / f.name, name=f.name) for f in dm.files]
+    store.save_manifest(dm, broken)
     with pytest.raises(InputError) as e:
         chain.run(load_config(cfg, [f"evaluate.distill={broken}", f"store={tmp_path / 'store'}"]), "evaluate", progress=False).manifest
     assert str(broken / "generator") in str(e.value) and "do not match" in str(e.value)
