@@ -203,9 +203,10 @@ def test_cancelling_a_served_run_stops_every_stage_process(harness, tmp_path, ed
     from prefect.settings import PREFECT_API_URL
     from prefect.states import Cancelling
 
-    from conftest import still_alive, wait_for_processes
+    from conftest import add_tiny_evaluate, still_alive, wait_for_processes
 
     cfg = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={}, num_samples=100_000, steps=40, shard_size=4096, batch_size=64)
+    add_tiny_evaluate(cfg)  # the run checks every stage before it starts: evaluate's features must exist here
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     serve = "from flows.pipeline import dmd_pipeline; dmd_pipeline.serve(name='cancel-test', print_starting_message=False)"
     runner = subprocess.Popen([sys.executable, "-c", serve], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
