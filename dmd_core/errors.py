@@ -5,8 +5,13 @@ class InputError(Exception):
     """Bad or missing input: the message names the problem and the fix."""
 
 
+
 def shown(value: object, limit: int = 120) -> str:
     """``repr(value)`` for an error line, cut to ``limit`` characters: user input (a prompt, a config value,
-    a path) can be megabytes, and one line must stay one readable line."""
-    text = repr(value) if not isinstance(value, str) else repr(value[: limit + 1])
-    return text if len(text) <= limit else text[: limit - 15] + f"... ({len(str(value)):,} chars)"
+    a path) can be megabytes or a YAML alias bomb, and one line must stay one readable line. reprlib bounds
+    the work as well as the text (it never walks more than a few items per level)."""
+    import reprlib
+
+    r = reprlib.Repr(maxlevel=3, maxdict=6, maxlist=6, maxtuple=6, maxset=6, maxstring=limit, maxother=limit, maxlong=40)
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
