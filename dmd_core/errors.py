@@ -12,6 +12,7 @@ def shown(value: object, limit: int = 120) -> str:
     the work as well as the text (it never walks more than a few items per level)."""
     import reprlib
 
-    r = reprlib.Repr(maxlevel=3, maxdict=6, maxlist=6, maxtuple=6, maxset=6, maxstring=limit, maxother=limit, maxlong=40)
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlong = 3, limit, limit, 40
     text = r.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
