@@ -99,7 +99,8 @@ class Store(ABC):
 
     @abstractmethod
     def check_writable(self) -> None:
-        """Refuse (InputError) a store that cannot be written, before any stage runs; creates nothing."""
+        """Refuse (InputError) a store that cannot be written, or not safely (a link among its own
+        directories, a bad lock lease), before any stage runs; creates nothing."""
 
     @abstractmethod
     def free_bytes(self) -> int:

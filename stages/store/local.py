@@ -7,27 +7,32 @@ dies. Verification is cheap after the first time: beside each output a hidden ``
 per file, (size, mtime_ns, inode, sha256) as of its last full check; a later check re-hashes only the
 files whose stat changed (``dmd verify --deep`` re-hashes everything). Digests of inputs outside the
 store (teacher, classifier, prompt files) are remembered the same way under ``<root>/.digests/``.
+
+The store never follows a symbolic link below its root: every path it hands out, reads, writes or deletes
+is checked (``contained``), a tree it verifies, resumes or cleans is walked for links (``link_below``),
+and a link is refused (InputError) rather than read, written or deleted through. The root itself may be
+a link (the user's choice, e.g. onto a larger disk): it is resolved once, when the store is opened.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from pathlib import Path
+import stat
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from dmd_core.errors import InputError
+from dmd_core.errors import InputError, shown
 from dmd_core.faults import fault_point
 
 from ..contract import MANIFEST, ORDER, Manifest
 from ..files import digest_json, sha256_file, write_text_atomic
 from .base import SIDE_CACHES, Store
+from .lockfile import held, lease_s, pid_alive
 
 RECORD = ".verified.json"  # hidden: never part of a manifest or a directory digest
 DIGESTS = ".digests"
@@ -45,27 +50,66 @@ class LocalStore(Store):
     def __init__(self, root: str | Path):
         self.root = str(root)
         self.path = Path(root)
+        # Paths below the root are recognised by either name: as given and as resolved (here, once).
+        self._roots = (self.path.absolute(), Path(os.path.realpath(self.path)))
 
     def __repr__(self) -> str:
         return f"LocalStore({self.root!r})"
 
     # ---- names
     def output_dir(self, stage: str, key: str) -> Path:
-        return self.path / stage / key
+        return self.contained(self.path / stage / key)
 
     def side_dir(self, kind: str, key: str) -> Path:
-        return self.path / kind / key
+        return self.contained(self.path / kind / key)
 
     def absolute_root(self) -> str:
         return str(self.path.resolve())
 
     def scratch_dir(self, name: str) -> Path:
-        return self.path / f".{name}"
+        return self.contained(self.path / f".{name}")
 
     def outputs(self) -> Iterator[tuple[str, Path]]:
         for kind in [*ORDER, *SIDE_CACHES]:
-            for m in sorted((self.path / kind).glob(f"*/{MANIFEST}")):
-                yield kind, m.parent
+            for m in sorted(self.contained(self.path / kind).glob(f"*/{MANIFEST}")):
+                yield kind, self.contained(m).parent
+
+    def contained(self, path: Path) -> Path:
+        """``path``, once no component of it below the root is a symbolic link (a dangling one included)
+        or ``..``; else InputError. A path outside the root (an output a setting names) is not the store's."""
+        parts = self._below_root(Path(path))
+        if parts is None:
+            return path
+        here, parts = parts
+        for part in parts:
+            if part == "..":
+                raise InputError(f"{shown(str(path))} leaves the store {shown(self.root)}. Fix: name a path inside the store.")
+            here = here / part
+            try:
+                if stat.S_ISLNK(os.lstat(here).st_mode):
+                    raise link_error(here)
+            except (FileNotFoundError, NotADirectoryError):  # nothing below a missing component can be a link
+                break
+        return path
+
+    def _below_root(self, path: Path) -> tuple[Path, tuple[str, ...]] | None:
+        """(the root, the parts of ``path`` below it), ``..`` kept (not folded away), or None when outside."""
+        p = path.absolute()
+        for root in self._roots:
+            try:
+                return root, p.relative_to(root).parts
+            except ValueError:
+                continue
+        return None
+
+    def _no_links_in(self, top: Path) -> Path:
+        """``top`` once it and everything below it is free of links: what the store verifies, resumes from,
+        moves or cleans holds only what its stages wrote."""
+        self.contained(top)
+        link = link_below(top)
+        if link is not None:
+            raise link_error(link)
+        return top
 
     def final_dir(self, work: Path) -> Path:
         """The output a work directory is published as."""
@@ -74,7 +118,7 @@ class LocalStore(Store):
 
     # ---- reading
     def read_manifest(self, out: Path) -> Manifest | None:
-        path = Path(out) / MANIFEST
+        path = self.contained(Path(out) / MANIFEST)
         if not path.is_file():
             return None
         try:
@@ -83,11 +127,13 @@ class LocalStore(Store):
             return None
 
     def problems(self, out: Path, m: Manifest, deep: bool = False) -> list[str]:
-        out = Path(out)
-        hashes = file_hashes(out, [f.name for f in m.files], out / RECORD, deep)
+        out = self._no_links_in(Path(out))
+        inside = [f.name for f in m.files if plain_name(f.name)]
+        hashes = file_hashes(out, inside, out / RECORD, deep)
         listed = {f.name for f in m.files}
         unlisted = [f"{n} (not in the manifest)" for n in self.required(m) if n not in listed]
-        return [f.name for f in m.files if hashes[f.name] != f.sha256] + unlisted
+        wrong = [f.name if f.name in hashes else f"{f.name} (outside the output)" for f in m.files if hashes.get(f.name) != f.sha256]
+        return wrong + unlisted
 
     def digest(self, path: str | Path) -> str:
         """sha256 over (relative path, file sha256) of every non-hidden file below a folder, or the file's sha256."""
@@ -99,11 +145,11 @@ class LocalStore(Store):
         return digest_json([(n, hashes[n]) for n in names])
 
     def _digest_record(self, path: Path) -> Path:
-        return self.path / DIGESTS / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24] + ".json")
+        return self.contained(self.path / DIGESTS / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24] + ".json"))
 
     # ---- writing
     def save_manifest(self, m: Manifest, work: Path) -> None:
-        work = Path(work)
+        work = self.contained(Path(work))
         record = {}
         for f in m.files:
             st = _stat_key(work / f.name)
@@ -113,40 +159,36 @@ class LocalStore(Store):
         write_text_atomic(work / MANIFEST, m.model_dump_json(indent=2) + "\n")
 
     def partial_dir(self, out: Path) -> Path:
-        return out.parent / f".{out.name}{PARTIAL}"
+        return self.contained(out.parent / f".{out.name}{PARTIAL}")
 
-    @contextlib.contextmanager
     def lock(self, out: Path):
+        """``flock`` on ``.<key>.lock``, which names its holder; a waiter names it too (lockfile.py)."""
+        path = self.contained(out.parent / f".{out.name}.lock")
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out.parent / f".{out.name}.lock", "a") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting: another process is building %s", out)
-                fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        return held(path, f"{out.parent.name} {out.name}")
 
     def publish(self, work: Path, out: Path) -> None:
+        self.contained(work)
+        self.contained(out)
         fault_point("publish")
         if out.exists():  # an older, failing copy that was not moved aside (e.g. read-only parts): replace it
             shutil.rmtree(out)
         os.replace(work, out)
 
     def set_aside(self, out: Path, work: Path) -> None:
-        if out.exists():
+        self.contained(work)
+        if self.contained(out).exists():
+            self._no_links_in(out)  # its parts become the work directory a build resumes from
             (out / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(work, ignore_errors=True) if work.exists() else None
             os.replace(out, work)
 
     def clean(self, work: Path) -> None:
-        remove_orphans(work)
-        remove_orphans(self.path / DIGESTS)
+        remove_orphans(self._no_links_in(work))
+        remove_orphans(self.contained(self.path / DIGESTS))
 
     def remove(self, out: Path) -> None:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(self.contained(out), ignore_errors=True)
         shutil.rmtree(self.partial_dir(out), ignore_errors=True)
 
     def check_writable(self) -> None:
@@ -169,6 +211,18 @@ class LocalStore(Store):
             raise InputError(
                 f"{what} {parent} is not writable ({e.strerror}). Fix: make it writable or point store at a writable directory (--set store=DIR)."
             ) from None
+        lease_s()  # a bad DMD_LOCK_LEASE_S is refused now, not when the first lock is waited for
+        self._check_own_dirs()
+
+    def _check_own_dirs(self) -> None:
+        """Refuse a link among the store's own directories (stages, side caches, ``.digests``, scratch
+        folders) before any stage runs: everything below one would be written through it."""
+        if not self.path.is_dir():
+            return
+        with os.scandir(self.path) as entries:
+            for e in sorted(entries, key=lambda e: e.name):
+                if e.is_symlink() and (e.name in ORDER or e.name in SIDE_CACHES or e.name.startswith(".")):
+                    raise link_error(Path(e.path))
 
     def free_bytes(self) -> int:
         where = self.path
@@ -177,17 +231,52 @@ class LocalStore(Store):
         return shutil.disk_usage(where).free
 
     def has_outputs(self, stage: str) -> bool:
-        return any((self.path / stage).glob("*"))
+        return any(self.contained(self.path / stage).glob("*"))
 
     def noted(self, name: str) -> bool:
-        return (self.path / DIGESTS / name).is_file()
+        return self.contained(self.path / DIGESTS / name).is_file()
 
     def note(self, name: str) -> None:
+        path = self.contained(self.path / DIGESTS / name)
         try:
-            (self.path / DIGESTS).mkdir(parents=True, exist_ok=True)
-            (self.path / DIGESTS / name).touch()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
         except OSError:  # read-only store: validated again next time
             pass
+
+
+def link_error(link: Path) -> InputError:
+    try:
+        target = os.readlink(link)
+    except OSError:
+        target = "?"
+    return InputError(
+        f"{shown(str(link))} in the store is a symbolic link (to {shown(target)}); the store never reads, writes or deletes through one. "
+        "Fix: remove the link and rerun (to keep outputs on another disk, point store at a directory there)."
+    )
+
+
+def link_below(top: Path) -> Path | None:
+    """The first symbolic link below the directory ``top`` (links are not followed), or None."""
+    todo = [str(top)]
+    while todo:
+        try:
+            entries = os.scandir(todo.pop())
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with entries:
+            for e in sorted(entries, key=lambda e: e.name):
+                if e.is_symlink():
+                    return Path(e.path)
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(e.path)
+    return None
+
+
+def plain_name(name: str) -> bool:
+    """Whether a manifest's file name stays inside its output (relative, no ``..``)."""
+    p = PurePosixPath(name)
+    return bool(name) and not p.is_absolute() and ".." not in p.parts
 
 
 # ---------------------------------------------------------------- verification records
@@ -254,30 +343,28 @@ def tree_files(path: Path) -> list[str]:
     )
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_orphans(root: Path) -> list[Path]:
     """Delete temporary files and directories (``.<name>.tmp[-PID]``) below ``root`` left by a killed or
-    failed writer: they would hold disk space forever. A name with the PID of a live process is kept."""
-    removed = []
-    if not root.is_dir():
-        return removed
-    for path in sorted(root.rglob(".*"), key=lambda q: len(q.parts)):
-        m = _TMP_NAME.match(path.name)
-        if m is None or not os.path.lexists(path):
+    failed writer: they would hold disk space forever. A name with the PID of a live process is kept, and
+    a symbolic link is neither followed nor deleted (the store makes none)."""
+    removed: list[Path] = []
+    todo = [root] if root.is_dir() and not root.is_symlink() else []
+    while todo:
+        try:
+            entries = sorted(os.scandir(todo.pop()), key=lambda e: e.name)
+        except OSError:
             continue
-        if m.group(2) and int(m.group(2)) != os.getpid() and _pid_alive(int(m.group(2))):
-            continue
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
-        removed.append(path)
+        for e in entries:
+            m = _TMP_NAME.match(e.name)
+            if e.is_symlink():
+                continue
+            if m is None:
+                todo += [Path(e.path)] if e.is_dir(follow_symlinks=False) else []
+                continue
+            if m.group(2) and int(m.group(2)) != os.getpid() and pid_alive(int(m.group(2))):
+                continue
+            shutil.rmtree(e.path, ignore_errors=True) if e.is_dir(follow_symlinks=False) else Path(e.path).unlink(missing_ok=True)
+            removed.append(Path(e.path))
     if removed:
         log.info("removed %d temporary file(s) left by an interrupted run under %s", len(removed), root)
     return removed
