@@ -66,7 +66,7 @@ def test_embedded_text_to_image_config_and_teacher():
 
     from dmd_core.digits_t2i import digit_prompts
     from dmd_core.loading import read_parametrization
-    from dmd_core.text import read_prompt_labels, read_prompts
+    from dmd_core.text import read_prompt_file, read_prompts
     from stages.config import DEFAULT_CONFIG
 
     cfg = load_config(DEFAULT_CONFIG.parent / "digits-t2i.yaml")
@@ -74,7 +74,7 @@ def test_embedded_text_to_image_config_and_teacher():
     assert param.kind == "vp" and param.text_conditioned and param.image_shape == (4, 4, 4)
     train, held_out = read_prompts(cfg.generate.prompts), read_prompts(cfg.evaluate.prompts)
     assert train == [p for p, _ in digit_prompts("train")] and len(held_out) == 30 and not set(train) & set(held_out)
-    assert read_prompt_labels(cfg.evaluate.prompts, cfg.evaluate.prompt_labels) == [d for _, d in digit_prompts("eval")]
+    assert read_prompt_file(cfg.evaluate.prompts, labels=cfg.evaluate.prompt_labels, num_classes=10).labels == [d for _, d in digit_prompts("eval")]
     quality = json.loads((DEFAULT_CONFIG.parent / "teacher-t2i-quality.json").read_text())
     assert cfg.generate.guidance_scale == cfg.distill.guidance_scale == quality["guidance_scale"] == 1.25
     assert quality["prompt_accuracy"] >= 0.9

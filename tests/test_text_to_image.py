@@ -65,12 +65,12 @@ def test_prompt_files(tmp_path):
     assert read_prompts(tmp_path / "p.txt") == ["a", "b"]
     pq.write_table(pa.table({"caption": ["x", "y"], "digit": [1, 2]}), tmp_path / "p.parquet")
     assert read_prompts(tmp_path / "p.parquet", "caption") == ["x", "y"]
-    with pytest.raises(InputError, match="no column 'prompt'.*caption, digit"):
+    with pytest.raises(InputError, match="no column 'prompt'.*'caption', 'digit'"):
         read_prompts(tmp_path / "p.parquet")
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(InputError, match="has no prompts"):
         read_prompts(tmp_path / "empty.txt")
-    with pytest.raises(InputError, match="prompt file not found"):
+    with pytest.raises(InputError, match="missing.txt'?: no such file"):
         read_prompts(tmp_path / "missing.txt")
 
 

@@ -43,7 +43,7 @@ from dmd_core.metrics import (
 )
 from dmd_core.shards import sample_labels, sample_noise
 from dmd_core.solvers import check_solver, teacher_sampler
-from dmd_core.text import read_prompt_labels, read_prompts
+from dmd_core.text import read_prompt_file
 
 from ..checks import check_precision, check_prompts
 from ..config import EvaluateConfig, PipelineConfig
@@ -81,10 +81,9 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
     check_solver(cfg.generate.solver, teacher.param.kind)
     check_precision(STAGE, e.precision)
     check_prompts(teacher, e.prompts, STAGE)
-    if e.prompts:
-        read_prompts(e.prompts, e.prompt_column)  # a bad file fails here
-        if e.prompt_labels:
-            read_prompt_labels(e.prompts, e.prompt_labels)
+    if e.prompts:  # a bad file, or labels that are not the classifier's classes, fail here
+        classes = DigitsClassifier.load(e.classifier).config["num_classes"] if e.prompt_labels and e.classifier else None
+        read_prompt_file(e.prompts, e.prompt_column, e.prompt_labels, classes, STAGE)
     if e.clip_model and not Path(e.clip_model, "config.json").is_file():
         raise InputError(f"evaluate.clip_model: {e.clip_model} is not a local CLIP model directory (no config.json). Fix: point it at a "
                          "CLIPModel + CLIPProcessor save_pretrained folder (e.g. a snapshot of openai/clip-vit-large-patch14).")  # fmt: skip
@@ -158,10 +157,12 @@ class Evaluator:
             raise InputError(f"the generator in {gen_dir} does not load: {err}") from None
         teacher = p.teacher()
         # text-to-image: labels are indices of the held-out prompts; the accuracy is against each prompt's class
-        self.prompts = read_prompts(p.inputs["prompts"], self.e.prompt_column) if "prompts" in p.inputs else None
-        self.prompt_classes = None
-        if self.prompts is not None and self.e.prompt_labels:
-            self.prompt_classes = torch.tensor(read_prompt_labels(p.inputs["prompts"], self.e.prompt_labels), device=device)
+        self.prompts, self.prompt_classes = None, None
+        if "prompts" in p.inputs:  # one read of both columns: row i's label is prompt i's class
+            held_out = read_prompt_file(p.inputs["prompts"], self.e.prompt_column, self.e.prompt_labels, section=STAGE)
+            self.prompts = held_out.prompts
+            if held_out.labels is not None:
+                self.prompt_classes = torch.tensor(held_out.labels, device=device)
         self.teacher: Denoiser = teacher.load(device, self.prompts)
         if self.prompts is not None:
             self.student.set_prompts(self.teacher.prompt_table)

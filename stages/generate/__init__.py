@@ -46,7 +46,7 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
     g = cfg.generate
     check_prompts(teacher, g.prompts, "generate")
     if g.prompts:
-        read_prompts(g.prompts, g.prompt_column)  # a bad file fails here, before anything is written
+        read_prompts(g.prompts, g.prompt_column, STAGE)  # a bad file fails here, before anything is written
     check_guidance("generate", g.guidance_scale, teacher)
     check_solver(g.solver, teacher.param.kind)
     check_precision("generate", g.precision)
