@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from .render import one_line
+
 
 def grid_image(images: torch.Tensor, nrow: int, min_cell: int = 32) -> Image.Image:
     """Images in [-1, 1], shape (N, C, H, W), as one PIL image with ``nrow`` images per row."""
@@ -28,8 +30,29 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
     return path
 
 
+CAPTION_CHARS = 1000  # a caption is cut to this before it is measured: Pillow takes seconds over a megabyte
+
+
+def fitted_caption(text: str, font, max_px: int) -> str:
+    """``text`` (a prompt: any string) as one line of drawable text at most ``max_px`` long, cut with an ellipsis."""
+    from PIL import ImageFont
+
+    text = one_line(text, limit=CAPTION_CHARS)
+    ellipsis = "…"
+    if not isinstance(font, ImageFont.FreeTypeFont):  # the bitmap font draws Latin-1 only
+        text, ellipsis = text.encode("latin-1", "replace").decode("latin-1"), "..."
+    if font.getlength(text) <= max_px:
+        return text
+    lo, hi = 0, len(text)  # the longest prefix that fits with the ellipsis
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if font.getlength(text[:mid] + ellipsis) <= max_px else (lo, mid - 1)
+    return text[:lo].rstrip() + ellipsis
+
+
 def caption_columns(grid: Image.Image, captions: list[str], pad: int = 2) -> Image.Image:
-    """``grid`` (from grid_image, one column per caption) with each caption written upwards above its column."""
+    """``grid`` (from grid_image, one column per caption) with each caption written upwards above its column,
+    cut to the grid's height (at least 64 px)."""
     from PIL import ImageDraw, ImageFont
 
     try:
@@ -37,6 +60,9 @@ def caption_columns(grid: Image.Image, captions: list[str], pad: int = 2) -> Ima
     except (ImportError, TypeError):  # older Pillow / no FreeType: the bitmap font
         font = ImageFont.load_default()
     n = len(captions)
+    if n == 0:
+        return grid
+    captions = [fitted_caption(c, font, max(grid.height, 64)) for c in captions]
     cell = (grid.width - pad) / n  # make_grid: width = n * (cell + pad) + pad
     boxes = [font.getbbox(c) for c in captions]
     height = max(b[2] - b[0] for b in boxes) + 6

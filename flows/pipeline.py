@@ -43,6 +43,7 @@ from prefect.artifacts import (
 from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
+from dmd_core.render import md_text
 from stages import chain
 from stages.config import PipelineConfig, dump_config, load_config
 from stages.contract import ORDER, STAGES, Manifest, Plan, StageOutput, StageSpec
@@ -177,10 +178,6 @@ def run_stage(stage: str, config_file: str, plan_file: str, cache_key: str, upst
     return {"out_dir": str(out_dir), "manifest": m.model_dump(mode="json")}
 
 
-def _png_data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
 def training_curves_png(metrics_parquet: Path) -> bytes:
     """Loss curves (and quality-probe FD, when the run had probes) of a distill run as a PNG."""
     import pyarrow.parquet as pq
@@ -190,8 +187,8 @@ def training_curves_png(metrics_parquet: Path) -> bytes:
     return draw(pq.read_table(metrics_parquet).to_pylist())
 
 
-def publish(results: dict[str, dict], cache: dict[str, str], seconds: dict[str, float]) -> None:
-    """Dashboards: metrics table, sample grid + training curves, link to the export (stable keys)."""
+def metrics_table(results: dict[str, dict], cache: dict[str, str], seconds: dict[str, float]) -> list[dict]:
+    """The ``dmd-metrics`` table: one row per metric (16 columns would scroll sideways in the UI's table view)."""
     ev = results["evaluate"]["manifest"]["info"]["metrics"]
     dist = results["distill"]["manifest"]
     row = {
@@ -208,22 +205,34 @@ def publish(results: dict[str, dict], cache: dict[str, str], seconds: dict[str, 
         **{f"{s}_cache": cache.get(s, "skipped") for s in ORDER},
         **{f"{s}_wall_time_s": round(seconds.get(s, 0.0), 1) for s in ORDER},  # in this run
     }
-    # One row per metric: 16 columns would scroll sideways in the UI's table view.
-    create_table_artifact(
-        table=[{"metric": k, "value": v} for k, v in row.items()], key="dmd-metrics", description="Teacher vs one-step generator (evaluate stage)"
+    # a string cell is escaped: the UI may render cells as markdown, and a string here may come from a manifest
+    return [{"metric": k, "value": md_text(v, limit=200) if isinstance(v, str) else v} for k, v in row.items()]
+
+
+def samples_markdown(teacher_nfe: int, grid_png: bytes, curves_png: bytes) -> str:
+    """The ``dmd-samples`` markdown: the sample grid and the training curves, inline as data URIs."""
+    grid, curves = (base64.b64encode(b).decode() for b in (grid_png, curves_png))
+    return (
+        f"## Samples: teacher ({teacher_nfe} NFE, left) vs one-step (right)\n\n![grid](data:image/png;base64,{grid})\n\n"
+        f"## Training curves\n\n![curves](data:image/png;base64,{curves})\n"
     )
-    grid = Path(results["evaluate"]["out_dir"]) / "grid.png"
-    curves = base64.b64encode(training_curves_png(Path(results["distill"]["out_dir"]) / "metrics.parquet")).decode()
-    create_markdown_artifact(
-        key="dmd-samples",
-        markdown=(
-            f"## Samples: teacher ({ev['teacher_nfe']} NFE, left) vs one-step (right)\n\n![grid]({_png_data_uri(grid)})\n\n"
-            f"## Training curves\n\n![curves](data:image/png;base64,{curves})\n"
-        ),
-        description="Sample grid and DMD training curves",
-    )
-    card = Path(results["export"]["out_dir"]).resolve() / "README.md"
-    create_link_artifact(key="dmd-export", link=card.as_uri(), link_text=f"model card: {card}", description="The exported one-step generator")
+
+
+def export_link(export_dir: str | Path) -> dict:
+    """The ``dmd-export`` link artifact's link and text (Prefect renders it as markdown ``[text](link)``):
+    the store path is escaped text in the link's text, and percent-encoded in the link."""
+    card = Path(export_dir).resolve() / "README.md"
+    return {"link": card.as_uri(), "link_text": md_text(f"model card: {card}", limit=300)}
+
+
+def publish(results: dict[str, dict], cache: dict[str, str], seconds: dict[str, float]) -> None:
+    """Dashboards: metrics table, sample grid + training curves, link to the export (stable keys)."""
+    create_table_artifact(table=metrics_table(results, cache, seconds), key="dmd-metrics", description="Teacher vs one-step generator (evaluate stage)")
+    ev = results["evaluate"]["manifest"]["info"]["metrics"]
+    grid = (Path(results["evaluate"]["out_dir"]) / "grid.png").read_bytes()
+    curves = training_curves_png(Path(results["distill"]["out_dir"]) / "metrics.parquet")
+    create_markdown_artifact(key="dmd-samples", markdown=samples_markdown(ev["teacher_nfe"], grid, curves), description="Sample grid and DMD training curves")
+    create_link_artifact(key="dmd-export", **export_link(results["export"]["out_dir"]), description="The exported one-step generator")
 
 
 class StageTasks:

@@ -10,6 +10,7 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from dmd_core.errors import InputError
+from dmd_core.render import terminal_text
 
 from .config import dump_config, load_config
 from .contract import ORDER, STAGES
@@ -43,30 +44,41 @@ class StderrHandler(logging.StreamHandler):
         pass
 
 
+class TerminalFormatter(logging.Formatter):
+    """Log lines carry paths and names: their control characters are shown escaped, never sent to the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return terminal_text(super().format(record))
+
+
 def setup_logging() -> None:
     logger = logging.getLogger("dmd")
     if not logger.handlers:
         handler = StderrHandler()
-        handler.setFormatter(logging.Formatter("dmd: %(message)s"))
+        handler.setFormatter(TerminalFormatter("dmd: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
 
 
 def guarded(body: Callable[[], Optional[str]], kill_children_on_sigterm: bool = True) -> None:
-    """Run a command body; InputError -> one line on stderr and exit 2; print the returned path last on stdout."""
+    """Run a command body; InputError -> one line on stderr and exit 2; print the returned path last on stdout.
+
+    Both can hold user text (paths, prompts): control characters reach a terminal escaped. A pipe (the flow,
+    ``$(dmd export)``) gets the path itself."""
     setup_logging()
     exit_with_parent()
     terminate_on_sigterm(kill_children_on_sigterm)
     try:
         out = body()
     except InputError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {terminal_text(str(e))}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         typer.echo("interrupted: finished work is kept; rerun the same command to resume", err=True)
         raise typer.Exit(130) from None
     if out is not None:
-        typer.echo(out)
+        # color=True: click would strip ANSI sequences from a path on a pipe, and the reader needs it whole
+        typer.echo(terminal_text(str(out), newlines=False) if sys.stdout.isatty() else out, color=True)
 
 
 PlanOpt = Annotated[
@@ -152,7 +164,8 @@ def verify_command(
             m = store.read_manifest(out)
             bad = ["manifest.json unreadable"] if m is None else store.problems(out, m, deep)
             failed += bool(bad)
-            typer.echo(f"{'FAIL' if bad else 'ok  '}  {name:<12} {out.name}" + (f"  ({', '.join(bad[:5])})" if bad else ""))
+            line = f"{'FAIL' if bad else 'ok  '}  {name:<12} {out.name}" + (f"  ({', '.join(bad[:5])})" if bad else "")
+            typer.echo(terminal_text(line, newlines=False))  # names of directories and files found in the store
         typer.echo(f"{failed} output(s) failed verification" if failed else "all outputs verify", err=True)
         if failed:
             raise typer.Exit(1)

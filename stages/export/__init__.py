@@ -30,6 +30,7 @@ from dmd_core.errors import InputError
 from dmd_core.faults import fault_point
 from dmd_core.loading import PARAM_FILE, load_denoiser
 from dmd_core.pipeline import DenoiserCallModule, OneStepModule, OneStepPipeline
+from dmd_core.render import md_code, md_fenced, py_literal
 from dmd_core.shards import sample_labels, sample_noise
 from dmd_core.text import read_prompts
 
@@ -177,14 +178,12 @@ def fresh_process_parity(cfg: PipelineConfig, out: Path, want: np.ndarray) -> di
 
 def class_model_use(cfg: PipelineConfig, out: Path, info: dict) -> str:
     """The model card's "Use" section of a class-conditional (or unconditional) generator."""
+    code = f"""from dmd_core.pipeline import OneStepPipeline
+pipe = OneStepPipeline.from_pretrained({py_literal(open_store(cfg.store).final_dir(out))})
+images = pipe(class_labels=[0, 1, 2, 3], seed=0)           # list of PIL images"""
     return f"""## Use
 
-```python
-from dmd_core.pipeline import OneStepPipeline
-pipe = OneStepPipeline.from_pretrained("{open_store(cfg.store).final_dir(out)}")
-images = pipe(class_labels=[0, 1, 2, 3], seed=0)           # list of PIL images
-```
-
+{md_fenced(code, "python")}
 Without this project, with diffusers only, see `one_step.json` (the recipe) and `generator/`
 (`UNet2DModel.from_pretrained`). ONNX: `generator.onnx`, inputs `noise` (N, {', '.join(map(str, info['image_shape']))}) and
 `class_labels` (N,), output `image` (data range {info['data_range']}; measured on {cfg.export.parity_samples} fixed inputs:
@@ -205,15 +204,16 @@ def model_card(cfg: PipelineConfig, em: Manifest, out: Path, info: dict, files: 
     text = bool(pc["evaluate"].get("prompts"))
     samples = "samples over the held-out prompts" if text else "class-balanced samples"
     accuracy = "prompt accuracy (the named class)" if text else "class accuracy"
-    prompt_line = f"\n- Prompts: `{g['prompts']}` (pairs, DM term), held-out `{pc['evaluate']['prompts']}` (evaluation)." if text else ""
-    clip_row = f"\n| CLIP score (`{pc['evaluate']['clip_model']}`) | {r['teacher_clip_score']:.2f} | {r['student_clip_score']:.2f} |" if "student_clip_score" in r else ""
-    checksums = "\n".join(f"| `{f.name}` | {f.size} | `{f.sha256}` |" for f in files)
+    # user text (paths, names) is code or escaped text: a path cannot open markup in the card
+    prompt_line = f"\n- Prompts: {md_code(g['prompts'])} (pairs, DM term), held-out {md_code(pc['evaluate']['prompts'])} (evaluation)." if text else ""
+    clip_row = f"\n| CLIP score ({md_code(pc['evaluate']['clip_model'], cell=True)}) | {r['teacher_clip_score']:.2f} | {r['student_clip_score']:.2f} |" if "student_clip_score" in r else ""
+    checksums = "\n".join(f"| {md_code(f.name, cell=True)} | {f.size} | {md_code(f.sha256, cell=True)} |" for f in files)
     k = r.get("student_nfe", 1)
     title, evals = ("One-step generator", "one network evaluation") if k == 1 else (f"{k}-step generator", f"{k} network evaluations")
     return f"""# {title} (DMD)
 
 Distilled with dmd-pipeline by Distribution Matching Distillation
-(Yin et al., CVPR 2024) from the teacher `{pc['teacher']['path']}`: {evals} per image instead
+(Yin et al., CVPR 2024) from the teacher {md_code(pc['teacher']['path'])}: {evals} per image instead
 of {r['teacher_nfe']}.
 
 ![teacher (left) and this generator (right), same noise and {"prompts (above each column)" if text else "labels"}](grid.png)
@@ -226,7 +226,7 @@ of {r['teacher_nfe']}.
 | {accuracy} | {acc(r['teacher_class_accuracy'])} | {acc(r['student_class_accuracy'])} |{clip_row}
 | images/s (same batch, same process) | {r['teacher_images_per_s']:.1f} | {r['student_images_per_s']:.1f} |
 
-{fd} ratio (one-step / teacher): **{r['fd_ratio']:.3f}**; speedup **{r['speedup']:.1f}x**. Weights: `{r['generator']}`.
+{fd} ratio (one-step / teacher): **{r['fd_ratio']:.3f}**; speedup **{r['speedup']:.1f}x**. Weights: {md_code(r['generator'])}.
 
 ## Training
 
@@ -247,10 +247,7 @@ of {r['teacher_nfe']}.
 
 ## Resolved config
 
-```yaml
-{yaml.safe_dump(pc, sort_keys=False).rstrip()}
-```
-"""
+{md_fenced(yaml.safe_dump(pc, sort_keys=False), "yaml")}"""
 
 
 def text_to_image_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, out: Path) -> tuple[dict, str]:
@@ -316,18 +313,21 @@ teacher's first t* + 1 betas, `timestep_spacing="trailing"`, `set_alpha_to_one=T
 t* and plain diffusers returns x0 = (z - sigma eps) / alpha there: the generator. Checked in a fresh process on {n} held-out prompts: max
 relative difference to the evaluated generator's latents {rel:.2e}."""
     info["network_evaluations"] = k
-    use = f"""## Use
+    return info, text_to_image_use(open_store(cfg.store).final_dir(out), batch[0], call, how)
 
-```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained("{open_store(cfg.store).final_dir(out)}")
-image = pipe("{batch[0]}", {call}, guidance_scale=1.0).images[0]
-```
 
+def text_to_image_use(export_dir: Path, prompt: str, call: str, how: str) -> str:
+    """The model card's "Use" section of a StableDiffusionPipeline export: ``call`` the step arguments (ours),
+    ``how`` the scheduler's story (markdown, ours). The prompt and the path are literals: prompts are scraped text."""
+    code = f"""from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained({py_literal(export_dir)})
+image = pipe({py_literal(prompt)}, {call}, guidance_scale=1.0).images[0]"""
+    return f"""## Use
+
+{md_fenced(code, "python")}
 {how}
 
 """
-    return info, use
 
 
 def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool = True) -> Manifest:
