@@ -9,13 +9,15 @@ mtime 0 and fixed owner and mode, so the same samples give byte-identical shards
 from __future__ import annotations
 
 import io
+import math
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
 
-from .errors import InputError
+from .errors import InputError, shown
 
 SHARD_PATTERN = "pairs-{:06d}.tar"
 KEY_DIGITS = 10
@@ -75,24 +77,59 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-_NPY_HEADERS: dict[bytes, tuple[int, np.dtype, tuple, bool]] = {}
+NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADERS: dict[bytes, tuple[int, np.dtype, tuple, bool, int]] = {}
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def load_npy(data: bytes) -> np.ndarray:
     """np.load for .npy bytes, parsing each distinct header once (every pair member shares one header).
 
-    Written here because np.load re-parses the header with ``ast`` for every array, which was a
-    third of the per-sample loading cost in distill.
-    """
-    header_len = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
-    key = data[:header_len]
+    Written here because np.load re-parses the header with ``ast`` for every array (a third of the
+    per-sample loading cost in distill), and because it allocates the array a header declares before
+    reading it: here the payload must be exactly that size first, so a crafted header cannot ask for
+    terabytes. Anything but a plain, pickle-free .npy is a ValueError."""
+    if data[:6] != NPY_MAGIC:
+        raise ValueError("not a .npy array (no .npy magic)")
+    key = data[: 12 + int.from_bytes(data[8:12], "little")] if data[6:7] != b"\x01" else data[: 10 + int.from_bytes(data[8:10], "little")]
     meta = _NPY_HEADERS.get(key)
     if meta is None:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-        _NPY_HEADERS[key] = (header_len, array.dtype, array.shape, bool(np.isfortran(array)))
-        return array
-    offset, dtype, shape, fortran = meta
+        meta = _parse_npy_header(data)
+        if len(_NPY_HEADERS) < 64:  # honest data has a handful of headers; crafted data may have one per member
+            _NPY_HEADERS[key] = meta
+    offset, dtype, shape, fortran, nbytes = meta
+    if len(data) - offset != nbytes:
+        raise ValueError(f"not a whole .npy array: its header declares {dtype}{list(shape)} ({nbytes} bytes), it holds {len(data) - offset}")
     return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape, order="F" if fortran else "C")
+
+
+def _parse_npy_header(data: bytes) -> tuple[int, np.dtype, tuple, bool, int]:
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    if version not in _NPY_HEADER_READERS:
+        raise ValueError(f"a .npy of version {version} is not read here")
+    shape, fortran, dtype = _NPY_HEADER_READERS[version](f)
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded: the .npy holds pickled objects")
+    return f.tell(), dtype, shape, fortran, math.prod(shape) * dtype.itemsize
+
+
+PAIRS_FIX = "Fix: regenerate the pairs (delete that generate output and rerun dmd generate)."
+
+
+def parse_class(data: bytes) -> int:
+    """A class label as shards write it: ASCII decimal (an optional minus sign, at most 18 digits)."""
+    found = re.fullmatch(rb"\s*(-?[0-9]{1,18})\s*", data)
+    if found is None:
+        raise ValueError(f"its class {shown(data[:60].decode('utf-8', 'replace'), 40)} is not an integer")
+    return int(found.group(1))
+
+
+def _npy_member(sample: dict, name: str) -> np.ndarray:
+    try:
+        return load_npy(sample[name])
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def _decode_pair(sample: dict) -> tuple:
@@ -100,16 +137,53 @@ def _decode_pair(sample: dict) -> tuple:
 
     A malformed sample (a crafted or foreign shard) is an InputError naming the shard and the sample."""
     try:
-        noise, image = load_npy(sample["noise.npy"]), load_npy(sample["image.npy"])
+        noise, image = _npy_member(sample, "noise.npy"), _npy_member(sample, "image.npy")
         if noise.shape != image.shape or noise.dtype.kind != "f" or image.dtype.kind != "f":
             raise ValueError(f"noise {noise.dtype}{list(noise.shape)} and image {image.dtype}{list(image.shape)} must be float arrays of one shape")
-        return (noise, image, int(sample["cls.txt"])) if "cls.txt" in sample else (noise, image)
-    except (KeyError, ValueError, IndexError, EOFError) as e:
+        return (noise, image, parse_class(sample["cls.txt"])) if "cls.txt" in sample else (noise, image)
+    except (KeyError, ValueError) as e:
         what = f"no {e.args[0]} member" if isinstance(e, KeyError) else str(e) or type(e).__name__
-        raise InputError(
-            f"pair shard {sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r} is malformed ({what}). "
-            "Fix: regenerate the pairs (delete that generate output and rerun dmd generate)."
-        ) from None
+        raise _pair_error(sample.get("__url__", "?"), sample.get("__key__", "?"), f"is malformed ({what})") from None
+
+
+def _pair_error(url, key: str, problem: str) -> InputError:
+    return InputError(f"{shard_label(url)}: sample {shown(key, 40)} {problem}. {PAIRS_FIX}")
+
+
+def shard_label(url) -> str:
+    """A pair shard for an error line: its name whole, then its directory (the generate output) shortened."""
+    return f"pair shard {shown(Path(str(url)).name, 40)} in {shown(str(Path(str(url)).parent))}"
+
+
+def check_pair_shard(url: str | Path, shape: tuple[int, ...], num_labels: int, samples: int | None = None) -> int:
+    """Every sample of one pair shard as distill will use it, read once: both arrays float, finite and of the
+    teacher's ``shape``; a label in ``[0, num_labels)`` exactly when ``num_labels`` > 0; ``samples`` of them
+    when the manifest lists a count (a tar cut between two samples reads as a shorter one). Returns the count."""
+    n = 0
+    for sample in tar_samples([{"url": str(url)}]):
+        noise, image, *label = _decode_pair(sample)
+        problem = _pair_problem(noise, image, label, tuple(shape), num_labels)
+        if problem:
+            raise _pair_error(url, sample["__key__"], problem)
+        n += 1
+    if samples is not None and n != samples:
+        raise InputError(f"{shard_label(url)} holds {n} samples; its manifest lists {samples} (a cut or altered shard). {PAIRS_FIX}")
+    return n
+
+
+def _pair_problem(noise: np.ndarray, image: np.ndarray, label: list[int], shape: tuple[int, ...], num_labels: int) -> str | None:
+    if noise.shape != shape:
+        return f"holds arrays of shape {list(noise.shape)}; the teacher works in {list(shape)}"
+    for name, array in (("noise.npy", noise), ("image.npy", image)):
+        if not np.isfinite(array).all():
+            return f"has NaN or Inf in {name}"
+    if num_labels and not label:
+        return f"has no cls.txt member; the teacher is conditional ({num_labels} labels)"
+    if label and not num_labels:
+        return "has a cls.txt member; the teacher is unconditional"
+    if label and not 0 <= label[0] < num_labels:
+        return f"has class {label[0]} in cls.txt, outside the teacher's labels 0..{num_labels - 1}"
+    return None
 
 
 def read_pairs(url: str | Path, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -145,9 +219,9 @@ def tar_samples(src):
         try:
             members = _tar_members(shard["url"])
         except (ValueError, UnicodeDecodeError, tarfile.TarError, OSError) as e:
-            raise InputError(f"pair shard {shard['url']} is not a readable tar ({type(e).__name__}: {e}). Fix: regenerate the pairs.") from None
+            raise InputError(f"{shard_label(shard['url'])} is not a readable tar ({type(e).__name__}: {shown(str(e), 80)}). {PAIRS_FIX}") from None
         if not members:
-            raise InputError(f"pair shard {shard['url']} is not a readable tar (it holds no samples). Fix: regenerate the pairs.")
+            raise InputError(f"{shard_label(shard['url'])} is not a readable tar (it holds no samples). {PAIRS_FIX}")
         sample: dict = {}
         for name, data in members:
             key, _, suffix = name.partition(".")
@@ -175,7 +249,7 @@ def _tar_members(url: str) -> list[tuple[str, bytes]]:
     while off + 512 <= len(buf) and buf[off] != 0:
         header = buf[off : off + 512]
         if header[156:157] not in (b"0", b"\0"):
-            with tarfile.open(fileobj=io.BytesIO(buf)) as tar:
+            with tarfile.open(fileobj=io.BytesIO(buf), mode="r:") as tar:  # uncompressed only: no gzip bomb
                 return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
         name = header[:100].split(b"\0", 1)[0].decode()
         prefix = header[345:500].split(b"\0", 1)[0].decode()

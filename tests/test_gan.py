@@ -251,9 +251,9 @@ def test_webdataset_real_data_for_a_pixel_teacher(tmp_path, edm_teacher):
     assert chain.plan(cfg, "distill").key != key
     bad = {
         "neither a .tar": tmp_path / "nothing",
-        "without a class": write_real_shard(tmp_path / "nocls.tar", pixels[:2]),
-        r"span 0\.\.11; the teacher has 10": write_real_shard(tmp_path / "range.tar", pixels[:2], [0, 11]),
-        r"holds \[1, 4, 4\] images": write_real_shard(tmp_path / "small.tar", pixels[:2, :, :4, :4], [0, 1]),
+        "sample '000000': no class": write_real_shard(tmp_path / "nocls.tar", pixels[:2]),
+        r"sample '000001': class 11 is outside this teacher's classes 0\.\.9": write_real_shard(tmp_path / "range.tar", pixels[:2], [0, 11]),
+        "sample '000000': png is a 4x4 image; the teacher makes 8x8": write_real_shard(tmp_path / "small.tar", pixels[:2, :, :4, :4], [0, 1]),
     }
     for match, path in bad.items():
         with pytest.raises(InputError, match=match):

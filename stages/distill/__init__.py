@@ -15,14 +15,16 @@ from pathlib import Path
 
 import torch
 
-from dmd_core.errors import InputError
+from dmd_core.errors import InputError, shown
 from dmd_core.faults import fault_point
 from dmd_core.losses import LPIPSLoss, lpips_backbone_path
+from dmd_core.real_data import check_real_data, real_shards
+from dmd_core.shards import PAIRS_FIX, check_pair_shard, shard_name
 from dmd_core.text import read_prompts
 
 from ..checks import check_guidance, check_prompts
 from ..config import DistillConfig, PipelineConfig
-from ..contract import Manifest, Plan, StageOutput, Teacher, spec
+from ..contract import PROMPTS_FILE, Manifest, Plan, StageOutput, Teacher, pair_prompts, spec
 from ..files import Timer
 from ..launch import launch_plan
 from ..progress import progress_bar
@@ -30,7 +32,7 @@ from ..quality import features_digest, reference_digest
 from ..store import Store, open_store
 from .checkpoints import CHECKSUMS, CheckpointManager, checkpoint_problem
 from .outputs import finalize, sample_grid
-from .trainer import Trainer, TrainingDiverged, generator_parametrization, load_real_set
+from .trainer import Trainer, TrainingDiverged, generator_parametrization, real_spec
 
 __all__ = ["Trainer", "TrainingDiverged", "build", "check", "checkpoint_problem", "plan", "run_distributed"]
 
@@ -66,7 +68,7 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
         )
     generator_parametrization(d, teacher.param)  # bad generator timesteps fail here
     if d.gan:
-        check_real_data_setting(d, teacher)
+        check_real_data_setting(d, teacher, open_store(cfg.store))
     check_guidance("distill", d.guidance_scale, teacher)
     if d.regression_weight == 0:
         check_prompts(teacher, cfg.generate.prompts, "generate")
@@ -91,10 +93,40 @@ def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput | None) -> Pl
             f"the pairs in {pairs.out_dir} were made by another teacher (digest {pm.upstream.get('teacher', '?')[:16]}) "
             f"than the configured teacher.path (digest {teacher.digest[:16]}). Fix: regenerate the pairs with this teacher."
         )
+    check_pairs(cfg, teacher, pairs)
     up = {"pairs": pm.digest, "teacher": teacher.digest, **_optional_upstream(cfg)}
     key = SPEC.key(cfg, up)
     info = {"image_shape": pm.info["image_shape"], "num_shards": pm.info["num_shards"]}
     return Plan(STAGE, key, open_store(cfg.store).output_dir(STAGE, key), up, {"teacher": str(teacher.path), "pairs": str(pairs.out_dir)}, info)
+
+
+def check_pairs(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput) -> None:
+    """Every pair fits the teacher (shape, float, finite, label in range, the listed count): crafted or foreign
+    pairs (distill.pairs) are refused before training, not at the step that meets them. Read once per pairs
+    digest and teacher shape: the store remembers a set that passed."""
+    prompts = _pair_prompt_list(pairs.out_dir) if teacher.takes_prompts else None
+    num_labels = len(prompts) if prompts is not None else teacher.param.num_classes
+    shape = tuple(teacher.image_shape)
+    store = open_store(cfg.store)
+    marker = f"pairs-{pairs.manifest.digest[:32]}-{'x'.join(map(str, shape))}-{num_labels}"
+    if store.noted(marker):
+        return
+    counts = {f.name: f.samples for f in pairs.manifest.files}
+    for i in range(pairs.manifest.info["num_shards"]):
+        check_pair_shard(pairs.out_dir / shard_name(i), shape, num_labels, counts.get(shard_name(i)))
+    store.note(marker)
+
+
+def _pair_prompt_list(pairs_dir: Path) -> list[str]:
+    """The prompt list a text-to-image generate output's cls.txt index (prompts.json), checked."""
+    where = shown(str(Path(pairs_dir) / PROMPTS_FILE))
+    try:
+        prompts = pair_prompts(pairs_dir)
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or UTF-8
+        raise InputError(f"the pairs' prompt list {where} is unreadable ({type(e).__name__}). {PAIRS_FIX}") from None
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InputError(f"the pairs' prompt list {where} is missing or not a JSON list of prompts; a text-to-image teacher needs it. {PAIRS_FIX}")
+    return prompts
 
 
 def _plan_without_pairs(cfg: PipelineConfig, teacher: Teacher) -> Plan:
@@ -111,8 +143,9 @@ def _plan_without_pairs(cfg: PipelineConfig, teacher: Teacher) -> Plan:
     return Plan(STAGE, key, store.output_dir(STAGE, key), up, inputs, {"image_shape": list(teacher.image_shape), "num_shards": 0})
 
 
-def check_real_data_setting(d: DistillConfig, teacher: Teacher) -> None:
-    """distill.real_data fits the teacher (read from its first sample only; the whole set is checked at load)."""
+def check_real_data_setting(d: DistillConfig, teacher: Teacher, store: Store) -> None:
+    """distill.real_data fits the teacher: each of the samples distill will read, checked one at a time before any
+    stage runs (the trainer checks them again as it loads them). Once per content: the store remembers a set that passed."""
     if d.real_data == "digits":
         fix = "Fix: --set distill.real_data=DIR (a WebDataset of real images, docs/formats.md) or distill.gan=false."
         if teacher.takes_prompts:
@@ -120,7 +153,12 @@ def check_real_data_setting(d: DistillConfig, teacher: Teacher) -> None:
         if teacher.image_shape != (1, 8, 8):
             raise InputError(f"distill.real_data=digits holds 1x8x8 images; this teacher makes {list(teacher.image_shape)}. {fix}")
         return
-    load_real_set(d, teacher, 1)
+    spec = real_spec(teacher)
+    real_shards(d.real_data)  # a path that is no WebDataset is refused before it is hashed
+    marker = f"real-data-{store.digest(d.real_data)[:32]}-{'x'.join(map(str, spec.shape))}-{spec.num_classes}-{int(spec.text)}-{d.real_samples}"
+    if not store.noted(marker):
+        check_real_data(d.real_data, d.real_samples, spec)
+        store.note(marker)
 
 
 def _real_data_digest(d: DistillConfig, store: Store) -> str:

@@ -26,12 +26,12 @@ from dmd_core.dmd import (
     random_labels,
     step_noise,
 )
-from dmd_core.errors import InputError
+from dmd_core.errors import InputError, shown
 from dmd_core.gan import BottleneckHead, BottleneckTap
 from dmd_core.losses import DecodedLoss, LPIPSLoss, l2_loss, pseudo_huber_loss
 from dmd_core.metrics import channel_stats
-from dmd_core.real_data import RealData, check_real_data, read_real_data
-from dmd_core.shards import check_pair_batch, pair_stream, sample_seed, shard_name
+from dmd_core.real_data import RealData, RealSpec, read_real_data
+from dmd_core.shards import PAIRS_FIX, check_pair_batch, pair_stream, sample_seed, shard_name
 from dmd_core.step import DiscriminatorLoss, Sums, fake_score_updates, generator_samples, generator_update
 from dmd_core.transfer import to_device
 
@@ -47,12 +47,14 @@ class TrainingDiverged(InputError):
     """A loss term, a gradient norm or a weight became NaN or Inf."""
 
 
+def real_spec(teacher: Teacher) -> RealSpec:
+    """What each real sample must hold for ``teacher``: its pixel shape, a class (class-conditional), a caption (text)."""
+    return RealSpec(tuple(teacher.pixel_shape()), 0 if teacher.takes_prompts else teacher.param.num_classes, teacher.takes_prompts)
+
+
 def load_real_set(d: DistillConfig, teacher: Teacher, max_samples: int) -> RealData:
-    """The first ``max_samples`` of a WebDataset real_data, checked against the teacher (pixel shape, classes, captions)."""
-    shape = teacher.pixel_shape()
-    data = read_real_data(d.real_data, max_samples, shape[0])
-    check_real_data(data, shape, teacher.param.num_classes, teacher.takes_prompts, d.real_data)
-    return data
+    """The first ``max_samples`` of a WebDataset real_data, each sample checked against the teacher as it is read."""
+    return read_real_data(d.real_data, max_samples, real_spec(teacher))
 
 
 def regression_loss_fn(d: DistillConfig):
@@ -261,7 +263,7 @@ class Trainer:
             draws.append((rng, rng.randn(self.shape), random_labels(rng, self.label_range)))
         return pairs, draws
 
-    def host_logs(self, step: int, sums: dict[str, torch.Tensor], norms: dict[str, torch.Tensor]) -> dict[str, float]:
+    def host_logs(self, step: int, sums: dict[str, torch.Tensor], norms: dict[str, torch.Tensor], pairs: list[tuple] | None = None) -> dict[str, float]:
         """The step's scalars to the host in one transfer (the step's only device sync), and the NaN/Inf check
         of its loss terms and gradient norms. A non-finite term propagates through the micro-batch sums, so
         checking the sums checks every micro-batch. A non-finite gradient norm with finite losses means the
@@ -275,12 +277,22 @@ class Trainer:
         logs = dict(zip([*sums, *norms], host))
         bad = [name for name, f in zip([*sums, *norms], host[len(values) :]) if f < 1]
         if bad:
-            raise TrainingDiverged(
-                f"distill stopped at step {step + 1}: {', '.join(bad)} is NaN or Inf. The last good checkpoint is kept in "
-                f"{self.p.out_dir / 'checkpoints'}. Fix: lower the learning rates (distill.generator_optimizer.lr, "
-                "distill.fake_optimizer.lr), keep distill.max_grad_norm set, or use distill.mixed_precision=no."
-            )
+            raise TrainingDiverged(f"distill stopped at step {step + 1}: {', '.join(bad)} is NaN or Inf. {self.divergence_cause(pairs)}")
         return logs
+
+    def divergence_cause(self, pairs: list[tuple] | None) -> str:
+        """Why a step went NaN or Inf, as far as the host can tell, and the fix: the data when the step's pairs or
+        the real images hold NaN or Inf (no learning rate helps then), else the training itself; and the
+        checkpoint a rerun resumes from, only when one exists."""
+        if pairs and any(not bool(torch.isfinite(t).all()) for batch in pairs for t in batch[:2]):
+            return f"This step's pairs hold NaN or Inf (from {shown(str(self.p.inputs.get('pairs', '?')))}). {PAIRS_FIX}"
+        real = getattr(self, "real_images", None)
+        if real is not None and not bool(torch.isfinite(real).all()):
+            return "The real images (distill.real_data) hold NaN or Inf. Fix: replace or remove those images; real images are finite, in [-1, 1]."
+        found = sorted((self.p.out_dir / "checkpoints").glob("step-*"))
+        kept = f"The last good checkpoint is kept: {shown(str(found[-1]))}." if found else "No checkpoint was written before it."
+        return (f"{kept} Fix: lower the learning rates (distill.generator_optimizer.lr, distill.fake_optimizer.lr), keep "
+                "distill.max_grad_norm set, or use distill.mixed_precision=no.")  # fmt: skip
 
     def step(self, step: int, batches: list | None = None) -> dict[str, float]:
         """One generator update then ``fake_updates_per_generator_update`` fake-score updates.
@@ -311,7 +323,7 @@ class Trainer:
         with record_function("dmd.read_ahead"):
             self.ahead = {step + 1: self.prepare(step + 1, read_pairs=batches is None)}
         with record_function("dmd.host_logs"):
-            host = self.host_logs(step, sums, norms)
+            host = self.host_logs(step, sums, norms, pairs)
         logs = {"loss_dm": 0.0, "loss_reg": 0.0, "loss_g": 0.0, "loss_fake": 0.0, **host}
         logs["lr_g"], logs["lr_fake"] = self.opt_g.param_groups[0]["lr"], self.opt_f.param_groups[0]["lr"]
         return logs
