@@ -48,7 +48,7 @@ def run_command(
         from .server import prefect_api
 
         try:
-            with prefect_api() as local:
+            with prefect_api("dmd run") as local:
                 result = dmd_pipeline(config=str(config) if config else None, overrides=set_ or [], only=only, refresh=refresh or [], num_processes=num_processes)
         except RuntimeError as e:
             raise InputError(str(e)) from None
@@ -105,7 +105,7 @@ def demo_command() -> None:
         from .pipeline import dmd_pipeline, where_dashboards_are
         from .server import prefect_api
 
-        with prefect_api() as local:
+        with prefect_api("dmd demo") as local:
             result = dmd_pipeline()
         out = result["outputs"]
         table = results_table(open_store(load_config(None).store).read_manifest(Path(out["evaluate"])))
