@@ -28,7 +28,12 @@ from .losses import distribution_matching_loss, edm_weight, eps_mse_loss
 from .shards import sample_seed
 
 Tensor = torch.Tensor
-NUM_LEVELS = 1000  # T: VP's training timesteps; for EDM the size of the Karras sigma grid
+NUM_LEVELS = 1000  # T of EDM models: the size of the Karras sigma grid (a VP model's T is its schedule's length)
+
+
+def num_levels(param: Parametrization, alphas_cumprod: Tensor | None = None) -> int:
+    """T, the integer timesteps of the model's noise levels: a VP model's training timesteps, EDM's grid size."""
+    return NUM_LEVELS if param.kind == "edm" else int(alphas_cumprod.shape[0])
 
 
 class SampleRNG:
@@ -79,8 +84,13 @@ def _karras_levels(sigma_min: float, sigma_max: float, device: torch.device) -> 
 
 # DMD's own choice for VP generators is T - 1; there x0 = (x - sigma eps) / alpha multiplies any error
 # of the network's eps by sigma/alpha (14.6 for Stable Diffusion's schedule, 157 for DDPM's). The measured
-# default is mid-range (docs/math.md §5 has the numbers).
+# default is mid-range (docs/math.md §5 has the numbers): T / 2, 500 of Stable Diffusion's and DDPM's 1000.
 VP_GENERATOR_TIMESTEP = 500
+
+
+def default_generator_timestep(num_train_timesteps: int) -> int:
+    """The default t* of a VP generator on a schedule of ``num_train_timesteps``: the same point of it as 500 of 1000."""
+    return max(1, VP_GENERATOR_TIMESTEP * num_train_timesteps // NUM_LEVELS)
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,7 @@ class OneStep:
         p = den.param
         if p.kind == "edm":
             return cls(p.sigma_max, p.sigma_max)
-        return cls(NUM_LEVELS - 1 if p.one_step_timestep is None else p.one_step_timestep, 1.0)
+        return cls(num_levels(p, getattr(den, "alphas_cumprod", None)) - 1 if p.one_step_timestep is None else p.one_step_timestep, 1.0)
 
     def __call__(self, generator: Callable, z: Tensor, labels: Tensor | None) -> Tensor:
         """``generator`` may be wrapped (DDP); this object carries the parametrisation."""
@@ -208,9 +218,9 @@ class DMDSettings:
     t_max: float = 0.98
 
 
-def dm_timestep_range(s: DMDSettings) -> tuple[int, int]:
-    """[low, high) integer range of t for the distribution matching loss; t_max = 1 means level T - 1."""
-    return int(s.t_min * NUM_LEVELS), min(int(s.t_max * NUM_LEVELS) + 1, NUM_LEVELS)
+def dm_timestep_range(s: DMDSettings, levels: int = NUM_LEVELS) -> tuple[int, int]:
+    """[low, high) integer range of t for the distribution matching loss (T = ``levels``); t_max = 1 means level T - 1."""
+    return int(s.t_min * levels), min(int(s.t_max * levels) + 1, levels)
 
 
 class DistributionMatchingLoss:
@@ -220,9 +230,10 @@ class DistributionMatchingLoss:
         self.settings = settings
 
     def __call__(self, x: Tensor, labels: Tensor | None, real: Denoiser, fake: Callable, rng: SampleRNG) -> Tensor:
-        t = rng.randint(*dm_timestep_range(self.settings))
+        alphas_cumprod = getattr(real, "alphas_cumprod", None)
+        t = rng.randint(*dm_timestep_range(self.settings, num_levels(real.param, alphas_cumprod)))
         eps = rng.randn(tuple(x.shape[1:])).to(x.dtype)
-        alpha, sigma, level = noise_levels(real.param, t, getattr(real, "alphas_cumprod", None))
+        alpha, sigma, level = noise_levels(real.param, t, alphas_cumprod)
         x_t = _bcast(alpha, x) * x.detach() + _bcast(sigma, x) * eps
         with torch.no_grad(), record_function("dmd.scores"):  # the name of this part in a torch.profiler trace
             p_real = real(x_t, level, labels, self.settings.guidance_scale)
@@ -312,7 +323,7 @@ class FakeScoreLoss:
 
     def __call__(self, fake: Callable, x: Tensor, labels: Tensor | None, rng: SampleRNG) -> Tensor:
         x = x.detach()
-        t = rng.randint(0, NUM_LEVELS)
+        t = rng.randint(0, num_levels(self.param, self.alphas_cumprod))
         eps = rng.randn(tuple(x.shape[1:])).to(x.dtype)
         alpha, sigma, level = noise_levels(self.param, t, self.alphas_cumprod)
         a, s = _bcast(alpha, x), _bcast(sigma, x)
@@ -331,7 +342,7 @@ class GANLogits:
         self.param, self.alphas_cumprod = param, alphas_cumprod
 
     def __call__(self, fake: Callable, tap, head: Callable, x: Tensor, labels: Tensor | None, rng: SampleRNG) -> Tensor:
-        t = rng.randint(0, NUM_LEVELS)
+        t = rng.randint(0, num_levels(self.param, self.alphas_cumprod))
         eps = rng.randn(tuple(x.shape[1:])).to(x.dtype)
         alpha, sigma, level = noise_levels(self.param, t, self.alphas_cumprod)
         x_t = _bcast(alpha, x) * x + _bcast(sigma, x) * eps

@@ -15,6 +15,7 @@ from typing import Callable
 from dmd_core.errors import InputError
 from dmd_core.loading import resolve_model_dir
 
+from .checks import check_limits
 from .config import PipelineConfig, dump_config
 from .contract import STAGES, Plan, StageOutput, StageSpec, Teacher, spec
 from .registry import module
@@ -77,6 +78,7 @@ def check(cfg: PipelineConfig, target: str) -> tuple[Teacher, list[StageSpec]]:
     teacher = resolve_teacher(cfg)
     stages = stages_for(cfg, target)
     for s in stages:
+        check_limits(cfg, teacher, s.name)
         getattr(module(s.name), "check", lambda cfg, teacher: None)(cfg, teacher)
     return teacher, stages
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+import psutil
 import torch
 
 from dmd_core.errors import InputError
 
+from .config import PipelineConfig
 from .contract import Teacher
+
+# A batch holds at least this many float32 tensors of its samples' size at once (input, output, one activation
+# and its gradient): a lower bound of what it needs, so a batch refused for it could never have run.
+TENSORS_PER_SAMPLE = 4
+SHARDS_IN_MEMORY = 3  # generate: the shard being filled and two being written
 
 
 def check_precision(section: str, precision: str) -> None:
@@ -29,3 +39,65 @@ def check_guidance(section: str, guidance_scale: float, teacher: Teacher) -> Non
     """Guidance needs a condition to drop: classes or prompts."""
     if guidance_scale != 1.0 and not teacher.guidable:
         raise InputError(f"{section}.guidance_scale != 1 needs a class-conditional or text-to-image teacher. Fix: --set {section}.guidance_scale=1")
+
+
+def check_solver_steps(setting: str, solver: str, steps: int, teacher: Teacher) -> None:
+    """PNDM takes at most one step per training timestep of the teacher (more, and diffusers runs them all at t = 0)."""
+    T = teacher.num_timesteps
+    if solver == "pndm" and teacher.param.kind == "vp" and steps > T:
+        raise InputError(f"{setting}={steps} pndm steps exceed the teacher's {T} timesteps (its scheduler's num_train_timesteps). "
+                         f"Fix: --set {setting}={min(50, T)} (at most {T}).")  # fmt: skip
+
+
+def device_memory() -> tuple[int, str]:
+    """(bytes, name) of the memory stages compute in: the first GPU's, else the machine's."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory, "GPU"
+    return host_memory()
+
+
+def host_memory() -> tuple[int, str]:
+    return psutil.virtual_memory().total, "machine"
+
+
+def check_fits(setting: str, value: int, need: int, what: str, memory: tuple[int, str]) -> None:
+    """Refuse a setting whose own data (``need`` bytes, a lower bound) is more than all of ``memory``."""
+    have, where = memory
+    if need > have:
+        raise InputError(
+            f"{setting}={value} needs at least {need / 2**30:,.1f} GiB for {what} alone; the {where} has {have / 2**30:,.1f} GiB. "
+            f"Fix: lower {setting} (to well under {max(1, value * have // need)}: the networks need memory too)."
+        )
+
+
+def check_limits(cfg: PipelineConfig, teacher: Teacher, stage: str) -> None:
+    """The bounds of the numeric settings of ``stage`` that depend on the teacher or the machine (config.py bounds the
+    rest): solver steps against the teacher's timesteps, and each batch, shard or buffer against the memory it lives in."""
+    image = math.prod(teacher.image_shape)  # values of one sample in model space
+    widest = max(image, math.prod(teacher.pixel_shape()))  # latent teachers decode to pixels
+    per_sample = TENSORS_PER_SAMPLE * 4 * widest
+    if stage == "generate":
+        g = cfg.generate
+        check_solver_steps("generate.steps", g.solver, g.steps, teacher)
+        batch = min(g.batch_size, g.shard_size, g.num_samples)
+        check_fits("generate.batch_size", g.batch_size, batch * TENSORS_PER_SAMPLE * 4 * image, "its samples", device_memory())
+        shard = min(g.shard_size, g.num_samples)
+        pair = 2 * image * np.dtype(g.dtype).itemsize
+        check_fits("generate.shard_size", g.shard_size, SHARDS_IN_MEMORY * shard * pair, f"{SHARDS_IN_MEMORY} shards of pairs", host_memory())
+    elif stage == "distill":
+        d = cfg.distill
+        check_fits("distill.batch_size", d.batch_size, d.batch_size * per_sample, "its samples", device_memory())
+        if d.regression_weight > 0:  # pairs: noise and image, float16 at the least
+            check_fits("distill.shuffle_buffer", d.shuffle_buffer, d.shuffle_buffer * 2 * image * 2, "the buffered pairs", host_memory())
+        if d.gan and d.real_data != "digits":  # one byte a value at the least (8-bit images)
+            pixels = math.prod(teacher.pixel_shape())
+            check_fits("distill.real_samples", d.real_samples, d.real_samples * pixels, "the real images", host_memory())
+    elif stage == "evaluate":
+        e = cfg.evaluate
+        steps, setting = (e.teacher_steps, "evaluate.teacher_steps") if e.teacher_steps else (cfg.generate.steps, "generate.steps")
+        check_solver_steps(setting, cfg.generate.solver, steps, teacher)
+        check_fits("evaluate.batch_size", e.batch_size, e.batch_size * per_sample, "its samples", device_memory())
+        check_fits("evaluate.speed_batch_size", e.speed_batch_size, e.speed_batch_size * per_sample, "its samples", device_memory())
+    elif stage == "export":
+        n = cfg.export.parity_samples
+        check_fits("export.parity_samples", n, n * per_sample, "its samples", device_memory())

@@ -12,9 +12,10 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from torch.onnx import _constants as onnx_constants
 
 from dmd_core.dmd import VP_GENERATOR_TIMESTEP, DMDSettings
-from dmd_core.errors import InputError
+from dmd_core.errors import InputError, shown
 from dmd_core.gan import GAN_WEIGHT_DISCRIMINATOR, GAN_WEIGHT_GENERATOR
 from dmd_core.precision import Precision
 
@@ -24,6 +25,31 @@ DEFAULT_CONFIG = PROJECT_ROOT / "data" / "digits.yaml"
 
 # Far above any real run, low enough that a typo (an extra 0 or two) fails here, not as a MemoryError mid-stage.
 MAX_COUNT = 10**9
+
+# What a config file or a --set value may make the loader do (a config is a few KB and about 100 values):
+MAX_CONFIG_BYTES = 2**20  # read no further: hundreds of times the largest config
+MAX_YAML_NODES = 100_000  # values once aliases and merges are followed (an 8-level alias bomb of 460 bytes is 43 M)
+MAX_YAML_DEPTH = 32  # levels, aliases followed; PyYAML's composer recurses per level and fails near 300
+MAX_SCALAR_CHARS = 4096  # one value: PATH_MAX, the length of the longest setting (a path)
+MAX_PROBLEMS = 5  # validation problems named on the error line; the rest are counted
+
+# Bounds of the numeric settings, each from what the setting drives (README "Bounds" has the table). The ones that
+# depend on the teacher or the machine (timesteps, memory of a batch) are stages.checks.check_limits', before any stage runs.
+MAX_SOLVER_STEPS = 1000  # time: 2 network calls per Heun step per sample; EDM's schedules use 18-256, PNDM at most T
+MAX_BATCH = 2**16  # memory: samples in one network call (DMD: 2048 over all processes); bounded again by the device's memory
+MAX_GUIDANCE = 100.0  # uncond + s (cond - uncond) scales the difference s-fold: published scales are 1-15; 1e30 makes NaN
+MAX_SEED = 2**63 - 1  # an int64 for every reader of the manifests (numpy, torch, JSON outside Python)
+MAX_THREADS = 1024  # threads per process: more than any machine's cores; libgomp aborts the process near 10^5
+MAX_WORKERS = 256  # loader processes: each a Python process of its own
+MAX_LR = 1.0  # AdamW moves every weight by about lr per step: at 1 the teacher's weights are gone in one step
+MAX_LOSS_WEIGHT = 1000.0  # a loss term's weight against the others (DMD: 0.25, 1; DMD2: 3e-3, 1e-2); past it the rest is noise
+MAX_UPDATES = 100  # fake-score steps or micro-batches per generator step: each is a forward and backward (DMD2: 5)
+MAX_IMAGE_SIDE = 4096  # pixels of a side: SDXL decodes 1024
+MAX_GRAD_NORM = 1e6  # real gradient norms are far below: a larger value never clips (null turns clipping off)
+MAX_KEPT = 1000  # checkpoints on disk: each holds both networks and their optimizer state
+MAX_REPEATS = 100  # timed repeats of a speed batch: a median of more says nothing new
+MAX_PARITY = 1024  # fixed inputs of the export checks, run as one batch in PyTorch, ONNX Runtime and a fresh process
+MAX_OPSET = getattr(onnx_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)  # what export's exporter (dynamo=False) writes
 
 
 def _numbers_only(tp: Any) -> bool:
@@ -55,10 +81,17 @@ class Section(BaseModel):
         return v
 
 
+NAME_MAX, PATH_MAX = 255, 4096  # bytes of one file name and of a whole path (Linux): longer fails in every open()
+
+
 def _not_empty(hint: str):
+    """A path setting: not empty, and a path the file system can open (else an OSError mid-check)."""
+
     def check(v: str) -> str:
         if not v.strip():
             raise ValueError(f"must not be empty (an empty path is the current directory{hint})")
+        if len(v.encode()) >= PATH_MAX or any(len(name.encode()) > NAME_MAX for name in v.split("/")):
+            raise ValueError(f"is longer than a file system allows ({NAME_MAX} bytes a name, {PATH_MAX - 1} a path)")
         return v
 
     return AfterValidator(check)
@@ -67,6 +100,10 @@ def _not_empty(hint: str):
 PathStr = Annotated[str, _not_empty("")]
 OptionalPathStr = Annotated[str, _not_empty("; null leaves it unset")]
 Beta = Annotated[float, Field(ge=0, lt=1)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Threads = Annotated[int, Field(gt=0, le=MAX_THREADS)]
+# one bound for generate's and distill's guidance (stages.checks.check_guidance: a teacher with nothing to guide needs 1)
+GuidanceScale = Annotated[float, Field(ge=0, le=MAX_GUIDANCE)]
 
 
 class TeacherConfig(Section):
@@ -75,59 +112,74 @@ class TeacherConfig(Section):
 
 class GenerateConfig(Section):
     num_samples: int = Field(2048, gt=0, le=MAX_COUNT, description="number of (noise, image) pairs")
-    steps: int = Field(18, gt=0, description="solver steps (Heun: 18 = 35 network evaluations; PNDM: 50)")
+    steps: int = Field(
+        18, gt=0, le=MAX_SOLVER_STEPS, description="solver steps (Heun: 18 = 35 network evaluations; PNDM: 50, at most the teacher's T)"
+    )
     solver: Literal["heun", "pndm"] = Field("heun", description="heun for EDM teachers, pndm for VP teachers")
-    shard_size: int = Field(256, gt=0, description="samples per WebDataset shard")
-    batch_size: int = Field(128, gt=0, description="samples per solver call (never crosses a shard)")
-    seed: int = Field(0, ge=0, description="noise of sample i is seeded by (seed, i)")
+    shard_size: int = Field(256, gt=0, le=MAX_COUNT, description="samples per WebDataset shard (built in memory: up to 3 at once)")
+    batch_size: int = Field(128, gt=0, le=MAX_BATCH, description="samples per solver call (never crosses a shard)")
+    seed: Seed = Field(0, description="noise of sample i is seeded by (seed, i)")
     dtype: Literal["float16", "float32"] = Field("float32", description="storage dtype of noise.npy and image.npy")
-    guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance of the teacher (1 = none)")
+    guidance_scale: GuidanceScale = Field(1.0, description="classifier-free guidance of the teacher (1 = none)")
     precision: Precision = Field(
         "fp32", description="compute precision of the teacher's network calls (fp32: TF32 off; fp16 needs a GPU); the ODE state stays float64"
     )
     prompts: OptionalPathStr | None = Field(None, description="text-to-image teachers: a .parquet or text file of prompts; pair i uses prompt i mod N")
     prompt_column: str = Field("prompt", description="the prompt column of a Parquet prompt file")
-    num_threads: int | None = Field(
-        None, gt=0, description="torch threads per process (default: cores / processes); not part of the cache key"
-    )
+    num_threads: Threads | None = Field(None, description="torch threads per process (default: cores / processes); not part of the cache key")
 
 
 class OptimizerConfig(Section):
-    lr: float = Field(5e-5, gt=0, description="AdamW learning rate")
+    lr: float = Field(5e-5, gt=0, le=MAX_LR, description="AdamW learning rate")
     betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1)")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW weight decay (each step multiplies the weights by 1 - lr x weight_decay)")
+
+    @model_validator(mode="after")
+    def _decay_below_one(self) -> "OptimizerConfig":
+        if self.lr * self.weight_decay >= 1:
+            decay = self.lr * self.weight_decay
+            raise ValueError(f"lr x weight_decay = {decay:g} >= 1 zeroes (or flips) every weight each step. Fix: lower weight_decay")
+        return self
 
 
 class DistillConfig(Section):
     steps: int = Field(1000, gt=0, le=MAX_COUNT, description="generator updates")
-    batch_size: int = Field(64, gt=0, description="samples per process per step, for both loss terms")
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH, description="samples per process per step, for both loss terms")
     regression_loss: Literal["lpips", "pseudo_huber", "l2"] = Field("lpips", description="l in loss_reg = l(G(z_ref), y_ref)")
-    regression_weight: float = Field(DMDSettings.regression_weight, ge=0, description="lambda_reg")
-    dm_weight: float = Field(DMDSettings.dm_weight, ge=0, description="weight of the distribution matching loss (0: regression only, for ablations)")
+    regression_weight: float = Field(DMDSettings.regression_weight, ge=0, le=MAX_LOSS_WEIGHT, description="lambda_reg")
+    dm_weight: float = Field(
+        DMDSettings.dm_weight, ge=0, le=MAX_LOSS_WEIGHT, description="weight of the distribution matching loss (0: regression only, for ablations)"
+    )
     lpips_net: Literal["vgg", "alex"] = Field("vgg", description="LPIPS backbone (weights from the torch hub cache)")
     lpips_resolution: int | None = Field(
-        None, gt=0, description="latent teachers: resize the VAE-decoded images to this size before LPIPS (less memory)"
+        None, gt=0, le=MAX_IMAGE_SIDE, description="latent teachers: resize the VAE-decoded images to this size before LPIPS (less memory)"
     )
-    guidance_scale: float = Field(DMDSettings.guidance_scale, ge=0, description="classifier-free guidance of the real score")
-    fake_updates_per_generator_update: int = Field(1, ge=1, description="fake-score steps per generator step (DMD2: 5)")
+    guidance_scale: GuidanceScale = Field(DMDSettings.guidance_scale, description="classifier-free guidance of the real score")
+    fake_updates_per_generator_update: int = Field(1, ge=1, le=MAX_UPDATES, description="fake-score steps per generator step (DMD2: 5)")
     gan: bool = Field(False, description="DMD2's GAN term: a classifier head on the fake score's bottleneck, real vs generated")
-    gan_weight_generator: float = Field(GAN_WEIGHT_GENERATOR, ge=0, description="w_G of softplus(-D(G(z))) in the generator loss (DMD2: 3e-3)")
-    gan_weight_discriminator: float = Field(GAN_WEIGHT_DISCRIMINATOR, ge=0, description="w_D of the head's loss in the fake-score loss (DMD2: 1e-2)")
+    gan_weight_generator: float = Field(
+        GAN_WEIGHT_GENERATOR, ge=0, le=MAX_LOSS_WEIGHT, description="w_G of softplus(-D(G(z))) in the generator loss (DMD2: 3e-3)"
+    )
+    gan_weight_discriminator: float = Field(
+        GAN_WEIGHT_DISCRIMINATOR, ge=0, le=MAX_LOSS_WEIGHT, description="w_D of the head's loss in the fake-score loss (DMD2: 1e-2)"
+    )
     real_data: PathStr = Field(
         "digits", description="real images for the GAN term: 'digits' (embedded, with classes) or a WebDataset (.tar or dir) of images with cls / prompt.txt"
     )
-    real_samples: int = Field(50_000, gt=0, description="at most this many real images are read (into memory) from a WebDataset real_data")
+    real_samples: int = Field(
+        50_000, gt=0, le=MAX_COUNT, description="at most this many real images are read (into memory) from a WebDataset real_data"
+    )
     generator_optimizer: OptimizerConfig = OptimizerConfig()
     fake_optimizer: OptimizerConfig = OptimizerConfig()
-    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up, both networks")
-    max_grad_norm: float | None = Field(10.0, gt=0, description="gradient clipping (None = off)")
+    warmup_steps: int = Field(0, ge=0, le=MAX_COUNT, description="linear learning-rate warm-up, both networks")
+    max_grad_norm: float | None = Field(10.0, gt=0, le=MAX_GRAD_NORM, description="gradient clipping (None = off)")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast precision (fp16 needs a GPU)")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_no(cls, v):
         return "no" if v is False else v  # YAML 1.1 reads an unquoted `no` as false
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_UPDATES, description="micro-batches per optimizer step")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: generator, fake score and (LPIPS on decoded images) the VAE decoder")
     compile: bool = Field(False, description="torch.compile the generator's and the fake score's UNets (a GPU speed-up; minutes of compiling first)")
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -140,22 +192,24 @@ class DistillConfig(Section):
         None, description="DMD2's k-step generator: decreasing timesteps in the teacher's T (e.g. [999, 749, 499, 249]); EDM starts at 999"
     )
     generator_timestep: int | None = Field(
-        None, ge=1, le=999, description=f"VP teachers: t* of G(z) = x0(z, t*) (default {VP_GENERATOR_TIMESTEP}; DMD's is 999)"
+        None, ge=1, le=999,  # denoiser.json's range; the teacher's own T - 1 is checked before any stage runs
+        description=f"VP teachers: t* of G(z) = x0(z, t*), in [1, T - 1] of the teacher's T (default T/2: {VP_GENERATOR_TIMESTEP} of 1000)",
     )
-    seed: int = Field(0, ge=0)
-    checkpoint_every: int = Field(500, gt=0, description="steps between checkpoints (the data stream restarts there)")
-    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept on disk")
-    sample_every: int = Field(500, gt=0, description="steps between sample grids")
-    log_every: int = Field(10, gt=0, description="steps between metrics rows")
-    shuffle_buffer: int = Field(1000, ge=1, description="WebDataset shuffle buffer (samples)")
-    num_workers: int = Field(0, ge=0, description="data loader worker processes")
+    seed: Seed = Field(0)
+    checkpoint_every: int = Field(500, gt=0, le=MAX_COUNT, description="steps between checkpoints (the data stream restarts there)")
+    keep_checkpoints: int = Field(2, ge=1, le=MAX_KEPT, description="checkpoints kept on disk")
+    sample_every: int = Field(500, gt=0, le=MAX_COUNT, description="steps between sample grids")
+    log_every: int = Field(10, gt=0, le=MAX_COUNT, description="steps between metrics rows")
+    shuffle_buffer: int = Field(1000, ge=1, le=MAX_COUNT, description="WebDataset shuffle buffer (samples, in memory)")
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description="data loader worker processes")
     pairs: OptionalPathStr | None = Field(None, description="a generate output dir; default: the one this config's generate section makes")
     resume_from: OptionalPathStr | None = Field(None, description="checkpoint dir to continue from (e.g. to train longer)")
     eval_every: int | None = Field(
-        None, gt=0, description="steps between quality probes (FD and class accuracy of a fixed sample, evaluate's features); keeps generator_best/"
+        None, gt=0, le=MAX_COUNT,
+        description="steps between quality probes (FD and class accuracy of a fixed sample, evaluate's features); keeps generator_best/",
     )
-    eval_samples: int = Field(1000, gt=1, description="samples of each quality probe (more than the feature dimension)")
-    num_threads: int | None = Field(None, gt=0, description="torch threads per process; not part of the cache key")
+    eval_samples: int = Field(1000, gt=1, le=MAX_COUNT, description="samples of each quality probe (more than the feature dimension)")
+    num_threads: Threads | None = Field(None, description="torch threads per process; not part of the cache key")
 
     @model_validator(mode="after")
     def _rules_between_settings(self) -> "DistillConfig":
@@ -172,8 +226,8 @@ class DistillConfig(Section):
 
 class EvaluateConfig(Section):
     num_samples: int = Field(50_000, gt=1, le=MAX_COUNT, description="one-step samples (class-balanced labels)")
-    batch_size: int = Field(500, gt=0, description="samples per generator / feature batch")
-    seed: int = Field(1234, ge=0, description="noise of evaluation sample i is seeded by (seed, i)")
+    batch_size: int = Field(500, gt=0, le=MAX_BATCH, description="samples per generator / feature batch")
+    seed: Seed = Field(1234, description="noise of evaluation sample i is seeded by (seed, i)")
     features: Literal["inception", "digits"] = Field("inception", description="FID (Inception-v3) or FD-digits")
     classifier: OptionalPathStr | None = Field(None, description="digits classifier dir: FD-digits features and class accuracy")
     inception_weights: OptionalPathStr | None = Field(None, description="torch-fidelity Inception weights (default: torch hub cache)")
@@ -182,18 +236,18 @@ class EvaluateConfig(Section):
     generator: Literal["final", "ema", "best"] | None = Field(
         None, description="which generator of the distill output: final, ema or best (distill.eval_every's best by FD); default: use_ema decides"
     )
-    teacher_steps: int | None = Field(None, gt=0, description="teacher solver steps (default: generate.steps)")
+    teacher_steps: int | None = Field(None, gt=0, le=MAX_SOLVER_STEPS, description="teacher solver steps (default: generate.steps)")
     precision: Precision = Field(
         "fp32", description="compute precision of the student's and the teacher's network calls (features stay fp32; fp16 needs a GPU)"
     )
-    speed_batch_size: int = Field(256, gt=0, description="batch for the images/s comparison")
-    speed_repeats: int = Field(3, gt=0, description="timed repeats per sampler (after one warm-up)")
+    speed_batch_size: int = Field(256, gt=0, le=MAX_BATCH, description="batch for the images/s comparison")
+    speed_repeats: int = Field(3, gt=0, le=MAX_REPEATS, description="timed repeats per sampler (after one warm-up)")
     distill: OptionalPathStr | None = Field(None, description="a distill output dir; default: the one this config makes")
     prompts: OptionalPathStr | None = Field(None, description="text-to-image teachers: held-out prompts (.parquet or text); sample i uses prompt i mod N")
     prompt_column: str = Field("prompt", description="the prompt column of a Parquet prompt file")
     prompt_labels: str | None = Field(None, description="a Parquet column with each prompt's class (e.g. the digit it names), for the accuracy")
     clip_model: OptionalPathStr | None = Field(None, description="text-to-image: a local CLIP model directory (CLIPModel + CLIPProcessor) for the CLIP score; nothing is downloaded")
-    num_threads: int | None = Field(None, gt=0, description="torch threads per process; not part of the cache key")
+    num_threads: Threads | None = Field(None, description="torch threads per process; not part of the cache key")
 
     @model_validator(mode="after")
     def _clip_needs_prompts(self) -> "EvaluateConfig":
@@ -204,9 +258,9 @@ class EvaluateConfig(Section):
 
 class ExportConfig(Section):
     onnx: bool = Field(True, description="also write generator.onnx (checked against PyTorch with onnxruntime)")
-    opset: int = Field(17, ge=13, description="ONNX opset of generator.onnx")
-    parity_samples: int = Field(16, gt=0, description="fixed inputs of the ONNX and fresh-process parity checks")
-    onnx_tolerance: float = Field(1e-4, gt=0, description="largest accepted max|ONNX - PyTorch| / max|PyTorch| on the fixed inputs")
+    opset: int = Field(17, ge=13, le=MAX_OPSET, description="ONNX opset of generator.onnx (the highest torch.onnx's TorchScript exporter writes)")
+    parity_samples: int = Field(16, gt=0, le=MAX_PARITY, description="fixed inputs of the ONNX and fresh-process parity checks")
+    onnx_tolerance: float = Field(1e-4, gt=0, lt=1, description="largest accepted max|ONNX - PyTorch| / max|PyTorch| on the fixed inputs")
 
 
 class PipelineConfig(Section):
@@ -219,15 +273,18 @@ class PipelineConfig(Section):
 
 
 def _format_validation(e: ValidationError) -> str:
+    """The first MAX_PROBLEMS problems, each value shown bounded, then how many more: one readable line."""
+    errors = e.errors()
     lines = []
-    for err in e.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    for err in errors[:MAX_PROBLEMS]:
+        field = shown(".".join(str(p) for p in err["loc"]), 100).strip("'\"") or "(top level)"
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        got = repr(err.get("input"))
         if err["type"] == "missing" or (err["type"] == "value_error" and isinstance(err.get("input"), dict)):
             lines.append(f"{field}: {msg}")  # a whole section's rule: its values would not fit on the one line
         else:
-            lines.append(f"{field}: {msg} (got {got if len(got) <= 80 else got[:77] + '...'})")
+            lines.append(f"{field}: {msg} (got {shown(err.get('input'), 80)})")
+    if len(errors) > MAX_PROBLEMS:
+        lines.append(f"... and {len(errors) - MAX_PROBLEMS} more")
     return "; ".join(lines)
 
 
@@ -243,12 +300,90 @@ class _DuplicateKey(yaml.constructor.ConstructorError):
     pass
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping.
+class _Unbounded(Exception):
+    """A YAML document past the loader's bounds: what is wrong, where (a mark), and the fix."""
 
-    PyYAML has no option for it: SafeLoader silently keeps the last value, so a second ``generate:``
-    section would quietly replace the first.
+    def __init__(self, problem: str, mark, fix: str):
+        super().__init__(problem)
+        self.problem, self.mark, self.fix = problem, mark, fix
+
+
+PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "timestamp", "seq", "map", "merge")}
+EXPANDS = f"expands (through aliases and merges) to more than {MAX_YAML_NODES} values"
+TOO_DEEP = f"is nested deeper than {MAX_YAML_DEPTH} levels"
+FLATTEN = "Fix: write the values out; an anchor may share a few settings (e.g. an optimizer section), not multiply them."
+UNNEST = "Fix: remove the extra nesting (a setting sits at most 4 levels down, e.g. distill.generator_optimizer.betas)."
+
+
+def _tag(tag: str) -> str:
+    return shown(tag.replace("tag:yaml.org,2002:", "!!"), 80)
+
+
+def _check_graph(root) -> None:
+    """Refuse a composed document that expands past MAX_YAML_NODES values or MAX_YAML_DEPTH levels once its
+    aliases and merges are followed, refers to itself, holds a value over MAX_SCALAR_CHARS, or carries a tag that
+    is not a plain value (``!!python/...``, ``!!binary``, ``!!set``). Each node is walked once (its expanded size
+    remembered), so the check costs what the text costs, never what it would expand to."""
+    seen: dict[int, tuple[int, int]] = {}  # id(node) -> (values once expanded, levels below it)
+    open_nodes: set[int] = set()
+
+    def walk(node, depth: int) -> tuple[int, int]:
+        if depth > MAX_YAML_DEPTH:
+            raise _Unbounded(f"a value {TOO_DEEP} (aliases followed)", node.start_mark, UNNEST)
+        if id(node) in seen:
+            size, height = seen[id(node)]
+            if depth + height > MAX_YAML_DEPTH:
+                raise _Unbounded(f"a value {TOO_DEEP} (aliases followed)", node.start_mark, UNNEST)
+            return size, height
+        if id(node) in open_nodes:
+            raise _Unbounded("an alias refers to itself: the value that holds it (an endless value)", node.start_mark,
+                             "Fix: point the alias at an anchor defined outside the value.")  # fmt: skip
+        if node.tag not in PLAIN_TAGS:
+            raise _Unbounded(f"the tag {_tag(node.tag)} is not allowed (a config holds plain strings, numbers, booleans, lists "
+                             "and mappings)", node.start_mark, "Fix: remove the tag (quote the value if it is text).")  # fmt: skip
+        if isinstance(node, yaml.ScalarNode):
+            if len(node.value) > MAX_SCALAR_CHARS:
+                raise _Unbounded(f"a value of {len(node.value)} characters (the longest a setting takes is a path: {MAX_SCALAR_CHARS})",
+                                 node.start_mark, "Fix: shorten it (a long list of prompts belongs in a prompt file).")  # fmt: skip
+            seen[id(node)] = (1, 0)
+            return 1, 0
+        children = node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair]
+        open_nodes.add(id(node))
+        size, height = 1, 0
+        for child in children:
+            s, h = walk(child, depth + 1)
+            size, height = size + s, max(height, h + 1)
+            if size > MAX_YAML_NODES:
+                raise _Unbounded(f"a value {EXPANDS}", node.start_mark, FLATTEN)
+        open_nodes.discard(id(node))
+        seen[id(node)] = (size, height)
+        return size, height
+
+    walk(root, 1)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping, and any document past the bounds above.
+
+    PyYAML has no option for either: SafeLoader silently keeps the last value, so a second ``generate:``
+    section would quietly replace the first; and it builds whatever aliases expand to.
     """
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        # Counted before recursing: PyYAML's composer recurses per level (a RecursionError near 300 levels).
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise _Unbounded(f"a value {TOO_DEEP}", self.peek_event().start_mark, UNNEST)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_document(self, node):
+        _check_graph(node)  # composed, not yet built: the bounds hold before anything expands
+        return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -262,7 +397,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 except TypeError:  # unhashable key: SafeLoader's own error follows
                     continue
                 if first is not key_node.start_mark:
-                    raise _DuplicateKey("first given", first, f"duplicate key {key!r}", key_node.start_mark)
+                    raise _DuplicateKey("first given", first, f"duplicate key {shown(key, 60)}", key_node.start_mark)
         return super().construct_mapping(node, deep)
 
 
@@ -271,21 +406,31 @@ def _load_yaml(text: str) -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``section.key=value`` -> (["section", "key"], value parsed as YAML scalar)."""
+    """``section.key=value`` -> (["section", "key"], value parsed as YAML scalar), within the config file's bounds."""
+    said = f"--set {shown(text, 80)}"
+    if len(text) > MAX_CONFIG_BYTES:
+        raise InputError(f"{said}: {len(text)} characters, over the {MAX_CONFIG_BYTES} bytes a whole config may have. Fix: shorten the value.")
     if "=" not in text:
-        raise InputError(f"--set {text!r}: expected section.key=value. Fix: e.g. --set generate.num_samples=512")
+        raise InputError(f"{said}: expected section.key=value. Fix: e.g. --set generate.num_samples=512")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise InputError(f"--set {text!r}: empty key part. Fix: write section.key=value, e.g. --set generate.num_samples=512")
+        raise InputError(f"{said}: empty key part. Fix: write section.key=value, e.g. --set generate.num_samples=512")
+    if len(parts) > MAX_YAML_DEPTH:
+        raise InputError(f"{said}: the key {TOO_DEEP}. {UNNEST}")
     if raw.strip().lower() in YAML11_BOOL_WORDS:  # `--set distill.mixed_precision=no` means the string "no"
         return parts, raw.strip()
     try:
         value = _load_yaml(raw) if raw.strip() else ""
     except _DuplicateKey as e:
-        raise InputError(f"--set {text!r}: {e.problem} in the value. Fix: give each key once") from None
+        raise InputError(f"{said}: {e.problem} in the value. Fix: give each key once") from None
+    except _Unbounded as e:
+        raise InputError(f"{said}: {e.problem}. {e.fix}") from None
     except yaml.YAMLError:
-        value = raw
+        value = raw  # not YAML: the text itself, bounded as a YAML value is
+        if len(raw) > MAX_SCALAR_CHARS:
+            longest = f"the longest a setting takes is a path: {MAX_SCALAR_CHARS}"
+            raise InputError(f"{said}: a value of {len(raw)} characters ({longest}). Fix: shorten it.")
     return parts, value
 
 
@@ -296,32 +441,52 @@ def _where(second, first) -> str:
     return f"line {second.line + 1} (first given at line {first.line + 1})"
 
 
+def _shown_path(path: Path) -> str:
+    """A path for an error line: as it is, or cut when it is longer than any path a user types."""
+    return str(path) if len(str(path)) <= 200 else shown(str(path), 200)
+
+
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(f"config file not found: {path}. Fix: pass an existing YAML file to --config (or omit it for the embedded default).")
+    where = _shown_path(path)
     try:
-        data = _load_yaml(path.read_text(encoding="utf-8"))
+        found = path.is_file()
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise InputError(f"config file {where} cannot be opened ({e.strerror}). Fix: pass an existing YAML file to --config.") from None
+    if not found:
+        raise InputError(f"config file not found: {where}. Fix: pass an existing YAML file to --config (or omit it for the embedded default).")
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # never more: the file may be anything, of any size
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise InputError(
+                f"config file {where} is larger than {MAX_CONFIG_BYTES} bytes; a pipeline config is a few KB. "
+                "Fix: pass the pipeline's YAML config to --config (data/digits.yaml is an example)."
+            )
+        data = _load_yaml(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise InputError(
-            f"config file {path} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}). "
+            f"config file {where} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}). "
             "Fix: save it as UTF-8 (or pass the YAML file, not a binary one, to --config)."
         ) from None
     except OSError as e:
-        raise InputError(f"config file {path} cannot be read ({e.strerror}). Fix: check its permissions.") from None
+        raise InputError(f"config file {where} cannot be read ({e.strerror}). Fix: check its permissions.") from None
     except _DuplicateKey as e:
         raise InputError(
-            f"config file {path}: {e.problem} at {_where(e.problem_mark, e.context_mark)}; "
+            f"config file {where}: {e.problem} at {_where(e.problem_mark, e.context_mark)}; "
             "YAML would silently keep only the last. Fix: keep one of them."
         ) from None
+    except _Unbounded as e:
+        raise InputError(f"config file {where}: {e.problem}, at line {e.mark.line + 1}. {e.fix}") from None
     except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise InputError(f"config file {path} is not valid YAML{at}: {getattr(e, 'problem', e)}. Fix the syntax and retry.") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0][:200]
+        raise InputError(f"config file {where} is not valid YAML{at}: {problem}. Fix the syntax and retry.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise InputError(
-            f"config file {path} must be a mapping of sections (store, teacher, generate, ...), got {type(data).__name__}. "
+            f"config file {where} must be a mapping of sections (store, teacher, generate, ...), got {type(data).__name__}. "
             "Fix: start from data/digits.yaml."
         )
     return data
@@ -343,7 +508,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise InputError(f"--set {text!r}: {part} is not a section. Fix: set {part} itself, or a key of a section (README lists every key)")
+                part = part if len(part) <= 60 else shown(part, 60)
+                raise InputError(f"--set {shown(text, 80)}: {part} is not a section. Fix: set {part} itself, or a key of a section (README lists every key)")
         node[parts[-1]] = value
     try:
         return PipelineConfig.model_validate(data)
@@ -351,7 +517,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         problems = _format_validation(e)
         # a rule between settings names its own fix
         fix = "" if "Fix:" in problems else " Fix: correct it in the YAML or with --set section.key=value (README lists every key)."
-        raise InputError(f"invalid config ({path}): {problems}.{fix}") from None
+        raise InputError(f"invalid config ({_shown_path(path)}): {problems}.{fix}") from None
 
 
 def dump_config(cfg: PipelineConfig) -> str:

@@ -170,6 +170,11 @@ class Teacher:
         return self.param.num_classes > 0 or self.takes_prompts
 
     @property
+    def num_timesteps(self) -> int:
+        """T: the integer timesteps of the teacher's noise levels (a VP teacher's training timesteps)."""
+        return self.layout.num_timesteps(self.path, self.param)
+
+    @property
     def image_shape(self) -> tuple[int, ...]:
         """C x H x W of the teacher's model space (pixels, or latents)."""
         return tuple(self.param.image_shape)

@@ -8,8 +8,10 @@ from typing import Callable
 import torch
 
 from ..denoisers import Denoiser, Parametrization
+from ..dmd import NUM_LEVELS
 from ..errors import InputError
 from ..text import PromptEncoder
+from .common import read_scheduler_config
 
 Tensor = torch.Tensor
 
@@ -37,6 +39,12 @@ class Layout:
     def load_denoiser(self, folder: Path, device: str | torch.device = "cpu") -> Denoiser:
         """The network as an x0-predictor, frozen, in eval mode, float32."""
         raise NotImplementedError
+
+    def num_timesteps(self, folder: Path, param: Parametrization) -> int:
+        """T: a VP teacher's training timesteps (its scheduler's num_train_timesteps), an EDM teacher's level grid."""
+        if param.kind != "vp":
+            return NUM_LEVELS
+        return read_scheduler_config(folder / "scheduler").get("num_train_timesteps", 1000)
 
     def prompt_encoder(self, folder: Path, device: str | torch.device = "cpu") -> PromptEncoder:
         """prompts -> embeddings through the teacher's own tokenizer and text encoder (prompt layouts only)."""

@@ -7,6 +7,8 @@ the file and the fix, before anything is built from it. Pickle checkpoints (.bin
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -17,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..denoisers import PREDICTION_TYPES, Denoiser, EDMDenoiser, Parametrization, VPDenoiser
-from ..errors import InputError
+from ..errors import InputError, shown
 
 PARAM_FILE = "denoiser.json"
 PIPELINE_INDEX = "model_index.json"
@@ -105,6 +107,37 @@ def pipeline_index(folder: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def check_components(folder: Path, index: dict) -> None:
+    """Every component model_index.json names is a class diffusers' from_pretrained can load here: [library, class]
+    of diffusers, transformers or one of diffusers' pipeline modules, or [null, null] for none. An export loads
+    them all; a name nothing provides would otherwise pass every stage and fail there."""
+    for part, entry in index.items():
+        if part.startswith("_") or not isinstance(entry, list) or entry == [None, None]:
+            continue  # _class_name and other settings (requires_safety_checker), or no component
+        if len(entry) == 2 and all(isinstance(v, str) for v in entry) and _loadable(*entry):
+            continue
+        raise InputError(
+            f"{folder / PIPELINE_INDEX} names {shown(part, 60)} {shown(entry, 100)}: not a class of diffusers or transformers, "
+            'so diffusers cannot load the pipeline. Fix: name the library and class it was saved with (e.g. ["diffusers", '
+            '"UNet2DConditionModel"]), or re-save the pipeline with save_pretrained.'
+        )
+
+
+def _loadable(library: str, name: str) -> bool:
+    """diffusers, transformers or a pipeline module of diffusers (e.g. stable_diffusion's safety checker) has ``name``;
+    no other module is imported (importing one runs its code)."""
+    if library in ("diffusers", "transformers"):
+        module_name = library
+    elif library.isidentifier() and importlib.util.find_spec(f"diffusers.pipelines.{library}") is not None:
+        module_name = f"diffusers.pipelines.{library}"
+    else:
+        return False
+    try:
+        return isinstance(getattr(importlib.import_module(module_name), name, None), type)
+    except Exception:  # a class whose optional dependency is missing
+        return False
 
 
 def named(index: dict, part: str) -> bool:

@@ -16,7 +16,7 @@ from ..denoisers import Denoiser, Parametrization
 from ..errors import InputError
 from .base import Layout
 from . import common  # common.load_unet: one name to patch where a test asserts nothing loads
-from .common import PARAM_FILE, PIPELINE_INDEX, SCHEDULER_FILE, check_against_unet, check_class_embeds, check_conditioning
+from .common import PARAM_FILE, PIPELINE_INDEX, SCHEDULER_FILE, check_against_unet, check_class_embeds, check_components, check_conditioning
 from .common import make_denoiser, named, parametrization_from, pipeline_index, read_json, read_param_file, read_scheduler_config
 from .common import with_image_shape
 
@@ -49,6 +49,7 @@ class DDPMPipelineLayout(Layout):
                     f"{folder} is a diffusers pipeline folder without {part}/. Fix: save the pipeline with its UNet and "
                     f"scheduler, e.g. {self.save_hint}."
                 )
+        check_components(folder, index)
         self.check_parts(folder, index)
         cfg_file, sched_file = folder / "unet" / "config.json", folder / "scheduler" / SCHEDULER_FILE
         unet_cfg = read_json(cfg_file, "UNet config")

@@ -66,7 +66,7 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
         raise InputError(
             "distill.generator_timestep applies to VP teachers; an EDM generator starts at sigma_max. Fix: drop distill.generator_timestep."
         )
-    generator_parametrization(d, teacher.param)  # bad generator timesteps fail here
+    generator_parametrization(d, teacher.param, teacher.num_timesteps)  # bad generator timesteps fail here
     if d.gan:
         check_real_data_setting(d, teacher, open_store(cfg.store))
     check_guidance("distill", d.guidance_scale, teacher)

@@ -13,7 +13,7 @@ from torch.profiler import record_function
 from dmd_core.denoisers import Denoiser, Parametrization
 from dmd_core.digits import load_digits_data
 from dmd_core.dmd import (
-    VP_GENERATOR_TIMESTEP,
+    NUM_LEVELS,
     AdversarialLoss,
     BackwardSimulation,
     DMDSettings,
@@ -23,6 +23,8 @@ from dmd_core.dmd import (
     MultiStep,
     OneStep,
     SampleRNG,
+    default_generator_timestep,
+    num_levels,
     random_labels,
     step_noise,
 )
@@ -72,13 +74,20 @@ def dmd_settings(d: DistillConfig) -> DMDSettings:
     return DMDSettings(**{f.name: getattr(d, f.name) for f in dataclasses.fields(DMDSettings)})
 
 
-def generator_parametrization(d: DistillConfig, teacher: Parametrization) -> Parametrization:
+def generator_parametrization(d: DistillConfig, teacher: Parametrization, num_timesteps: int = NUM_LEVELS) -> Parametrization:
     """The teacher's, plus (VP) the timestep t* the one-step generator is conditioned on (docs/math.md §5) and
     (k-step generators) its timesteps, checked against the teacher as a denoiser.json would be (the distill
     stage's check runs it first; DistillConfig has checked that the two settings agree)."""
     ts = d.generator_timesteps
     if teacher.kind == "vp":
-        t0 = ts[0] if ts else d.generator_timestep or VP_GENERATOR_TIMESTEP
+        t0 = ts[0] if ts else d.generator_timestep or default_generator_timestep(num_timesteps)
+        top = min(num_timesteps, NUM_LEVELS) - 1  # the teacher's last timestep; denoiser.json holds at most 999
+        if not 0 < t0 <= top:
+            setting = "distill.generator_timesteps starts at" if ts else "distill.generator_timestep is"
+            fix = f"start distill.generator_timesteps at {top} or below" if ts else (
+                f"--set distill.generator_timestep={min(default_generator_timestep(num_timesteps), top)}, or drop it for that default")
+            raise InputError(f"{setting} {t0}, outside the teacher's timesteps [1, {top}] (its scheduler's num_train_timesteps "
+                             f"is {num_timesteps}). Fix: {fix}.")  # fmt: skip
         param = dataclasses.replace(teacher, one_step_timestep=t0)
     else:
         param = teacher
@@ -124,7 +133,7 @@ class Trainer:
         if d.gradient_checkpointing:
             for net in (gen, fake):
                 net.unet.enable_gradient_checkpointing()
-        gen.param = generator_parametrization(d, self.real.param)
+        gen.param = generator_parametrization(d, self.real.param, num_levels(self.real.param, getattr(self.real, "alphas_cumprod", None)))
         self.one_step = OneStep.of(gen)
         self.steps = MultiStep.of(gen)  # k-step generators (DMD2): trained on backward-simulated inputs
         self.simulation = BackwardSimulation(self.steps) if self.steps.num_steps > 1 else None
