@@ -136,7 +136,7 @@ def _plan_without_pairs(cfg: PipelineConfig, teacher: Teacher) -> Plan:
     up = {"teacher": teacher.digest, **_optional_upstream(cfg)}
     inputs = {"teacher": str(teacher.path)}
     if g.prompts:
-        read_prompts(g.prompts, g.prompt_column)  # a bad file fails here
+        read_prompts(g.prompts, g.prompt_column, "generate")  # a bad file fails here
         up["prompts"] = f"{store.digest(g.prompts)}:{g.prompt_column}"
         inputs["prompts"] = g.prompts
     key = SPEC.key(cfg, up)
