@@ -7,6 +7,7 @@ seconds, not an interpreter start each; ``subprocess=True`` runs the real entry 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import pytest
 from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,3 +105,30 @@ def assert_refused(args: list[str], store: Path, *needles: str, env: dict | None
     new = final_names(store) - before
     assert not new, f"refused, yet new paths under final names in the store: {sorted(new)[:10]}"
     return line
+
+
+def read_only_dir(path: Path) -> Path:
+    """A directory this process cannot write into: chmod 0o555, or (root ignores it) a read-only tmpfs mount."""
+    path.mkdir()
+    path.chmod(0o555)
+    try:
+        (path / ".probe").touch()
+    except OSError:
+        return path
+    (path / ".probe").unlink()
+    path.chmod(0o755)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"root ignores chmod and a read-only mount failed: {r.stderr.strip()}")
+    return path
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path below ``root``, links not followed: a file's sha256, a link's target, or 'dir'."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            rel = str(p.relative_to(root))
+            found[rel] = f"-> {os.readlink(p)}" if p.is_symlink() else "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return found

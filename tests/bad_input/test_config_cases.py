@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import add_tiny_evaluate, write_config
-from refusal import assert_refused, nothing_started
+from refusal import assert_refused, nothing_started, read_only_dir
 
 importlib.import_module("flows.cli")  # imported at collection: each case then runs its command only
 
@@ -154,22 +154,6 @@ def test_empty_store_is_refused(tmp_path, cfg, no_server, args):
     cwd.mkdir()
     assert_refused(fill(args, cfg=cfg), cwd, "store", "must not be empty", cwd=cwd)
     assert os.listdir(cwd) == []
-
-
-def read_only_dir(path: Path) -> Path:
-    """A directory this process cannot write into: chmod 0o555, or (root ignores it) a read-only tmpfs mount."""
-    path.mkdir()
-    path.chmod(0o555)
-    try:
-        (path / ".probe").touch()
-    except OSError:
-        return path
-    (path / ".probe").unlink()
-    path.chmod(0o755)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"root ignores chmod and a read-only mount failed: {r.stderr.strip()}")
-    return path
 
 
 STORE_CASES = [  # (store kind, command)

@@ -6,15 +6,13 @@ store's own calls)."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 from conftest import add_tiny_evaluate, write_config
-from refusal import assert_refused, nothing_started
+from refusal import assert_refused, nothing_started, snapshot
 
 from stages.store.local import RECORD
 
@@ -34,17 +32,6 @@ def made(tmp_path_factory, edm_teacher):
     pairs = chain.run(load_config(cfg), "generate", progress=False).out_dir
     distill_key = chain.plan(load_config(cfg), "distill").out_dir.name
     return cfg, tmp / "store", pairs.name, distill_key
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path below ``root``, links not followed: a file's sha256, a link's target, or 'dir'."""
-    found = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath, name)
-            rel = str(p.relative_to(root))
-            found[rel] = f"-> {os.readlink(p)}" if p.is_symlink() else "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return found
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ tiny output of a stage's name with a stand-in build: milliseconds, no model.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -18,23 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from bad_input.refusal import snapshot
+
 from dmd_core.errors import InputError
 from stages.contract import MANIFEST, Manifest, file_entry
 from stages.store import LocalStore
 from stages.store.local import RECORD
 
 DEAD_PID = 4_000_000  # above Linux's pid_max: never a live process
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path below ``root``, links not followed: a file's sha256, a link's target, or 'dir'."""
-    found = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath, name)
-            rel = str(p.relative_to(root))
-            found[rel] = f"-> {os.readlink(p)}" if p.is_symlink() else "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return found
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 from conftest import ROOT, add_tiny_evaluate, write_config
-from bad_input.refusal import assert_refused, nothing_started
+from bad_input.refusal import assert_refused, nothing_started, read_only_dir
 
 import flows.server as server
 
@@ -62,22 +62,6 @@ def migrated_home(request) -> Path:
 @pytest.fixture
 def cfg(tmp_path, edm_teacher) -> Path:
     return add_tiny_evaluate(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={}))
-
-
-def read_only_dir(path: Path) -> Path:
-    """A directory this process cannot write into: chmod 0o555, or (root ignores it) a read-only tmpfs mount."""
-    path.mkdir()
-    path.chmod(0o555)
-    try:
-        (path / ".probe").touch()
-    except OSError:
-        return path
-    (path / ".probe").unlink()
-    path.chmod(0o755)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"root ignores chmod and a read-only mount failed: {r.stderr.strip()}")
-    return path
 
 
 def refused_run(cfg: Path, home: Path, *needles: str, env: dict | None = None) -> str:
