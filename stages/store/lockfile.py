@@ -1,11 +1,12 @@
 """One builder per output: ``flock`` on a lock file that names its holder.
 
 The holder, once it has the flock, writes (pid, host, start time) into the lock file and rewrites it every
-lease/4 seconds from a thread (a heartbeat). A waiter says once whom it waits for and polls; when the
-holder's record has not changed for the lease (``DMD_LOCK_LEASE_S``) the holder is stopped or hung, and
-the waiter is refused with its pid, host and the fix. The waiter never kills it: a living process keeps
-its flock, and whether to resume or end it is its owner's call (docs/store.md). When the holder dies the
-kernel drops its flock and the waiter builds, resuming the partial build as after any kill -9.
+lease/4 seconds from a thread (a heartbeat). A waiter says once whom it waits for and polls. When the
+holder's record has not changed for the lease (``DMD_LOCK_LEASE_S``) and the holder is a stopped process
+(state ``T``) of this host and user, the very process the record names (its kernel start time matches),
+the waiter ends it with SIGKILL: the kernel drops its flock and the waiter builds, resuming its partial
+build as after any kill -9. A silent holder it cannot prove stopped (running but hung, on another host,
+another user's) is refused with its pid, host and the fix instead (docs/store.md).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import stat
 import threading
@@ -53,23 +55,41 @@ def lease_s() -> float:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
-    return True
+        pass
+    fields = _stat_fields(pid)
+    return not (fields and fields[0] == "Z")
+
+
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """``/proc/<pid>/stat`` after the command name (which may hold spaces and parentheses), None when unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rpartition(")")[2].split()
 
 
 def process_state(pid: int) -> str | None:
     """The one-letter state of a process on this host (``T``: stopped), None when it is gone or unknown."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = _stat_fields(pid)
+    if fields is None:
         return None if not pid_alive(pid) else "?"
-    fields = text.rpartition(")")[2].split()  # the command name before it may hold spaces and parentheses
     return fields[0] if fields else "?"
+
+
+def process_start(pid: int | str) -> int | None:
+    """When a process started, in clock ticks since boot (``starttime``): a reused pid has another one."""
+    fields = _stat_fields(pid)
+    try:
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -79,6 +99,7 @@ class Holder:
     pid: int
     host: str
     since: str
+    start: int | None = None  # process_start of pid on host, when the holder could read it
 
     @staticmethod
     def parse(data: bytes) -> Holder | None:
@@ -86,8 +107,10 @@ class Holder:
         try:
             rec = json.loads(data.decode())
             pid, host, since = rec["pid"], rec["host"], rec["since"]
+            start = rec.get("start")
             ok = isinstance(pid, int) and pid > 0 and isinstance(host, str) and _HOST.match(host) and isinstance(since, str) and len(since) <= 40
-            return Holder(pid, host, datetime.fromisoformat(since).isoformat()) if ok else None
+            start = start if isinstance(start, int) and not isinstance(start, bool) else None
+            return Holder(pid, host, datetime.fromisoformat(since).isoformat(), start) if ok else None
         except (ValueError, TypeError, KeyError):
             return None
 
@@ -98,6 +121,10 @@ class Holder:
     def state(self) -> str | None:
         """Its process state when it runs on this host; None when gone, '' when on another host."""
         return process_state(self.pid) if self.here else ""
+
+    def stopped_here(self) -> bool:
+        """True when it is a stopped (``T``) process of this host, the very one that wrote the record."""
+        return self.here and self.start is not None and process_state(self.pid) == "T" and process_start(self.pid) == self.start
 
     def __str__(self) -> str:
         return f"pid {self.pid} on {self.host} since {self.since}"
@@ -133,7 +160,8 @@ def _locked(fd: int) -> bool:
 
 
 def _acquire(fd: int, what: str, lease: float) -> None:
-    """Take the flock; while another process has it, poll, and refuse once its record is silent for ``lease``.
+    """Take the flock; while another process has it, poll; once its record is silent for ``lease``, end a
+    stopped holder of this host (SIGKILL) and go on waiting for the kernel to drop its flock, or refuse any other.
 
     Silence is measured on this process's clock from when the record last changed (no clock is compared
     across hosts). A record whose local pid is gone names no one (its flock is held by an inheritor): wait on."""
@@ -155,10 +183,29 @@ def _acquire(fd: int, what: str, lease: float) -> None:
             log.info("waiting: %s", _waiting(what, holder, state, lease))
             told = True
         if holder is not None and now - changed > lease:
-            raise _silent(what, holder, state, lease)
+            if not _take_over(what, holder, lease):
+                raise _silent(what, holder, state, lease)
+            changed = now  # the kernel drops its flock as it exits: wait for that, a lease at most
         time.sleep(poll)
         if _locked(fd):
             return
+
+
+def _take_over(what: str, holder: Holder, lease: float) -> bool:
+    """End ``holder`` if it is a stopped process of this host and user; True when it was ended."""
+    if not holder.stopped_here():
+        return False
+    try:
+        os.kill(holder.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return True  # it ended by itself meanwhile
+    except PermissionError:  # another user's: theirs to end
+        return False
+    log.warning(
+        "took over %s from %s: it was stopped and silent for %g s (%s), so it was ended (SIGKILL); its finished parts are resumed",
+        what, holder, lease, LEASE_ENV,
+    )
+    return True
 
 
 def _waiting(what: str, holder: Holder | None, state: str | None, lease: float) -> str:
@@ -166,7 +213,8 @@ def _waiting(what: str, holder: Holder | None, state: str | None, lease: float) 
         return f"{what} is being built by another process (its lock names no holder). To build it here instead, stop that process."
     stopped = f"; it is stopped: kill -CONT {holder.pid} resumes it" if state and state in "Tt" else ""
     return (
-        f"{what} is being built by {holder}{stopped} (a holder silent for {lease:g} s, {LEASE_ENV}, is reported, never killed). "
+        f"{what} is being built by {holder}{stopped} (a holder of this host stopped and silent for {lease:g} s, {LEASE_ENV}, "
+        "is ended and its work resumed here; any other silent holder is reported). "
         "To build it here instead, stop that process."
     )
 
@@ -187,6 +235,7 @@ class _Heartbeat:
     def __init__(self, fd: int, lease: float):
         self.fd, self.beat = fd, 0
         self.since = datetime.now().astimezone().isoformat(timespec="seconds")
+        self.start = process_start("self")
         os.ftruncate(fd, 0)
         self._write()
         self._done = threading.Event()
@@ -194,7 +243,7 @@ class _Heartbeat:
         self._thread.start()
 
     def _write(self) -> None:
-        rec = {"pid": os.getpid(), "host": socket.gethostname(), "since": self.since, "beat": self.beat}
+        rec = {"pid": os.getpid(), "host": socket.gethostname(), "since": self.since, "start": self.start, "beat": self.beat}
         os.pwrite(self.fd, json.dumps(rec).encode().ljust(RECORD_BYTES - 1) + b"\n", 0)
 
     def _run(self, every: float) -> None:

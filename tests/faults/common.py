@@ -8,6 +8,7 @@ one thread (forking after OpenMP has run is safe only then).
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -34,6 +35,11 @@ def start_forked(args: list[str], log: Path, fault: str | None = None, env: dict
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1), os.dup2(fd, 2)
         sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # (dmd's log handler follows sys.stderr)
+        # as in a fresh process: handlers an earlier test left on the root logger (Prefect's console handler, bound
+        # to the parent's stream) would print their own failures into the child's log
+        root = logging.getLogger()
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
         import torch
 
         torch.set_num_threads(1)
