@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,34 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
+
+
+def member_bytes(size: int) -> int:
+    """What one tar member of ``size`` bytes takes in a shard: its header block and its data padded to whole blocks."""
+    return tarfile.BLOCKSIZE * (1 + -(-size // tarfile.BLOCKSIZE))
+
+
+def shard_sizes(
+    num_samples: int, shard_size: int, image_shape: tuple[int, ...], dtype: str, labelled: bool, prompt_sizes: list[int] | None = None
+) -> np.ndarray:
+    """The bytes of each shard ``write_shard`` makes of ``num_samples`` pairs, exactly: per sample a header and
+    the block-padded data of each member (noise.npy, image.npy, cls.txt when ``labelled``, prompt.txt), then
+    the tar's two end blocks, the whole padded to the tar stream's record size. ``prompt_sizes``: the UTF-8
+    bytes of each prompt of a text-to-image teacher (sample i holds prompt i mod their count)."""
+    starts = np.arange(0, num_samples, shard_size, dtype=np.int64)
+    stops = np.minimum(starts + shard_size, num_samples)
+    npy = len(npy_bytes(np.zeros(image_shape, dtype)))  # one image: its .npy header and payload
+    # a label's decimal digits always fit one block
+    body = (stops - starts) * (2 * member_bytes(npy) + (member_bytes(1) if labelled or prompt_sizes is not None else 0))
+    if prompt_sizes is not None:
+        cycle = np.concatenate([[0], np.cumsum([member_bytes(s) for s in prompt_sizes], dtype=np.int64)])
+
+        def before(k: np.ndarray) -> np.ndarray:  # the prompt.txt bytes of samples [0, k): whole cycles, then a prefix
+            return k // len(prompt_sizes) * cycle[-1] + cycle[k % len(prompt_sizes)]
+
+        body += before(stops) - before(starts)
+    record = tarfile.RECORDSIZE  # TarWriter writes a stream ("w|"): closing pads it to whole records
+    return -(-(body + 2 * tarfile.BLOCKSIZE) // record) * record
 
 
 NPY_MAGIC = b"\x93NUMPY"

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import psutil
 import torch
 
 from dmd_core.errors import InputError
+from dmd_core.text import read_prompt_file
 
 from .config import PipelineConfig
 from .contract import Teacher
+from .files import digest_json
+from .store import Store
 
 # A batch holds at least this many float32 tensors of its samples' size at once (input, output, one activation
 # and its gradient): a lower bound of what it needs, so a batch refused for it could never have run.
@@ -33,6 +37,17 @@ def check_prompts(teacher: Teacher, prompts: str | None, section: str) -> None:
         )
     if prompts and not teacher.takes_prompts:
         raise InputError(f"{section}.prompts is set but the teacher {teacher.path} is not text-conditioned. Fix: drop {section}.prompts.")
+
+
+def check_prompt_file(store: Store, path: str, column: str, section: str, labels: str | None = None, num_classes: int | None = None) -> None:
+    """Every rule of ``read_prompt_file`` on a prompt file, once per content: the store remembers a file (its
+    digest, with the column, labels and classes it was read with) that passed, so a rerun does not parse it again."""
+    if not Path(path).is_file():  # no digest of a missing file or a folder: the read names what is wrong
+        read_prompt_file(path, column, labels, num_classes, section)
+    marker = f"prompts-{store.digest(path)[:32]}-{digest_json([column, labels, num_classes])[:16]}"
+    if not store.noted(marker):
+        read_prompt_file(path, column, labels, num_classes, section)
+        store.note(marker)
 
 
 def check_guidance(section: str, guidance_scale: float, teacher: Teacher) -> None:

@@ -20,9 +20,8 @@ from dmd_core.faults import fault_point
 from dmd_core.losses import LPIPSLoss, lpips_backbone_path
 from dmd_core.real_data import check_real_data, real_shards
 from dmd_core.shards import PAIRS_FIX, check_pair_shard, shard_name
-from dmd_core.text import read_prompts
 
-from ..checks import check_guidance, check_prompts
+from ..checks import check_guidance, check_prompt_file, check_prompts
 from ..config import DistillConfig, PipelineConfig
 from ..contract import PROMPTS_FILE, Manifest, Plan, StageOutput, Teacher, pair_prompts, spec
 from ..files import Timer
@@ -136,7 +135,7 @@ def _plan_without_pairs(cfg: PipelineConfig, teacher: Teacher) -> Plan:
     up = {"teacher": teacher.digest, **_optional_upstream(cfg)}
     inputs = {"teacher": str(teacher.path)}
     if g.prompts:
-        read_prompts(g.prompts, g.prompt_column, "generate")  # a bad file fails here
+        check_prompt_file(store, g.prompts, g.prompt_column, "generate")  # a bad file fails here
         up["prompts"] = f"{store.digest(g.prompts)}:{g.prompt_column}"
         inputs["prompts"] = g.prompts
     key = SPEC.key(cfg, up)

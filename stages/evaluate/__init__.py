@@ -45,7 +45,7 @@ from dmd_core.shards import sample_labels, sample_noise
 from dmd_core.solvers import check_solver, teacher_sampler
 from dmd_core.text import read_prompt_file
 
-from ..checks import check_precision, check_prompts
+from ..checks import check_precision, check_prompt_file, check_prompts
 from ..config import EvaluateConfig, PipelineConfig
 from ..contract import EVALUATE_FILES, Manifest, Plan, StageOutput, Teacher, content_key, file_entry, spec, stage_manifest
 from ..files import Timer, tmp_sibling, write_text_atomic
@@ -83,7 +83,7 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
     check_prompts(teacher, e.prompts, STAGE)
     if e.prompts:  # a bad file, or labels that are not the classifier's classes, fail here
         classes = DigitsClassifier.load(e.classifier).config["num_classes"] if e.prompt_labels and e.classifier else None
-        read_prompt_file(e.prompts, e.prompt_column, e.prompt_labels, classes, STAGE)
+        check_prompt_file(open_store(cfg.store), e.prompts, e.prompt_column, STAGE, e.prompt_labels, classes)
     if e.clip_model and not Path(e.clip_model, "config.json").is_file():
         raise InputError(f"evaluate.clip_model: {e.clip_model} is not a local CLIP model directory (no config.json). Fix: point it at a "
                          "CLIPModel + CLIPProcessor save_pretrained folder (e.g. a snapshot of openai/clip-vit-large-patch14).")  # fmt: skip

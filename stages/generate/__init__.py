@@ -23,18 +23,18 @@ from dmd_core.denoisers import Denoiser
 from dmd_core.errors import InputError
 from dmd_core.faults import fault_point
 from dmd_core.precision import at_precision, difference
-from dmd_core.shards import read_pairs, sample_labels, sample_noise, shard_name, shard_ranges, write_shard
+from dmd_core.shards import read_pairs, sample_labels, sample_noise, shard_name, shard_ranges, shard_sizes, write_shard
 from dmd_core.solvers import check_solver, teacher_sampler
-from dmd_core.text import read_prompts
+from dmd_core.text import MAX_PROMPT_CHARS, iter_prompts
 from dmd_core.transfer import HostCopy, to_device
 
-from ..checks import check_guidance, check_precision, check_prompts
+from ..checks import check_guidance, check_precision, check_prompt_file, check_prompts
 from ..config import GenerateConfig, PipelineConfig, load_config
 from ..contract import PROMPTS_FILE, Manifest, Plan, StageOutput, Teacher, file_entry, spec, stage_manifest
 from ..files import Timer, sha256_file, tmp_sibling, write_text_atomic
 from ..launch import launch_plan
 from ..progress import progress_bar
-from ..store import open_store
+from ..store import open_store, remember_hashes, work_hashes
 
 STAGE = "generate"
 SPEC = spec(STAGE)
@@ -45,21 +45,37 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
     """Solver, guidance and prompts against the teacher, and room in the store: before any stage computes."""
     g = cfg.generate
     check_prompts(teacher, g.prompts, "generate")
-    if g.prompts:
-        read_prompts(g.prompts, g.prompt_column, STAGE)  # a bad file fails here, before anything is written
+    if g.prompts:  # a bad file fails here, before anything is written
+        check_prompt_file(open_store(cfg.store), g.prompts, g.prompt_column, STAGE)
     check_guidance("generate", g.guidance_scale, teacher)
     check_solver(g.solver, teacher.param.kind)
     check_precision("generate", g.precision)
     check_room(cfg, teacher)
 
 
+CHECKSUM_BYTES = 65  # a shard's .sha256 file: 64 hex digits and a newline
+
+
+def pairs_bytes(g: GenerateConfig, teacher: Teacher, prompt_sizes: list[int] | None = None) -> int:
+    """The bytes of the shards and their checksum files that ``g`` writes, exactly (``shard_sizes``);
+    ``prompt_sizes``: the UTF-8 bytes of each prompt of a text-to-image teacher."""
+    sizes = shard_sizes(g.num_samples, g.shard_size, teacher.image_shape, g.dtype, teacher.param.num_classes > 0, prompt_sizes)
+    return int(sizes.sum()) + len(sizes) * CHECKSUM_BYTES
+
+
 def check_room(cfg: PipelineConfig, teacher: Teacher) -> None:
     """Refuse a run whose pairs cannot fit on the store's disk (a cached or partly built output needs less: not counted)."""
     g = cfg.generate
     store = open_store(cfg.store)
-    need = g.num_samples * 2 * int(np.prod(teacher.image_shape)) * np.dtype(g.dtype).itemsize
+    if store.has_outputs(STAGE):
+        return
     free = store.free_bytes()
-    if need > free and not store.has_outputs(STAGE):
+    # Prompts of one block each are the least a text-to-image run writes; the file's own lengths are read
+    # only when the room lies between that and the most (every prompt of MAX_PROMPT_CHARS 4-byte characters).
+    need = pairs_bytes(g, teacher, [1] if teacher.takes_prompts else None)
+    if teacher.takes_prompts and need <= free < pairs_bytes(g, teacher, [4 * MAX_PROMPT_CHARS]):
+        need = pairs_bytes(g, teacher, [len(q.encode()) for q in iter_prompts(g.prompts, g.prompt_column)])
+    if need > free:
         raise InputError(
             f"generate.num_samples={g.num_samples} needs about {need / 2**30:.1f} GiB of pairs; the store's disk has {free / 2**30:.1f} GiB free. "
             "Fix: lower generate.num_samples or point store at a larger disk."
@@ -80,12 +96,23 @@ def plan(cfg: PipelineConfig, teacher: Teacher, upstream: StageOutput | None = N
 
 
 def shard_is_valid(out_dir: Path, i: int) -> bool:
-    path, side = out_dir / shard_name(i), out_dir / (shard_name(i) + ".sha256")
-    if not path.is_file():
-        return False
-    ok = side.is_file() and side.read_text().strip() == sha256_file(path)
-    if not ok:
-        log.warning("shard %s does not match its checksum: rewriting it", path)
+    """Whether shard ``i`` is there and whole (``finished_shards``)."""
+    return i in finished_shards(out_dir, [i])
+
+
+def finished_shards(out_dir: Path, indices: list[int] | range) -> set[int]:
+    """The shards among ``indices`` that are whole: each one's sha256 matches the checksum beside it. A shard
+    is hashed only when the work directory's verification record holds no entry for its current stat (size,
+    mtime, inode): a shard changed in place is hashed again, one recorded when written or last hashed is not."""
+    names = {i: shard_name(i) for i in indices if (out_dir / shard_name(i)).is_file()}
+    hashes = work_hashes(out_dir, list(names.values()))
+    ok = set()
+    for i, name in names.items():
+        side = out_dir / f"{name}.sha256"
+        if side.is_file() and side.read_text().strip() == hashes[name]:
+            ok.add(i)
+        else:
+            log.warning("shard %s does not match its checksum: rewriting it", out_dir / name)
     return ok
 
 
@@ -96,12 +123,14 @@ def _write_shard_atomic(out_dir: Path, i: int, idx: range, z: np.ndarray, y: np.
         write_shard(tmp, idx, z, y, labels, prompts)
         fault_point("generate.shard-written")
         # Checksum first, shard second: a shard under its final name always has its checksum beside it.
-        write_text_atomic(out_dir / (final.name + ".sha256"), sha256_file(tmp) + "\n")
+        sha = sha256_file(tmp)
+        write_text_atomic(out_dir / (final.name + ".sha256"), sha + "\n")
         fault_point("generate.checksum-written")
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk: the partial shard must not keep holding the space
         raise
     os.replace(tmp, final)
+    remember_hashes(out_dir, {final.name: sha})  # a resume trusts it while the shard's stat is unchanged
 
 
 def check_finite_images(y: torch.Tensor, idx: range, p: Plan) -> None:
@@ -309,6 +338,8 @@ def incomplete_detail(out_dir: Path) -> str:
     if not cfg_file.is_file():
         return "; not a generate output: no config.yaml"
     g = load_config(cfg_file).generate
-    missing = [shard_name(i) for i in range(len(shard_ranges(g.num_samples, g.shard_size))) if not shard_is_valid(out_dir, i)]
+    shards = range(len(shard_ranges(g.num_samples, g.shard_size)))
+    finished = finished_shards(out_dir, shards)
+    missing = [shard_name(i) for i in shards if i not in finished]
     return f"; missing or corrupt shards: {', '.join(missing[:8]) or 'none'}{' ...' if len(missing) > 8 else ''}"
 

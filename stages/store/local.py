@@ -334,6 +334,23 @@ def file_hashes(root: Path, names: list[str], record_path: Path, deep: bool = Fa
     return out
 
 
+def work_hashes(work: Path, names: list[str]) -> dict[str, str | None]:
+    """sha256 of files being built in ``work`` (a work directory is local whatever the store), through its
+    verification record: what ``remember_hashes`` or an earlier call recorded for a file's current stat is trusted."""
+    return file_hashes(work, names, work / RECORD)
+
+
+def remember_hashes(work: Path, hashes: dict[str, str]) -> None:
+    """Record the sha256 of files just written in ``work``, keyed on their stat now, so a resume need not hash
+    them. Builders that record at once (ranks of one run) may drop each other's entries: those are hashed again."""
+    record = _read_record(work / RECORD)
+    for name, sha in hashes.items():
+        st = _stat_key(work / name)
+        if st is not None:
+            record[name] = [*st, sha]
+    _write_record(work / RECORD, record)
+
+
 def tree_files(path: Path) -> list[str]:
     """Relative names of the non-hidden files below ``path``, sorted."""
     return sorted(
