@@ -29,7 +29,7 @@ def resolve_teacher(cfg: PipelineConfig) -> Teacher:
     digest is new here, so a bad teacher fails before anything is written and a cached run loads nothing."""
     store = open_store(cfg.store)
     path = resolve_model_dir(cfg.teacher.path)
-    teacher = Teacher.at(path, store.digest(path))
+    teacher = Teacher.resolve(path, store.digest(path), cfg.teacher.variant)
     marker = f"loads-{teacher.digest}"
     if not store.noted(marker):
         teacher.check_loads()  # raises an InputError naming the file and the fix

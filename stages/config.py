@@ -108,6 +108,9 @@ GuidanceScale = Annotated[float, Field(ge=0, le=MAX_GUIDANCE)]
 
 class TeacherConfig(Section):
     path: PathStr = Field("teacher", description="denoiser directory (save_pretrained + denoiser.json) or cached HF repo id")
+    variant: Literal["fp16", "bf16"] | None = Field(
+        None, description="the weights save_pretrained(..., variant=...) wrote to read (upcast to float32); null: the plain ones, else the only variant"
+    )
 
 
 class GenerateConfig(Section):

@@ -145,7 +145,11 @@ class Teacher:
     """The resolved teacher: where it is, its digest and its parametrisation (no weights loaded).
 
     Stages ask it, never the folder; it asks the folder's layout (``dmd_core.layouts``): how the teacher is
-    conditioned, how its model space maps to pixels, what an export of it is written as."""
+    conditioned, how its model space maps to pixels, what an export of it is written as.
+
+    The digest is the folder's, followed by ``:<variant>`` when the loads read a weights variant (teacher.variant,
+    e.g. ``<sha256>:fp16``): every key that holds the teacher tells plain and fp16 runs apart, and a plan's digest
+    alone brings the variant to every stage that loads the teacher (``Plan.teacher``)."""
 
     path: Path
     digest: str
@@ -156,8 +160,20 @@ class Teacher:
     @functools.lru_cache(maxsize=8)
     def at(path: str | Path, digest: str) -> "Teacher":
         """The teacher in ``path`` whose digest is known (its folder read once per process)."""
-        layout = detect(path)
+        layout = detect(path).reading(digest.partition(":")[2] or None)
         return Teacher(Path(path), digest, layout.parametrization(Path(path)), layout)
+
+    @staticmethod
+    def resolve(path: str | Path, folder_digest: str, variant: str | None = None) -> "Teacher":
+        """The teacher in ``path`` (digest ``folder_digest``) reading the weights ``variant`` asks for (None: the
+        plain weights if every part has them, else the one variant they have; InputError if absent)."""
+        read = detect(path).reading(variant).weights_variant(Path(path))
+        return Teacher.at(path, f"{folder_digest}:{read}" if read else folder_digest)
+
+    @property
+    def variant(self) -> str | None:
+        """The weights variant every load reads (e.g. "fp16"; None: the plain files)."""
+        return self.layout.variant
 
     @property
     def takes_prompts(self) -> bool:

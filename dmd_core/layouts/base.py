@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Callable
 
@@ -11,7 +12,7 @@ from ..denoisers import Denoiser, Parametrization
 from ..dmd import NUM_LEVELS
 from ..errors import InputError
 from ..text import PromptEncoder
-from .common import read_scheduler_config
+from .common import choose_variant, read_scheduler_config
 
 Tensor = torch.Tensor
 
@@ -19,14 +20,34 @@ Tensor = torch.Tensor
 class Layout:
     """One family of teacher folders: how to recognise one, read its parametrisation, load its parts.
 
-    Layouts hold no state: every method takes the folder. Defaults are those of a pixel-space,
-    class-conditioned (or unconditional) teacher; a latent or prompt-conditioned layout overrides them.
+    Layouts hold one setting, the weights variant to read (``reading``), and no other state: every method
+    takes the folder. Defaults are those of a pixel-space, class-conditioned (or unconditional) teacher; a
+    latent or prompt-conditioned layout overrides them.
     """
 
     name: str = ""  # the module's name, e.g. "ddpm_pipeline"
     description: str = ""  # what such a folder holds, for the error that lists the known layouts
     takes_prompts: bool = False  # conditioned on prompts (a prompt table) rather than class labels
     pipeline_class: str | None = None  # the diffusers pipeline an export is written as; None: the project's OneStepPipeline
+    variant: str | None = None  # the weights variant asked for (teacher.variant, e.g. "fp16"); None: plain if present
+
+    def reading(self, variant: str | None) -> "Layout":
+        """This layout reading the ``variant`` weights (``save_pretrained(..., variant=...)``'s files); a copy, the
+        registered layout stays as it is."""
+        if variant == self.variant:
+            return self
+        other = copy.copy(self)
+        other.variant = variant
+        return other
+
+    def weight_parts(self, folder: Path) -> tuple[tuple[str, str], ...]:
+        """(subfolder, plain weights file name) of every weights file the loads read; () reads no variant."""
+        return ()
+
+    def weights_variant(self, folder: Path) -> str | None:
+        """The variant every load reads (None: the plain files): ``variant`` when every part has it; unset, the
+        plain weights when every part has them, else the one variant they all have (InputError otherwise)."""
+        return choose_variant(folder, self.weight_parts(folder), self.variant)
 
     def matches(self, folder: Path) -> bool:
         """Whether ``folder`` is of this layout, from file names and model_index.json alone (never raises)."""
@@ -69,4 +90,4 @@ class Layout:
         self.load_denoiser(folder)
 
     def __repr__(self) -> str:
-        return f"<layout {self.name}>"
+        return f"<layout {self.name}{f' reading {self.variant}' if self.variant else ''}>"

@@ -154,7 +154,72 @@ def parametrization_from(raw: dict, where: Path) -> Parametrization:
         raise InputError(f"{where}: {msg}") from None
 
 
-# ---------------------------------------------------------------- weights
+# ---------------------------------------------------------------- weights and their variants
+
+
+def variant_name(name: str, variant: str | None) -> str:
+    """The file ``save_pretrained(..., variant=...)`` writes for weights ``name``, as diffusers and transformers
+    name it: model.safetensors -> model.fp16.safetensors, model.safetensors.index.json -> model.safetensors.index.fp16.json."""
+    if not variant:
+        return name
+    stem, _, suffix = name.rpartition(".")
+    return f"{stem}.{variant}.{suffix}"
+
+
+def weights_variants(part: Path, name: str) -> dict[str | None, str]:
+    """The kinds of weights ``name`` in the folder ``part``: None (the plain file) and each variant, each with the
+    file that holds it (a single file, or the index of sharded weights). Never raises."""
+    stem, _, suffix = name.partition(".")  # "model", "safetensors"
+    index = f"{name}.index."
+    try:
+        names = sorted(p.name for p in part.iterdir() if p.is_file())
+    except OSError:
+        return {}
+    found: dict[str | None, str] = {}
+    for n in names:
+        if n in (name, f"{name}.index.json"):
+            found.setdefault(None, n)
+            continue
+        if n.startswith(f"{stem}.") and n.endswith(f".{suffix}"):
+            variant = n[len(stem) + 1 : -len(suffix) - 1]  # a shard (fp16-00001-of-00002) counts through its index
+        elif n.startswith(index) and n.endswith(".json"):
+            variant = n[len(index) : -len(".json")]
+        else:
+            continue
+        if variant and "." not in variant and "-" not in variant:
+            found.setdefault(variant, n)
+    return found
+
+
+def _setting(variant: str | None) -> str:
+    return "null (the plain weights)" if variant is None else str(variant)
+
+
+def choose_variant(folder: Path, parts: tuple[tuple[str, str], ...], asked: str | None) -> str | None:
+    """The weights variant every load of the teacher in ``folder`` reads (None: the plain files).
+
+    ``parts``: (subfolder, plain weights name) of each weights file the layout loads. ``asked`` (teacher.variant)
+    must be present in every part; None takes the plain weights when every part has them, else the one variant
+    every part has. A part without any weights is left to its load, which names the file it expected.
+    """
+    found = {sub: weights_variants(folder / sub, name) for sub, name in parts}
+    found = {sub: kinds for sub, kinds in found.items() if kinds}
+    if not found:
+        return asked
+    common = sorted(set.intersection(*(set(kinds) for kinds in found.values())), key=lambda v: (v is not None, str(v)))
+    present = "; ".join(f"{sub or '.'}/: {', '.join(kinds.values())}" for sub, kinds in found.items())
+    save = 'save every part with one kind of weights (save_pretrained(dir), or save_pretrained(dir, variant="fp16"), of the whole model)'
+    if asked is not None and asked not in common:
+        lacking = next(sub for sub, kinds in found.items() if asked not in kinds)
+        fix = f"set teacher.variant to {' or '.join(map(_setting, common))}" if common else save
+        raise InputError(
+            f"teacher.variant is {shown(asked, 40)} but {folder / lacking} has no {shown(asked, 40)} weights (the teacher's weights: {present}). Fix: {fix}."
+        )
+    if asked is not None or None in common or len(common) == 1:
+        return asked if asked is not None else common[0]
+    if common:
+        raise InputError(f"{folder} holds the {' and '.join(common)} variants of its weights and no plain ones ({present}). Fix: set teacher.variant to one of them.")
+    raise InputError(f"{folder} holds different kinds of weights in its parts, no one kind in all ({present}). Fix: {save}.")
 
 
 def check_weights(path: Path) -> Path:
@@ -170,10 +235,8 @@ def check_weights(path: Path) -> Path:
         if variants:
             variant = variants[0][len(stem) + 1 : -len(suffix) - 1].split("-")[0]  # fp16, or fp16-00001-of-00002 when sharded
             raise InputError(
-                f"weights missing: expected {path}, found only {', '.join(str(folder / n) for n in variants)}: the {variant!r} variant, "
-                "and folders of variant weights are not loaded yet. Fix: re-save the model in float32 without a variant "
-                f'(from_pretrained(dir, variant="{variant}", dtype=torch.float32).save_pretrained(new_dir)) and point teacher.path '
-                "at new_dir; a variant setting is planned."
+                f"weights missing: expected {path}, found only {', '.join(str(folder / n) for n in variants)}: the {variant!r} variant. "
+                f'Fix: set teacher.variant: {variant} (in Python: load with variant="{variant}"), or save the model with its plain weights.'
             )
         pickles = [n for n in present if Path(n).suffix in PICKLE_SUFFIXES]
         if pickles:
@@ -205,8 +268,9 @@ def _empty_unet(cls, cfg: dict) -> torch.nn.Module:
     return cls.from_config(cfg) if computed else unet.to_empty(device="cpu")
 
 
-def load_unet(model_dir: str | os.PathLike) -> torch.nn.Module:
-    """Build the UNet from config.json and load its safetensors weights strictly (shapes must match), in float32."""
+def load_unet(model_dir: str | os.PathLike, variant: str | None = None) -> torch.nn.Module:
+    """Build the UNet from config.json and load its safetensors weights strictly (shapes must match), in float32;
+    ``variant``: the weights ``save_pretrained(..., variant=variant)`` wrote (e.g. fp16), upcast."""
     model_dir = Path(model_dir)
     cfg = read_json(model_dir / "config.json", "UNet config")
     cls = UNET_CLASSES.get(cfg.get("_class_name", "UNet2DModel"))
@@ -215,7 +279,7 @@ def load_unet(model_dir: str | os.PathLike) -> torch.nn.Module:
             f"{model_dir}/config.json names _class_name {cfg.get('_class_name')!r}; supported: {', '.join(sorted(UNET_CLASSES))}. "
             "Fix: point teacher.path at a diffusers UNet2DModel or UNet2DConditionModel."
         )
-    weights = check_weights(model_dir / WEIGHTS_FILE)
+    weights = check_weights(model_dir / variant_name(WEIGHTS_FILE, variant))
     try:
         unet = _empty_unet(cls, {k: v for k, v in cfg.items() if not k.startswith("_")})
     except Exception as e:

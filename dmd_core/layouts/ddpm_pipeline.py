@@ -16,7 +16,7 @@ from ..denoisers import Denoiser, Parametrization
 from ..errors import InputError
 from .base import Layout
 from . import common  # common.load_unet: one name to patch where a test asserts nothing loads
-from .common import PARAM_FILE, PIPELINE_INDEX, SCHEDULER_FILE, check_against_unet, check_class_embeds, check_components, check_conditioning
+from .common import PARAM_FILE, PIPELINE_INDEX, SCHEDULER_FILE, WEIGHTS_FILE, check_against_unet, check_class_embeds, check_components, check_conditioning
 from .common import make_denoiser, named, parametrization_from, pipeline_index, read_json, read_param_file, read_scheduler_config
 from .common import with_image_shape
 
@@ -88,6 +88,10 @@ class DDPMPipelineLayout(Layout):
     def check_against_parts(self, folder: Path, unet_cfg: dict) -> None:
         """The other components fit the UNet (none here)."""
 
+    def weight_parts(self, folder: Path) -> tuple[tuple[str, str], ...]:
+        return (("unet", WEIGHTS_FILE),)
+
     def load_denoiser(self, folder: Path, device: str | torch.device = "cpu") -> Denoiser:
         param = self.parametrization(folder)
-        return make_denoiser(common.load_unet(folder / "unet"), param, folder / "scheduler", folder / PARAM_FILE).to(device)
+        unet = common.load_unet(folder / "unet", self.weights_variant(folder))
+        return make_denoiser(unet, param, folder / "scheduler", folder / PARAM_FILE).to(device)

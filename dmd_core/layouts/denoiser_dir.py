@@ -19,7 +19,7 @@ from ..denoisers import Denoiser, Parametrization
 from ..errors import InputError
 from .base import Layout
 from . import common  # common.load_unet: one name to patch where a test asserts nothing loads
-from .common import PARAM_FILE, PIPELINE_INDEX, SCHEDULER_FILE, check_against_unet, check_prediction, make_denoiser
+from .common import PARAM_FILE, PIPELINE_INDEX, SCHEDULER_FILE, WEIGHTS_FILE, check_against_unet, check_prediction, make_denoiser
 from .common import parametrization_from, read_json, read_param_file, read_scheduler_config, with_image_shape
 
 
@@ -43,9 +43,13 @@ class DenoiserDirLayout(Layout):
             check_prediction(param, folder / PARAM_FILE, read_scheduler_config(sched), sched / SCHEDULER_FILE)
         return param
 
+    def weight_parts(self, folder: Path) -> tuple[tuple[str, str], ...]:
+        return (("", WEIGHTS_FILE),)
+
     def load_denoiser(self, folder: Path, device: str | torch.device = "cpu") -> Denoiser:
         param = self.parametrization(folder)
-        return make_denoiser(common.load_unet(folder), param, folder / "scheduler", folder / PARAM_FILE).to(device)
+        unet = common.load_unet(folder, self.weights_variant(folder))
+        return make_denoiser(unet, param, folder / "scheduler", folder / PARAM_FILE).to(device)
 
     def prompt_encoder(self, folder: Path, device: str | torch.device = "cpu"):
         if self.parametrization(folder).text_conditioned:

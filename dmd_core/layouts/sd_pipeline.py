@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InputError
 from ..text import PromptEncoder
-from .common import PIPELINE_INDEX, RESAVE, TEXT_WEIGHTS_FILE, WEIGHTS_FILE, check_weights, is_int, named, one_line
+from .common import PIPELINE_INDEX, RESAVE, TEXT_WEIGHTS_FILE, WEIGHTS_FILE, check_weights, is_int, named, one_line, variant_name
 from .common import read_json
 from .ddpm_pipeline import DDPMPipelineLayout
 
@@ -69,6 +69,9 @@ class StableDiffusionLayout(DDPMPipelineLayout):
                 "Fix: use the VAE the UNet was trained with (save the whole pipeline together)."
             )
 
+    def weight_parts(self, folder: Path) -> tuple[tuple[str, str], ...]:
+        return (("unet", WEIGHTS_FILE), ("vae", WEIGHTS_FILE), ("text_encoder", TEXT_WEIGHTS_FILE))
+
     # ------------------------------------------------------------ prompts
 
     def prompt_encoder(self, folder: Path, device: str | torch.device = "cpu") -> PromptEncoder:
@@ -79,7 +82,8 @@ class StableDiffusionLayout(DDPMPipelineLayout):
         hf_logging.disable_progress_bar()  # a bar per small file load: noise in every stage's log
         index = read_json(folder / PIPELINE_INDEX, "pipeline index")
         tok_dir = _check_tokenizer(folder / "tokenizer")
-        enc_dir = _check_part(folder, "text_encoder", TEXT_WEIGHTS_FILE)
+        variant = self.weights_variant(folder)
+        enc_dir = _check_part(folder, "text_encoder", TEXT_WEIGHTS_FILE, variant)
         tokenizer_cls = _component_class(folder, index, "tokenizer", transformers.PreTrainedTokenizerBase)
         encoder_cls = _component_class(folder, index, "text_encoder", transformers.PreTrainedModel)
         try:
@@ -90,7 +94,7 @@ class StableDiffusionLayout(DDPMPipelineLayout):
         hf_logging.set_verbosity_error()  # its multi-line load report: the one-line error below says it
         try:
             encoder, info = encoder_cls.from_pretrained(
-                str(enc_dir), local_files_only=True, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True,
+                str(enc_dir), local_files_only=True, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, variant=variant,
                 dtype=torch.float32,  # transformers keeps a float16 file's dtype unless told: prompts would be encoded in float16
             )  # fmt: skip
         except Exception as e:
@@ -101,7 +105,7 @@ class StableDiffusionLayout(DDPMPipelineLayout):
         bad = sorted(info["missing_keys"]) + sorted(k[0] for k in info["mismatched_keys"])
         if bad:
             raise InputError(
-                f"the weights in {enc_dir / TEXT_WEIGHTS_FILE} do not match {enc_dir}/config.json ({len(bad)} tensors missing or "
+                f"the weights in {enc_dir / variant_name(TEXT_WEIGHTS_FILE, variant)} do not match {enc_dir}/config.json ({len(bad)} tensors missing or "
                 f"of another shape, e.g. {bad[0]}). Fix: save the text encoder and its config together (save_pretrained), or re-download the teacher."
             )
         return PromptEncoder(tokenizer, encoder.requires_grad_(False).eval().to(device))
@@ -113,7 +117,8 @@ class StableDiffusionLayout(DDPMPipelineLayout):
         from diffusers import AutoencoderKL
         from diffusers.utils import logging as d_logging
 
-        vae_dir = _check_part(folder, "vae", WEIGHTS_FILE)
+        variant = self.weights_variant(folder)
+        vae_dir = _check_part(folder, "vae", WEIGHTS_FILE, variant)
         scale = read_json(vae_dir / "config.json", "vae config").get("scaling_factor", 0.18215)
         if not _positive_number(scale):
             raise InputError(f"{vae_dir}/config.json: scaling_factor must be a finite number > 0, got {json.dumps(scale)}. {RESAVE}")
@@ -121,14 +126,14 @@ class StableDiffusionLayout(DDPMPipelineLayout):
         d_logging.set_verbosity_error()  # its "newly initialized" warning: the one-line error below says it
         try:
             vae, info = AutoencoderKL.from_pretrained(
-                str(vae_dir), local_files_only=True, use_safetensors=True, output_loading_info=True, dtype=torch.float32
+                str(vae_dir), local_files_only=True, use_safetensors=True, output_loading_info=True, dtype=torch.float32, variant=variant
             )
         except Exception as e:  # a config that builds another shape than the weights, ...
             # first sentence only: diffusers goes on with advice for its Python callers (low_cpu_mem_usage=False, ...)
             detail = one_line(e).split(" If you want")[0].rstrip(". ")
             if "expected shape" in detail:
                 raise InputError(
-                    f"the weights in {vae_dir / WEIGHTS_FILE} do not match {vae_dir}/config.json ({detail.split(' because ')[-1]}). "
+                    f"the weights in {vae_dir / variant_name(WEIGHTS_FILE, variant)} do not match {vae_dir}/config.json ({detail.split(' because ')[-1]}). "
                     "Fix: save the VAE and its config together (save_pretrained), or re-download the teacher."
                 ) from None
             raise InputError(f"the VAE in {vae_dir} does not load: {detail}. {RESAVE}") from None
@@ -137,7 +142,7 @@ class StableDiffusionLayout(DDPMPipelineLayout):
         bad = sorted(info["missing_keys"]) + sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])
         if bad:  # left uninitialised (on the meta device): it would fail later, or decode noise
             raise InputError(
-                f"the weights in {vae_dir / WEIGHTS_FILE} do not match {vae_dir}/config.json ({len(bad)} tensors missing or of another "
+                f"the weights in {vae_dir / variant_name(WEIGHTS_FILE, variant)} do not match {vae_dir}/config.json ({len(bad)} tensors missing or of another "
                 f"shape, e.g. {bad[0]}). Fix: save the VAE and its config together (save_pretrained), or re-download the teacher."
             )
         return vae.requires_grad_(False).eval().to(device)
@@ -189,12 +194,12 @@ def _positive_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
-def _check_part(folder: Path, part: str, weights_name: str) -> Path:
-    """A pipeline component folder: present, its config a JSON object, its safetensors weights readable."""
+def _check_part(folder: Path, part: str, weights_name: str, variant: str | None = None) -> Path:
+    """A pipeline component folder: present, its config a JSON object, its safetensors weights (of ``variant``) readable."""
     path = _require_part(folder, part)
     read_json(path / "config.json", f"{part} config")
-    if not (path / f"{weights_name}.index.json").is_file():  # sharded weights: from_pretrained reads the index
-        check_weights(path / weights_name)
+    if not (path / variant_name(f"{weights_name}.index.json", variant)).is_file():  # sharded weights: from_pretrained reads the index
+        check_weights(path / variant_name(weights_name, variant))
     return path
 
 

@@ -258,7 +258,7 @@ def text_to_image_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, out: P
     from dmd_core.pipeline import multi_step_scheduler, one_step_scheduler
 
     teacher_path = p.inputs["teacher"]
-    pipe = StableDiffusionPipeline.from_pretrained(teacher_path)
+    pipe = StableDiffusionPipeline.from_pretrained(teacher_path, variant=p.teacher().variant, dtype=torch.float32)  # as the stages read it
     steps = MultiStep.of(den)
     k, timesteps = steps.num_steps, list(den.param.generator_timesteps or [])
     if k > 1:  # DMD2's k-step sampler as diffusers' LCM scheduler

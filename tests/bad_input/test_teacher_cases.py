@@ -5,7 +5,8 @@ One row per damage, over the three teacher layouts: an EDM denoiser directory (a
 scheduler/), a diffusers DDPMPipeline folder and a Stable Diffusion pipeline folder. Each row copies a
 session-built teacher, damages the copy and runs the command in this process. Then the folders of families
 the project knows but does not load (LDM, SDXL, SD3, Flux, DiT, inpainting, single-file checkpoints), each
-refused by name, and the folders whose old refusal pointed the wrong way (variant weights, zero-terminal SNR).
+refused by name, the folders whose old refusal pointed the wrong way (zero-terminal SNR), and damaged fp16
+variant weights (save_pretrained(..., variant="fp16")), refused as the plain ones are.
 """
 
 from __future__ import annotations
@@ -120,6 +121,20 @@ def to_variant(rel: str, variant: str = "fp16"):
         (t / rel).rename((t / rel).with_name(f"{stem}.{variant}.{suffix}"))
 
     return damage
+
+
+def then(*damages):
+    """The damages one after the other (e.g. the fp16 variant of every part, then one of them cut)."""
+
+    def damage(t: Path) -> None:
+        for d in damages:
+            d(t)
+
+    return damage
+
+
+SD_FP16 = then(to_variant(f"unet/{W}"), to_variant(f"vae/{W}"), to_variant("text_encoder/model.safetensors"))  # an fp16-only pipeline
+W16, TW16 = "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors"
 
 
 def index(class_name: str, **parts):
@@ -252,10 +267,18 @@ CASES = [
     p("sd", "dit", index("DiTPipeline", **DIT), "model_index.json", "DiTPipeline", "DiT"),
     p("ddpm", "unknown-pipeline", edit("model_index.json", _class_name="KarrasVePipeline"), "KarrasVePipeline", "no layout here loads", "DDPMPipeline", "StableDiffusionPipeline", "denoiser.json"),
     p("sd", "text_encoder-class-not-transformers", edit("model_index.json", text_encoder=["diffusers", "UNet2DModel"]), "model_index.json", "text_encoder", "not a PreTrainedModel"),
+    # fp16 variant weights: damaged ones refused as the plain ones are; parts of different kinds, no one kind to read
+    p("ddpm", "unet-fp16-truncated", then(to_variant(f"unet/{W}"), truncate(f"unet/{W16}")), f"unet/{W16}", *READ),
+    p("ddpm", "unet-fp16-garbage", then(to_variant(f"unet/{W}"), write(f"unet/{W16}", GARBAGE)), f"unet/{W16}", *READ),
+    p("edm", "fp16-empty", then(to_variant(W), write(W16, b"")), W16, *READ),
+    p("edm", "fp16-config-vs-weights", then(to_variant(W), edit("config.json", layers_per_block=2)), W16, "do not match", "config.json"),
+    p("sd", "unet-fp16-garbage", then(SD_FP16, write(f"unet/{W16}", GARBAGE)), f"unet/{W16}", *READ),
+    p("sd", "vae-fp16-truncated", then(SD_FP16, truncate(f"vae/{W16}")), f"vae/{W16}", *READ),
+    p("sd", "text_encoder-fp16-garbage", then(SD_FP16, write(f"text_encoder/{TW16}", GARBAGE)), f"text_encoder/{TW16}", *READ),
+    p("sd", "text_encoder-fp16-config-vs-weights", then(SD_FP16, edit("text_encoder/config.json", num_hidden_layers=2)), f"text_encoder/{TW16}", "do not match"),
+    p("sd", "vae-fp16-config-vs-weights", then(SD_FP16, edit("vae/config.json", layers_per_block=2)), f"vae/{W16}", "do not match", "vae/config.json"),
+    p("sd", "text_encoder-fp16-only", to_variant("text_encoder/model.safetensors"), f"text_encoder/: {TW16}", f"unet/: {W}", "no one kind", "save_pretrained"),
     # refusals that once pointed the wrong way
-    p("ddpm", "fp16-variant-only", to_variant(f"unet/{W}"), f"unet/{W.replace('.safetensors', '.fp16.safetensors')}", "'fp16' variant", "not loaded yet", "save_pretrained"),
-    p("edm", "fp16-variant-only", to_variant(W), "'fp16' variant", "float32"),
-    p("sd", "text_encoder-fp16-variant-only", to_variant("text_encoder/model.safetensors"), "text_encoder/model.fp16.safetensors", "'fp16' variant"),
     p("ddpm", "zero-terminal-snr", edit("scheduler/scheduler_config.json", rescale_betas_zero_snr=True), "scheduler_config.json", "rescale_betas_zero_snr", "zero-terminal-SNR"),
     p("ddpm", "zero-terminal-snr-betas", edit("scheduler/scheduler_config.json", trained_betas=ZERO_SNR_BETAS), "scheduler_config.json", "zero-terminal-SNR", "alphas_cumprod[-1] = 0"),
 ]
