@@ -3,8 +3,9 @@
 One sample per key: the image as ``image.npy`` / ``npy`` (float, C x H x W in [-1, 1]: the pair shards'
 layout) or ``png`` / ``jpg`` / ``jpeg`` (8-bit, mapped to [-1, 1]); beside it the class as ``cls`` /
 ``cls.txt`` (an integer) for class-conditional teachers, or the caption as ``prompt.txt`` / ``txt`` for
-text-to-image ones. The first ``max_samples`` samples, in shard-name order, are held in memory: the GAN
-term draws its real batch per sample by index (deterministic and the same on every process).
+text-to-image ones. The first ``max_samples`` samples, in shard-name order, are read one at a time (never
+the whole set in memory): distill encodes them once into the store (stages/distill/real_latents.py) and
+the GAN term reads the rows its draws name (``RealRows``).
 
 Every sample is checked as it is read, within limits: a member larger than an image of the teacher's
 size needs is refused unread, and a PNG or JPEG whose header declares another size is refused before it
@@ -27,6 +28,7 @@ import torch
 from webdataset.tariterators import base_plus_ext
 
 from .errors import InputError, shown
+from .rows import NpyRows, ShardedRows
 from .shards import load_npy, parse_class
 
 IMAGE_MEMBERS = ("image.npy", "npy", "png", "jpg", "jpeg")
@@ -52,11 +54,21 @@ class RealSpec:
         return (1 << 20) + 8 * math.prod(self.shape)
 
 
-@dataclass
-class RealData:
-    images: torch.Tensor  # N x C x H x W, float32 in [-1, 1], pixel space
-    labels: torch.Tensor | None  # N class indices, or None
-    prompts: list[str] | None  # N captions, or None
+class RealRows:
+    """The real set in model space as the GAN term indexes it: ``len(rows)`` samples and ``rows[idx]`` (a
+    LongTensor of indices, any shape) -> those rows as a float32 tensor on ``device``, read from disk by index
+    (``dmd_core.rows``: only the rows drawn are ever in memory)."""
+
+    def __init__(self, table: NpyRows | ShardedRows, device: str | torch.device = "cpu"):
+        self.table, self.device = table, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(idx).detach().cpu()
+        rows = self.table.read(idx.reshape(-1).numpy())
+        return torch.from_numpy(rows).float().reshape(*idx.shape, *rows.shape[1:]).to(self.device)
 
 
 def real_shards(path: str | Path) -> list[str]:
@@ -68,31 +80,29 @@ def real_shards(path: str | Path) -> list[str]:
     return urls
 
 
-def real_samples(path: str | Path, max_samples: int, spec: RealSpec) -> Iterator[tuple[np.ndarray, int | None, str | None]]:
-    """The first ``max_samples`` samples as (image C x H x W float32, class or None, caption or None), each checked."""
+def real_samples(path: str | Path, max_samples: int, spec: RealSpec, decode_from: int = 0) -> Iterator[tuple[np.ndarray | None, int | None, str | None]]:
+    """The first ``max_samples`` samples as (image C x H x W float32, class or None, caption or None), each checked;
+    samples before ``decode_from`` come without their image (None, not decoded: a resumed encoding has them)."""
     n = 0
     for url in real_shards(path):
         for sample in _shard_samples(url, spec.member_limit):
             if n == max_samples:
                 return
-            yield _checked(sample, url, spec)
+            yield _checked(sample, url, spec, decode=n >= decode_from)
             n += 1
     if n == 0:
         raise InputError(f"{SETTING}: no samples in {shown(str(path))}. Fix: give a WebDataset with at least one image.")
 
 
-def read_real_data(path: str | Path, max_samples: int, spec: RealSpec) -> RealData:
-    """Decode and check up to ``max_samples`` samples (image, and class or caption where the teacher needs one)."""
-    images, labels, prompts = [], [], []
-    for image, label, prompt in real_samples(path, max_samples, spec):
-        images.append(image)
-        labels.append(label)
-        prompts.append(prompt)
-    return RealData(
-        torch.from_numpy(np.stack(images)),
-        torch.tensor(labels) if spec.num_classes else None,
-        prompts if spec.text else None,
-    )
+def count_real_samples(path: str | Path, max_samples: int, spec: RealSpec) -> int:
+    """How many samples ``real_samples`` yields, from the tar headers alone (no member is read)."""
+    n = 0
+    for url in real_shards(path):
+        for _ in _shard_samples(url, spec.member_limit, read=False):
+            if n == max_samples:
+                return n
+            n += 1
+    return n
 
 
 def check_real_data(path: str | Path, max_samples: int, spec: RealSpec) -> int:
@@ -104,10 +114,11 @@ def _refusal(url: str, key: str, problem: str, fix: str) -> InputError:
     return InputError(f"{SETTING}: shard {shown(Path(url).name, 60)}, sample {shown(key, 40)}: {problem}. Fix: {fix}.")
 
 
-def _shard_samples(url: str, limit: int) -> Iterator[dict]:
+def _shard_samples(url: str, limit: int, read: bool = True) -> Iterator[dict]:
     """One shard's samples ({"__key__", member suffix: bytes}), streamed: members are grouped by key as
     webdataset groups them (the name up to the first dot of its file name); members this module does not
-    use are skipped unread, the others must fit in ``limit`` bytes. A tar not readable to its end is refused."""
+    use are skipped unread, the others must fit in ``limit`` bytes (``read=False``: none is read, the
+    values are empty). A tar not readable to its end is refused."""
     sample: dict = {}
     try:
         with tarfile.open(url, mode="r:") as tar:  # uncompressed only: a .tar cannot hide a gzip bomb
@@ -124,7 +135,7 @@ def _shard_samples(url: str, limit: int) -> Iterator[dict]:
                 if m.size > limit:
                     raise _refusal(url, key, f"member {shown(m.name, 60)} is {m.size} bytes, more than an image of the teacher's size needs "
                                    f"(at most {limit})", "resize the real set to the teacher's image size")  # fmt: skip
-                sample[suffix.lower()] = tar.extractfile(m).read()
+                sample[suffix.lower()] = tar.extractfile(m).read() if read else b""
             # tarfile stops quietly at a header cut short: whatever follows the last member must be the zero end blocks
             tar.fileobj.seek(tar.offset)
             if tar.fileobj.read(1024).strip(b"\0"):
@@ -138,13 +149,15 @@ def _shard_samples(url: str, limit: int) -> Iterator[dict]:
         yield sample
 
 
-def _checked(sample: dict, url: str, spec: RealSpec) -> tuple[np.ndarray, int | None, str | None]:
+def _checked(sample: dict, url: str, spec: RealSpec, decode: bool = True) -> tuple[np.ndarray | None, int | None, str | None]:
     key = sample["__key__"]
     name = next((n for n in IMAGE_MEMBERS if n in sample), None)
     if name is None:
         raise _refusal(url, key, f"no image ({', '.join(IMAGE_MEMBERS)}); members: {shown(sorted(k for k in sample if not k.startswith('__')), 80)}",
                        "give every sample an image member, or remove the sample")  # fmt: skip
-    image = _npy_image(sample[name], name, url, key, spec.shape) if name.endswith("npy") else _decoded_image(sample[name], name, url, key, spec.shape)
+    image = None
+    if decode:
+        image = _npy_image(sample[name], name, url, key, spec.shape) if name.endswith("npy") else _decoded_image(sample[name], name, url, key, spec.shape)
     label = _label(sample, url, key, spec.num_classes) if spec.num_classes else None
     prompt = _caption(sample, url, key) if spec.text else None
     return image, label, prompt

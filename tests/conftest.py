@@ -67,8 +67,9 @@ def vp_teacher(tmp_path_factory) -> Path:
 SD_WORDS = ["a", "handwritten", "the", "digit", "seven", "three", "7", "3"]
 
 
-def make_sd_teacher(path: Path, seed: int = 0) -> Path:
-    """A tiny Stable-Diffusion-layout pipeline (random weights): 1x8x8 images, 4x4x4 latents, SD's schedule."""
+def make_sd_teacher(path: Path, seed: int = 0, latent_size: int = 4) -> Path:
+    """A tiny Stable-Diffusion-layout pipeline (random weights): 1x8x8 images, 4x4x4 latents, SD's schedule
+    (``latent_size`` s: 1 x 2s x 2s images, 4 x s x s latents)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -81,14 +82,14 @@ def make_sd_teacher(path: Path, seed: int = 0) -> Path:
         max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1,
     ))  # fmt: skip
     unet = UNet2DConditionModel(
-        sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, norm_num_groups=4, attention_head_dim=4,
     )  # fmt: skip
     vae = AutoencoderKL(
         in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
-        norm_num_groups=4, sample_size=8,
+        norm_num_groups=4, sample_size=2 * latent_size,
     )  # fmt: skip
     # Stable Diffusion v1.x's scheduler config
     sched = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
