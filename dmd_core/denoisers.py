@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
+
+from .rows import PromptRows
 
 Tensor = torch.Tensor
 
@@ -63,6 +66,8 @@ class Parametrization:
     text_conditioned: bool = False  # UNet2DConditionModel on prompt embeddings (Stable Diffusion layout)
     one_step_timestep: int | None = None  # VP one-step generators: t* of G(z) = x0(z, t*); None = T - 1
     generator_timesteps: tuple[int, ...] | None = None  # k-step generators (DMD2): t_0 > t_1 > ... in [1, 999]
+    # SDXL's micro-conditioning (added_cond_kwargs["time_ids"]): original (h, w), crop top-left (y, x), target (h, w)
+    add_time_ids: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -72,6 +77,10 @@ class Parametrization:
             del d["generator_timesteps"]  # denoiser.json of one-step generators stays as it was
         else:
             d["generator_timesteps"] = list(self.generator_timesteps)
+        if self.add_time_ids is None:
+            del d["add_time_ids"]  # only networks with SDXL's size conditioning write it
+        else:
+            d["add_time_ids"] = list(self.add_time_ids)
         return d
 
     @classmethod
@@ -94,6 +103,8 @@ class Parametrization:
         _validate_fields(d)
         if d.get("image_shape") is not None:
             d["image_shape"] = tuple(d["image_shape"])
+        if d.get("add_time_ids") is not None:
+            d["add_time_ids"] = tuple(d["add_time_ids"])
         if "data_range" in d:
             d["data_range"] = tuple(d["data_range"])
         t = d.get("one_step_timestep")
@@ -152,33 +163,47 @@ def _validate_fields(d: dict) -> None:
         raise _bad("data_range", "[low, high] with low < high", rng)
     if not isinstance(d.get("text_conditioned", False), bool):
         raise _bad("text_conditioned", "true or false", d["text_conditioned"])
+    ids = d.get("add_time_ids")
+    if ids is not None and not (isinstance(ids, (list, tuple)) and len(ids) == 6 and all(_is_int(v) and v >= 0 for v in ids)):
+        fix = 'set "add_time_ids" to [original_h, original_w, crop_top, crop_left, target_h, target_w] (SDXL), or remove it'
+        raise _bad("add_time_ids", "6 integers >= 0", ids, fix)
 
 
 class Denoiser(nn.Module):
     """Shared CFG logic; subclasses implement ``_x0(x, level, class_labels, **cond)``.
 
-    Text-conditioned models take prompt indices as their labels: index i is row i of the prompt table
-    (``set_prompts``), whose last row, the empty prompt, is the "null class" of CFG (dmd_core.text).
+    Text-conditioned models take prompt indices as their labels: index i is row i of their prompt rows
+    (``set_prompts``: a ``PromptRows``, read by index from disk or held in memory), whose last row, the
+    empty prompt, is the "null class" of CFG (dmd_core.text). ``text_kwargs`` turns a batch of rows into
+    the UNet's keyword arguments (a layout with pooled embeddings or micro-conditioning sets its own).
     """
 
     def __init__(self, unet: nn.Module, param: Parametrization):
         super().__init__()
         self.unet = unet
         self.param = param
-        self.register_buffer("prompt_table", None, persistent=False)
+        self.prompts: PromptRows | None = None
+        self.text_kwargs: Callable[[dict[str, Tensor]], dict] = text_kwargs_for(param)
+        # diffusers' guidance_rescale (Lin et al. 2023, §3.4): guided predictions rescaled towards the
+        # conditional one's spread; 0 = plain CFG. A teacher setting (teacher.guidance_rescale).
+        self.guidance_rescale = 0.0
 
-    def set_prompts(self, table: Tensor) -> None:
-        """(N + 1, L, D) prompt embeddings, the empty prompt's last; labels then index its rows."""
+    def set_param(self, param: Parametrization) -> None:
+        """Another parametrisation of the same network (e.g. the configured SDXL size conditioning)."""
+        self.param, self.text_kwargs = param, text_kwargs_for(param)
+
+    def set_prompts(self, rows: PromptRows | Tensor) -> None:
+        """Prompt rows (or an (N + 1, L, D) table of embeddings, the empty prompt's last); labels then index them."""
         if not self.param.text_conditioned:
             raise ValueError("set_prompts: this denoiser is not text-conditioned")
-        self.register_buffer("prompt_table", table.detach(), persistent=False)
+        self.prompts = rows if isinstance(rows, PromptRows) else PromptRows({"hidden": rows})
 
     @property
     def num_classes(self) -> int:
         if self.param.text_conditioned:
-            if self.prompt_table is None:
+            if self.prompts is None:
                 raise ValueError("a text-conditioned denoiser needs its prompts first (set_prompts)")
-            return len(self.prompt_table) - 1
+            return len(self.prompts) - 1
         return self.param.num_classes
 
     @property
@@ -210,6 +235,8 @@ class Denoiser(nn.Module):
         labels = self._labels(class_labels, n, x.device)
         if guidance_scale == 1.0 or labels is None:
             return self._x0(x, level, labels, **cond)
+        if self.guidance_rescale:
+            return self._rescaled_cfg(x, level, labels, guidance_scale, **cond)
         # Both branches in one batched call, as the reference implementations do.
         null = self._labels(None, n, x.device)
         both = self._x0(
@@ -221,13 +248,58 @@ class Denoiser(nn.Module):
         uncond, conditional = both.chunk(2)
         return cfg_combine(uncond, conditional, guidance_scale)
 
+    def _rescaled_cfg(self, x: Tensor, level: Tensor, labels: Tensor, guidance_scale: float, **cond) -> Tensor:
+        raise ValueError("guidance_rescale works on a VP model's prediction (epsilon or v); this is an EDM denoiser")
+
+    def prompt_kwargs(self, labels: Tensor) -> dict:
+        """The UNet's text inputs for prompt indices ``labels``, on their device in the UNet's dtype."""
+        rows = {k: v.to(device=labels.device, dtype=self.dtype) for k, v in self.prompts.rows(labels).items()}
+        return self.text_kwargs(rows)
+
     def _unet(self, x: Tensor, t: Tensor, labels: Tensor | None, **cond) -> Tensor:
         kwargs = dict(cond)
         if self.param.text_conditioned:
-            kwargs["encoder_hidden_states"] = self.prompt_table[labels].to(self.dtype)
+            kwargs.update(self.prompt_kwargs(labels))
         elif labels is not None:
             kwargs["class_labels"] = labels
         return self.unet(x.to(self.dtype), t, **kwargs, return_dict=False)[0]
+
+
+def hidden_states_kwargs(rows: dict[str, Tensor]) -> dict:
+    """SD 1.x/2.x: the token embeddings are the cross-attention's ``encoder_hidden_states``."""
+    return {"encoder_hidden_states": rows["hidden"]}
+
+
+class TextTimeKwargs:
+    """SDXL: the token embeddings, and ``added_cond_kwargs`` of the pooled embedding and the size conditioning
+    (``time_ids``: original size, crop top-left, target size), as ``StableDiffusionXLPipeline`` passes them.
+    A small class rather than a closure: networks holding it are deep-copied and pickled."""
+
+    def __init__(self, add_time_ids: tuple[int, ...]):
+        self.add_time_ids = tuple(int(v) for v in add_time_ids)
+
+    def __call__(self, rows: dict[str, Tensor]) -> dict:
+        hidden = rows["hidden"]
+        if "pooled" not in rows:
+            raise ValueError("an SDXL UNet needs the pooled prompt embeddings: these prompt rows have none (encode them with the SDXL layout's encoder)")
+        ids = torch.tensor(self.add_time_ids, dtype=hidden.dtype, device=hidden.device).expand(len(hidden), -1)
+        return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": rows["pooled"], "time_ids": ids}}
+
+    def __repr__(self) -> str:
+        return f"TextTimeKwargs({self.add_time_ids})"
+
+
+def text_kwargs_for(param: Parametrization) -> Callable[[dict[str, Tensor]], dict]:
+    """The prompt rows -> UNet keywords of a parametrisation: SDXL's when it has size conditioning."""
+    return hidden_states_kwargs if param.add_time_ids is None else TextTimeKwargs(param.add_time_ids)
+
+
+def rescale_cfg(guided: Tensor, conditional: Tensor, rescale: float) -> Tensor:
+    """diffusers' ``rescale_noise_cfg``: the guided prediction scaled to the conditional one's per-sample std,
+    mixed with itself by ``rescale`` (Lin et al. 2023, §3.4)."""
+    dims = list(range(1, guided.ndim))
+    scaled = guided * (conditional.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rescale * scaled + (1 - rescale) * guided
 
 
 class EDMDenoiser(Denoiser):
@@ -301,8 +373,21 @@ class VPDenoiser(Denoiser):
         return out.to(x.dtype)
 
     def _x0(self, x: Tensor, t: Tensor, labels: Tensor | None, **cond) -> Tensor:
+        return self._out_to_x0(x, t, self._unet(x, t.long(), labels, **cond))
+
+    def _rescaled_cfg(self, x: Tensor, t: Tensor, labels: Tensor, guidance_scale: float, **cond) -> Tensor:
+        """CFG with guidance_rescale as diffusers' pipelines do it: on the network's own output (epsilon or v),
+        where the std is taken; the rescale is not affine, so it does not commute with the map to x0."""
+        null = self._labels(None, len(x), x.device)
+        both = self._unet(torch.cat([x, x]), torch.cat([t, t]).long(), torch.cat([null, labels]), **{k: torch.cat([v, v]) for k, v in cond.items()})
+        uncond, conditional = both.to(torch.float64).chunk(2)
+        guided = rescale_cfg(cfg_combine(uncond, conditional, guidance_scale), conditional, self.guidance_rescale)
+        return self._out_to_x0(x, t, guided)
+
+    def _out_to_x0(self, x: Tensor, t: Tensor, out: Tensor) -> Tensor:
+        """x0 from the network's output (epsilon, v or x0) at timesteps ``t``."""
         alpha, sigma = (v.reshape(-1, 1, 1, 1) for v in self.alpha_sigma(t))
-        out = self._unet(x, t.long(), labels, **cond).to(torch.float64)
+        out = out.to(torch.float64)
         xd = x.to(torch.float64)
         kind = self.param.prediction_type
         if kind == "epsilon":  # x0 = (x - sigma eps) / alpha

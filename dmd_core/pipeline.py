@@ -166,23 +166,33 @@ def multi_step_scheduler(scheduler_config: dict):
     })  # fmt: skip
 
 
-def stable_diffusion_latents_to_file(export_dir: str, prompts_json: str, seed: int, out_file: str, timesteps: list[int] | None = None) -> None:
+TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # what a text-to-image export is written as
+
+
+def stable_diffusion_latents_to_file(
+    export_dir: str, prompts_json: str, seed: int, out_file: str, timesteps: list[int] | None = None, extra: dict | None = None
+) -> None:
     """Plain diffusers: ``StableDiffusionPipeline.from_pretrained(export)(prompts, num_inference_steps=1,
     guidance_scale=1, latents=z)`` latents for noise (seed, i), written to ``out_file`` (.npy). A k-step
     export runs ``timesteps=...`` with ``generator=torch.Generator().manual_seed(seed)`` for the later noise.
+    The pipeline class is the one the export's model_index.json names (SD or SDXL); ``extra``: more call
+    arguments (SDXL's original_size, crops_coords_top_left, target_size when not the defaults).
 
     Run in a fresh process by the export stage's parity check.
     """
     import json
 
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
-    pipe = StableDiffusionPipeline.from_pretrained(export_dir)
+    name = json.loads(open(f"{export_dir}/model_index.json").read()).get("_class_name")
+    if name not in TEXT_TO_IMAGE_PIPELINES:
+        raise ValueError(f"{export_dir}/model_index.json names {name!r}, not one of {TEXT_TO_IMAGE_PIPELINES}")
+    pipe = getattr(diffusers, name).from_pretrained(export_dir)
     pipe.set_progress_bar_config(disable=True)
     prompts = json.loads(open(prompts_json).read())
     u = pipe.unet.config
     z = sample_noise(seed, range(len(prompts)), (u.in_channels, u.sample_size, u.sample_size))
     steps = {"num_inference_steps": 1} if not timesteps else {"timesteps": timesteps, "generator": torch.Generator().manual_seed(seed)}
     with torch.no_grad():
-        out = pipe(prompts, latents=z, guidance_scale=1.0, output_type="latent", **steps).images
+        out = pipe(prompts, latents=z, guidance_scale=1.0, output_type="latent", **steps, **(extra or {})).images
     np.save(out_file, out.cpu().numpy(), allow_pickle=False)

@@ -14,10 +14,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from .errors import InputError, shown
+from .rows import PromptRows
 
 Tensor = torch.Tensor
 
@@ -70,6 +72,27 @@ def read_prompt_file(
         label_where = f"{section}.prompt_labels: column {shown(labels)} of {where}" if section else f"label column {shown(labels)} of {where}"
         label_list = _checked_labels(table.column(labels), num_classes, label_where)
     return PromptFile(prompts, label_list)
+
+
+def iter_prompts(path: str | Path, column: str = "prompt", batch: int = 1024) -> Iterator[str]:
+    """The prompts of a file that ``read_prompt_file`` accepted, streamed in file order (a batch of rows at a time)."""
+    path = Path(path)
+    if path.suffix != ".parquet":
+        with open(path, encoding="utf-8") as f:  # the lines of str.splitlines, as _read_text_prompts splits them
+            yield from (q.strip() for line in f for q in line.splitlines() if q.strip())
+        return
+    import pyarrow.parquet as pq
+
+    for rows in pq.ParquetFile(path).iter_batches(batch_size=batch, columns=[column]):
+        col = rows.column(0)
+        yield from (col.dictionary_decode() if hasattr(col, "dictionary_decode") else col).to_pylist()
+
+
+def read_label_column(path: str | Path, column: str):
+    """The integer column ``column`` of a Parquet prompt file that ``read_prompt_file`` accepted, as int64 numpy."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=[column]).column(0).to_numpy().astype("int64")
 
 
 def _read_parquet_columns(path: Path, columns: list[str], where: str, section: str | None):
@@ -183,13 +206,17 @@ def _too_long(where: str, at: str, longest: int) -> str:
 
 
 class PromptEncoder:
-    """prompts -> (N, L, D) embeddings: tokenizer padding to max length, the text encoder's last hidden state."""
+    """prompts -> {"hidden": (N, L, D)}: tokenizer padding to max length, the text encoder's last hidden state.
+
+    A layout whose pipeline encodes more (a pooled embedding, several encoders) subclasses it: ``encode``
+    returns every table its UNet reads, ``encode_null`` the unconditional row of CFG as its pipeline makes it.
+    """
 
     def __init__(self, tokenizer, text_encoder, batch_size: int = 256):
         self.tokenizer, self.text_encoder, self.batch_size = tokenizer, text_encoder, batch_size
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> Tensor:
+    def encode(self, prompts: list[str]) -> dict[str, Tensor]:
         dev = next(self.text_encoder.parameters()).device
         out = []
         for s in range(0, len(prompts), self.batch_size):
@@ -202,11 +229,21 @@ class PromptEncoder:
             if getattr(self.text_encoder.config, "use_attention_mask", False):
                 mask = (ids != self.tokenizer.pad_token_id).long()
             out.append(self.text_encoder(ids, attention_mask=mask)[0])
-        return torch.cat(out)
+        return {"hidden": torch.cat(out)}
 
-    def table(self, prompts: list[str]) -> Tensor:
-        """The prompt table: embeddings of ``prompts`` and, as the last row, of the empty prompt (CFG)."""
-        return self([*prompts, ""])
+    def encode_null(self) -> dict[str, Tensor]:
+        """The row of CFG's unconditional branch: the empty prompt's embeddings (SD 1.x/2.x)."""
+        return self.encode([""])
+
+    def __call__(self, prompts: list[str]) -> Tensor:
+        """The token embeddings of ``prompts`` (what a user's call computes first)."""
+        return self.encode(prompts)["hidden"]
+
+    def table(self, prompts: list[str]) -> PromptRows:
+        """In-memory prompt rows of ``prompts`` and, as the last row, the unconditional one (small tables; a
+        stage streams them from the store instead)."""
+        rows, null = self.encode(list(prompts)), self.encode_null()
+        return PromptRows({k: torch.cat([v, null[k]]) for k, v in rows.items()}, list(prompts))
 
 
 def write_clip_tokenizer(out_dir: str | Path, words: list[str], max_length: int = 8):

@@ -17,7 +17,7 @@ from dmd_core.loading import resolve_model_dir
 
 from .checks import check_limits
 from .config import PipelineConfig, dump_config
-from .contract import STAGES, Plan, StageOutput, StageSpec, Teacher, spec
+from .contract import STAGES, Plan, StageOutput, StageSpec, Teacher, spec, teacher_settings
 from .registry import module
 from .store import open_store
 
@@ -29,7 +29,7 @@ def resolve_teacher(cfg: PipelineConfig) -> Teacher:
     digest is new here, so a bad teacher fails before anything is written and a cached run loads nothing."""
     store = open_store(cfg.store)
     path = resolve_model_dir(cfg.teacher.path)
-    teacher = Teacher.resolve(path, store.digest(path), cfg.teacher.variant)
+    teacher = Teacher.resolve(path, store.digest(path), cfg.teacher.variant, teacher_settings(cfg.teacher))
     marker = f"loads-{teacher.digest}"
     if not store.noted(marker):
         teacher.check_loads()  # raises an InputError naming the file and the fix

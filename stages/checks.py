@@ -14,7 +14,7 @@ from dmd_core.text import read_prompt_file
 
 from .config import PipelineConfig
 from .contract import Teacher
-from .files import digest_json
+from .files import digest_json, size_text
 from .store import Store
 
 # A batch holds at least this many float32 tensors of its samples' size at once (input, output, one activation
@@ -80,7 +80,7 @@ def check_fits(setting: str, value: int, need: int, what: str, memory: tuple[int
     have, where = memory
     if need > have:
         raise InputError(
-            f"{setting}={value} needs at least {need / 2**30:,.1f} GiB for {what} alone; the {where} has {have / 2**30:,.1f} GiB. "
+            f"{setting}={value} needs at least {size_text(need)} for {what} alone; the {where} has {size_text(have)}. "
             f"Fix: lower {setting} (to well under {max(1, value * have // need)}: the networks need memory too)."
         )
 

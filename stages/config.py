@@ -104,12 +104,21 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 Threads = Annotated[int, Field(gt=0, le=MAX_THREADS)]
 # one bound for generate's and distill's guidance (stages.checks.check_guidance: a teacher with nothing to guide needs 1)
 GuidanceScale = Annotated[float, Field(ge=0, le=MAX_GUIDANCE)]
+ImageSide = Annotated[int, Field(gt=0, le=MAX_IMAGE_SIDE)]
+CropOffset = Annotated[int, Field(ge=0, le=MAX_IMAGE_SIDE)]
 
 
 class TeacherConfig(Section):
     path: PathStr = Field("teacher", description="denoiser directory (save_pretrained + denoiser.json) or cached HF repo id")
     variant: Literal["fp16", "bf16"] | None = Field(
         None, description="the weights save_pretrained(..., variant=...) wrote to read (upcast to float32); null: the plain ones, else the only variant"
+    )
+    # SDXL's size conditioning (add_time_ids), as StableDiffusionXLPipeline's call arguments of the same names
+    original_size: tuple[ImageSide, ImageSide] | None = Field(None, description="SDXL teachers: original_size (h, w) of the size conditioning; null: the image's")
+    crop_top_left: tuple[CropOffset, CropOffset] = Field((0, 0), description="SDXL teachers: crops_coords_top_left (top, left) of the size conditioning")
+    target_size: tuple[ImageSide, ImageSide] | None = Field(None, description="SDXL teachers: target_size (h, w) of the size conditioning; null: the image's")
+    guidance_rescale: float = Field(
+        0.0, ge=0, le=1, description="VP teachers: diffusers' guidance_rescale of every guided teacher call (0 = plain CFG), on the network's epsilon or v"
     )
 
 
@@ -129,6 +138,9 @@ class GenerateConfig(Section):
     )
     prompts: OptionalPathStr | None = Field(None, description="text-to-image teachers: a .parquet or text file of prompts; pair i uses prompt i mod N")
     prompt_column: str = Field("prompt", description="the prompt column of a Parquet prompt file")
+    prompt_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="storage dtype of the prompt embeddings every stage reads from the store (float16 halves their size)"
+    )
     num_threads: Threads | None = Field(None, description="torch threads per process (default: cores / processes); not part of the cache key")
 
 
@@ -170,7 +182,7 @@ class DistillConfig(Section):
         "digits", description="real images for the GAN term: 'digits' (embedded, with classes) or a WebDataset (.tar or dir) of images with cls / prompt.txt"
     )
     real_samples: int = Field(
-        50_000, gt=0, le=MAX_COUNT, description="at most this many real images are read (into memory) from a WebDataset real_data"
+        50_000, gt=0, le=MAX_COUNT, description="at most this many real images are used from a WebDataset real_data (encoded once into the store, read by index)"
     )
     generator_optimizer: OptimizerConfig = OptimizerConfig()
     fake_optimizer: OptimizerConfig = OptimizerConfig()

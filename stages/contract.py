@@ -17,16 +17,19 @@ import torch
 from pydantic import BaseModel
 
 from dmd_core.denoisers import Denoiser, Parametrization
+from dmd_core.errors import InputError
 from dmd_core.layouts import Layout, detect
 from dmd_core.loading import PARAM_FILE, WEIGHTS_FILE
 from dmd_core.shards import shard_name, shard_ranges
-from dmd_core.text import PromptEncoder, read_prompts
+from dmd_core.rows import PromptRows, PromptTexts
+from dmd_core.text import PromptEncoder
 
 from .config import DistillConfig, GenerateConfig, PipelineConfig
 from .files import digest_json, sha256_file, write_text_atomic
 
 DENOISER_FILES = ("config.json", WEIGHTS_FILE, PARAM_FILE)  # what save_denoiser writes: every saved network has them
-PROMPTS_FILE = "prompts.json"  # a text-to-image generate output: the prompt list that the pairs' cls.txt index
+# a text-to-image generate output: the prompts that the pairs' cls.txt index (dmd_core.rows.PromptTexts)
+PROMPT_TEXTS = ("prompts.bin", "prompt_offsets.npy")
 MANIFEST = "manifest.json"
 
 
@@ -77,7 +80,7 @@ STAGES: tuple[StageSpec, ...] = (
         a rerun reuses a complete output and resumes an interrupted one.""",
         # the prompt file (digest and column) and a precision other than fp32 enter the key as upstream
         # entries, only when used, so that a key without them is the key of the same run without the option
-        not_in_key=frozenset({"num_threads", "prompts", "prompt_column", "precision"}),
+        not_in_key=frozenset({"num_threads", "prompts", "prompt_column", "precision", "prompt_dtype"}),
     ),
     StageSpec(
         name="distill",
@@ -160,15 +163,27 @@ class Teacher:
     @functools.lru_cache(maxsize=8)
     def at(path: str | Path, digest: str) -> "Teacher":
         """The teacher in ``path`` whose digest is known (its folder read once per process)."""
-        layout = detect(path).reading(digest.partition(":")[2] or None)
-        return Teacher(Path(path), digest, layout.parametrization(Path(path)), layout)
+        _, variant, settings = parse_teacher_digest(digest)
+        layout = detect(path).reading(variant)
+        param = layout.configure(Path(path), layout.parametrization(Path(path)), {k: v for k, v in settings.items() if k in SIZE_SETTINGS})
+        if settings.get("guidance_rescale") and param.kind != "vp":
+            raise InputError(
+                f"teacher.guidance_rescale rescales a VP teacher's epsilon or v prediction; {path} is an EDM teacher. Fix: drop teacher.guidance_rescale."
+            )
+        return Teacher(Path(path), digest, param, layout)
 
     @staticmethod
-    def resolve(path: str | Path, folder_digest: str, variant: str | None = None) -> "Teacher":
+    def resolve(path: str | Path, folder_digest: str, variant: str | None = None, settings: dict | None = None) -> "Teacher":
         """The teacher in ``path`` (digest ``folder_digest``) reading the weights ``variant`` asks for (None: the
-        plain weights if every part has them, else the one variant they have; InputError if absent)."""
+        plain weights if every part has them, else the one variant they have; InputError if absent), with the
+        teacher ``settings`` that change its outputs (``teacher_settings``: SDXL's sizes, guidance_rescale)."""
         read = detect(path).reading(variant).weights_variant(Path(path))
-        return Teacher.at(path, f"{folder_digest}:{read}" if read else folder_digest)
+        return Teacher.at(path, (f"{folder_digest}:{read}" if read else folder_digest) + settings_suffix(settings or {}))
+
+    @property
+    def guidance_rescale(self) -> float:
+        """diffusers' guidance_rescale of every guided call of the teacher (teacher.guidance_rescale; 0: plain CFG)."""
+        return float(parse_teacher_digest(self.digest)[2].get("guidance_rescale", 0.0))
 
     @property
     def variant(self) -> str | None:
@@ -205,14 +220,17 @@ class Teacher:
         """The diffusers pipeline an export of this teacher's family is written as (None: the project's OneStepPipeline)."""
         return self.layout.pipeline_class
 
-    def load(self, device="cpu", prompts: list[str] | None = None) -> Denoiser:
+    def load(self, device="cpu", prompts: PromptRows | list[str] | None = None) -> Denoiser:
         """The weights, loaded when a stage is about to use them (a bad file fails here, named).
 
-        A teacher that takes prompts gets the prompt table of ``prompts`` from its own text encoder.
+        A teacher that takes prompts gets their rows (a list of prompts: encoded here, in memory).
         """
         den = self.layout.load_denoiser(self.path, device)
+        if den.param != self.param:  # the configured size conditioning (teacher.original_size, ...)
+            den.set_param(self.param)
+        den.guidance_rescale = self.guidance_rescale
         if self.takes_prompts and prompts is not None:
-            den.set_prompts(self.prompt_encoder(device).table(prompts))
+            den.set_prompts(prompts if isinstance(prompts, PromptRows) else self.prompt_encoder(device).table(prompts))
         return den
 
     def prompt_encoder(self, device="cpu") -> PromptEncoder:
@@ -233,6 +251,41 @@ class Teacher:
     def encode_pixels(self, images: torch.Tensor, device="cpu") -> torch.Tensor:
         """Pixels in [-1, 1] -> model space (a latent teacher's VAE latents)."""
         return self.layout.encode_pixels(self.path, images, device)
+
+    def pixel_encoder(self, device="cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+        """``encode_pixels`` with the codec loaded once (encoding a set batch by batch)."""
+        return self.layout.pixel_encoder(self.path, device)
+
+
+SIZE_SETTINGS = ("original_size", "crop_top_left", "target_size")  # SDXL's add_time_ids (Layout.configure)
+
+
+def teacher_settings(t) -> dict:
+    """The ``teacher`` config's settings that change what the teacher computes, those not at their default:
+    SDXL's sizes and guidance_rescale. They join the teacher's digest, so every key holding it tells them apart."""
+    out = {k: tuple(getattr(t, k)) for k in SIZE_SETTINGS if getattr(t, k) is not None and not (k == "crop_top_left" and tuple(t.crop_top_left) == (0, 0))}
+    if t.guidance_rescale:
+        out["guidance_rescale"] = float(t.guidance_rescale)
+    return out
+
+
+def settings_suffix(settings: dict) -> str:
+    """``:name=value`` per setting (sizes as HxW), in a fixed order: the digest's tail (``parse_teacher_digest``)."""
+    def value(v) -> str:
+        return "x".join(str(int(n)) for n in v) if isinstance(v, (tuple, list)) else repr(float(v))
+
+    return "".join(f":{k}={value(settings[k])}" for k in (*SIZE_SETTINGS, "guidance_rescale") if k in settings)
+
+
+def parse_teacher_digest(digest: str) -> tuple[str, str | None, dict]:
+    """(folder digest, weights variant or None, settings) of a teacher digest ``<sha256>[:<variant>][:name=value...]``."""
+    folder, *tail = digest.split(":")
+    variant = next((t for t in tail if "=" not in t), None)
+    settings: dict = {}
+    for item in (t for t in tail if "=" in t):
+        name, _, v = item.partition("=")
+        settings[name] = tuple(int(n) for n in v.split("x")) if name in SIZE_SETTINGS else float(v)
+    return folder, variant, settings
 
 
 # ---------------------------------------------------------------- plans
@@ -266,15 +319,11 @@ class Plan:
         teacher only through its upstream output (export) keeps the digest in ``info``."""
         return Teacher.at(self.inputs["teacher"], self.upstream.get("teacher") or self.info["teacher_digest"])
 
-    def prompts(self, column: str) -> list[str] | None:
-        """The prompt list of a plan that reads a prompt file (None otherwise)."""
-        return read_prompts(self.inputs["prompts"], column) if "prompts" in self.inputs else None
 
-
-def pair_prompts(pairs_dir: str | Path) -> list[str] | None:
-    """The prompt list a generate output's ``cls.txt`` index (None for class-conditional pairs)."""
-    path = Path(pairs_dir) / PROMPTS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+def pair_prompts(pairs_dir: str | Path) -> PromptTexts | None:
+    """The prompts a generate output's ``cls.txt`` index, read by index (None for class-conditional pairs)."""
+    blob, offsets = (Path(pairs_dir) / name for name in PROMPT_TEXTS)
+    return PromptTexts(blob, offsets) if blob.is_file() or offsets.is_file() else None
 
 
 # ---------------------------------------------------------------- manifests
@@ -353,7 +402,7 @@ def _generate_files(m: Manifest) -> list[str]:
     """Every shard of ``num_samples`` (whatever the manifest lists), the config and, for text-to-image, the prompts."""
     g = GenerateConfig.model_validate(m.config)
     names = [shard_name(i) for i in range(len(shard_ranges(g.num_samples, g.shard_size)))] + ["config.yaml"]
-    return names + [PROMPTS_FILE] if "prompts" in m.upstream else names
+    return names + list(PROMPT_TEXTS) if "prompts" in m.upstream else names
 
 
 def _distill_files(m: Manifest) -> list[str]:

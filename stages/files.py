@@ -7,6 +7,8 @@ import atexit
 import hashlib
 import json
 import os
+import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,20 +51,41 @@ def digest_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def size_text(n: float) -> str:
+    """Bytes for people: '812 B', '3.4 KiB', '1.2 MiB', '5.0 GiB', '2.1 TiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} TiB"
+
+
 def tmp_sibling(path: Path) -> Path:
-    """The temporary name ``path`` is written under before its rename: hidden, and owned by this process."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """The temporary name ``path`` is written under before its rename: hidden, and owned by this process (and,
+    off the main thread, by this thread: two threads writing one file never share a temporary name)."""
+    thread = "" if threading.current_thread() is threading.main_thread() else f".{threading.get_native_id()}"
+    return path.with_name(f".{path.name}{thread}.tmp-{os.getpid()}")
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Write to a temporary sibling, fsync, then rename: readers never see a partial file.
 
     A failed write (a full disk) removes its temporary file, so it holds no space."""
+    _write_atomic(path, lambda f: f.write(data))
+
+
+def copy_atomic(src: str | Path, path: str | Path) -> None:
+    """Copy ``src`` to ``path`` as ``write_bytes_atomic`` writes (streamed: any size)."""
+    with open(src, "rb") as source:
+        _write_atomic(path, lambda f: shutil.copyfileobj(source, f, 1 << 20))
+
+
+def _write_atomic(path: str | Path, write) -> None:
     path = Path(path)
     tmp = tmp_sibling(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         fault_point(f"write/{path.name}")

@@ -16,9 +16,10 @@ import webdataset as wds
 from conftest import make_tiny_clip, write_config
 from dmd_core.errors import InputError
 from dmd_core.loading import read_parametrization
-from dmd_core.text import read_prompts
+from dmd_core.text import PromptEncoder, read_prompts
 from stages import chain
 from stages.config import load_config
+from stages.contract import pair_prompts
 
 PROMPTS = ["the digit 7", "a handwritten seven", "3"]
 
@@ -113,7 +114,8 @@ def test_dm_term_guides_the_real_score_only(sd_teacher):
     a, s = abar.sqrt(), (1 - abar).sqrt()
     xd = x.detach().double()
     x_t = (a * xd + s * eps.double()).float()
-    cond, null = table[labels], table[-1:].expand(4, -1, -1)
+    hidden = table.parts["hidden"]
+    cond, null = hidden[labels], hidden[-1:].expand(4, -1, -1)
 
     def x0(net, emb):
         with torch.no_grad():
@@ -161,7 +163,31 @@ def exported_t2i(tmp_path_factory, sd_teacher):
                  "evaluate.features=digits", f"evaluate.classifier={ROOT / 'data' / 'classifier'}", "evaluate.speed_batch_size=4",
                  "evaluate.speed_repeats=1", "export.parity_samples=4", f"evaluate.clip_model={make_tiny_clip(tmp / 'clip')}"]  # fmt: skip
     c = load_config(cfg, overrides)
-    return c, chain.run(c, "export", progress=False).manifest
+    # every PromptEncoder.encode call's prompt count, while distill is first stopped by a full disk and rerun
+    calls: list[int] = []
+    real = PromptEncoder.encode
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PromptEncoder, "encode", lambda self, prompts: calls.append(len(prompts)) or real(self, prompts))
+        mp.setenv("DMD_FAULT", "distill.before-manifest:1:enospc")
+        with pytest.raises(InputError, match="disk full"):
+            chain.run(c, "distill", progress=False)
+        mp.delenv("DMD_FAULT")
+        m = chain.run(c, "export", progress=False).manifest
+    ENCODED[tmp] = calls
+    return c, m
+
+
+ENCODED: dict = {}
+
+
+def test_prompts_are_encoded_once_across_stages_and_a_resumed_distill(exported_t2i):
+    """Generate encodes the empty row and the 3 training prompts once; distill and its rerun after the crash
+    encode nothing; evaluate encodes the empty row and the 3 held-out prompts once. Then evaluate's speed
+    comparison times a user's call, prompt encoding included (4 prompts, once per sampler), and export's
+    parity check encodes its 4 prompts and the empty row as the exported pipeline will."""
+    c, _ = exported_t2i
+    (calls,) = [v for k, v in ENCODED.items() if str(k) in c.store]
+    assert calls == [1, len(PROMPTS), 1, 3, 4, 4, 4, 1], calls
 
 
 def test_evaluate_decodes_latents_and_scores_prompts(exported_t2i):
@@ -337,7 +363,8 @@ def test_a_cached_stable_diffusion_repo_id_is_a_teacher(tmp_path, sd_teacher):
     out = Path(proc.stdout.strip().splitlines()[-1])
     m = json.loads((out / "manifest.json").read_text())
     assert m["info"]["teacher_path"].endswith(rev) and m["info"]["num_prompts"] == 2
-    assert json.loads((out / "prompts.json").read_text()) == ["7", "the digit 3"]
+    texts = pair_prompts(out)
+    assert [texts[i] for i in range(len(texts))] == ["7", "the digit 3"]
 
 
 def test_prompt_settings_change_no_key_without_prompts(tmp_path, edm_teacher, sd_teacher):

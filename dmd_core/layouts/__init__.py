@@ -16,6 +16,7 @@ from .common import PARAM_FILE, PIPELINE_INDEX, read_json, resolve_model_dir
 from .ddpm_pipeline import DDPMPipelineLayout
 from .denoiser_dir import DenoiserDirLayout
 from .sd_pipeline import StableDiffusionLayout
+from .sdxl_pipeline import StableDiffusionXLLayout
 from .unsupported import refuse_known_family
 
 _REGISTRY: list[Layout] = []
@@ -60,7 +61,8 @@ def detect(folder: str | os.PathLike) -> Layout:
 
 
 register(StableDiffusionLayout())
+register(StableDiffusionXLLayout())
 register(DDPMPipelineLayout())
 register(DenoiserDirLayout())
 
-__all__ = ["Layout", "register", "registered", "detect", "known_layouts", "DDPMPipelineLayout", "DenoiserDirLayout", "StableDiffusionLayout"]
+__all__ = ["Layout", "register", "registered", "detect", "known_layouts", "DDPMPipelineLayout", "DenoiserDirLayout", "StableDiffusionLayout", "StableDiffusionXLLayout"]

@@ -61,6 +61,16 @@ class Layout:
         """The network as an x0-predictor, frozen, in eval mode, float32."""
         raise NotImplementedError
 
+    def configure(self, folder: Path, param: Parametrization, sizes: dict) -> Parametrization:
+        """``param`` with the teacher's size settings applied (``teacher.original_size``, ``target_size``,
+        ``crop_top_left``: only those set); only SDXL's layout has size conditioning to apply them to."""
+        if sizes:
+            name = next(iter(sizes))
+            raise InputError(
+                f"teacher.{name} sets SDXL's size conditioning, but {folder} is a {self.name} teacher, which has none. Fix: drop teacher.{name}."
+            )
+        return param
+
     def num_timesteps(self, folder: Path, param: Parametrization) -> int:
         """T: a VP teacher's training timesteps (its scheduler's num_train_timesteps), an EDM teacher's level grid."""
         if param.kind != "vp":
@@ -70,6 +80,10 @@ class Layout:
     def prompt_encoder(self, folder: Path, device: str | torch.device = "cpu") -> PromptEncoder:
         """prompts -> embeddings through the teacher's own tokenizer and text encoder (prompt layouts only)."""
         raise InputError(f"{folder} is a {self.name} teacher, conditioned on class labels: it has no text encoder. Fix: drop the prompts setting.")
+
+    def text_parts(self, folder: Path) -> tuple[str, ...]:
+        """The files and subfolders of ``folder`` the prompt encoder reads (their digest keys the prompt embeddings)."""
+        return ()
 
     def pixel_shape(self, folder: Path, param: Parametrization) -> tuple[int, int, int]:
         """C x H x W of the images the teacher makes (its model space, or the decoder's image side)."""
@@ -83,7 +97,11 @@ class Layout:
 
     def encode_pixels(self, folder: Path, images: Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> Tensor:
         """Pixels in [-1, 1] -> model space (deterministic); identity for pixel-space teachers."""
-        return images.to(device)
+        return self.pixel_encoder(folder, device, batch_size)(images)
+
+    def pixel_encoder(self, folder: Path, device: str | torch.device = "cpu", batch_size: int = 64) -> Callable[[Tensor], Tensor]:
+        """``encode_pixels`` with its codec loaded once, for encoding a set batch by batch."""
+        return lambda images: images.to(device)
 
     def check_loads(self, folder: Path) -> None:
         """Load every part once, so that a damaged file fails before anything is written (InputError)."""

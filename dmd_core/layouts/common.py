@@ -339,8 +339,9 @@ def with_image_shape(param: Parametrization, cfg: dict, where: Path) -> Parametr
 ADDED_CONDITIONS = ("text_time", "text_image", "image", "image_hint")
 
 
-def check_conditioning(cfg: dict, cfg_file: Path) -> None:
-    """The UNet is conditioned only in ways the denoisers feed: a learned label table, or prompt embeddings."""
+def check_conditioning(cfg: dict, cfg_file: Path, size_conditioned: bool = False) -> None:
+    """The UNet is conditioned only in ways the denoisers feed: a learned label table, prompt embeddings and,
+    when ``size_conditioned`` (SDXL's add_time_ids are known), SDXL's pooled embedding and sizes."""
     kind = cfg.get("class_embed_type")
     if kind is not None:
         raise InputError(
@@ -349,10 +350,20 @@ def check_conditioning(cfg: dict, cfg_file: Path) -> None:
             "table (class_embed_type null, num_class_embeds = classes + 1, the last one the null class) or an unconditional one."
         )
     extra = cfg.get("addition_embed_type")
-    if extra in ADDED_CONDITIONS:
+    if extra == "text_time" and not size_conditioned:
         raise InputError(
-            f"{cfg_file} has addition_embed_type {extra!r}: the UNet needs inputs beside the prompt (added_cond_kwargs, e.g. SDXL's "
-            "sizes) that no supported layout provides. Fix: point teacher.path at a model conditioned on prompts or class labels only."
+            f"{cfg_file} has addition_embed_type 'text_time': SDXL's UNet, which needs a pooled prompt embedding and sizes (added_cond_kwargs) "
+            "beside the prompt. Fix: point teacher.path at the StableDiffusionXLPipeline folder it belongs to (two text encoders)."
+        )
+    if extra in ADDED_CONDITIONS and extra != "text_time":
+        raise InputError(
+            f"{cfg_file} has addition_embed_type {extra!r}: the UNet needs inputs beside the prompt (added_cond_kwargs, e.g. image "
+            "embeddings) that no supported layout provides. Fix: point teacher.path at a model conditioned on prompts or class labels only."
+        )
+    if size_conditioned and extra != "text_time":
+        raise InputError(
+            f"add_time_ids (SDXL's size conditioning) are set but {cfg_file} has addition_embed_type {extra!r}, not 'text_time'. "
+            "Fix: drop add_time_ids from denoiser.json, or use the SDXL UNet they belong to."
         )
     hid = cfg.get("encoder_hid_dim_type")
     if hid not in (None, "text_proj"):
@@ -406,7 +417,7 @@ def check_against_unet(param: Parametrization, cfg: dict, param_file: Path, cfg_
             f"(text-conditioned models are UNet2DConditionModel). Fix: set text_conditioned to {str(conditional).lower()} in {PARAM_FILE}."
         )
     embeds = check_class_embeds(cfg, cfg_file)
-    check_conditioning(cfg, cfg_file)
+    check_conditioning(cfg, cfg_file, param.add_time_ids is not None)
     if param.text_conditioned:
         return  # prompt embeddings: no count to check
     n, null = param.num_classes, param.null_class

@@ -27,6 +27,7 @@ class DDPMPipelineLayout(Layout):
     # Pipelines whose folder is this one (a UNet2DModel and a VP scheduler); the sampler they name is not used.
     classes = ("DDPMPipeline", "DDIMPipeline", "PNDMPipeline")
     components = {"unet", "scheduler"}
+    size_conditioned = False  # the UNet takes SDXL's pooled embedding and sizes (addition_embed_type "text_time")
     save_hint = "DDPMPipeline(unet, scheduler).save_pretrained(dir)"
 
     def matches(self, folder: Path) -> bool:
@@ -55,7 +56,7 @@ class DDPMPipelineLayout(Layout):
         unet_cfg = read_json(cfg_file, "UNet config")
         prediction = read_scheduler_config(folder / "scheduler").get("prediction_type", "epsilon")
         embeds = check_class_embeds(unet_cfg, cfg_file)
-        check_conditioning(unet_cfg, cfg_file)
+        check_conditioning(unet_cfg, cfg_file, self.size_conditioned)
         derived = {"kind": "vp", "prediction_type": prediction, **self.conditioning(embeds)}
         override = folder / PARAM_FILE
         if override.is_file():
@@ -72,7 +73,7 @@ class DDPMPipelineLayout(Layout):
                 )
             derived.update(raw)
         param = parametrization_from(derived, override if override.is_file() else folder)
-        param = with_image_shape(param, unet_cfg, folder / "unet")
+        param = self.with_defaults(folder, with_image_shape(param, unet_cfg, folder / "unet"))
         check_against_unet(param, unet_cfg, override if override.is_file() else folder / PIPELINE_INDEX, cfg_file)
         self.check_against_parts(folder, unet_cfg)
         return param
@@ -81,6 +82,10 @@ class DDPMPipelineLayout(Layout):
         """The conditioning fields of the parametrisation, from the UNet's class embedding count."""
         n = embeds - 1 if embeds else 0  # the last embedding is the null class (label dropout)
         return {"num_classes": n, "null_class": n if embeds else None, "text_conditioned": False}
+
+    def with_defaults(self, folder: Path, param: Parametrization) -> Parametrization:
+        """The parametrisation with what the layout derives once the image shape is known (nothing here)."""
+        return param
 
     def check_parts(self, folder: Path, index: dict) -> None:
         """The components beside unet/ and scheduler/ are present (none here)."""

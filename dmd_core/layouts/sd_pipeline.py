@@ -74,41 +74,13 @@ class StableDiffusionLayout(DDPMPipelineLayout):
 
     # ------------------------------------------------------------ prompts
 
+    def text_parts(self, folder: Path) -> tuple[str, ...]:
+        return ("text_encoder", "tokenizer")
+
     def prompt_encoder(self, folder: Path, device: str | torch.device = "cpu") -> PromptEncoder:
         """The pipeline's own tokenizer and text encoder (frozen, float32), the classes model_index.json names."""
-        import transformers
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # a bar per small file load: noise in every stage's log
         index = read_json(folder / PIPELINE_INDEX, "pipeline index")
-        tok_dir = _check_tokenizer(folder / "tokenizer")
-        variant = self.weights_variant(folder)
-        enc_dir = _check_part(folder, "text_encoder", TEXT_WEIGHTS_FILE, variant)
-        tokenizer_cls = _component_class(folder, index, "tokenizer", transformers.PreTrainedTokenizerBase)
-        encoder_cls = _component_class(folder, index, "text_encoder", transformers.PreTrainedModel)
-        try:
-            tokenizer = tokenizer_cls.from_pretrained(str(tok_dir), local_files_only=True)
-        except Exception as e:  # transformers raises OSError, ValueError, TypeError, ... for a damaged tokenizer
-            raise InputError(f"the tokenizer in {tok_dir} does not load: {one_line(e)}. {RESAVE}") from None
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # its multi-line load report: the one-line error below says it
-        try:
-            encoder, info = encoder_cls.from_pretrained(
-                str(enc_dir), local_files_only=True, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, variant=variant,
-                dtype=torch.float32,  # transformers keeps a float16 file's dtype unless told: prompts would be encoded in float16
-            )  # fmt: skip
-        except Exception as e:
-            raise InputError(f"the text encoder in {enc_dir} does not load: {one_line(e)}. {RESAVE}") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        # transformers fills missing or mis-shaped tensors with random values and only warns: a silently wrong teacher
-        bad = sorted(info["missing_keys"]) + sorted(k[0] for k in info["mismatched_keys"])
-        if bad:
-            raise InputError(
-                f"the weights in {enc_dir / variant_name(TEXT_WEIGHTS_FILE, variant)} do not match {enc_dir}/config.json ({len(bad)} tensors missing or "
-                f"of another shape, e.g. {bad[0]}). Fix: save the text encoder and its config together (save_pretrained), or re-download the teacher."
-            )
-        return PromptEncoder(tokenizer, encoder.requires_grad_(False).eval().to(device))
+        return PromptEncoder(*load_text_part(folder, index, "tokenizer", "text_encoder", self.weights_variant(folder), device))
 
     # ------------------------------------------------------------ the latent codec
 
@@ -176,18 +148,58 @@ class StableDiffusionLayout(DDPMPipelineLayout):
 
         return decode
 
-    @torch.no_grad()
-    def encode_pixels(self, folder: Path, images: Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> Tensor:
-        """images in [-1, 1] -> latents: the mean of ``vae.encode`` times scaling_factor (deterministic)."""
+    def pixel_encoder(self, folder: Path, device: str | torch.device = "cpu", batch_size: int = 64) -> Callable[[Tensor], Tensor]:
+        """images in [-1, 1] -> latents: the mean of ``vae.encode`` times scaling_factor (deterministic), the VAE loaded once."""
         vae = self.load_vae(folder, device)
         scale = vae.config.scaling_factor
-        parts = [vae.encode(images[s : s + batch_size].to(device)).latent_dist.mean * scale for s in range(0, len(images), batch_size)]
-        return torch.cat(parts).float()
+
+        @torch.no_grad()
+        def encode(images: Tensor) -> Tensor:
+            parts = [vae.encode(images[s : s + batch_size].to(device)).latent_dist.mean * scale for s in range(0, len(images), batch_size)]
+            return torch.cat(parts).float()
+
+        return encode
 
     def check_loads(self, folder: Path) -> None:
         self.load_denoiser(folder)
         self.prompt_encoder(folder)
         self.load_vae(folder)
+
+
+def load_text_part(folder: Path, index: dict, tokenizer_part: str, encoder_part: str, variant: str | None, device) -> tuple:
+    """A tokenizer and its text encoder of a pipeline folder (frozen, float32; the ``variant`` weights), the classes
+    model_index.json names, each file checked as it is read."""
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per small file load: noise in every stage's log
+    tok_dir = _check_tokenizer(folder / tokenizer_part)
+    enc_dir = _check_part(folder, encoder_part, TEXT_WEIGHTS_FILE, variant)
+    tokenizer_cls = _component_class(folder, index, tokenizer_part, transformers.PreTrainedTokenizerBase)
+    encoder_cls = _component_class(folder, index, encoder_part, transformers.PreTrainedModel)
+    try:
+        tokenizer = tokenizer_cls.from_pretrained(str(tok_dir), local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, TypeError, ... for a damaged tokenizer
+        raise InputError(f"the tokenizer in {tok_dir} does not load: {one_line(e)}. {RESAVE}") from None
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its multi-line load report: the one-line error below says it
+    try:
+        encoder, info = encoder_cls.from_pretrained(
+            str(enc_dir), local_files_only=True, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, variant=variant,
+            dtype=torch.float32,  # transformers keeps a float16 file's dtype unless told: prompts would be encoded in float16
+        )  # fmt: skip
+    except Exception as e:
+        raise InputError(f"the text encoder in {enc_dir} does not load: {one_line(e)}. {RESAVE}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # transformers fills missing or mis-shaped tensors with random values and only warns: a silently wrong teacher
+    bad = sorted(info["missing_keys"]) + sorted(k[0] for k in info["mismatched_keys"])
+    if bad:
+        raise InputError(
+            f"the weights in {enc_dir / variant_name(TEXT_WEIGHTS_FILE, variant)} do not match {enc_dir}/config.json ({len(bad)} tensors missing or "
+            f"of another shape, e.g. {bad[0]}). Fix: save the text encoder and its config together (save_pretrained), or re-download the teacher."
+        )
+    return tokenizer, encoder.requires_grad_(False).eval().to(device)
 
 
 def _positive_number(v) -> bool:
@@ -242,6 +254,6 @@ def _component_class(folder: Path, index: dict, part: str, base: type) -> type:
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise InputError(
             f"{folder / PIPELINE_INDEX} names {part} {json.dumps(entry)}, not a {base.__name__} of the transformers library. "
-            f'Fix: name the class it was saved with, e.g. "{part}": ["transformers", "{"CLIPTokenizer" if part == "tokenizer" else "CLIPTextModel"}"].'
+            f'Fix: name the class it was saved with, e.g. "{part}": ["transformers", "{"CLIPTokenizer" if part.startswith("tokenizer") else "CLIPTextModel"}"].'
         )
     return cls

@@ -14,8 +14,6 @@ FIX = "Fix: distil a teacher of a supported layout (docs/layouts.md lists them),
 
 # model_index.json's _class_name -> what the family is and why it is not loaded
 FAMILIES = {
-    "StableDiffusionXLPipeline": "SDXL: two text encoders and size/crop conditioning, not supported yet",
-    "StableDiffusionXLImg2ImgPipeline": "SDXL: two text encoders and size/crop conditioning, not supported yet",
     "StableDiffusion3Pipeline": "SD3: a flow-matching transformer (transformer/, not unet/), not supported yet",
     "FluxPipeline": "Flux: a flow-matching transformer (transformer/, not unet/), not supported yet",
     "DiTPipeline": "DiT: a class-conditional transformer on VAE latents (transformer/, not unet/), not supported yet",
@@ -30,7 +28,7 @@ FAMILIES = {
 COMPONENTS = {
     "vqvae": "latent diffusion on a VQ autoencoder's latents (vqvae/), not supported",
     "transformer": "a transformer backbone (transformer/, not unet/), not supported yet",
-    "text_encoder_2": "two text encoders (SDXL-like), not supported yet",
+    "text_encoder_2": "two text encoders beside parts the SDXL layout does not read, not supported",
 }
 
 

@@ -23,7 +23,7 @@ from dmd_core.shards import PAIRS_FIX, check_pair_shard, shard_name
 
 from ..checks import check_guidance, check_prompt_file, check_prompts
 from ..config import DistillConfig, PipelineConfig
-from ..contract import PROMPTS_FILE, Manifest, Plan, StageOutput, Teacher, pair_prompts, spec
+from ..contract import PROMPT_TEXTS, Manifest, Plan, StageOutput, Teacher, pair_prompts, spec
 from ..files import Timer
 from ..launch import launch_plan
 from ..progress import progress_bar
@@ -31,7 +31,8 @@ from ..quality import features_digest, reference_digest
 from ..store import Store, open_store
 from .checkpoints import CHECKSUMS, CheckpointManager, checkpoint_problem
 from .outputs import finalize, sample_grid
-from .trainer import Trainer, TrainingDiverged, generator_parametrization, real_spec
+from .real_latents import real_spec
+from .trainer import Trainer, TrainingDiverged, generator_parametrization
 
 __all__ = ["Trainer", "TrainingDiverged", "build", "check", "checkpoint_problem", "plan", "run_distributed"]
 
@@ -103,8 +104,7 @@ def check_pairs(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput) -> No
     """Every pair fits the teacher (shape, float, finite, label in range, the listed count): crafted or foreign
     pairs (distill.pairs) are refused before training, not at the step that meets them. Read once per pairs
     digest and teacher shape: the store remembers a set that passed."""
-    prompts = _pair_prompt_list(pairs.out_dir) if teacher.takes_prompts else None
-    num_labels = len(prompts) if prompts is not None else teacher.param.num_classes
+    num_labels = _pair_prompt_count(pairs.out_dir) if teacher.takes_prompts else teacher.param.num_classes
     shape = tuple(teacher.image_shape)
     store = open_store(cfg.store)
     marker = f"pairs-{pairs.manifest.digest[:32]}-{'x'.join(map(str, shape))}-{num_labels}"
@@ -116,16 +116,20 @@ def check_pairs(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput) -> No
     store.note(marker)
 
 
-def _pair_prompt_list(pairs_dir: Path) -> list[str]:
-    """The prompt list a text-to-image generate output's cls.txt index (prompts.json), checked."""
-    where = shown(str(Path(pairs_dir) / PROMPTS_FILE))
+def _pair_prompt_count(pairs_dir: Path) -> int:
+    """How many prompts a text-to-image generate output's cls.txt index (prompts.bin + prompt_offsets.npy), checked."""
+    where = shown(str(Path(pairs_dir) / PROMPT_TEXTS[0]))
     try:
-        prompts = pair_prompts(pairs_dir)
-    except (OSError, ValueError) as e:  # ValueError: bad JSON or UTF-8
-        raise InputError(f"the pairs' prompt list {where} is unreadable ({type(e).__name__}). {PAIRS_FIX}") from None
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise InputError(f"the pairs' prompt list {where} is missing or not a JSON list of prompts; a text-to-image teacher needs it. {PAIRS_FIX}")
-    return prompts
+        texts = pair_prompts(pairs_dir)
+        if texts is None:
+            raise InputError(f"the pairs' prompts {where} are missing; a text-to-image teacher needs them. {PAIRS_FIX}")
+        ends = texts.offsets.read(range(len(texts.offsets)))
+        ok = len(texts) > 0 and ends[0] == 0 and bool((ends[1:] >= ends[:-1]).all()) and ends[-1] == texts.blob.stat().st_size
+    except (OSError, ValueError, IndexError) as e:
+        raise InputError(f"the pairs' prompts {where} are unreadable ({type(e).__name__}). {PAIRS_FIX}") from None
+    if not ok or texts.offsets.dtype != "int64":
+        raise InputError(f"the pairs' prompts {where} do not match their offsets ({PROMPT_TEXTS[1]}). {PAIRS_FIX}")
+    return len(texts)
 
 
 def _plan_without_pairs(cfg: PipelineConfig, teacher: Teacher) -> Plan:

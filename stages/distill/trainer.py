@@ -32,14 +32,17 @@ from dmd_core.errors import InputError, shown
 from dmd_core.gan import BottleneckHead, BottleneckTap
 from dmd_core.losses import DecodedLoss, LPIPSLoss, l2_loss, pseudo_huber_loss
 from dmd_core.metrics import channel_stats
-from dmd_core.real_data import RealData, RealSpec, read_real_data
+from dmd_core.rows import JoinedPromptRows, PromptRows
 from dmd_core.shards import PAIRS_FIX, check_pair_batch, pair_stream, sample_seed, shard_name
 from dmd_core.step import DiscriminatorLoss, Sums, fake_score_updates, generator_samples, generator_update
 from dmd_core.transfer import to_device
 
 from ..config import DistillConfig, PipelineConfig
-from ..contract import Plan, Teacher, pair_prompts
+from ..contract import Plan, StageOutput, Teacher
+from ..prompt_rows import pair_rows, plan_rows, prompt_rows
 from ..quality import QualityProbe
+from ..store import open_store
+from .real_latents import real_set as load_real_set
 
 # SampleRNG streams: independent draws for each purpose.
 STREAM_GENERATOR, STREAM_SAMPLES, STREAM_DATA, STREAM_GAN, STREAM_FAKE = 0, 1, 2, 3, 10
@@ -47,16 +50,6 @@ STREAM_GENERATOR, STREAM_SAMPLES, STREAM_DATA, STREAM_GAN, STREAM_FAKE = 0, 1, 2
 
 class TrainingDiverged(InputError):
     """A loss term, a gradient norm or a weight became NaN or Inf."""
-
-
-def real_spec(teacher: Teacher) -> RealSpec:
-    """What each real sample must hold for ``teacher``: its pixel shape, a class (class-conditional), a caption (text)."""
-    return RealSpec(tuple(teacher.pixel_shape()), 0 if teacher.takes_prompts else teacher.param.num_classes, teacher.takes_prompts)
-
-
-def load_real_set(d: DistillConfig, teacher: Teacher, max_samples: int) -> RealData:
-    """The first ``max_samples`` of a WebDataset real_data, each sample checked against the teacher as it is read."""
-    return read_real_data(d.real_data, max_samples, real_spec(teacher))
 
 
 def regression_loss_fn(d: DistillConfig):
@@ -107,26 +100,20 @@ class Trainer:
         d = self.d = cfg.distill
         dev = accelerator.device
         # frozen teacher, loaded once; text-to-image: with the pairs' prompts (the DM term draws from them too)
-        prompts = pair_prompts(p.inputs["pairs"]) if "pairs" in p.inputs else p.prompts(cfg.generate.prompt_column)
+        prompts = self.training_prompt_rows(dev)
         teacher = p.teacher()
         real_set = None
-        if d.gan and d.real_data != "digits":
-            real_set = load_real_set(d, teacher, d.real_samples)
-            if not teacher.guidable:
-                real_set.labels = None  # an unconditional teacher ignores the set's classes
+        if d.gan and d.real_data != "digits":  # in model space, encoded once into the store and read by index
+            real_set = load_real_set(open_store(cfg.store), d, teacher, dev)  # an unconditional teacher gets no classes
         # the DM term draws its prompts from the training prompts; the real set's captions join the table after them
-        self.label_range = len(prompts) if prompts is not None else teacher.param.num_classes
-        if real_set is not None and real_set.prompts is not None:
-            known = set(prompts)
-            prompts = [*prompts, *(q for q in dict.fromkeys(real_set.prompts) if q not in known)]
-            row = {q: i for i, q in reversed(list(enumerate(prompts)))}  # a caption's first row
-            real_set.labels = torch.tensor([row[q] for q in real_set.prompts])
+        self.label_range = len(prompts) - 1 if prompts is not None else teacher.param.num_classes
+        if real_set is not None and real_set.captions is not None:  # real sample j is conditioned on row label_range + j
+            captions = prompt_rows(open_store(cfg.store), teacher, real_set.captions, cfg.generate.prompt_dtype, dev)
+            prompts = JoinedPromptRows(prompts, captions)
+            real_set.labels = torch.arange(self.label_range, self.label_range + len(real_set))
         self.real: Denoiser = teacher.load(dev, prompts)
         self.takes_prompts = teacher.takes_prompts
-        gen, fake = copy.deepcopy(self.real), copy.deepcopy(self.real)  # theta, phi <- teacher
-        if teacher.takes_prompts:  # one prompt table for the three networks, not three copies
-            for net in (gen, fake):
-                net.set_prompts(self.real.prompt_table)
+        gen, fake = copy.deepcopy(self.real), copy.deepcopy(self.real)  # theta, phi <- teacher (the prompt rows are shared, not copied)
         # memory: the frozen score's weights need not be float32 (alphas and prompt table stay as they are)
         if d.frozen_dtype != "float32":
             self.real.unet.to(getattr(torch, d.frozen_dtype))
@@ -148,9 +135,8 @@ class Trainer:
             if real_set is None:
                 images, classes = load_digits_data()
                 self.real_images, self.real_labels = images.to(dev), classes.to(dev) if self.num_classes else None
-            else:  # latent teachers: the real images in model space, encoded once by the pipeline's VAE
-                images = teacher.encode_pixels(real_set.images, dev)
-                self.real_images, self.real_labels = images, None if real_set.labels is None else real_set.labels.to(dev)
+            else:  # read by index (RealRows): each rank reads the rows its own draws name
+                self.real_images, self.real_labels = real_set.images, None if real_set.labels is None else real_set.labels.to(dev)
         if d.compile:  # in place (nn.Module.compile): state_dict keys, checkpoints and saved networks stay as they are
             # Here, after the GAN tap's hook is in place and the head's probe has run (BottleneckTap says why).
             # The two UNets share UNet.forward's compiled code and dynamo by default does not guard on module
@@ -194,6 +180,14 @@ class Trainer:
 
     def unwrap(self, net):
         return self.acc.unwrap_model(net)
+
+    def training_prompt_rows(self, device) -> PromptRows | None:
+        """Text-to-image: the rows of the prompts the pairs were made with (the DM term draws from them too)."""
+        if "pairs" not in self.p.inputs:
+            return plan_rows(self.cfg, self.p, self.cfg.generate.prompt_column, device)
+        pairs_dir = Path(self.p.inputs["pairs"])
+        m = open_store(self.cfg.store).read_manifest(pairs_dir)
+        return pair_rows(self.cfg, self.p.teacher(), StageOutput(pairs_dir, m), device) if "prompts" in m.upstream else None
 
     def make_gan_head(self, fake: Denoiser, seed: int, dev) -> BottleneckHead:
         """DMD2's head, sized by one probe forward of the fake score (before any compiling: a batch of 1 would
@@ -295,8 +289,8 @@ class Trainer:
         checkpoint a rerun resumes from, only when one exists."""
         if pairs and any(not bool(torch.isfinite(t).all()) for batch in pairs for t in batch[:2]):
             return f"This step's pairs hold NaN or Inf (from {shown(str(self.p.inputs.get('pairs', '?')))}). {PAIRS_FIX}"
-        real = getattr(self, "real_images", None)
-        if real is not None and not bool(torch.isfinite(real).all()):
+        real = getattr(self, "real_images", None)  # a WebDataset's rows were checked finite as they were encoded
+        if isinstance(real, torch.Tensor) and not bool(torch.isfinite(real).all()):
             return "The real images (distill.real_data) hold NaN or Inf. Fix: replace or remove those images; real images are finite, in [-1, 1]."
         found = sorted((self.p.out_dir / "checkpoints").glob("step-*"))
         kept = f"The last good checkpoint is kept: {shown(str(found[-1]))}." if found else "No checkpoint was written before it."

@@ -43,13 +43,14 @@ from dmd_core.metrics import (
 )
 from dmd_core.shards import sample_labels, sample_noise
 from dmd_core.solvers import check_solver, teacher_sampler
-from dmd_core.text import read_prompt_file
+from dmd_core.text import read_label_column
 
 from ..checks import check_precision, check_prompt_file, check_prompts
 from ..config import EvaluateConfig, PipelineConfig
 from ..contract import EVALUATE_FILES, Manifest, Plan, StageOutput, Teacher, content_key, file_entry, spec, stage_manifest
 from ..files import Timer, tmp_sibling, write_text_atomic
 from ..launch import launch_plan
+from ..prompt_rows import plan_rows
 from ..progress import Bar, progress_bar
 from ..quality import QUALITY_VERSION, features_digest, make_features, reference_digest, reference_stats
 from ..store import open_store
@@ -157,15 +158,14 @@ class Evaluator:
             raise InputError(f"the generator in {gen_dir} does not load: {err}") from None
         teacher = p.teacher()
         # text-to-image: labels are indices of the held-out prompts; the accuracy is against each prompt's class
-        self.prompts, self.prompt_classes = None, None
-        if "prompts" in p.inputs:  # one read of both columns: row i's label is prompt i's class
-            held_out = read_prompt_file(p.inputs["prompts"], self.e.prompt_column, self.e.prompt_labels, section=STAGE)
-            self.prompts = held_out.prompts
-            if held_out.labels is not None:
-                self.prompt_classes = torch.tensor(held_out.labels, device=device)
-        self.teacher: Denoiser = teacher.load(device, self.prompts)
-        if self.prompts is not None:
-            self.student.set_prompts(self.teacher.prompt_table)
+        rows = plan_rows(cfg, p, self.e.prompt_column, device, progress and rank == 0)  # the held-out prompts, from the store
+        self.prompts = None if rows is None else rows.texts  # read by index
+        self.prompt_classes = None
+        if rows is not None and self.e.prompt_labels:  # check() refused a file whose labels are null or outside the classes
+            self.prompt_classes = torch.from_numpy(read_label_column(p.inputs["prompts"], self.e.prompt_labels)).to(device)
+        self.teacher: Denoiser = teacher.load(device, rows)
+        if rows is not None:
+            self.student.set_prompts(rows)
             self.prompt_encoder = teacher.prompt_encoder(device)
         self.clip_model = self.e.clip_model if self.prompts is not None else None
         self.to_pixels = teacher.pixel_decoder(device)

@@ -11,6 +11,7 @@ Export always follows an evaluation (run first by the chain when missing), so ev
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -32,7 +33,7 @@ from dmd_core.loading import PARAM_FILE, load_denoiser
 from dmd_core.pipeline import DenoiserCallModule, OneStepModule, OneStepPipeline
 from dmd_core.render import md_code, md_fenced, py_literal
 from dmd_core.shards import sample_labels, sample_noise
-from dmd_core.text import read_prompts
+from dmd_core.text import iter_prompts
 
 from ..config import PipelineConfig
 from ..contract import FileEntry, Manifest, Plan, StageOutput, Teacher, file_entry, spec, stage_manifest
@@ -251,32 +252,37 @@ of {r['teacher_nfe']}.
 
 
 def text_to_image_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, out: Path) -> tuple[dict, str]:
-    """A standard StableDiffusionPipeline folder: the teacher's VAE, text encoder and tokenizer, the generator
-    as ``unet/`` and a one-step DDIM scheduler; checked in a fresh process with plain diffusers."""
-    from diffusers import StableDiffusionPipeline
+    """A standard StableDiffusionPipeline (or StableDiffusionXLPipeline) folder: the teacher's VAE, text encoders and
+    tokenizers, the generator as ``unet/`` and a one-step DDIM scheduler; checked in a fresh process with plain diffusers."""
+    import diffusers
 
     from dmd_core.pipeline import multi_step_scheduler, one_step_scheduler
 
     teacher_path = p.inputs["teacher"]
-    pipe = StableDiffusionPipeline.from_pretrained(teacher_path, variant=p.teacher().variant, dtype=torch.float32)  # as the stages read it
+    name = p.teacher().pipeline_class
+    pipeline_cls = getattr(diffusers, name)
+    pipe = pipeline_cls.from_pretrained(teacher_path, variant=p.teacher().variant, dtype=torch.float32)  # as the stages read it
     steps = MultiStep.of(den)
     k, timesteps = steps.num_steps, list(den.param.generator_timesteps or [])
     if k > 1:  # DMD2's k-step sampler as diffusers' LCM scheduler
         sched = multi_step_scheduler(dict(pipe.scheduler.config))
     else:
         sched = one_step_scheduler(dict(pipe.scheduler.config), OneStep.of(den).level)
-    StableDiffusionPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=den.unet, scheduler=sched,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(str(out), safe_serialization=True)  # fmt: skip
+    if name == "StableDiffusionPipeline":
+        parts = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, safety_checker=None, feature_extractor=None,
+                     requires_safety_checker=False)  # fmt: skip
+    else:  # SDXL: both encoders and tokenizers, and the unconditional row the teacher's CFG used
+        parts = {**pipe.components, "force_zeros_for_empty_prompt": pipe.config.force_zeros_for_empty_prompt}
+    pipeline_cls(**{**parts, "unet": den.unet, "scheduler": sched}).save_pretrained(str(out), safe_serialization=True)
+    extra = size_arguments(den.param, p.teacher().pixel_shape())  # SDXL sizes other than the pipeline's defaults
     # unet/ is also a denoiser directory (load_denoiser): its parametrisation and training scheduler beside it
     gen_dir = Path(p.info["generator_dir"])
     shutil.copyfile(gen_dir / PARAM_FILE, out / "unet" / PARAM_FILE)
     shutil.copytree(gen_dir / "scheduler", out / "unet" / "scheduler", dirs_exist_ok=True)
     # what the evaluated generator gives for the first parity_samples held-out prompts and noises (k steps: the later
     # noise drawn in diffusers' order from one generator seeded like the pipeline call's)
-    prompts = read_prompts(em.pipeline_config["evaluate"]["prompts"], cfg.evaluate.prompt_column)
     n = cfg.export.parity_samples
+    prompts = list(itertools.islice(iter_prompts(em.pipeline_config["evaluate"]["prompts"], cfg.evaluate.prompt_column), n))  # the first n: not the whole file
     batch = [prompts[i % len(prompts)] for i in range(n)]
     den.set_prompts(p.teacher().prompt_encoder().table(batch))
     z = sample_noise(cfg.evaluate.seed, range(n), tuple(den.param.image_shape))
@@ -287,16 +293,17 @@ def text_to_image_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, out: P
         (Path(tmp) / "prompts.json").write_text(json.dumps(batch))
         code = (f"import sys, json, torch; torch.set_num_threads({torch.get_num_threads()}); "
                 "from dmd_core.pipeline import stable_diffusion_latents_to_file as f; "
-                "f(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5]))")
-        args = [str(out), str(Path(tmp) / "prompts.json"), str(cfg.evaluate.seed), str(Path(tmp) / "x.npy"), json.dumps(timesteps if k > 1 else None)]
+                "f(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5]), json.loads(sys.argv[6]))")
+        args = [str(out), str(Path(tmp) / "prompts.json"), str(cfg.evaluate.seed), str(Path(tmp) / "x.npy"), json.dumps(timesteps if k > 1 else None),
+                json.dumps(extra)]  # fmt: skip
         proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise InputError(f"the export in {out} does not run as a StableDiffusionPipeline: {proc.stderr.strip().splitlines()[-1:]}")
+            raise InputError(f"the export in {out} does not run as a {name}: {proc.stderr.strip().splitlines()[-1:]}")
         got = np.load(Path(tmp) / "x.npy", allow_pickle=False)
     rel = float(np.abs(got - want).max()) / max(float(np.abs(want).max()), 1e-12)
     if not rel <= 1e-5:
-        raise InputError(f"the StableDiffusionPipeline export does not reproduce the generator: max relative difference {rel:.3g} > 1e-5")
-    info = {"layout": "StableDiffusionPipeline", "scheduler": dict(sched.config), "plain_diffusers_parity": {"max_rel_diff": rel, "inputs": n},
+        raise InputError(f"the {name} export does not reproduce the generator: max relative difference {rel:.3g} > 1e-5")
+    info = {"layout": name, "scheduler": dict(sched.config), "plain_diffusers_parity": {"max_rel_diff": rel, "inputs": n},
             "output_range": [float(want.min()), float(want.max())]}  # fmt: skip
     if k > 1:
         sched.set_timesteps(k)
@@ -313,14 +320,27 @@ teacher's first t* + 1 betas, `timestep_spacing="trailing"`, `set_alpha_to_one=T
 t* and plain diffusers returns x0 = (z - sigma eps) / alpha there: the generator. Checked in a fresh process on {n} held-out prompts: max
 relative difference to the evaluated generator's latents {rel:.2e}."""
     info["network_evaluations"] = k
-    return info, text_to_image_use(open_store(cfg.store).final_dir(out), batch[0], call, how)
+    if extra:
+        info["size_conditioning"] = extra
+        call += "".join(f", {key}={tuple(v)}" for key, v in extra.items())
+    return info, text_to_image_use(open_store(cfg.store).final_dir(out), batch[0], call, how, name)
 
 
-def text_to_image_use(export_dir: Path, prompt: str, call: str, how: str) -> str:
-    """The model card's "Use" section of a StableDiffusionPipeline export: ``call`` the step arguments (ours),
-    ``how`` the scheduler's story (markdown, ours). The prompt and the path are literals: prompts are scraped text."""
-    code = f"""from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained({py_literal(export_dir)})
+def size_arguments(param, pixel_shape: tuple[int, ...]) -> dict:
+    """SDXL's call arguments for the generator's size conditioning, where they differ from the pipeline's defaults
+    (original and target size the image's, crop (0, 0)); {} for SD and for the defaults."""
+    ids = param.add_time_ids
+    h, w = pixel_shape[1:]
+    if ids is None or tuple(ids) == (h, w, 0, 0, h, w):
+        return {}
+    return {"original_size": list(ids[0:2]), "crops_coords_top_left": list(ids[2:4]), "target_size": list(ids[4:6])}
+
+
+def text_to_image_use(export_dir: Path, prompt: str, call: str, how: str, pipeline: str = "StableDiffusionPipeline") -> str:
+    """The model card's "Use" section of a StableDiffusionPipeline (or SDXL) export: ``call`` the step arguments
+    (ours), ``how`` the scheduler's story (markdown, ours). The prompt and the path are literals: prompts are scraped text."""
+    code = f"""from diffusers import {pipeline}
+pipe = {pipeline}.from_pretrained({py_literal(export_dir)})
 image = pipe({py_literal(prompt)}, {call}, guidance_scale=1.0).images[0]"""
     return f"""## Use
 
@@ -337,7 +357,7 @@ def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool =
     eval_dir = Path(p.inputs["evaluate"])
     em = open_store(cfg.store).read_manifest(eval_dir)
     den = load_denoiser(Path(p.info["generator_dir"]))
-    if p.teacher().pipeline_class == "StableDiffusionPipeline":
+    if p.teacher().pipeline_class is not None:  # a diffusers text-to-image pipeline (SD, SDXL)
         info, use = text_to_image_export(cfg, p, em, den, out)
         write_text_atomic(out / "one_step.json", json.dumps(one_step_spec(den), indent=2) + "\n")
         shutil.copyfile(eval_dir / "grid.png", out / "grid.png")

@@ -1,8 +1,9 @@
 """Stage ``generate``: the teacher's ODE solutions y for seeded noise z, as WebDataset pair shards.
 
 Output ``<store>/generate/<key>/``: ``pairs-%06d.tar`` shards, a ``.sha256`` beside each (for resume
-before the manifest exists), ``prompts.json`` (text-to-image teachers: the prompt list that the pairs'
-``cls.txt`` index), ``config.yaml`` (resolved pipeline config) and ``manifest.json`` (last).
+before the manifest exists), ``prompts.bin`` + ``prompt_offsets.npy`` (text-to-image teachers: the
+prompts that the pairs' ``cls.txt`` index, copied from their embeddings output, ``stages/prompt_rows.py``),
+``config.yaml`` (resolved pipeline config) and ``manifest.json`` (last).
 Under ``accelerate launch`` rank r writes shards i = r (mod world); shards are byte-identical whatever
 the process count, since sample i's noise depends only on (seed, i).
 """
@@ -10,7 +11,7 @@ the process count, since sample i's noise depends only on (seed, i).
 from __future__ import annotations
 
 import dataclasses
-import json
+from array import array
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,10 +31,11 @@ from dmd_core.transfer import HostCopy, to_device
 
 from ..checks import check_guidance, check_precision, check_prompt_file, check_prompts
 from ..config import GenerateConfig, PipelineConfig, load_config
-from ..contract import PROMPTS_FILE, Manifest, Plan, StageOutput, Teacher, file_entry, spec, stage_manifest
-from ..files import Timer, sha256_file, tmp_sibling, write_text_atomic
+from ..contract import PROMPT_TEXTS, Manifest, Plan, StageOutput, Teacher, file_entry, spec, stage_manifest
+from ..files import Timer, copy_atomic, sha256_file, size_text, tmp_sibling, write_text_atomic
 from ..launch import launch_plan
 from ..progress import progress_bar
+from ..prompt_rows import Spread, plan_rows
 from ..store import open_store, remember_hashes, work_hashes
 
 STAGE = "generate"
@@ -74,10 +76,13 @@ def check_room(cfg: PipelineConfig, teacher: Teacher) -> None:
     # only when the room lies between that and the most (every prompt of MAX_PROMPT_CHARS 4-byte characters).
     need = pairs_bytes(g, teacher, [1] if teacher.takes_prompts else None)
     if teacher.takes_prompts and need <= free < pairs_bytes(g, teacher, [4 * MAX_PROMPT_CHARS]):
-        need = pairs_bytes(g, teacher, [len(q.encode()) for q in iter_prompts(g.prompts, g.prompt_column)])
+        need = pairs_bytes(g, teacher, array("q", (len(q.encode()) for q in iter_prompts(g.prompts, g.prompt_column))))
     if need > free:
+        shown_need, shown_free = size_text(need), size_text(free)
+        if shown_need == shown_free:  # a near miss: the bytes themselves
+            shown_need, shown_free = f"{need:,} bytes", f"{free:,} bytes"
         raise InputError(
-            f"generate.num_samples={g.num_samples} needs about {need / 2**30:.1f} GiB of pairs; the store's disk has {free / 2**30:.1f} GiB free. "
+            f"generate.num_samples={g.num_samples} needs {shown_need} of pairs; the store's disk has {shown_free} free. "
             "Fix: lower generate.num_samples or point store at a larger disk."
         )
 
@@ -91,6 +96,8 @@ def plan(cfg: PipelineConfig, teacher: Teacher, upstream: StageOutput | None = N
         up["prompts"], inputs["prompts"] = f"{store.digest(g.prompts)}:{g.prompt_column}", g.prompts
     if g.precision != "fp32":  # in the key only when used: a key without it is the key of the same fp32 run
         up["precision"] = g.precision
+    if g.prompts and g.prompt_dtype != "float32":  # the same rule: float32 is what the key always meant
+        up["prompt_dtype"] = g.prompt_dtype
     key = SPEC.key(cfg, up)
     return Plan(STAGE, key, store.output_dir(STAGE, key), up, inputs)
 
@@ -191,15 +198,18 @@ class Solved:
 def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.device, progress: bool) -> Solved:
     """Write the shards i = rank (mod world) that are missing or fail their checksum."""
     g = cfg.generate
-    prompts = p.prompts(g.prompt_column)
-    den = p.teacher().load(device, prompts)
+    rows = plan_rows(cfg, p, g.prompt_column, device, progress and rank == 0)
+    prompts = None if rows is None else rows.texts
+    den = p.teacher().load(device, rows)
     solve, nfe = teacher_sampler(den, g.solver, g.steps, g.guidance_scale)
     sampler = at_precision(solve, g.precision, device)
     # an fp32 run's own images are the fp32 reference; any other precision solves a few samples again in fp32
     reference = None if g.precision == "fp32" else at_precision(solve, "fp32", device)
     store_dtype = np.dtype(g.dtype)
     ranges = shard_ranges(g.num_samples, g.shard_size)
-    todo = [i for i in range(rank, len(ranges), world) if not shard_is_valid(p.out_dir, i)]
+    mine = range(rank, len(ranges), world)
+    finished = finished_shards(p.out_dir, mine)  # one read of the verification records
+    todo = [i for i in mine if i not in finished]
     bar = progress_bar(
         STAGE, sum(len(ranges[i]) for i in todo), progress and rank == 0, unit="img",
         phase=f"{len(todo)} shards" + (f" on rank 0 of {world}" if world > 1 else ""),
@@ -252,7 +262,7 @@ def precision_error(cfg: PipelineConfig, p: Plan, device: torch.device, solved: 
     first = n if fp32 is not None or g.precision != "fp32" else first_batch_size(g)
     z, stored, _ = read_pairs(p.out_dir / shard_name(0), first)
     if fp32 is None:
-        den = solved.den if solved is not None else p.teacher().load(device, p.prompts(g.prompt_column))
+        den = solved.den if solved is not None else p.teacher().load(device, plan_rows(cfg, p, g.prompt_column, device))
         sampler, _ = teacher_sampler(den, g.solver, g.steps, g.guidance_scale)
         labels = sample_labels(range(first), den.num_classes)
         fp32 = at_precision(sampler, "fp32", device)(z.to(device), None if labels is None else labels.to(device))[:n].float().cpu()
@@ -273,10 +283,11 @@ def finalize(cfg: PipelineConfig, p: Plan, solved: Solved, wall_time: float, dev
         for i, r in enumerate(ranges)
     ]
     files.append(file_entry(p.out_dir / "config.yaml"))
-    prompts = p.prompts(g.prompt_column)
-    if prompts is not None:
-        write_text_atomic(p.out_dir / PROMPTS_FILE, json.dumps(prompts, ensure_ascii=False, indent=0) + "\n")
-        files.append(file_entry(p.out_dir / PROMPTS_FILE))
+    prompts = None if solved.den.prompts is None else solved.den.prompts.texts
+    if prompts is not None:  # the pairs keep their prompts' texts: distill needs no prompt file
+        for src, name in ((prompts.offsets.path, PROMPT_TEXTS[1]), (prompts.blob, PROMPT_TEXTS[0])):
+            copy_atomic(src, p.out_dir / name)
+            files.append(file_entry(p.out_dir / name))
     m = stage_manifest(
         cfg,
         p,
@@ -293,6 +304,7 @@ def finalize(cfg: PipelineConfig, p: Plan, solved: Solved, wall_time: float, dev
             "image_shape": list(teacher.image_shape),
             "num_classes": teacher.param.num_classes,
             "num_prompts": None if prompts is None else len(prompts),
+            "prompt_embeddings": None if prompts is None else prompts.blob.parent.name,
             "dtype": g.dtype,
             "precision": g.precision,
             "precision_error": precision_error(cfg, p, device or torch.device("cpu"), solved),
@@ -327,6 +339,8 @@ def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Mani
     state = PartialState(cpu=os.environ.get("DMD_FORCE_CPU") == "1" or not torch.cuda.is_available())
     _set_threads(cfg.generate, state.num_processes)
     state.wait_for_everyone()
+    # the prompts' embeddings, encoded by all processes together (then generate_shards finds them in the store)
+    plan_rows(cfg, p, cfg.generate.prompt_column, state.device, progress, Spread(state.process_index, state.num_processes, state.wait_for_everyone))
     solved = generate_shards(cfg, p, state.process_index, state.num_processes, state.device, progress)
     state.wait_for_everyone()
     return finalize(cfg, p, solved, timer.seconds, state.device) if state.is_main_process else None

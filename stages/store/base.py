@@ -21,7 +21,7 @@ from dmd_core.errors import InputError
 from ..contract import Manifest, file_entry, required_files
 
 log = logging.getLogger("dmd")
-SIDE_CACHES = ("reference", "teacher_eval")  # outputs beside the stages, computed once and verified like them
+SIDE_CACHES = ("reference", "teacher_eval", "prompt_embeddings", "real_latents")  # outputs beside the stages, computed once and verified like them
 
 
 class Store(ABC):
@@ -172,6 +172,9 @@ class Store(ABC):
         """A side cache, made like an output: ``write(work)`` writes its files and returns their names, the
         manifest is written last and the work directory published, one writer at a time."""
         with self.lock(out):
+            m = self.verified(out)
+            if m is not None:  # another process built it while this one waited on the lock: reused, not rebuilt
+                return m
             work = self.partial_dir(out)
             self.set_aside(out, work)
             self.clean(work)
