@@ -1,10 +1,12 @@
 """Teacher denoisers: x0 ("mean") predictors around any diffusers UNet.
 
-Two parametrisations share one calling convention, ``den(x_t, level, class_labels, guidance_scale)``
-returning x0 (docs/math.md §2, §3):
+Three parametrisations share one calling convention, ``den(x_t, level, class_labels, guidance_scale)``
+returning x0 (docs/math.md §2, §3, §14):
 - ``EDMDenoiser``: VE, alpha = 1, ``level`` is sigma; EDM preconditioning (Karras et al. 2022, Table 1).
 - ``VPDenoiser``: DDPM / Stable Diffusion, ``level`` is the integer timestep t; alpha_t, sigma_t from
   the scheduler's alphas_cumprod; epsilon / v / sample predictions converted to x0.
+- ``FlowDenoiser``: rectified flow (SD3, Flux), ``level`` is s in [0, 1], x_s = (1 - s) x0 + s eps; the
+  network predicts v = eps - x0 at timestep s * num_train_timesteps; x0 = x_s - s v.
 Classifier-free guidance is applied on the x0 prediction: mu_uncond + g * (mu_cond - mu_uncond).
 """
 
@@ -54,7 +56,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 class Parametrization:
     """The small JSON (``denoiser.json``) saved beside a model's ``save_pretrained`` files."""
 
-    kind: str  # "edm" | "vp"
+    kind: str  # "edm" | "vp" | "flow"
     num_classes: int = 0  # 0 = unconditional
     null_class: int | None = None  # label of the "no class" embedding used for CFG
     sigma_min: float = 0.002  # EDM
@@ -64,15 +66,29 @@ class Parametrization:
     image_shape: tuple[int, int, int] | None = None  # (C, H, W) of model space
     data_range: tuple[float, float] = (-1.0, 1.0)
     text_conditioned: bool = False  # UNet2DConditionModel on prompt embeddings (Stable Diffusion layout)
-    one_step_timestep: int | None = None  # VP one-step generators: t* of G(z) = x0(z, t*); None = T - 1
+    one_step_timestep: int | None = None  # VP and flow one-step generators: t* of G(z) = x0(z, t*); None = T - 1
     generator_timesteps: tuple[int, ...] | None = None  # k-step generators (DMD2): t_0 > t_1 > ... in [1, 999]
     # SDXL's micro-conditioning (added_cond_kwargs["time_ids"]): original (h, w), crop top-left (y, x), target (h, w)
     add_time_ids: tuple[int, ...] | None = None
+    # flow (kind "flow", docs/math.md §14): the timestep shift of the scheduler config, under diffusers'
+    # FlowMatchEulerDiscreteScheduler names; written to denoiser.json for flow models only (FLOW_FIELDS)
+    shift: float = 1.0  # static: s' = shift s / (1 + (shift - 1) s)
+    use_dynamic_shifting: bool = False  # Flux: s' = exp(mu) / (exp(mu) + 1/s - 1), mu from the image sequence length
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    image_seq_len: int | None = None  # tokens mu is computed for; None: (H/2)(W/2) of image_shape (Flux's 2x2 packing)
+    num_train_timesteps: int = 1000  # the network's timestep input is s * num_train_timesteps
+    guidance_embeds: bool = False  # guidance is an input of the network (Flux-dev), not CFG
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["image_shape"] = list(self.image_shape) if self.image_shape else None
         d["data_range"] = list(self.data_range)
+        if self.kind != "flow":  # denoiser.json of EDM and VP models stays as it was
+            for key in FLOW_FIELDS:
+                del d[key]
         if self.generator_timesteps is None:
             del d["generator_timesteps"]  # denoiser.json of one-step generators stays as it was
         else:
@@ -93,8 +109,14 @@ class Parametrization:
         if unknown:
             raise ValueError(f"unknown keys {sorted(unknown)}; expected a subset of {sorted(known)}. Fix: remove or correct them")
         d = dict(d)
-        if d.get("kind") not in ("edm", "vp"):
-            raise ValueError(f'kind must be \'edm\' or \'vp\', got {d.get("kind")!r}. Fix: set "kind" to "edm" (VE, sigma levels) or "vp" (DDPM timesteps)')
+        if d.get("kind") not in KINDS:
+            raise ValueError(
+                f'kind must be \'edm\' or \'vp\' (diffusion) or \'flow\' (rectified flow), got {d.get("kind")!r}. '
+                'Fix: set "kind" to "edm" (VE, sigma levels), "vp" (DDPM timesteps) or "flow" (x_s = (1 - s) x0 + s eps, v prediction)'
+            )
+        stray = sorted(k for k in FLOW_FIELDS if k in d) if d["kind"] != "flow" else []
+        if stray:
+            raise ValueError(f"{', '.join(stray)} set a flow model's timestep shift; this model is {d['kind']!r}. Fix: remove them")
         if d.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type must be one of {', '.join(PREDICTION_TYPES)} (diffusers' names), got {d['prediction_type']!r}. "
@@ -108,20 +130,29 @@ class Parametrization:
         if "data_range" in d:
             d["data_range"] = tuple(d["data_range"])
         t = d.get("one_step_timestep")
-        if t is not None and (d["kind"] != "vp" or not isinstance(t, int) or not 0 < t < 1000):
-            raise ValueError(f"one_step_timestep must be an integer in [1, 999] of a VP model, got {t!r} (kind {d['kind']!r})")
+        if t is not None and (d["kind"] == "edm" or not isinstance(t, int) or not 0 < t < 1000):
+            raise ValueError(f"one_step_timestep must be an integer in [1, 999] of a VP or flow model, got {t!r} (kind {d['kind']!r})")
         ts = d.get("generator_timesteps")
         if ts is not None:
             if not isinstance(ts, (list, tuple)):
                 raise ValueError(f"generator_timesteps must be a list of integers, got {ts!r}")
             d["generator_timesteps"] = ts = tuple(ts)
-            first = 999 if d["kind"] == "edm" else t
+            # EDM starts at sigma_max (999), VP at its t*, flow at its one_step_timestep (default 999: s = 1)
+            first = 999 if d["kind"] == "edm" else t if t is not None or d["kind"] == "vp" else 999
             if not ts or any(not isinstance(v, int) or not 0 < v < 1000 for v in ts) or list(ts) != sorted(set(ts), reverse=True) or ts[0] != first:
                 raise ValueError(
                     f"generator_timesteps must be decreasing integers in [1, 999] starting at {first} "
                     f"({'sigma_max' if d['kind'] == 'edm' else 'one_step_timestep'}), got {list(ts)}"
                 )
         return cls(**d)
+
+
+KINDS = ("edm", "vp", "flow")
+# The flow-only fields of Parametrization, in denoiser.json of flow models only.
+FLOW_FIELDS = (
+    "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "image_seq_len",
+    "num_train_timesteps", "guidance_embeds",
+)  # fmt: skip
 
 
 def _is_int(v) -> bool:
@@ -167,6 +198,24 @@ def _validate_fields(d: dict) -> None:
     if ids is not None and not (isinstance(ids, (list, tuple)) and len(ids) == 6 and all(_is_int(v) and v >= 0 for v in ids)):
         fix = 'set "add_time_ids" to [original_h, original_w, crop_top, crop_left, target_h, target_w] (SDXL), or remove it'
         raise _bad("add_time_ids", "6 integers >= 0", ids, fix)
+    _validate_flow_fields(d)
+
+
+def _validate_flow_fields(d: dict) -> None:
+    """The flow shift settings: positive numbers and counts, flags as booleans."""
+    for key in ("shift", "base_shift", "max_shift"):
+        if key in d and not (_is_number(d[key]) and (d[key] > 0 or key != "shift")):
+            raise _bad(key, "a finite number" + (" > 0" if key == "shift" else ""), d[key])
+    for key in ("base_image_seq_len", "max_image_seq_len", "num_train_timesteps"):
+        if key in d and not (_is_int(d[key]) and d[key] > 0):
+            raise _bad(key, "an integer > 0", d[key])
+    if d.get("image_seq_len") is not None and not (_is_int(d["image_seq_len"]) and d["image_seq_len"] > 0):
+        raise _bad("image_seq_len", "null or an integer > 0", d["image_seq_len"])
+    if d.get("base_image_seq_len", 256) >= d.get("max_image_seq_len", 4096):
+        raise ValueError("base_image_seq_len must be below max_image_seq_len (the dynamic shift interpolates between them). Fix: use the scheduler config's values")
+    for key in ("use_dynamic_shifting", "guidance_embeds"):
+        if not isinstance(d.get(key, False), bool):
+            raise _bad(key, "true or false", d[key])
 
 
 class Denoiser(nn.Module):
@@ -229,7 +278,7 @@ class Denoiser(nn.Module):
         guidance_scale: float = 1.0,
         **cond,
     ) -> Tensor:
-        """x0 prediction for noisy ``x`` at noise ``level`` (sigma for EDM, timestep for VP)."""
+        """x0 prediction for noisy ``x`` at noise ``level`` (sigma for EDM, timestep for VP, s for flow)."""
         n = x.shape[0]
         level = _per_sample(level, n, x.device)
         labels = self._labels(class_labels, n, x.device)
@@ -262,7 +311,9 @@ class Denoiser(nn.Module):
             kwargs.update(self.prompt_kwargs(labels))
         elif labels is not None:
             kwargs["class_labels"] = labels
-        return self.unet(x.to(self.dtype), t, **kwargs, return_dict=False)[0]
+        out = self.unet(x.to(self.dtype), t, **kwargs, return_dict=False)[0]
+        # A learned-variance network (DiT) gives the mean and the variance channels; the ODE reads the mean, the first half.
+        return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
 
 def hidden_states_kwargs(rows: dict[str, Tensor]) -> dict:
@@ -399,6 +450,116 @@ class VPDenoiser(Denoiser):
         else:
             raise ValueError(f"unknown prediction_type {kind!r}")
         return x0.to(x.dtype)
+
+
+class FlowDenoiser(Denoiser):
+    """Rectified flow (SD3, Flux; docs/math.md §14): x_s = (1 - s) x0 + s eps with s in [0, 1]; the network
+    predicts v = eps - x0 at timestep s * num_train_timesteps (diffusers' FlowMatch schedulers' convention),
+    so x0 = x_s - s v.
+
+    CFG is applied on x0 as for the others; it equals CFG on v (what the diffusers pipelines guide), since
+    v = (x_s - x0) / s is affine in x0 with coefficients that do not depend on the condition. A model with
+    ``guidance_embeds`` (Flux-dev) takes the guidance scale as an input instead: one call, the scale passed
+    as the keyword ``guidance`` (a (batch,) float32 tensor) that its layout's ``_unet`` hands to the network.
+    """
+
+    def forward(self, x: Tensor, level: float | Tensor, class_labels: Tensor | None = None, guidance_scale: float = 1.0, **cond) -> Tensor:
+        if self.param.guidance_embeds:
+            guidance = torch.full((x.shape[0],), float(guidance_scale), dtype=torch.float32, device=x.device)
+            return super().forward(x, level, class_labels, 1.0, guidance=guidance, **cond)
+        return super().forward(x, level, class_labels, guidance_scale, **cond)
+
+    def velocity(self, x: Tensor, s: float | Tensor, class_labels: Tensor | None = None, guidance_scale: float = 1.0, **cond) -> Tensor:
+        """The guided v = (x - x0) / s (float64 arithmetic, returned in x's dtype): what the flow ODE dx/ds = v steps on."""
+        s = _per_sample(s, x.shape[0], x.device)
+        x0 = self.forward(x, s, class_labels, guidance_scale, **cond)
+        return ((x.to(torch.float64) - x0.to(torch.float64)) / s.reshape(-1, 1, 1, 1)).to(x.dtype)
+
+    def sigmas(self, steps: int) -> Tensor:
+        """The solvers' levels s_0 = 1 > ... > s_{N-1} and a final 0, float64: the scheduler's ``set_timesteps(steps)``
+        (SD3's pipeline); a layout whose pipeline passes its own sigmas (Flux) overrides this."""
+        return flow_sampling_sigmas(self.param, steps)
+
+    def _x0(self, x: Tensor, s: Tensor, labels: Tensor | None, **cond) -> Tensor:
+        # float32 timesteps, as the scheduler's sigmas * num_train_timesteps are
+        v = self._unet(x, (s * self.param.num_train_timesteps).to(torch.float32), labels, **cond)
+        return (x.to(torch.float64) - s.reshape(-1, 1, 1, 1) * v.to(torch.float64)).to(x.dtype)
+
+
+# ---------------------------------------------------------------- the flow timestep shift (diffusers' functions)
+
+# Scheduler settings this project does not follow: a model that uses them is refused, not sampled otherwise.
+FLOW_UNSUPPORTED = {
+    "shift_terminal": None, "invert_sigmas": False, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+    "use_beta_sigmas": False, "stochastic_sampling": False, "time_shift_type": "exponential",
+}  # fmt: skip
+
+
+def flow_fields(scheduler_config: dict) -> dict:
+    """The Parametrization fields of a FlowMatchEulerDiscreteScheduler (or Heun) config (for ``Parametrization(kind=
+    "flow", **flow_fields(cfg), ...)``); ValueError naming a setting the project does not follow."""
+    for key, plain in FLOW_UNSUPPORTED.items():
+        if scheduler_config.get(key) not in (None, plain, 0):  # absent, the default, or 0 (no terminal stretch)
+            raise ValueError(
+                f"the scheduler config sets {key}={scheduler_config[key]!r}; the project samples and distils flow models with "
+                f"{key}={plain!r} only. Fix: use a model whose scheduler does not set it"
+            )
+    names = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "num_train_timesteps")
+    fields = {k: scheduler_config[k] for k in names if scheduler_config.get(k) is not None}
+    if "shift" in fields:
+        fields["shift"] = float(fields["shift"])
+    return fields
+
+
+def flow_image_seq_len(param: Parametrization) -> int:
+    """The image tokens the dynamic shift is computed for: ``image_seq_len``, else (H/2)(W/2), Flux's 2x2 packing."""
+    if param.image_seq_len is not None:
+        return param.image_seq_len
+    if param.image_shape is None:
+        raise ValueError("a dynamically shifted flow model needs image_shape or image_seq_len to compute its shift")
+    _, h, w = param.image_shape
+    return (h // 2) * (w // 2)
+
+
+def flow_mu(param: Parametrization) -> float | None:
+    """mu of the dynamic shift (diffusers' ``calculate_shift``, as FluxPipeline calls it); None for a static shift."""
+    if not param.use_dynamic_shifting:
+        return None
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return calculate_shift(flow_image_seq_len(param), param.base_image_seq_len, param.max_image_seq_len, param.base_shift, param.max_shift)
+
+
+def flow_scheduler(param: Parametrization):
+    """diffusers' FlowMatchEulerDiscreteScheduler of a flow parametrisation."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    keys = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+    return FlowMatchEulerDiscreteScheduler(**{k: getattr(param, k) for k in keys})
+
+
+def shift_sigmas(param: Parametrization, s: Tensor) -> Tensor:
+    """The shifted levels of unshifted ``s`` in (0, 1], float64: static s' = shift s / (1 + (shift - 1) s), the formula
+    the scheduler applies inline; dynamic: the scheduler's own ``time_shift(mu, 1, s)`` = e^mu / (e^mu + 1/s - 1)."""
+    s = s.to(torch.float64)
+    mu = flow_mu(param)
+    if mu is None:
+        return param.shift * s / (1 + (param.shift - 1) * s)
+    return flow_scheduler(param).time_shift(mu, 1.0, s)
+
+
+def flow_training_sigmas(param: Parametrization, n: int) -> Tensor:
+    """n levels shift(i / n), i = 1..n, smallest first, float64: the scheduler's training sigmas when n is its
+    num_train_timesteps (its ``sigmas`` at construction, largest first, under the static shift)."""
+    return shift_sigmas(param, torch.arange(1, n + 1, dtype=torch.float64) / n)
+
+
+def flow_sampling_sigmas(param: Parametrization, steps: int, base: list[float] | None = None) -> Tensor:
+    """A flow sampler's levels (``steps`` of them, then 0), float64: the scheduler's ``set_timesteps(steps)``, or
+    ``set_timesteps(sigmas=base)`` for a pipeline that passes unshifted sigmas of its own (Flux: linspace(1, 1/N, N))."""
+    sched = flow_scheduler(param)
+    sched.set_timesteps(None if base is not None else steps, sigmas=base, mu=flow_mu(param))
+    return sched.sigmas.to(torch.float64)
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:

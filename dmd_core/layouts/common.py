@@ -14,11 +14,11 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..denoisers import PREDICTION_TYPES, Denoiser, EDMDenoiser, Parametrization, VPDenoiser
+from ..denoisers import PREDICTION_TYPES, Denoiser, EDMDenoiser, FlowDenoiser, Parametrization, VPDenoiser
 from ..errors import InputError, shown
 
 PARAM_FILE = "denoiser.json"
@@ -31,8 +31,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 RESAVE = "Fix: re-save or re-download the teacher (save_pretrained writes every file of it)."
 PARAM_EXAMPLE = '{"kind": "edm", "num_classes": 10, "null_class": 10, "image_shape": [1, 8, 8]}'
-# The UNet classes a denoiser directory may name in config.json's "_class_name" (an explicit whitelist).
-UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+# The networks a denoiser directory may name in config.json's "_class_name" (an explicit whitelist): UNets and DiT's
+# transformer. DiT-XL-2's published config names Transformer2DModel, which diffusers builds as DiTTransformer2DModel.
+UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel, "DiTTransformer2DModel": DiTTransformer2DModel}
 JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false", type(None): "null"}
 
 
@@ -273,11 +274,11 @@ def load_unet(model_dir: str | os.PathLike, variant: str | None = None) -> torch
     ``variant``: the weights ``save_pretrained(..., variant=variant)`` wrote (e.g. fp16), upcast."""
     model_dir = Path(model_dir)
     cfg = read_json(model_dir / "config.json", "UNet config")
-    cls = UNET_CLASSES.get(cfg.get("_class_name", "UNet2DModel"))
+    cls = DiTTransformer2DModel if is_dit(cfg) else UNET_CLASSES.get(cfg.get("_class_name", "UNet2DModel"))
     if cls is None:
         raise InputError(
             f"{model_dir}/config.json names _class_name {cfg.get('_class_name')!r}; supported: {', '.join(sorted(UNET_CLASSES))}. "
-            "Fix: point teacher.path at a diffusers UNet2DModel or UNet2DConditionModel."
+            "Fix: point teacher.path at a diffusers UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel."
         )
     weights = check_weights(model_dir / variant_name(WEIGHTS_FILE, variant))
     try:
@@ -301,7 +302,26 @@ def load_unet(model_dir: str | os.PathLike, variant: str | None = None) -> torch
     # (to_json_string); serialising once here leaves a loaded UNet's config as any later save does. A
     # compiled forward guards on the config: a change would recompile every graph at the first checkpoint.
     unet.to_json_string()
-    return unet.eval()
+    return without_label_dropout(unet).eval()
+
+
+def is_dit(cfg: dict) -> bool:
+    """A DiT transformer config: DiTTransformer2DModel, or the Transformer2DModel name DiT-XL-2 was published with
+    (patches and adaLN-Zero: diffusers builds it as a DiTTransformer2DModel)."""
+    name = cfg.get("_class_name")
+    return name == "DiTTransformer2DModel" or name == "Transformer2DModel" and cfg.get("norm_type") == "ada_norm_zero" and cfg.get("patch_size") is not None
+
+
+def without_label_dropout(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` with its label embeddings' own random dropout off (DiT's LabelEmbedding replaces labels by the null
+    class with probability 0.1 in train mode, from the global RNG): a generator or fake score in training sees the
+    labels it is given. The null-class row stays, so guidance is unchanged."""
+    from diffusers.models.embeddings import LabelEmbedding
+
+    for m in net.modules():
+        if isinstance(m, LabelEmbedding):
+            m.dropout_prob = 0.0
+    return net
 
 
 # ---------------------------------------------------------------- the UNet config against the parametrisation
@@ -384,6 +404,8 @@ def check_channels(cfg: dict, cfg_file: Path) -> None:
             f"latents and the mask: 2 x {o} + 1 channels), which this project does not distil. Fix: point teacher.path at the base "
             "(non-inpainting) model of its family."
         )
+    if o == 2 * c and is_dit(cfg):
+        return  # DiT's learned variance: the denoisers read the first in_channels, the mean (Denoiser._unet)
     what = " (learned-variance UNets are not supported)" if o == 2 * c else ""
     raise InputError(
         f"{cfg_file} has out_channels {o} but in_channels {c}: a denoiser predicts a tensor of its input's shape{what}. "
@@ -438,7 +460,13 @@ def check_against_unet(param: Parametrization, cfg: dict, param_file: Path, cfg_
 
 
 def check_class_embeds(cfg: dict, cfg_file: Path) -> int | None:
-    """num_class_embeds of a UNet config: a positive integer or null."""
+    """num_class_embeds of a UNet config: a positive integer or null. A DiT's label tables: num_embeds_ada_norm
+    classes and the label-dropout row, the null class of guidance."""
+    if is_dit(cfg):
+        n = cfg.get("num_embeds_ada_norm")
+        if not (is_int(n) and n > 0):
+            raise InputError(f"{cfg_file}: num_embeds_ada_norm (DiT's number of classes) must be a positive integer, got {n!r}. {RESAVE}")
+        return n + 1
     embeds = cfg.get("num_class_embeds")
     if embeds is not None and not (is_int(embeds) and embeds > 0):
         raise InputError(f"{cfg_file}: num_class_embeds must be a positive integer or null, got {embeds!r}. {RESAVE}")
@@ -485,9 +513,11 @@ def check_prediction(param: Parametrization, param_file: Path, sched_cfg: dict, 
 
 
 def make_denoiser(unet: torch.nn.Module, param: Parametrization, sched_dir: Path, param_file: Path) -> Denoiser:
-    """The EDM or VP denoiser of ``unet`` (VP: its schedule from ``sched_dir``), frozen, in eval mode."""
+    """The EDM, VP or flow denoiser of ``unet`` (VP: its schedule from ``sched_dir``), frozen, in eval mode."""
     if param.kind == "edm":
         return EDMDenoiser(unet, param).requires_grad_(False)
+    if param.kind == "flow":  # denoiser.json holds its whole schedule (the shift settings)
+        return FlowDenoiser(unet, param).requires_grad_(False)
     sched_file = sched_dir / SCHEDULER_FILE
     check_prediction(param, param_file, read_scheduler_config(sched_dir), sched_file)
     try:

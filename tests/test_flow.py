@@ -1,0 +1,153 @@
+"""The flow parametrisation (docs/math.md §14): x0 from v, the timestep shift against diffusers' schedulers,
+denoiser.json round trips and the guidance-as-input hook."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from dmd_core.denoisers import (
+    FlowDenoiser,
+    Parametrization,
+    flow_fields,
+    flow_mu,
+    flow_sampling_sigmas,
+    flow_training_sigmas,
+)
+from dmd_core.loading import load_denoiser, save_denoiser
+from conftest import tiny_unet
+
+FLOW = Parametrization(kind="flow", num_classes=10, null_class=10, image_shape=(1, 8, 8), shift=3.0)
+
+
+def flow_den(param: Parametrization = FLOW, seed: int = 0) -> FlowDenoiser:
+    return FlowDenoiser(tiny_unet(11, seed).double(), param).requires_grad_(False)
+
+
+def batch(n: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.tensor([0, 4, 9][:n])
+
+
+def test_x0_is_x_minus_s_v_at_timestep_s_times_T():
+    den = flow_den()
+    x, labels = batch()
+    s = torch.tensor([0.9, 0.5, 0.02], dtype=torch.float64)
+    v = den.unet(x, s * 1000, class_labels=labels).sample
+    torch.testing.assert_close(den(x, s, labels), x - s.reshape(-1, 1, 1, 1) * v, rtol=0, atol=1e-12)
+    torch.testing.assert_close(den.velocity(x, s, labels), v, rtol=1e-10, atol=1e-10)
+    # the forward process and its target: x_s = (1 - s) x0 + s eps has v = eps - x0, and x_s - s v = x0
+    x0, eps = batch(seed=2)[0], batch(seed=3)[0]
+    x_s = (1 - s.reshape(-1, 1, 1, 1)) * x0 + s.reshape(-1, 1, 1, 1) * eps
+    torch.testing.assert_close(x_s - s.reshape(-1, 1, 1, 1) * (eps - x0), x0, rtol=0, atol=1e-14)
+
+
+def test_cfg_on_x0_equals_cfg_on_v():
+    den, g = flow_den(), 4.0
+    x, labels = batch()
+    s = 0.7
+    v_c = den.unet(x, torch.full((3,), s * 1000, dtype=torch.float64), class_labels=labels).sample
+    v_u = den.unet(x, torch.full((3,), s * 1000, dtype=torch.float64), class_labels=torch.full((3,), 10)).sample
+    v_cfg = v_u + g * (v_c - v_u)
+    torch.testing.assert_close(den.velocity(x, s, labels, g), v_cfg, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(den(x, s, labels, g), x - s * v_cfg, rtol=1e-12, atol=1e-12)
+
+
+class GuidanceNet(torch.nn.Module):
+    """v = guidance * x: shows what reaches the network."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.calls: list[dict] = []
+
+    def forward(self, x, t, guidance=None, class_labels=None, return_dict=False):
+        self.calls.append({"t": t, "guidance": guidance, "labels": class_labels})
+        return (x * guidance.reshape(-1, 1, 1, 1).to(x.dtype) * self.w,)
+
+
+def test_guidance_embeds_passes_the_scale_as_an_input_in_one_call():
+    den = FlowDenoiser(GuidanceNet(), Parametrization(kind="flow", num_classes=10, null_class=10, guidance_embeds=True))
+    x, labels = batch()
+    out = den(x, 0.5, labels, guidance_scale=3.5)
+    assert len(den.unet.calls) == 1  # no CFG pair
+    call = den.unet.calls[0]
+    assert call["guidance"].dtype == torch.float32 and call["guidance"].tolist() == [3.5] * 3
+    assert call["labels"].tolist() == [0, 4, 9] and call["t"].tolist() == [500.0] * 3
+    torch.testing.assert_close(out, x - 0.5 * 3.5 * x)
+
+
+def test_static_shift_matches_the_schedulers_sigmas():
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    train = flow_training_sigmas(FLOW, 1000)
+    torch.testing.assert_close(train.flip(0).float(), sched.sigmas, rtol=1e-6, atol=0)
+    assert train[-1] == 1.0 and train[0] == pytest.approx(3 * 0.001 / (1 + 2 * 0.001), rel=1e-12)  # shift s / (1 + (shift-1) s)
+    sched.set_timesteps(7)
+    sampling = flow_sampling_sigmas(FLOW, 7)
+    assert sampling.dtype == torch.float64 and torch.equal(sampling.float(), sched.sigmas)
+    torch.testing.assert_close((sampling[:-1] * 1000).float(), sched.timesteps)  # the network's timesteps
+
+
+def test_dynamic_shift_is_fluxs():
+    param = Parametrization(kind="flow", image_shape=(16, 64, 64), use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    seq = 32 * 32  # Flux packs 2x2 latent patches into one token
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (seq - 256)
+    assert flow_mu(param) == pytest.approx(mu, rel=1e-12)
+    assert flow_mu(Parametrization(kind="flow", image_seq_len=4096, use_dynamic_shifting=True)) == pytest.approx(1.15, rel=1e-12)
+    assert flow_mu(FLOW) is None
+    s = torch.arange(1, 1001, dtype=torch.float64) / 1000
+    torch.testing.assert_close(flow_training_sigmas(param, 1000), math.exp(mu) / (math.exp(mu) + (1 / s - 1)), rtol=1e-12, atol=0)
+    # FluxPipeline: sigmas linspace(1, 1/N, N) passed to set_timesteps with mu from calculate_shift
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    base = [1.0, 0.75, 0.5, 0.25]
+    sched.set_timesteps(sigmas=base, mu=mu)
+    assert torch.equal(flow_sampling_sigmas(param, 4, base).float(), sched.sigmas)
+    sb = torch.tensor(base, dtype=torch.float64)
+    torch.testing.assert_close(flow_sampling_sigmas(param, 4, base)[:-1], math.exp(mu) / (math.exp(mu) + (1 / sb - 1)), rtol=1e-6, atol=0)
+
+
+def test_parametrization_round_trip_and_refusals():
+    p = Parametrization(kind="flow", num_classes=10, null_class=10, image_shape=(1, 8, 8), shift=3.0, use_dynamic_shifting=True,
+                        image_seq_len=64, guidance_embeds=True, one_step_timestep=800, generator_timesteps=(800, 400))  # fmt: skip
+    assert Parametrization.from_dict(p.to_dict()) == p
+    assert "shift" not in Parametrization(kind="edm").to_dict() and "guidance_embeds" not in Parametrization(kind="vp").to_dict()
+    assert Parametrization.from_dict({"kind": "flow", "generator_timesteps": [999, 500]}).generator_timesteps == (999, 500)
+    bad = [
+        ({"kind": "edm", "shift": 3.0}, "shift set a flow model's timestep shift"),
+        ({"kind": "flow", "shift": 0}, "shift must be a finite number > 0"),
+        ({"kind": "flow", "use_dynamic_shifting": 1}, "use_dynamic_shifting must be true or false"),
+        ({"kind": "flow", "num_train_timesteps": 0}, "num_train_timesteps must be an integer > 0"),
+        ({"kind": "flow", "base_image_seq_len": 5000}, "base_image_seq_len must be below max_image_seq_len"),
+        ({"kind": "flow", "generator_timesteps": [500, 250]}, "starting at 999"),
+        ({"kind": "edm", "one_step_timestep": 500}, "one_step_timestep must be an integer in \\[1, 999\\] of a VP or flow model"),
+        ({"kind": "rf"}, "kind must be 'edm' or 'vp'"),
+    ]
+    for d, match in bad:
+        with pytest.raises(ValueError, match=match):
+            Parametrization.from_dict(d)
+
+
+def test_flow_fields_of_scheduler_configs():
+    sd3 = dict(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    assert Parametrization(kind="flow", **flow_fields(sd3)).shift == 3.0
+    flux = dict(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, shift=3.0).config)
+    p = Parametrization(kind="flow", **flow_fields(flux))
+    assert p.use_dynamic_shifting and (p.base_shift, p.max_shift, p.max_image_seq_len) == (0.5, 1.15, 4096)
+    for key, value in [("shift_terminal", 0.1), ("use_karras_sigmas", True), ("time_shift_type", "linear"), ("invert_sigmas", True)]:
+        with pytest.raises(ValueError, match=f"sets {key}="):
+            flow_fields({**sd3, key: value})
+
+
+def test_a_saved_flow_generator_loads_back(tmp_path):
+    param = Parametrization(kind="flow", num_classes=10, null_class=10, image_shape=(1, 8, 8), shift=3.0, one_step_timestep=999)
+    den = FlowDenoiser(tiny_unet(11, seed=4), param)
+    save_denoiser(den, tmp_path / "gen")
+    back = load_denoiser(tmp_path / "gen")
+    assert isinstance(back, FlowDenoiser) and back.param == param
+    x, labels = batch()
+    x = x.float()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x, 1.0, labels), den(x, 1.0, labels), rtol=0, atol=0)
