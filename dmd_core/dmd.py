@@ -23,7 +23,7 @@ import torch
 from torch.profiler import record_function
 
 from . import philox
-from .denoisers import Denoiser, Parametrization, karras_sigmas
+from .denoisers import Denoiser, Parametrization, flow_training_sigmas, karras_sigmas
 from .losses import distribution_matching_loss, edm_weight, eps_mse_loss
 from .shards import sample_seed
 
@@ -31,9 +31,109 @@ Tensor = torch.Tensor
 NUM_LEVELS = 1000  # T of EDM models: the size of the Karras sigma grid (a VP model's T is its schedule's length)
 
 
+class NoiseProcess:
+    """What DMD asks of a parametrisation (docs/math.md §6, §7, §13, §14): T integer levels t, each with its
+    x_t = alpha_t x + sigma_t eps and the ``level`` its denoisers take; the one-step generator's input; the
+    fake score's loss weighting. One subclass per ``Parametrization.kind`` (``noise_process``)."""
+
+    num_levels: int  # T
+
+    def levels(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(alpha_t, sigma_t, level) for integer t in [0, T), float64 (level: what the denoiser takes)."""
+        raise NotImplementedError
+
+    def one_step(self, param: Parametrization) -> tuple[float, float]:
+        """(level, scale) of the one-step generator G(z) = mu(scale * z, level) of a model with ``param`` (§5)."""
+        raise NotImplementedError
+
+    def fake_score_loss(self, pred: Tensor, x: Tensor, x_t: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """The fake score's denoising loss of its x0 prediction ``pred`` at x_t (alpha, sigma broadcast to x; §7)."""
+        raise NotImplementedError
+
+
+class EDMProcess(NoiseProcess):
+    """VE: alpha = 1, sigma = the t-th of T Karras sigmas, smallest first; level = sigma."""
+
+    num_levels = NUM_LEVELS
+
+    def __init__(self, param: Parametrization):
+        self.sigma_min, self.sigma_max, self.sigma_data = param.sigma_min, param.sigma_max, param.sigma_data
+
+    def levels(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        sigma = _karras_levels(self.sigma_min, self.sigma_max, t.device)[t]
+        return torch.ones_like(sigma), sigma, sigma
+
+    def one_step(self, param: Parametrization) -> tuple[float, float]:
+        return param.sigma_max, param.sigma_max  # x_T = sigma_max z, as the teacher's sampler starts
+
+    def fake_score_loss(self, pred: Tensor, x: Tensor, x_t: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        return (edm_weight(sigma, self.sigma_data) * (pred - x) ** 2).mean()  # EDM's weighting
+
+
+class VPProcess(NoiseProcess):
+    """DDPM: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) of the schedule's T timesteps; level = t."""
+
+    def __init__(self, alphas_cumprod: Tensor | None):
+        if alphas_cumprod is None:
+            raise ValueError("a VP model's noise levels need the teacher's alphas_cumprod")
+        self.alphas_cumprod = alphas_cumprod
+        self.num_levels = int(alphas_cumprod.shape[0])
+
+    def levels(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        abar = self.alphas_cumprod.to(t.device, torch.float64)[t]
+        return abar.sqrt(), (1 - abar).sqrt(), t
+
+    def one_step(self, param: Parametrization) -> tuple[float, float]:
+        # z itself as x_t* (as DMD takes x_T = z); t* = one_step_timestep, T - 1 when unset (DMD's choice)
+        return (self.num_levels - 1 if param.one_step_timestep is None else param.one_step_timestep), 1.0
+
+    def fake_score_loss(self, pred: Tensor, x: Tensor, x_t: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        return eps_mse_loss((x_t - alpha * pred) / sigma, eps)  # DDPM's simple loss, whatever the prediction type
+
+
+class FlowProcess(NoiseProcess):
+    """Rectified flow (§14): alpha = 1 - s, sigma = s with s the t-th of T shifted levels shift((t + 1) / T),
+    smallest first (the scheduler's training sigmas; level 999 is s = 1, pure noise); level = s."""
+
+    num_levels = NUM_LEVELS
+
+    def __init__(self, param: Parametrization):
+        self.param = param
+
+    def levels(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        s = _flow_levels(self.param, t.device)[t]
+        return 1 - s, s, s
+
+    def one_step(self, param: Parametrization) -> tuple[float, float]:
+        # G(z) = z - s* v(z, s*): z itself as x_s*, which at s* = 1 (t* = T - 1, the default) is pure noise
+        t = self.num_levels - 1 if param.one_step_timestep is None else param.one_step_timestep
+        return float(_flow_levels(self.param, torch.device("cpu"))[t]), 1.0
+
+    def fake_score_loss(self, pred: Tensor, x: Tensor, x_t: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        # flow matching on the fake score: ||v_fake - (eps - x)||^2 with v_fake = (x_t - pred) / s equals
+        # ||(pred - x) / s||^2; this form avoids the cancellation of x_t - pred against s (eps - x) at small s
+        return (((pred - x) / sigma) ** 2).mean()
+
+
+PROCESSES: dict[str, Callable[[Parametrization, Tensor | None], NoiseProcess]] = {
+    "edm": lambda param, abar: EDMProcess(param),
+    "vp": lambda param, abar: VPProcess(abar),
+    "flow": lambda param, abar: FlowProcess(param),
+}
+
+
+def noise_process(param: Parametrization, alphas_cumprod: Tensor | None = None) -> NoiseProcess:
+    """The NoiseProcess of a parametrisation (VP: of the teacher's ``alphas_cumprod``)."""
+    return PROCESSES[param.kind](param, alphas_cumprod)
+
+
+def noise_process_of(den: Denoiser) -> NoiseProcess:
+    return noise_process(den.param, getattr(den, "alphas_cumprod", None))
+
+
 def num_levels(param: Parametrization, alphas_cumprod: Tensor | None = None) -> int:
-    """T, the integer timesteps of the model's noise levels: a VP model's training timesteps, EDM's grid size."""
-    return NUM_LEVELS if param.kind == "edm" else int(alphas_cumprod.shape[0])
+    """T, the integer timesteps of the model's noise levels: a VP model's training timesteps, EDM's and flow's grid size."""
+    return noise_process(param, alphas_cumprod).num_levels
 
 
 class SampleRNG:
@@ -67,12 +167,9 @@ def noise_levels(param: Parametrization, t: Tensor, alphas_cumprod: Tensor | Non
 
     EDM: alpha = 1, sigma = the t-th of T Karras sigmas, smallest first.
     VP: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), level = t.
+    Flow: alpha = 1 - s, sigma = s, the t-th of T shifted levels, smallest first; level = s.
     """
-    if param.kind == "edm":
-        sigma = _karras_levels(param.sigma_min, param.sigma_max, t.device)[t]
-        return torch.ones_like(sigma), sigma, sigma
-    abar = alphas_cumprod.to(t.device, torch.float64)[t]
-    return abar.sqrt(), (1 - abar).sqrt(), t
+    return noise_process(param, alphas_cumprod).levels(t)
 
 
 @functools.lru_cache(maxsize=16)
@@ -80,6 +177,12 @@ def _karras_levels(sigma_min: float, sigma_max: float, device: torch.device) -> 
     """noise_levels' EDM grid, smallest first, copied to ``device`` once: a copy per call from host memory
     makes the host wait for the GPU twice in every DMD step."""
     return karras_sigmas(NUM_LEVELS, sigma_min, sigma_max).flip(0).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _flow_levels(param: Parametrization, device: torch.device) -> Tensor:
+    """The flow grid of noise_levels on ``device``, made once per parametrisation (as _karras_levels)."""
+    return flow_training_sigmas(param, NUM_LEVELS).to(device)
 
 
 # DMD's own choice for VP generators is T - 1; there x0 = (x - sigma eps) / alpha multiplies any error
@@ -100,6 +203,7 @@ class OneStep:
     EDM: level = scale = sigma_max (x_T = sigma_max z, as the teacher's sampler starts).
     VP: level = t*, scale = 1 (z itself, as DMD takes x_T = z; a standard DDIM step at t* then
     reproduces G); t* = the generator's ``one_step_timestep``, T - 1 when unset (DMD's choice).
+    Flow: level = s* (s at t*, 1 by default: G(z) = z - v(z, 1)), scale = 1 (§14).
     """
 
     level: float
@@ -107,10 +211,7 @@ class OneStep:
 
     @classmethod
     def of(cls, den: Denoiser) -> "OneStep":
-        p = den.param
-        if p.kind == "edm":
-            return cls(p.sigma_max, p.sigma_max)
-        return cls(num_levels(p, getattr(den, "alphas_cumprod", None)) - 1 if p.one_step_timestep is None else p.one_step_timestep, 1.0)
+        return cls(*noise_process_of(den).one_step(den.param))
 
     def __call__(self, generator: Callable, z: Tensor, labels: Tensor | None) -> Tensor:
         """``generator`` may be wrapped (DDP); this object carries the parametrisation."""
@@ -230,10 +331,10 @@ class DistributionMatchingLoss:
         self.settings = settings
 
     def __call__(self, x: Tensor, labels: Tensor | None, real: Denoiser, fake: Callable, rng: SampleRNG) -> Tensor:
-        alphas_cumprod = getattr(real, "alphas_cumprod", None)
-        t = rng.randint(*dm_timestep_range(self.settings, num_levels(real.param, alphas_cumprod)))
+        process = noise_process_of(real)
+        t = rng.randint(*dm_timestep_range(self.settings, process.num_levels))
         eps = rng.randn(tuple(x.shape[1:])).to(x.dtype)
-        alpha, sigma, level = noise_levels(real.param, t, alphas_cumprod)
+        alpha, sigma, level = process.levels(t)
         x_t = _bcast(alpha, x) * x.detach() + _bcast(sigma, x) * eps
         with torch.no_grad(), record_function("dmd.scores"):  # the name of this part in a torch.profiler trace
             p_real = real(x_t, level, labels, self.settings.guidance_scale)
@@ -309,13 +410,13 @@ class GeneratorLoss:
 class FakeScoreLoss:
     """Denoising loss of the fake score on x = stopgrad(G(z)), t ~ U over all T levels (docs/math.md §7).
 
-    EDM: (1/sigma^2 + 1/sigma_data^2) ||mu_fake(x_t) - x||^2; VP: epsilon-MSE. Per-element mean.
+    EDM: (1/sigma^2 + 1/sigma_data^2) ||mu_fake(x_t) - x||^2; VP: epsilon-MSE; flow: v-MSE (§14).
+    Per-element mean.
     """
 
     def __init__(self, param: Parametrization, alphas_cumprod: Tensor | None = None):
-        if param.kind == "vp" and alphas_cumprod is None:
-            raise ValueError("a VP fake score needs the teacher's alphas_cumprod")
         self.param, self.alphas_cumprod = param, alphas_cumprod
+        self.process = noise_process(param, alphas_cumprod)  # a VP fake score needs the teacher's alphas_cumprod
 
     @classmethod
     def for_teacher(cls, teacher: Denoiser) -> "FakeScoreLoss":
@@ -323,15 +424,13 @@ class FakeScoreLoss:
 
     def __call__(self, fake: Callable, x: Tensor, labels: Tensor | None, rng: SampleRNG) -> Tensor:
         x = x.detach()
-        t = rng.randint(0, num_levels(self.param, self.alphas_cumprod))
+        t = rng.randint(0, self.process.num_levels)
         eps = rng.randn(tuple(x.shape[1:])).to(x.dtype)
-        alpha, sigma, level = noise_levels(self.param, t, self.alphas_cumprod)
+        alpha, sigma, level = self.process.levels(t)
         a, s = _bcast(alpha, x), _bcast(sigma, x)
         x_t = a * x + s * eps
         pred = fake(x_t, level, labels)
-        if self.param.kind == "edm":
-            return (edm_weight(s, self.param.sigma_data) * (pred - x) ** 2).mean()
-        return eps_mse_loss((x_t - a * pred) / s, eps)
+        return self.process.fake_score_loss(pred, x, x_t, eps, a, s)
 
 
 class GANLogits:
@@ -340,11 +439,12 @@ class GANLogits:
 
     def __init__(self, param: Parametrization, alphas_cumprod: Tensor | None = None):
         self.param, self.alphas_cumprod = param, alphas_cumprod
+        self.process = noise_process(param, alphas_cumprod)
 
     def __call__(self, fake: Callable, tap, head: Callable, x: Tensor, labels: Tensor | None, rng: SampleRNG) -> Tensor:
-        t = rng.randint(0, num_levels(self.param, self.alphas_cumprod))
+        t = rng.randint(0, self.process.num_levels)
         eps = rng.randn(tuple(x.shape[1:])).to(x.dtype)
-        alpha, sigma, level = noise_levels(self.param, t, self.alphas_cumprod)
+        alpha, sigma, level = self.process.levels(t)
         x_t = _bcast(alpha, x) * x + _bcast(sigma, x) * eps
         return head(tap.bottleneck(lambda: fake(x_t, level, labels)))
 

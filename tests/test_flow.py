@@ -3,6 +3,7 @@ denoiser.json round trips and the guidance-as-input hook."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -16,6 +17,17 @@ from dmd_core.denoisers import (
     flow_mu,
     flow_sampling_sigmas,
     flow_training_sigmas,
+)
+from dmd_core.dmd import (
+    DistributionMatchingLoss,
+    DMDSettings,
+    FakeScoreLoss,
+    MultiStep,
+    OneStep,
+    SampleRNG,
+    dm_timestep_range,
+    noise_levels,
+    num_levels,
 )
 from dmd_core.loading import load_denoiser, save_denoiser
 from conftest import tiny_unet
@@ -151,3 +163,92 @@ def test_a_saved_flow_generator_loads_back(tmp_path):
     x = x.float()
     with torch.no_grad():
         torch.testing.assert_close(back(x, 1.0, labels), den(x, 1.0, labels), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- DMD terms (docs/math.md §14)
+
+
+def test_noise_levels_are_the_shifted_grid():
+    t = torch.tensor([0, 499, 999])
+    alpha, sigma, level = noise_levels(FLOW, t)
+    u = (t.double() + 1) / 1000
+    torch.testing.assert_close(sigma, 3 * u / (1 + 2 * u), rtol=1e-12, atol=0)
+    assert torch.equal(level, sigma) and torch.equal(alpha, 1 - sigma) and sigma[-1] == 1.0
+    assert num_levels(FLOW) == 1000
+
+
+def test_one_step_generator_is_z_minus_v_at_s_star():
+    den = flow_den()
+    z, labels = batch()
+    assert OneStep.of(den) == OneStep(1.0, 1.0)
+    v = den.unet(z, torch.full((3,), 1000.0, dtype=torch.float64), class_labels=labels).sample
+    torch.testing.assert_close(OneStep.of(den)(den, z, labels), z - v, rtol=0, atol=1e-12)
+    at_500 = FlowDenoiser(den.unet, dataclasses.replace(FLOW, one_step_timestep=500))
+    assert OneStep.of(at_500) == OneStep(pytest.approx(3 * 0.501 / (1 + 2 * 0.501), rel=1e-12), 1.0)
+
+
+def test_multistep_renoises_on_the_flow_line():
+    den = FlowDenoiser(flow_den().unet, Parametrization(kind="flow", num_classes=10, null_class=10, shift=3.0, generator_timesteps=(999, 499)))
+    steps = MultiStep.of(den)
+    x0, eps = batch()[0], batch(seed=7)[0]
+    x_t, level = steps.renoise(x0, 0, eps)
+    s = 3 * 0.5 / (1 + 2 * 0.5)
+    torch.testing.assert_close(x_t, (1 - s) * x0 + s * eps, rtol=0, atol=1e-14)
+    torch.testing.assert_close(level, torch.full((3,), s, dtype=torch.float64), rtol=1e-14, atol=0)
+
+
+def test_fake_score_loss_is_flow_matching_on_v():
+    den = flow_den()
+    x, labels = batch(seed=5)
+    loss = FakeScoreLoss.for_teacher(den)(den, x, labels, SampleRNG(3, 10, 2, range(6, 9)))
+    replay = SampleRNG(3, 10, 2, range(6, 9))
+    t = replay.randint(0, 1000)
+    eps = replay.randn((1, 8, 8)).double()
+    total = 0.0
+    for i in range(3):
+        u = (int(t[i]) + 1) / 1000
+        s = 3 * u / (1 + 2 * u)
+        x_s = (1 - s) * x[i : i + 1] + s * eps[i : i + 1]
+        v_fake = den.unet(x_s, torch.tensor([s * 1000], dtype=torch.float64), class_labels=labels[i : i + 1]).sample
+        total += ((v_fake - (eps[i : i + 1] - x[i : i + 1])) ** 2).sum().item()  # || v_fake - (eps - x0) ||^2
+    assert loss.item() == pytest.approx(total / x.numel(), rel=1e-9)
+
+
+def test_dm_gradient_by_hand():
+    """d loss_DM / dx = (p_fake - p_real) / w / numel with the x0 predictions at x_s = (1 - s) x + s eps, s on the grid."""
+    real = flow_den(seed=0)
+    fake = flow_den(seed=1)
+    g, (x, labels) = 2.5, batch(seed=9)
+    x = x.clone().requires_grad_(True)
+    settings = DMDSettings(guidance_scale=g)
+    DistributionMatchingLoss(settings)(x, labels, real, fake, SampleRNG(0, 0, 0, range(3))).backward()
+
+    rng = SampleRNG(0, 0, 0, range(3))  # the same draws, replayed
+    t = rng.randint(*dm_timestep_range(settings))
+    eps = rng.randn((1, 8, 8)).double()
+    u = (t.double() + 1) / 1000
+    s = (3 * u / (1 + 2 * u)).reshape(-1, 1, 1, 1)
+    assert 0.02 * 3 / 1.04 < float(s.min()) and float(s.max()) <= 1.0
+    xd = x.detach()
+    x_s = (1 - s) * xd + s * eps
+
+    def v(net, lab):
+        return net.unet(x_s, (s * 1000).flatten(), class_labels=lab).sample
+
+    with torch.no_grad():
+        null = torch.full((3,), 10)
+        v_real = v(real, null) + g * (v(real, labels) - v(real, null))
+        p_real, p_fake = x_s - s * v_real, x_s - s * v(fake, labels)
+    w = (xd - p_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    want = (p_fake - p_real) / w / xd.numel()
+    torch.testing.assert_close(x.grad, want, rtol=1e-9, atol=1e-15)
+
+
+def test_distill_sets_a_flow_generators_s_star():
+    from stages.config import DistillConfig
+    from stages.distill.trainer import generator_parametrization
+
+    assert generator_parametrization(DistillConfig(), FLOW) == FLOW  # t* = 999: s* = 1
+    assert generator_parametrization(DistillConfig(generator_timestep=500), FLOW).one_step_timestep == 500
+    k_step = generator_parametrization(DistillConfig(generator_timesteps=[999, 500]), FLOW)
+    assert (k_step.one_step_timestep, k_step.generator_timesteps) == (999, (999, 500))

@@ -62,9 +62,9 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
     if d.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise InputError("distill.mixed_precision=fp16 needs a CUDA GPU. Fix: --set distill.mixed_precision=bf16 (or no) on CPU.")
     check_regression_loss(d)
-    if d.generator_timestep is not None and teacher.param.kind != "vp":
+    if d.generator_timestep is not None and teacher.param.kind == "edm":
         raise InputError(
-            "distill.generator_timestep applies to VP teachers; an EDM generator starts at sigma_max. Fix: drop distill.generator_timestep."
+            "distill.generator_timestep applies to VP teachers (and flow ones); an EDM generator starts at sigma_max. Fix: drop distill.generator_timestep."
         )
     generator_parametrization(d, teacher.param, teacher.num_timesteps)  # bad generator timesteps fail here
     if d.gan:

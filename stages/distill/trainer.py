@@ -82,6 +82,8 @@ def generator_parametrization(d: DistillConfig, teacher: Parametrization, num_ti
             raise InputError(f"{setting} {t0}, outside the teacher's timesteps [1, {top}] (its scheduler's num_train_timesteps "
                              f"is {num_timesteps}). Fix: {fix}.")  # fmt: skip
         param = dataclasses.replace(teacher, one_step_timestep=t0)
+    elif teacher.kind == "flow" and (ts or d.generator_timestep is not None):  # unset: t* = T - 1, s* = 1 (docs/math.md §14)
+        param = dataclasses.replace(teacher, one_step_timestep=ts[0] if ts else d.generator_timestep)
     else:
         param = teacher
     if ts is None:
