@@ -15,6 +15,7 @@ from .base import Layout
 from .common import PARAM_FILE, PIPELINE_INDEX, read_json, resolve_model_dir
 from .ddpm_pipeline import DDPMPipelineLayout
 from .denoiser_dir import DenoiserDirLayout
+from .dit_pipeline import DiTPipelineLayout
 from .sd_pipeline import StableDiffusionLayout
 from .sdxl_pipeline import StableDiffusionXLLayout
 from .unsupported import refuse_known_family
@@ -63,6 +64,7 @@ def detect(folder: str | os.PathLike) -> Layout:
 register(StableDiffusionLayout())
 register(StableDiffusionXLLayout())
 register(DDPMPipelineLayout())
+register(DiTPipelineLayout())
 register(DenoiserDirLayout())
 
-__all__ = ["Layout", "register", "registered", "detect", "known_layouts", "DDPMPipelineLayout", "DenoiserDirLayout", "StableDiffusionLayout", "StableDiffusionXLLayout"]
+__all__ = ["Layout", "register", "registered", "detect", "known_layouts", "DDPMPipelineLayout", "DenoiserDirLayout", "DiTPipelineLayout", "StableDiffusionLayout", "StableDiffusionXLLayout"]

@@ -16,7 +16,6 @@ FIX = "Fix: distil a teacher of a supported layout (docs/layouts.md lists them),
 FAMILIES = {
     "StableDiffusion3Pipeline": "SD3: a flow-matching transformer (transformer/, not unet/), not supported yet",
     "FluxPipeline": "Flux: a flow-matching transformer (transformer/, not unet/), not supported yet",
-    "DiTPipeline": "DiT: a class-conditional transformer on VAE latents (transformer/, not unet/), not supported yet",
     "PixArtAlphaPipeline": "PixArt: a transformer on VAE latents (transformer/, not unet/), not supported yet",
     "PixArtSigmaPipeline": "PixArt: a transformer on VAE latents (transformer/, not unet/), not supported yet",
     "LDMPipeline": "latent diffusion on a VQ autoencoder's latents (vqvae/): its latents are not images and no VQ codec is implemented",

@@ -4,7 +4,7 @@ the problem, exit 2, no traceback, nothing written.
 One row per damage, over the three teacher layouts: an EDM denoiser directory (and its VP sibling with
 scheduler/), a diffusers DDPMPipeline folder and a Stable Diffusion pipeline folder. Each row copies a
 session-built teacher, damages the copy and runs the command in this process. Then the folders of families
-the project knows but does not load (LDM, SDXL, SD3, Flux, DiT, inpainting, single-file checkpoints), each
+the project knows but does not load (LDM, SDXL, SD3, Flux, inpainting, single-file checkpoints), each
 refused by name, the folders whose old refusal pointed the wrong way (zero-terminal SNR), and damaged fp16
 variant weights (save_pretrained(..., variant="fp16")), refused as the plain ones are.
 """
@@ -266,7 +266,7 @@ CASES = [
       "StableDiffusionXLPipeline folder"),
     p("sd", "sd3", index("StableDiffusion3Pipeline", **SD3), "model_index.json", "StableDiffusion3Pipeline", "SD3", "transformer/"),
     p("sd", "flux", index("FluxPipeline", **FLUX), "model_index.json", "FluxPipeline", "Flux", "transformer/"),
-    p("sd", "dit", index("DiTPipeline", **DIT), "model_index.json", "DiTPipeline", "DiT"),
+    p("sd", "dit-without-transformer", index("DiTPipeline", **DIT), "transformer/config.json", "DiT transformer config missing"),
     p("ddpm", "unknown-pipeline", edit("model_index.json", _class_name="KarrasVePipeline"), "KarrasVePipeline", "no layout here loads", "DDPMPipeline", "StableDiffusionPipeline", "denoiser.json"),
     p("sd", "text_encoder-class-not-transformers", edit("model_index.json", text_encoder=["diffusers", "UNet2DModel"]), "model_index.json", "text_encoder", "not a PreTrainedModel"),
     # fp16 variant weights: damaged ones refused as the plain ones are; parts of different kinds, no one kind to read

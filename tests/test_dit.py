@@ -1,0 +1,152 @@
+"""Class-conditional DiT teachers (DiTPipeline folders: VP with learned variance, or flow) and DiT networks in denoiser
+directories (the embedded flow teacher, generators): the layout, pairs against diffusers' own DiTPipeline, save/load."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from conftest import write_config
+from dmd_core.denoisers import FlowDenoiser, Parametrization, VPDenoiser
+from dmd_core.errors import InputError
+from dmd_core.layouts import DiTPipelineLayout, detect
+from dmd_core.loading import load_denoiser, read_parametrization, save_denoiser
+from stages import chain
+from stages.config import load_config
+
+
+def tiny_dit(classes: int, in_channels: int = 4, learned_sigma: bool = True, size: int = 4, seed: int = 0):
+    """A 2-block DiT (16 wide, 2x2 patches) with random weights."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    return DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=in_channels, out_channels=2 * in_channels if learned_sigma else in_channels,
+        num_layers=2, sample_size=size, patch_size=2, num_embeds_ada_norm=classes,
+    )  # fmt: skip
+
+
+def make_dit_teacher(path: Path, classes: int = 1000, flow: bool = False, seed: int = 0) -> Path:
+    """A tiny DiTPipeline folder: 1x8x8 images as 4x4x4 latents; DiT-XL-2's DDIM schedule (linear betas) and learned
+    variance, or (``flow``) a FlowMatchEulerDiscreteScheduler (shift 3, SD3's) and v prediction."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, FlowMatchEulerDiscreteScheduler
+
+    transformer = tiny_dit(classes, learned_sigma=not flow, seed=seed)
+    vae = AutoencoderKL(
+        in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=4, sample_size=8,
+    )  # fmt: skip
+    if flow:
+        sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    else:
+        sched = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False, set_alpha_to_one=True)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=sched).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dit_imagenet(tmp_path_factory) -> Path:
+    """1000 classes: DiTPipeline's unconditional label is the literal 1000, so only such a DiT can be guided there."""
+    return make_dit_teacher(tmp_path_factory.mktemp("teacher") / "dit")
+
+
+@pytest.fixture(scope="module")
+def dit_digits(tmp_path_factory) -> Path:
+    return make_dit_teacher(tmp_path_factory.mktemp("teacher") / "dit10", classes=10)
+
+
+def read_pairs(out: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noise, image, class) of every stored pair, in order."""
+    z, x, c = [], [], []
+    for shard in sorted(out.glob("pairs-*.tar")):
+        for s in wds.WebDataset(str(shard), shardshuffle=False):
+            z.append(np.load(io.BytesIO(s["noise.npy"])))
+            x.append(np.load(io.BytesIO(s["image.npy"])))
+            c.append(int(s["cls.txt"]))
+    return torch.from_numpy(np.stack(z)), torch.from_numpy(np.stack(x)), torch.tensor(c)
+
+
+def dit_pipeline_latents(folder: Path, labels: torch.Tensor, z: torch.Tensor, steps: int, guidance: float, monkeypatch, scheduler=None) -> torch.Tensor:
+    """``DiTPipeline(labels, guidance_scale, num_inference_steps)``'s final latents from the noise ``z``: its noise draw
+    returns ``z`` and its VAE decode records what it is given (the pipeline has no latents argument and decodes always)."""
+    from diffusers import DiTPipeline
+    from diffusers.pipelines.dit import pipeline_dit
+
+    pipe = DiTPipeline.from_pretrained(str(folder))
+    if scheduler is not None:
+        pipe.scheduler = scheduler(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    monkeypatch.setattr(pipeline_dit, "randn_tensor", lambda shape, **kw: z.clone())
+    seen, decode = [], pipe.vae.decode
+    pipe.vae.decode = lambda latents, *a, **k: (seen.append(latents), decode(latents, *a, **k))[1]
+    with torch.no_grad():
+        pipe(labels.tolist(), guidance_scale=guidance, num_inference_steps=steps, output_type="pt")
+    return seen[0] * pipe.vae.config.scaling_factor
+
+
+def plms(config):
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler.from_config(config, skip_prk_steps=True)
+
+
+# ---------------------------------------------------------------- the layout
+
+
+def test_dit_folder_is_a_class_conditional_latent_teacher(dit_imagenet):
+    """VP on the VAE's latents; 1000 classes, null class 1000 (the label-dropout row); x0 from the mean channels."""
+    layout = detect(dit_imagenet)
+    assert isinstance(layout, DiTPipelineLayout) and (layout.takes_prompts, layout.pipeline_class) == (False, "DiTPipeline")
+    p = read_parametrization(dit_imagenet)
+    assert (p.kind, p.prediction_type, p.num_classes, p.null_class, p.image_shape) == ("vp", "epsilon", 1000, 1000, (4, 4, 4))
+    assert layout.pixel_shape(dit_imagenet, p) == (1, 8, 8)
+    den = load_denoiser(dit_imagenet)
+    assert isinstance(den, VPDenoiser) and den.unet.config.out_channels == 8
+    g = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(3, 4, 4, 4, generator=g), torch.tensor([10, 500, 999]), torch.tensor([0, 7, 1000])
+    abar = den.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    with torch.no_grad():
+        eps = den.unet(x, t, class_labels=c).sample[:, :4].double()
+        want = (x.double() - (1 - abar).sqrt() * eps) / abar.sqrt()
+        torch.testing.assert_close(den(x, t, c).double(), want, rtol=0, atol=1e-5)
+    # DiT's own label dropout (p = 0.1 in train mode) is off: a network in training sees the labels it is given
+    den.unet.train()
+    with torch.no_grad():
+        assert torch.equal(den.unet(x, t, class_labels=c).sample, den.unet(x, t, class_labels=c).sample)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_pairs_equal_diffusers_dit_pipeline(tmp_path, dit_imagenet, guidance, monkeypatch):
+    """The stored latents = DiTPipeline(labels, guidance_scale=g, num_inference_steps=10) from the same noise with the same
+    scheduler (PLMS, the generate stage's VP solver). At g = 4 the pipeline guides epsilon (its first 4 channels), the
+    project guides x0: the same map, as x0 is affine in epsilon with label-free coefficients. Within 1e-4 of the latents'
+    scale: a random DiT under DiT's linear schedule (alpha_999 = 0.006) ends at latents up to ~200 at g = 4, where
+    float32 itself resolves only ~1e-5."""
+    cfg = write_config(tmp_path / "c.yaml", dit_imagenet, tmp_path / "store", solver="pndm", steps=10, num_samples=6, shard_size=6, guidance_scale=guidance)
+    c = load_config(cfg)
+    m = chain.run(c, "generate", progress=False).manifest
+    z, got, labels = read_pairs(Path(c.store) / "generate" / m.key)
+    assert labels.tolist() == list(range(6))
+    want = dit_pipeline_latents(dit_imagenet, labels, z, 10, guidance, monkeypatch, scheduler=plms)
+    assert got.shape == want.shape == (6, 4, 4, 4) and float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()))
+
+
+def test_the_null_class_is_the_models_own(dit_digits, monkeypatch):
+    """A 10-class DiT is guided here with null class 10; DiTPipeline's unconditional label is the literal 1000 (ImageNet's),
+    out of its label table, so the pipeline cannot guide it (docs/layouts.md, DiT)."""
+    p = read_parametrization(dit_digits)
+    assert (p.num_classes, p.null_class) == (10, 10)
+    den = load_denoiser(dit_digits)
+    x, c = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 7])
+    with torch.no_grad():
+        u, k = den(x, 500, torch.tensor([10, 10])), den(x, 500, c)
+        torch.testing.assert_close(den(x, 500, c, 2.5), u + 2.5 * (k - u), rtol=0, atol=1e-5)
+    with pytest.raises(IndexError):
+        dit_pipeline_latents(dit_digits, c, x, 2, 2.5, monkeypatch)
