@@ -14,7 +14,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 from conftest import make_vp_teacher, run_cli, tiny_unet, write_config
 from dmd_core.denoisers import Parametrization
 from dmd_core.errors import InputError
-from dmd_core.layouts import DDPMPipelineLayout, DenoiserDirLayout, DiTPipelineLayout, Layout, StableDiffusionLayout, StableDiffusionXLLayout, detect, register, registered
+from dmd_core.layouts import DDPMPipelineLayout, DenoiserDirLayout, DiTPipelineLayout, FluxLayout, Layout, StableDiffusion3Layout, StableDiffusionLayout, StableDiffusionXLLayout, detect, register, registered
 from dmd_core.loading import load_denoiser, read_parametrization
 
 
@@ -168,7 +168,9 @@ def test_ddpm_loss_is_its_formula(both):
 
 def test_detect_names_each_layout_and_what_it_answers(both, edm_teacher, sd_teacher):
     pipe_dir, den_dir = both
-    assert [type(layout) for layout in registered()] == [StableDiffusionLayout, StableDiffusionXLLayout, DDPMPipelineLayout, DiTPipelineLayout, DenoiserDirLayout]
+    assert [type(layout) for layout in registered()] == [
+        StableDiffusionLayout, StableDiffusionXLLayout, StableDiffusion3Layout, FluxLayout, DDPMPipelineLayout, DiTPipelineLayout, DenoiserDirLayout,
+    ]  # fmt: skip
     for folder, cls in ((edm_teacher, DenoiserDirLayout), (den_dir, DenoiserDirLayout), (pipe_dir, DDPMPipelineLayout), (sd_teacher, StableDiffusionLayout)):
         layout = detect(folder)
         assert type(layout) is cls and detect(str(folder)) is layout

@@ -16,6 +16,8 @@ from .common import PARAM_FILE, PIPELINE_INDEX, read_json, resolve_model_dir
 from .ddpm_pipeline import DDPMPipelineLayout
 from .denoiser_dir import DenoiserDirLayout
 from .dit_pipeline import DiTPipelineLayout
+from .flux_pipeline import FluxLayout
+from .sd3_pipeline import StableDiffusion3Layout
 from .sd_pipeline import StableDiffusionLayout
 from .sdxl_pipeline import StableDiffusionXLLayout
 from .unsupported import refuse_known_family
@@ -63,8 +65,10 @@ def detect(folder: str | os.PathLike) -> Layout:
 
 register(StableDiffusionLayout())
 register(StableDiffusionXLLayout())
+register(StableDiffusion3Layout())
+register(FluxLayout())
 register(DDPMPipelineLayout())
 register(DiTPipelineLayout())
 register(DenoiserDirLayout())
 
-__all__ = ["Layout", "register", "registered", "detect", "known_layouts", "DDPMPipelineLayout", "DenoiserDirLayout", "DiTPipelineLayout", "StableDiffusionLayout", "StableDiffusionXLLayout"]
+__all__ = ["Layout", "register", "registered", "detect", "known_layouts", "DDPMPipelineLayout", "DenoiserDirLayout", "DiTPipelineLayout", "StableDiffusionLayout", "StableDiffusionXLLayout", "StableDiffusion3Layout", "FluxLayout"]

@@ -14,8 +14,6 @@ FIX = "Fix: distil a teacher of a supported layout (docs/layouts.md lists them),
 
 # model_index.json's _class_name -> what the family is and why it is not loaded
 FAMILIES = {
-    "StableDiffusion3Pipeline": "SD3: a flow-matching transformer (transformer/, not unet/), not supported yet",
-    "FluxPipeline": "Flux: a flow-matching transformer (transformer/, not unet/), not supported yet",
     "PixArtAlphaPipeline": "PixArt: a transformer on VAE latents (transformer/, not unet/), not supported yet",
     "PixArtSigmaPipeline": "PixArt: a transformer on VAE latents (transformer/, not unet/), not supported yet",
     "LDMPipeline": "latent diffusion on a VQ autoencoder's latents (vqvae/): its latents are not images and no VQ codec is implemented",

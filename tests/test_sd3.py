@@ -1,0 +1,167 @@
+"""SD3 teachers (StableDiffusion3Pipeline folders): two CLIP encoders with projection and an optional T5, pooled
+projections, a flow-matching MMDiT; prompt rows, pairs and exports against diffusers' own StableDiffusion3Pipeline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SD_WORDS
+from dmd_core.errors import InputError
+from dmd_core.layouts import StableDiffusion3Layout, detect
+from dmd_core.layouts.mmdit import SD3Denoiser
+from dmd_core.loading import load_denoiser, load_prompt_encoder, read_parametrization
+
+PROMPTS = ["the digit 7", "a handwritten seven", "3"]
+POOLED, JOINT = 8, 40  # each CLIP encoder's projection_dim; T5's d_model = the transformer's joint_attention_dim
+
+
+def write_t5_tokenizer(out_dir: Path, words: list[str]):
+    """A T5 tokenizer (SentencePiece unigram, as T5's) whose pieces are exactly ``"▁" + word``, saved to ``out_dir``:
+    no tokenizer can be downloaded. Unknown words become "▁" and <unk>; every prompt ends with </s>."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0 - i) for i, w in enumerate(dict.fromkeys(words))]
+    tokenizer = T5Tokenizer(vocab=[*vocab, ("\u2581", -100.0)], extra_ids=0)
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def tiny_t5(vocab_size: int, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2, relative_attention_num_buckets=8))
+
+
+def make_sd3_teacher(path: Path, seed: int = 0, t5: bool = True, dynamic: bool = False) -> Path:
+    """A tiny SD3 pipeline (random weights): two CLIP encoders (16 wide, projected to 8), T5 40 wide (or none: the
+    pipeline's zeros), an MMDiT of 2 joint blocks on 4x4x4 latents (patch 1) of 1x8x8 images, SD3's shift 3
+    (``dynamic``: SD3.5-style dynamic shifting instead)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from dmd_core.text import write_clip_tokenizer
+
+    tokenizer = write_clip_tokenizer(path.parent / f"{path.name}-tokenizer", SD_WORDS, max_length=8)
+    t5_tokenizer = write_t5_tokenizer(path.parent / f"{path.name}-t5-tokenizer", SD_WORDS)
+    torch.manual_seed(seed)
+    clip = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=POOLED)  # fmt: skip
+    text, text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip)), CLIPTextModelWithProjection(CLIPTextConfig(**clip))
+    transformer = SD3Transformer2DModel(
+        sample_size=4, patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=JOINT, caption_projection_dim=16, pooled_projection_dim=2 * POOLED, pos_embed_max_size=8,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=4, sample_size=8, scaling_factor=1.5305, shift_factor=0.0609,  # SD3's VAE scale and shift
+    )  # fmt: skip
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=dynamic, base_image_seq_len=4, max_image_seq_len=64)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=sched, vae=vae, text_encoder=text, tokenizer=tokenizer, text_encoder_2=text_2, tokenizer_2=tokenizer,
+        text_encoder_3=tiny_t5(len(t5_tokenizer), JOINT) if t5 else None, tokenizer_3=t5_tokenizer if t5 else None,
+    )  # fmt: skip
+    pipe.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd3_teacher(tmp_path_factory) -> Path:
+    return make_sd3_teacher(tmp_path_factory.mktemp("teacher") / "sd3")
+
+
+def sd3_pipe(folder: Path):
+    """The folder through diffusers; without T5 the pipeline is loaded as diffusers documents it (text_encoder_3=None)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    no_t5 = json.loads((folder / "model_index.json").read_text())["text_encoder_3"][0] is None
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), **(dict(text_encoder_3=None, tokenizer_3=None) if no_t5 else {}))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def edited(teacher: Path, to: Path, rel: str, **changes) -> Path:
+    t = shutil.copytree(teacher, to)
+    cfg = json.loads((t / rel).read_text())
+    (t / rel).write_text(json.dumps({**cfg, **changes}))
+    return t
+
+
+# ---------------------------------------------------------------- the layout
+
+
+def test_sd3_folder_is_a_flow_text_to_image_teacher(sd3_teacher):
+    assert isinstance(detect(sd3_teacher), StableDiffusion3Layout)
+    p = read_parametrization(sd3_teacher)
+    assert (p.kind, p.text_conditioned, p.image_shape, p.shift, p.use_dynamic_shifting, p.guidance_embeds) == ("flow", True, (4, 4, 4), 3.0, False, False)
+    den = load_denoiser(sd3_teacher)
+    assert isinstance(den, SD3Denoiser) and not any(q.requires_grad for q in den.parameters())
+
+
+@pytest.mark.parametrize("t5", [True, False], ids=["t5", "no-t5"])
+def test_prompt_rows_equal_the_pipelines_encode_prompt(tmp_path, sd3_teacher, t5):
+    """CLIP penultimate states side by side, padded to T5's width, then T5's 256 tokens (zeros without T5); pooled: both
+    projections. The unconditional row is the empty prompt's, as the pipeline encodes negative_prompt=""."""
+    folder = sd3_teacher if t5 else make_sd3_teacher(tmp_path / "sd3", t5=False)
+    rows = load_prompt_encoder(folder).table(PROMPTS).rows(range(4))
+    assert rows["hidden"].shape == (4, 8 + 256, JOINT) and rows["pooled"].shape == (4, 2 * POOLED)
+    with torch.no_grad():
+        hidden, neg, pooled, neg_pooled = sd3_pipe(folder).encode_prompt(PROMPTS, None, None, device="cpu", do_classifier_free_guidance=True)
+    assert torch.equal(rows["hidden"][:3], hidden) and torch.equal(rows["pooled"][:3], pooled)
+    # encoded alone, the pipeline's in a batch of 3: the same up to the matmul's batch-size rounding
+    torch.testing.assert_close(rows["hidden"][3], neg[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(rows["pooled"][3], neg_pooled[0], rtol=0, atol=1e-6)
+    assert bool((rows["hidden"][:, 8:] == 0).all()) == (not t5) and bool((rows["hidden"][:, :8, 32:] == 0).all())
+
+
+def test_layout_checks_widths_parts_and_schedule(tmp_path, sd3_teacher):
+    cases = [
+        ("transformer/config.json", {"joint_attention_dim": 24}, r"joint_attention_dim 24, narrower than the CLIP encoders' hidden sizes 16 \+ 16 = 32"),
+        ("transformer/config.json", {"pooled_projection_dim": 12}, r"pooled_projection_dim 12 but the CLIP encoders' projection_dim are 8 \+ 8 = 16"),
+        ("text_encoder_3/config.json", {"d_model": 48}, "d_model 48 but .*joint_attention_dim 40"),
+        ("vae/config.json", {"latent_channels": 8}, "latent_channels 8 but .*in_channels 4"),
+        ("vae/config.json", {"shift_factor": "x"}, "shift_factor must be a finite number or null"),
+        ("transformer/config.json", {"_class_name": "FluxTransformer2DModel"}, "names 'FluxTransformer2DModel'.*SD3Transformer2DModel"),
+        ("scheduler/scheduler_config.json", {"_class_name": "DDIMScheduler"}, "names 'DDIMScheduler'.*flow-matching"),
+        ("scheduler/scheduler_config.json", {"stochastic_sampling": True}, "stochastic_sampling"),
+        ("model_index.json", {"text_encoder_3": [None, None]}, "text_encoder_3 and tokenizer_3 .* come together"),
+    ]
+    for i, (rel, change, message) in enumerate(cases):
+        with pytest.raises(InputError, match=message):
+            read_parametrization(edited(sd3_teacher, tmp_path / str(i), rel, **change))
+    t = shutil.copytree(sd3_teacher, tmp_path / "no-te2")
+    shutil.rmtree(t / "text_encoder_2")
+    with pytest.raises(InputError, match="StableDiffusion3Pipeline folder without text_encoder_2/"):
+        read_parametrization(t)
+
+
+def test_image_shape_override_beside_the_pipeline(tmp_path, sd3_teacher):
+    """denoiser.json beside model_index.json may set the latent size to distil at (the pipeline's height and width
+    over the VAE's factor), within what the position embeddings cover; nothing else."""
+    t = shutil.copytree(sd3_teacher, tmp_path / "t")
+    (t / "denoiser.json").write_text(json.dumps({"image_shape": [4, 6, 8]}))
+    assert read_parametrization(t).image_shape == (4, 6, 8)
+    assert detect(t).pixel_shape(t, read_parametrization(t)) == (1, 12, 16)
+    for bad, message in [({"image_shape": [4, 6, 10]}, "at most 8"), ({"image_shape": [3, 4, 4]}, "4 latent channels"),
+                         ({"image_shape": [4, 4, 4], "shift": 2.0}, "may set only image_shape")]:  # fmt: skip
+        (t / "denoiser.json").write_text(json.dumps(bad))
+        with pytest.raises(InputError, match=message):
+            read_parametrization(t)
+
+
+def test_latent_codec_reads_the_vae_scale_and_shift(sd3_teacher):
+    """Decode = vae.decode(z / scaling_factor + shift_factor), as the pipeline does; encode is its inverse on the means."""
+    from diffusers import AutoencoderKL
+
+    layout = detect(sd3_teacher)
+    vae = AutoencoderKL.from_pretrained(str(sd3_teacher / "vae"))
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(layout.pixel_decoder(sd3_teacher)(z), vae.decode(z / 1.5305 + 0.0609).sample)
+        torch.testing.assert_close(layout.encode_pixels(sd3_teacher, x), (vae.encode(x).latent_dist.mean - 0.0609) * 1.5305)
