@@ -150,3 +150,56 @@ def test_the_null_class_is_the_models_own(dit_digits, monkeypatch):
         torch.testing.assert_close(den(x, 500, c, 2.5), u + 2.5 * (k - u), rtol=0, atol=1e-5)
     with pytest.raises(IndexError):
         dit_pipeline_latents(dit_digits, c, x, 2, 2.5, monkeypatch)
+
+
+# ---------------------------------------------------------------- generate -> distill -> evaluate -> export
+
+
+@pytest.fixture(scope="module")
+def dit_run(tmp_path_factory, dit_digits):
+    """The chain on the tiny 10-class DiT (PLMS pairs, 2 distill steps, evaluation decoded through its VAE)."""
+    from conftest import ROOT
+
+    tmp = tmp_path_factory.mktemp("dit-run")
+    cfg = write_config(tmp / "c.yaml", dit_digits, tmp / "store", distill={"steps": 2, "guidance_scale": 2.0}, solver="pndm", steps=4, num_samples=8, shard_size=8)
+    overrides = ["evaluate.num_samples=80", "evaluate.batch_size=40", "evaluate.features=digits", f"evaluate.classifier={ROOT / 'data' / 'classifier'}",
+                 "evaluate.speed_batch_size=4", "evaluate.speed_repeats=1", "export.parity_samples=4"]  # fmt: skip
+    c = load_config(cfg, overrides)
+    return c, chain.run(c, "export", progress=False).manifest
+
+
+def test_chain_runs_end_to_end_on_a_dit_teacher(dit_run):
+    """The generator is a DiT in a denoiser directory (learned variance kept, mean read); evaluation decodes with the VAE;
+    the export is a DiTPipeline that reproduces the generator in a fresh process."""
+    c, m = dit_run
+    r = m.info["metrics"]
+    assert r["teacher_nfe"] == 5 and r["student_nfe"] == 1 and r["student_fd"] > 0 and 0.0 <= r["student_class_accuracy"] <= 1.0
+    assert m.info["layout"] == "DiTPipeline" and m.info["plain_diffusers_parity"]["max_rel_diff"] <= 1e-5
+    gen_dir = next((Path(c.store) / "distill").glob("*/generator"))
+    assert json.loads((gen_dir / "config.json").read_text())["_class_name"] == "DiTTransformer2DModel"
+    gen = load_denoiser(gen_dir)
+    assert isinstance(gen, VPDenoiser) and gen.param.num_classes == 10 and gen.unet.config.out_channels == 8
+    card = (Path(c.store) / "export" / m.key / "README.md").read_text()
+    assert "DiTPipeline.from_pretrained" in card and "guidance_scale=1.0" in card
+
+
+def test_export_is_a_plain_dit_pipeline(dit_run):
+    """DiTPipeline.from_pretrained(export)(labels, guidance_scale=1, num_inference_steps=1, generator=g) decodes G(z), z the
+    pipeline's own draw from g, and its images are the VAE's decode of G(z)."""
+    from diffusers import DiTPipeline
+
+    from dmd_core.dmd import OneStep
+
+    c, m = dit_run
+    out = Path(c.store) / "export" / m.key
+    pipe = DiTPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    labels = [3, 1, 4, 1, 5]
+    with torch.no_grad():
+        got = pipe(labels, guidance_scale=1.0, num_inference_steps=1, generator=torch.Generator().manual_seed(5), output_type="pt").images
+        gen = load_denoiser(out / "transformer")
+        z = torch.randn(5, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+        latents = OneStep.of(gen)(gen, z, torch.tensor(labels))
+        want = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    assert pipe.scheduler.timesteps.tolist() == [OneStep.of(gen).level]
+    assert float((got - want).abs().max()) <= 1e-5

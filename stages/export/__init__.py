@@ -39,6 +39,7 @@ from ..config import PipelineConfig
 from ..contract import FileEntry, Manifest, Plan, StageOutput, Teacher, file_entry, spec, stage_manifest
 from ..files import Timer, write_text_atomic
 from ..store import open_store
+from .dit import PIPELINE as DIT_PIPELINE, dit_export
 
 STAGE = "export"
 SPEC = spec(STAGE)
@@ -357,8 +358,9 @@ def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool =
     eval_dir = Path(p.inputs["evaluate"])
     em = open_store(cfg.store).read_manifest(eval_dir)
     den = load_denoiser(Path(p.info["generator_dir"]))
-    if p.teacher().pipeline_class is not None:  # a diffusers text-to-image pipeline (SD, SDXL)
-        info, use = text_to_image_export(cfg, p, em, den, out)
+    if p.teacher().pipeline_class is not None:  # a diffusers pipeline: text-to-image (SD, SDXL) or DiT
+        export = dit_export if p.teacher().pipeline_class == DIT_PIPELINE else text_to_image_export
+        info, use = export(cfg, p, em, den, out)
         write_text_atomic(out / "one_step.json", json.dumps(one_step_spec(den), indent=2) + "\n")
         shutil.copyfile(eval_dir / "grid.png", out / "grid.png")
         info.update(evaluation=str(eval_dir), metrics=em.info["metrics"], image_shape=list(den.param.image_shape))
