@@ -127,7 +127,7 @@ class GenerateConfig(Section):
     steps: int = Field(
         18, gt=0, le=MAX_SOLVER_STEPS, description="solver steps (Heun: 18 = 35 network evaluations; PNDM: 50, at most the teacher's T)"
     )
-    solver: Literal["heun", "pndm"] = Field("heun", description="heun for EDM teachers, pndm for VP teachers")
+    solver: Literal["heun", "pndm", "euler"] = Field("heun", description="heun for EDM teachers, pndm for VP teachers, heun or euler for flow teachers")
     shard_size: int = Field(256, gt=0, le=MAX_COUNT, description="samples per WebDataset shard (built in memory: up to 3 at once)")
     batch_size: int = Field(128, gt=0, le=MAX_BATCH, description="samples per solver call (never crosses a shard)")
     seed: Seed = Field(0, description="noise of sample i is seeded by (seed, i)")
@@ -208,7 +208,8 @@ class DistillConfig(Section):
     )
     generator_timestep: int | None = Field(
         None, ge=1, le=999,  # denoiser.json's range; the teacher's own T - 1 is checked before any stage runs
-        description=f"VP teachers: t* of G(z) = x0(z, t*), in [1, T - 1] of the teacher's T (default T/2: {VP_GENERATOR_TIMESTEP} of 1000)",
+        description=f"VP teachers: t* of G(z) = x0(z, t*), in [1, T - 1] of the teacher's T (default T/2: {VP_GENERATOR_TIMESTEP} of 1000); "
+        "flow teachers: s* is the t*-th of the 1000 shifted levels (default 999: s* = 1)",
     )
     seed: Seed = Field(0)
     checkpoint_every: int = Field(500, gt=0, le=MAX_COUNT, description="steps between checkpoints (the data stream restarts there)")

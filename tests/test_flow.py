@@ -29,7 +29,9 @@ from dmd_core.dmd import (
     noise_levels,
     num_levels,
 )
+from dmd_core.errors import InputError
 from dmd_core.loading import load_denoiser, save_denoiser
+from dmd_core.solvers import check_solver, default_solver, flow_euler_sampler, teacher_sampler
 from conftest import tiny_unet
 
 FLOW = Parametrization(kind="flow", num_classes=10, null_class=10, image_shape=(1, 8, 8), shift=3.0)
@@ -252,3 +254,97 @@ def test_distill_sets_a_flow_generators_s_star():
     assert generator_parametrization(DistillConfig(generator_timestep=500), FLOW).one_step_timestep == 500
     k_step = generator_parametrization(DistillConfig(generator_timesteps=[999, 500]), FLOW)
     assert (k_step.one_step_timestep, k_step.generator_timesteps) == (999, (999, 500))
+
+
+# ---------------------------------------------------------------- teacher solvers against diffusers' schedulers
+
+
+def diffusers_loop(sched, net, z: torch.Tensor, labels: torch.Tensor, guidance_scale: float = 1.0) -> torch.Tensor:
+    """The SD3 pipeline's denoising loop: CFG on v of a [null; cond] batch, ``scheduler.step`` on it."""
+    x = z.clone()
+    null = torch.full_like(labels, 10)
+    for t in sched.timesteps:
+        if guidance_scale == 1.0:
+            v = net(x, t.expand(len(x)), class_labels=labels).sample
+        else:
+            v_u, v_c = net(torch.cat([x, x]), t.expand(2 * len(x)), class_labels=torch.cat([null, labels])).sample.chunk(2)
+            v = v_u + guidance_scale * (v_c - v_u)
+        x = sched.step(v, t, x, return_dict=False)[0]
+    return x
+
+
+@pytest.mark.parametrize("solver, steps, guidance", [("euler", 6, 1.0), ("heun", 5, 1.0), ("euler", 4, 3.0), ("heun", 3, 3.0)])
+def test_solvers_equal_the_diffusers_schedulers(solver, steps, guidance):
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    den = flow_den()
+    z, labels = batch()
+    sampler, nfe = teacher_sampler(den, solver, steps, guidance)
+    got = sampler(z, labels)
+    sched = (FlowMatchEulerDiscreteScheduler if solver == "euler" else FlowMatchHeunDiscreteScheduler)(shift=3.0)
+    sched.set_timesteps(steps)
+    assert nfe == len(sched.timesteps) == (steps if solver == "euler" else 2 * steps - 1)
+    with torch.no_grad():
+        want = diffusers_loop(sched, den.unet, z, labels, guidance)
+    # the schedulers step in float32 (they upcast the sample to float32), the solvers in float64
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    unguided = teacher_sampler(den, solver, steps, 1.0)[0](z, labels) if guidance != 1.0 else None
+    if unguided is not None:  # the guidance is felt
+        assert float((unguided - got).norm() / got.norm()) > 1e-2
+
+
+def test_euler_with_fluxs_dynamic_shift_equals_the_scheduler():
+    param = Parametrization(kind="flow", num_classes=10, null_class=10, image_shape=(1, 8, 8), use_dynamic_shifting=True, image_seq_len=1024)
+    den = flow_den(param)
+    z, labels = batch()
+    base = [1.0, 0.75, 0.5, 0.25]  # FluxPipeline's np.linspace(1.0, 1 / N, N)
+    got = flow_euler_sampler(lambda x, s: den.velocity(x, s, labels), z, flow_sampling_sigmas(param, 4, base))
+    sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    sched.set_timesteps(sigmas=base, mu=flow_mu(param))
+    with torch.no_grad():
+        want = diffusers_loop(sched, den.unet, z, labels)
+    assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+def test_float32_teacher_within_1e_4():
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    den = FlowDenoiser(tiny_unet(11, 0), FLOW).requires_grad_(False)
+    z, labels = batch()
+    z = z.float()
+    got = teacher_sampler(den, "heun", 4, 2.0)[0](z, labels)
+    assert got.dtype == torch.float32
+    sched = FlowMatchHeunDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(4)
+    with torch.no_grad():
+        want = diffusers_loop(sched, den.unet, z, labels, 2.0)
+    assert float((got - want).norm() / want.norm()) < 1e-4
+
+
+def test_solver_choice_for_flow_teachers():
+    den = flow_den()
+    with pytest.raises(InputError, match=r"^generate.solver=pndm needs a VP teacher; this teacher is a flow model\. Fix: --set generate.solver=heun"):
+        teacher_sampler(den, "pndm", 10)
+    for kind, fix in (("edm", "an EDM teacher: it steps a flow teacher's ODE. Fix: --set generate.solver=heun"),
+                      ("vp", "a VP teacher: it steps a flow teacher's ODE. Fix: --set generate.solver=pndm")):  # fmt: skip
+        with pytest.raises(InputError, match=f"^unknown solver 'euler' for {fix} \\(heun: EDM and flow teachers, pndm: VP"):
+            check_solver("euler", kind)
+    with pytest.raises(InputError, match=r"^unknown solver 'rk4'\. Fix: --set generate.solver=heun \(heun: EDM and flow"):
+        check_solver("rk4", "flow")
+    check_solver("heun", "flow")
+    check_solver("euler", "flow")
+    assert default_solver("flow") == "heun"
+
+
+def test_the_guidance_input_reaches_the_network_in_the_solver():
+    """Flux-dev style: each solver call passes the scale as ``guidance`` once, and ``cond`` keywords through."""
+    net = GuidanceNet().double()
+    den = FlowDenoiser(net, Parametrization(kind="flow", num_classes=10, null_class=10, guidance_embeds=True))
+    sampler, nfe = teacher_sampler(den, "euler", 3, 3.5)
+    z, labels = batch()
+    x = sampler(z, labels)
+    assert len(net.calls) == nfe == 3 and all(c["guidance"].tolist() == [3.5] * 3 for c in net.calls)
+    # v = 3.5 x: each Euler step multiplies x by 1 + 3.5 (s_{i+1} - s_i)
+    sig = flow_sampling_sigmas(den.param, 3)
+    factor = torch.prod(1 + 3.5 * (sig[1:] - sig[:-1]))
+    torch.testing.assert_close(x, z * factor, rtol=1e-12, atol=1e-12)
