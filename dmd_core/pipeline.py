@@ -7,7 +7,7 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from PIL import Image
 
-from .denoisers import EDMDenoiser, Parametrization, VPDenoiser
+from .denoisers import EDMDenoiser, FlowDenoiser, Parametrization, VPDenoiser
 from .dmd import MultiStep, OneStep, step_noise
 from .shards import sample_labels, sample_noise
 
@@ -38,8 +38,9 @@ class DenoiserCallModule(torch.nn.Module):
 class OneStepPipeline(DiffusionPipeline):
     """Seed and class labels to images in one call; ``OneStepPipeline.from_pretrained(export_dir)``.
 
-    The component ``generator`` is the distilled UNet (``<export>/generator/``); the parametrisation
-    is this pipeline's config (``model_index.json``), the same numbers as ``one_step.json``.
+    The component ``generator`` is the distilled network (``<export>/generator/``: a UNet, or the DiT of a flow
+    teacher); the parametrisation is this pipeline's config (``model_index.json``), the same numbers as
+    ``one_step.json`` (``flow``: a flow model's shift settings, ``Parametrization``'s flow fields).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class OneStepPipeline(DiffusionPipeline):
         one_step_timestep: int | None = None,
         generator_timesteps: list[int] | None = None,
         sigma_min: float = 0.002,
+        flow: dict | None = None,
     ):
         super().__init__()
         # Frozen, like every loaded denoiser: on CPU, torch picks another linear kernel for weights that
@@ -66,17 +68,19 @@ class OneStepPipeline(DiffusionPipeline):
         self.register_to_config(
             kind=kind, sigma_max=sigma_max, sigma_data=sigma_data, num_classes=num_classes, null_class=null_class,
             image_shape=image_shape, prediction_type=prediction_type, alphas_cumprod=alphas_cumprod,
-            one_step_timestep=one_step_timestep, generator_timesteps=generator_timesteps, sigma_min=sigma_min,
+            one_step_timestep=one_step_timestep, generator_timesteps=generator_timesteps, sigma_min=sigma_min, flow=flow,
         )  # fmt: skip
 
-    def denoiser(self) -> EDMDenoiser | VPDenoiser:
+    def denoiser(self) -> EDMDenoiser | VPDenoiser | FlowDenoiser:
         c = self.config
         param = Parametrization(
             kind=c.kind, num_classes=c.num_classes, null_class=c.null_class, sigma_max=c.sigma_max, sigma_data=c.sigma_data,
             prediction_type=c.prediction_type, image_shape=tuple(c.image_shape) if c.image_shape else None,
             one_step_timestep=c.get("one_step_timestep"), sigma_min=c.get("sigma_min", 0.002),
-            generator_timesteps=tuple(c["generator_timesteps"]) if c.get("generator_timesteps") else None,
+            generator_timesteps=tuple(c["generator_timesteps"]) if c.get("generator_timesteps") else None, **(c.get("flow") or {}),
         )  # fmt: skip
+        if c.kind == "flow":
+            return FlowDenoiser(self.generator, param)
         if c.kind == "edm":
             return EDMDenoiser(self.generator, param)
         return VPDenoiser(self.generator, param, torch.tensor(c.alphas_cumprod, dtype=torch.float64), {})

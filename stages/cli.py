@@ -192,17 +192,17 @@ def toy_classifier_command(
 @toy_app.command("teacher")
 def toy_teacher_command(
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("data/teacher"),
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps (default: 4000 for edm and vp; for t2i the UNet's, 3500 at batch 256, after 1000 VAE steps).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Training steps (default: 4000 for edm, vp and flow; for t2i the UNet's, 3500 at batch 256, after 1000 VAE steps).")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     classifier: Annotated[Path, typer.Option(help="Classifier used to report the teacher's quality.")] = Path("data/classifier"),
-    kind: Annotated[str, typer.Option(help="edm: a denoiser directory (EDM loss and preconditioning); vp: a DDPMPipeline folder (DDPM epsilon loss, Stable Diffusion's scaled_linear schedule); t2i: a StableDiffusionPipeline folder: AutoencoderKL, CLIPTextModel + its own tokenizer, UNet2DConditionModel, SD's schedule (reports a guidance sweep to <out>-quality.json).")] = "edm",
+    kind: Annotated[str, typer.Option(help="edm: a denoiser directory (EDM loss and preconditioning); vp: a DDPMPipeline folder (DDPM epsilon loss, Stable Diffusion's scaled_linear schedule); t2i: a StableDiffusionPipeline folder: AutoencoderKL, CLIPTextModel + its own tokenizer, UNet2DConditionModel, SD's schedule (reports a guidance sweep to <out>-quality.json); flow: a denoiser directory of a DiTTransformer2DModel trained as a class-conditional rectified flow (denoiser.json kind flow, Heun).")] = "edm",
 ) -> None:
-    """Train a digits teacher with CFG dropout: class-conditional EDM or VP (a DDPMPipeline folder), or text-to-image (t2i, a StableDiffusionPipeline folder)."""
+    """Train a digits teacher with CFG dropout: class-conditional EDM, VP (a DDPMPipeline folder) or flow (a DiT), or text-to-image (t2i, a StableDiffusionPipeline folder)."""
     from . import toy
 
     def body() -> str:
-        if kind not in ("edm", "vp", "t2i"):
-            raise InputError(f"--kind {kind!r}: choose edm, vp or t2i")
+        if kind not in ("edm", "vp", "t2i", "flow"):
+            raise InputError(f"--kind {kind!r}: choose edm, vp, flow or t2i")
         if kind == "t2i":
             return toy.make_t2i_teacher(out, steps=steps or toy.T2ITraining.steps, seed=seed, classifier_dir=classifier)
         return toy.make_teacher(out, steps=steps or 4000, seed=seed, classifier_dir=classifier, kind=kind)

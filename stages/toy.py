@@ -19,6 +19,7 @@ from dmd_core.digits import (
     train_digits_classifier,
     train_toy_teacher,
 )
+from dmd_core.digits_flow import FlowTraining, train_toy_flow_teacher
 from dmd_core.digits_t2i import T2ITraining, choose_guidance, digit_prompts, save_t2i_pipeline, t2i_report, train_toy_t2i_teacher
 from dmd_core.loading import load_denoiser, save_denoiser
 from dmd_core.metrics import class_accuracy, frechet_distance
@@ -41,9 +42,11 @@ def make_classifier(out: Path, epochs: int = 40, seed: int = 0) -> str:
 
 def make_teacher(out: Path, steps: int = 4000, seed: int = 0, classifier_dir: Path | None = None, kind: str = "edm") -> str:
     """EDM: a denoiser directory. VP: a plain diffusers ``DDPMPipeline`` folder, as a diffusers user would have it.
-    T2I: a plain ``StableDiffusionPipeline`` folder (``make_t2i_teacher``)."""
+    T2I: a plain ``StableDiffusionPipeline`` folder (``make_t2i_teacher``). Flow: a DiT denoiser directory (``make_flow_teacher``)."""
     if kind == "t2i":
         return make_t2i_teacher(out, steps, seed, classifier_dir)
+    if kind == "flow":
+        return make_flow_teacher(out, steps, seed, classifier_dir)
     cfg = TeacherTraining(steps=steps, seed=seed)
     t0 = time.perf_counter()
     den, losses = train_toy_teacher(cfg, kind=kind)
@@ -58,6 +61,25 @@ def make_teacher(out: Path, steps: int = 4000, seed: int = 0, classifier_dir: Pa
     out.parent.joinpath(f"{out.name}-training.json").write_text(json.dumps(info, indent=2) + "\n")
     if classifier_dir is not None and (classifier_dir / "model.safetensors").is_file():
         report(out, classifier_dir, steps=18 if kind == "edm" else 50)
+    return str(out)
+
+
+FLOW_REPORT_STEPS = 18  # Heun-18 = 35 network evaluations (data/digits-flow.yaml's generate.steps)
+
+
+def make_flow_teacher(out: Path, steps: int = FlowTraining.steps, seed: int = 0, classifier_dir: Path | None = None) -> str:
+    """The rectified-flow digits teacher on a DiT: a denoiser directory (DiT config and weights, denoiser.json of kind flow);
+    ``<out>-training.json`` beside it and, with a classifier, ``<out>-quality.json`` (Heun-``FLOW_REPORT_STEPS``)."""
+    cfg = FlowTraining(steps=steps, seed=seed)
+    t0 = time.perf_counter()
+    den, losses = train_toy_flow_teacher(cfg)
+    save_denoiser(den, out)
+    info = {"kind": "flow", "training": asdict(cfg), "parameters": sum(p.numel() for p in den.unet.parameters()),
+            "final_loss_mean_last_200": sum(losses[-200:]) / len(losses[-200:]), "seconds": round(time.perf_counter() - t0, 1),
+            "torch_threads": torch.get_num_threads()}  # fmt: skip
+    out.parent.joinpath(f"{out.name}-training.json").write_text(json.dumps(info, indent=2) + "\n")
+    if classifier_dir is not None and (classifier_dir / "model.safetensors").is_file():
+        out.parent.joinpath(f"{out.name}-quality.json").write_text(json.dumps(json.loads(report(out, classifier_dir, steps=FLOW_REPORT_STEPS)), indent=2) + "\n")
     return str(out)
 
 
@@ -122,7 +144,7 @@ def sample_teacher(den, sampler, num_samples: int, seed: int = 1234, batch_size:
 
 
 def report(teacher_dir: Path, classifier_dir: Path, steps: int = 18, num_samples: int = 2000, guidance_scale: float = 1.0) -> str:
-    """FD-digits (vs all 1,797 real digits) and class accuracy of the teacher at Heun-``steps`` (VP: PLMS-``steps``).
+    """FD-digits (vs all 1,797 real digits) and class accuracy of the teacher at Heun-``steps`` (EDM, flow; VP: PLMS-``steps``).
     A StableDiffusionPipeline folder: ``t2i_report`` (held-out prompts, prompt accuracy)."""
     if is_t2i_folder(teacher_dir):
         result_t2i = t2i_report(teacher_dir, classifier_dir, guidance_scale, num_samples, steps)
@@ -131,7 +153,7 @@ def report(teacher_dir: Path, classifier_dir: Path, steps: int = 18, num_samples
     clf = DigitsClassifier.load(classifier_dir)
     real, real_labels = load_digits_data()
     den = load_denoiser(teacher_dir)
-    solver = "heun" if den.param.kind == "edm" else "pndm"
+    solver = "pndm" if den.param.kind == "vp" else "heun"  # Heun on EDM's and on the flow ODE
     sampler, nfe = teacher_sampler(den, solver, steps, guidance_scale)
     fake, labels = sample_teacher(den, sampler, num_samples)
     result = {

@@ -152,6 +152,90 @@ def test_the_null_class_is_the_models_own(dit_digits, monkeypatch):
         dit_pipeline_latents(dit_digits, c, x, 2, 2.5, monkeypatch)
 
 
+def test_a_flow_scheduler_in_a_dit_pipeline_is_refused(tmp_path):
+    """DiTPipeline cannot run a FlowMatch scheduler (no scale_model_input): such a folder is told to be a denoiser directory."""
+    folder = make_dit_teacher(tmp_path / "dit-flow", classes=10, flow=True)
+    with pytest.raises(InputError, match="cannot run a flow-matching scheduler.*denoiser directory"):
+        read_parametrization(folder)
+
+
+# ---------------------------------------------------------------- DiT networks in denoiser directories (flow teachers, generators)
+
+
+def flow_dit_dir(path: Path, shift: float = 1.0, seed: int = 0) -> Path:
+    """A tiny class-conditional flow DiT on 1x8x8 pixels as a denoiser directory (data/teacher-flow's layout)."""
+    param = Parametrization(kind="flow", num_classes=10, null_class=10, image_shape=(1, 8, 8), shift=shift)
+    return save_denoiser(FlowDenoiser(tiny_dit(10, in_channels=1, learned_sigma=False, size=8, seed=seed), param), path)
+
+
+def test_dit_generators_save_and_load(tmp_path):
+    """A flow DiT and a learned-variance VP DiT (a DiTPipeline teacher's generator) saved as denoiser directories load back
+    as the same denoiser: config.json of the DiTTransformer2DModel, denoiser.json, and for VP its scheduler."""
+    from diffusers import DDIMScheduler
+
+    flow = load_denoiser(flow_dit_dir(tmp_path / "flow", shift=3.0))
+    sched = DDIMScheduler(beta_schedule="linear", clip_sample=False)
+    param = Parametrization(kind="vp", num_classes=10, null_class=10, image_shape=(4, 4, 4), one_step_timestep=500)
+    vp = VPDenoiser(tiny_dit(10, seed=1).eval(), param, sched.alphas_cumprod, dict(sched.config))  # eval: DiT drops labels in train mode
+    for den, path, level in ((flow, tmp_path / "flow-again", 0.7), (vp, tmp_path / "vp", 500)):
+        back = load_denoiser(save_denoiser(den, path))
+        assert type(back) is type(den) and back.param == den.param and json.loads((path / "config.json").read_text())["_class_name"] == "DiTTransformer2DModel"
+        x = torch.randn(3, *den.param.image_shape, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            assert torch.equal(back(x, level, torch.tensor([1, 2, 10]), 2.0), den(x, level, torch.tensor([1, 2, 10]), 2.0))
+    assert flow.param.shift == 3.0 and back.unet.config.out_channels == 8
+
+
+@pytest.mark.parametrize("solver, guidance", [("heun", 1.0), ("euler", 3.0)])
+def test_flow_dit_pairs_equal_diffusers_flow_match_loops(tmp_path, solver, guidance):
+    """The stored pairs of a flow DiT denoiser directory = diffusers' FlowMatch{Heun,Euler}DiscreteScheduler loop over the
+    transformer (timestep s x 1000, CFG on v with the null class 10), from the same noise and levels (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    teacher = flow_dit_dir(tmp_path / "teacher", shift=3.0)
+    cfg = write_config(tmp_path / "c.yaml", teacher, tmp_path / "store", solver=solver, steps=6, num_samples=6, shard_size=6, guidance_scale=guidance)
+    c = load_config(cfg)
+    m = chain.run(c, "generate", progress=False).manifest
+    z, got, labels = read_pairs(Path(c.store) / "generate" / m.key)
+    net = load_denoiser(teacher).unet
+    sched = (FlowMatchHeunDiscreteScheduler if solver == "heun" else FlowMatchEulerDiscreteScheduler)(shift=3.0)
+    sched.set_timesteps(6)
+    x = z.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            ts = t.expand(len(x))
+            v = net(x, ts, class_labels=labels).sample
+            if guidance != 1.0:
+                u = net(x, ts, class_labels=torch.full_like(labels, 10)).sample
+                v = u + guidance * (v - u)
+            x = sched.step(v, t, x).prev_sample
+    assert float((got - x).abs().max()) <= 1e-4 * max(1.0, float(x.abs().max()))
+
+
+def test_toy_flow_teacher_is_a_dit_denoiser_directory(tmp_path):
+    """`dmd toy teacher --kind flow` writes a denoiser directory of a DiT (no scheduler: denoiser.json holds the flow
+    parametrisation); the denoiser's x0 = x_s - s v, v the transformer's output at timestep 1000 s; the training loss is
+    rectified flow's ||v - (eps - x0)||^2."""
+    from dmd_core.digits_flow import FlowTraining, flow_matching_loss, flow_parametrization
+    from stages import toy
+
+    out = Path(toy.make_teacher(tmp_path / "teacher-flow", steps=2, kind="flow"))
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "denoiser.json", "diffusion_pytorch_model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["_class_name"] == "DiTTransformer2DModel"
+    assert read_parametrization(out) == flow_parametrization()
+    info = json.loads((tmp_path / "teacher-flow-training.json").read_text())
+    assert info["kind"] == "flow" and info["training"]["steps"] == 2 and info["training"] == {**vars(FlowTraining()), "steps": 2}
+    den = load_denoiser(out)
+    assert isinstance(den, FlowDenoiser)
+    g = torch.Generator().manual_seed(0)
+    x0, eps, s, c = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.randn(4, 1, 8, 8, generator=g), torch.tensor([0.1, 0.4, 0.7, 1.0]), torch.tensor([0, 3, 9, 10])
+    x_s = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * eps
+    with torch.no_grad():
+        v = den.unet(x_s, s * 1000, class_labels=c).sample
+        torch.testing.assert_close(den(x_s, s, c), x_s - s.view(-1, 1, 1, 1) * v, rtol=0, atol=1e-6)
+        assert float(flow_matching_loss(den, x0, s, eps, c)) == pytest.approx(float(((v - (eps - x0)) ** 2).mean()), rel=1e-6)
+
+
 # ---------------------------------------------------------------- generate -> distill -> evaluate -> export
 
 
@@ -203,3 +287,37 @@ def test_export_is_a_plain_dit_pipeline(dit_run):
         want = (pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
     assert pipe.scheduler.timesteps.tolist() == [OneStep.of(gen).level]
     assert float((got - want).abs().max()) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    """The chain on a tiny flow DiT denoiser directory (pixel space, Heun pairs): the embedded flow teacher's path."""
+    from conftest import ROOT
+
+    tmp = tmp_path_factory.mktemp("flow-run")
+    teacher = flow_dit_dir(tmp / "teacher")
+    cfg = write_config(tmp / "c.yaml", teacher, tmp / "store", distill={"steps": 2, "guidance_scale": 2.0}, solver="heun", steps=3, num_samples=8, shard_size=8)
+    overrides = ["evaluate.num_samples=80", "evaluate.batch_size=40", "evaluate.features=digits", f"evaluate.classifier={ROOT / 'data' / 'classifier'}",
+                 "evaluate.speed_batch_size=4", "evaluate.speed_repeats=1", "export.parity_samples=4"]  # fmt: skip
+    c = load_config(cfg, overrides)
+    return c, chain.run(c, "export", progress=False).manifest
+
+
+def test_flow_dit_exports_as_a_one_step_pipeline(flow_run):
+    """OneStepPipeline.from_pretrained(export) holds the DiT and the flow parametrisation; its images are
+    G(z) = z - v(z, 1), v the DiT's output at timestep 1000 (by hand here); ONNX and a fresh process reproduce it."""
+    from dmd_core.pipeline import OneStepPipeline
+
+    c, m = flow_run
+    r = m.info["metrics"]
+    assert r["teacher_nfe"] == 5 and r["student_nfe"] == 1 and m.info["torch_parity"]["bit_identical"] and m.info["onnx"]["max_rel_diff"] <= 1e-5
+    out = Path(c.store) / "export" / m.key
+    pipe = OneStepPipeline.from_pretrained(str(out))
+    den = pipe.denoiser()
+    assert isinstance(den, FlowDenoiser) and den.param.kind == "flow" and type(pipe.generator).__name__ == "DiTTransformer2DModel"
+    z, labels = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 4, 9, 2])
+    with torch.no_grad():
+        got = pipe(class_labels=labels, noise=z, output_type="pt")
+        want = z - pipe.generator(z, torch.full((4,), 1000.0), class_labels=labels).sample
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert "DiTTransformer2DModel.from_pretrained" in (out / "README.md").read_text()

@@ -3,11 +3,13 @@
 ``model_index.json`` naming ``DiTPipeline``, ``transformer/`` (a ``DiTTransformer2DModel``; the published
 facebook/DiT-XL-2-* configs name ``Transformer2DModel``, which diffusers builds as the same class), ``vae/`` (an
 ``AutoencoderKL``: the latent codec, read as Stable Diffusion's) and ``scheduler/`` (a VP scheduler; DDIM for the
-published models). What ``DiTPipeline(transformer, vae, scheduler).save_pretrained(dir)`` writes. A
-``FlowMatchEulerDiscreteScheduler`` in ``scheduler/`` makes the folder a rectified-flow teacher (SiT-style: the
-transformer predicts v at timestep s x num_train_timesteps; ``DiTPipeline`` runs it as it is, Euler steps on v).
+published models). What ``DiTPipeline(transformer, vae, scheduler).save_pretrained(dir)`` writes. A FlowMatch
+scheduler there is refused: ``DiTPipeline`` cannot run one (it calls ``scale_model_input``, which the FlowMatch
+schedulers lack). A class-conditional DiT on the flow parametrisation is a denoiser directory instead
+(``config.json`` of the ``DiTTransformer2DModel``, its weights, ``denoiser.json`` of kind "flow", as
+``save_denoiser`` writes it and data/teacher-flow is), read by ``denoiser_dir.py``.
 
-- **VP with learned variance** (a DDPM/DDIM-family scheduler). DiT predicts epsilon and, in ``out_channels = 2 x in_channels``, the variance of
+- **VP with learned variance.** DiT predicts epsilon and, in ``out_channels = 2 x in_channels``, the variance of
   each step. The ODE solvers read the mean only: the denoisers take the first ``in_channels`` of the output
   (``Denoiser._unet``), as ``DiTPipeline`` hands its scheduler ``noise_pred[:, :latent_channels]``.
 - **Classes.** ``num_embeds_ada_norm`` classes; each block's label table has one more row, the label-dropout
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..denoisers import Denoiser, Parametrization, flow_fields
+from ..denoisers import Denoiser, Parametrization
 from ..errors import InputError
 from . import common  # common.load_unet: one name to patch where a test asserts nothing loads
 from .base import Layout
@@ -72,15 +74,16 @@ class DiTPipelineLayout(Layout):
         classes = check_dit_config(cfg, cfg_file)
         sched_file = folder / "scheduler" / SCHEDULER_FILE
         sched = read_scheduler_config(folder / "scheduler")
-        if is_flow_scheduler(sched):
-            try:
-                kind = {"kind": "flow", **flow_fields(sched)}
-            except ValueError as e:
-                raise InputError(f"{sched_file}: {e}.") from None
-        else:
-            kind = {"kind": "vp", "prediction_type": sched.get("prediction_type", "epsilon")}
+        if str(sched.get("_class_name", "")).startswith("FlowMatch"):
+            raise InputError(
+                f"{sched_file} names {sched['_class_name']}: DiTPipeline cannot run a flow-matching scheduler (it calls scale_model_input, "
+                "which they lack), so this folder is no DiTPipeline. Fix: save a class-conditional flow DiT as a denoiser directory "
+                '(transformer.save_pretrained(dir) and denoiser.json {"kind": "flow", "num_classes": N, "null_class": N, "shift": ...}; '
+                "data/teacher-flow is one) and point teacher.path at it."
+            )
         raw = {
-            **kind,
+            "kind": "vp",
+            "prediction_type": sched.get("prediction_type", "epsilon"),
             "num_classes": classes,
             "null_class": classes,  # the label-dropout row of DiT's label tables
             "image_shape": [cfg["in_channels"], cfg["sample_size"], cfg["sample_size"]],
@@ -106,11 +109,6 @@ class DiTPipelineLayout(Layout):
     def check_loads(self, folder: Path) -> None:
         self.load_denoiser(folder)
         self.load_vae(folder)
-
-
-def is_flow_scheduler(cfg: dict) -> bool:
-    """A flow-matching scheduler config (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, ...)."""
-    return str(cfg.get("_class_name", "")).startswith("FlowMatch")
 
 
 def check_dit_config(cfg: dict, cfg_file: Path) -> int:

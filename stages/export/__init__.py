@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import yaml
 
-from dmd_core.denoisers import VPDenoiser
+from dmd_core.denoisers import FLOW_FIELDS, VPDenoiser
 from dmd_core.dmd import MultiStep, OneStep, noise_levels, step_noise
 from dmd_core.errors import InputError
 from dmd_core.faults import fault_point
@@ -69,6 +69,10 @@ def one_step_spec(den) -> dict:
         spec.update(alpha=1.0, sigma=p.sigma_max, sigma_max=p.sigma_max, sigma_data=p.sigma_data,
                     recipe="x = c_skip*(sigma_max*z) + c_out*UNet(c_in*(sigma_max*z), ln(sigma_max)/4, class); "
                            "c_skip = sd^2/(s^2+sd^2), c_out = s*sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2), s = sigma_max, sd = sigma_data")  # fmt: skip
+    elif p.kind == "flow":
+        g = OneStep.of(den)
+        spec.update(level=g.level, timestep=g.level * p.num_train_timesteps, alpha=1 - g.level, sigma=g.level, input_scale=g.scale,
+                    recipe="x = input_scale*z (= z, as x at level s = sigma); v = network(x, timestep = s * num_train_timesteps, prompt); x0 = x - s*v")  # fmt: skip
     else:
         g = OneStep.of(den)
         abar = float(den.alphas_cumprod[g.level])
@@ -94,6 +98,7 @@ def pipeline_for(den) -> OneStepPipeline:
         null_class=p.null_class, image_shape=list(p.image_shape) if p.image_shape else None,
         prediction_type=p.prediction_type, alphas_cumprod=abar, one_step_timestep=p.one_step_timestep,
         generator_timesteps=list(p.generator_timesteps) if p.generator_timesteps else None, sigma_min=p.sigma_min,
+        flow={k: getattr(p, k) for k in FLOW_FIELDS} if p.kind == "flow" else None,
     )  # fmt: skip
 
 
@@ -187,7 +192,7 @@ images = pipe(class_labels=[0, 1, 2, 3], seed=0)           # list of PIL images"
 
 {md_fenced(code, "python")}
 Without this project, with diffusers only, see `one_step.json` (the recipe) and `generator/`
-(`UNet2DModel.from_pretrained`). ONNX: `generator.onnx`, inputs `noise` (N, {', '.join(map(str, info['image_shape']))}) and
+(`{network_class(out)}.from_pretrained`). ONNX: `generator.onnx`, inputs `noise` (N, {', '.join(map(str, info['image_shape']))}) and
 `class_labels` (N,), output `image` (data range {info['data_range']}; measured on {cfg.export.parity_samples} fixed inputs:
 [{info['output_range'][0]:.3f}, {info['output_range'][1]:.3f}]), opset {info.get('onnx', {}).get('opset', 'n/a')}, max |ONNX - PyTorch| =
 {info.get('onnx', {}).get('max_abs_diff', float('nan')):.2e} (relative to the output's scale
@@ -195,6 +200,11 @@ Without this project, with diffusers only, see `one_step.json` (the recipe) and 
 process loading this directory reproduces the evaluated generator bit for bit on the same inputs.
 
 """
+
+
+def network_class(out: Path) -> str:
+    """The diffusers class of the export's generator/ (a UNet2DModel, or the DiTTransformer2DModel of a flow teacher)."""
+    return json.loads((out / "generator" / "config.json").read_text()).get("_class_name", "UNet2DModel")
 
 
 def model_card(cfg: PipelineConfig, em: Manifest, out: Path, info: dict, files: list[FileEntry], use: str) -> str:
