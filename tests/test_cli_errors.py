@@ -54,7 +54,7 @@ def test_malformed_yaml(tmp_path):
     [
         ("generate.num_sampels=10", ("generate.num_sampels", "unknown key")),
         ("generate.num_samples=-5", ("generate.num_samples", "greater than 0")),
-        ("generate.solver=euler", ("generate.solver", "heun", "pndm")),
+        ("generate.solver=rk4", ("generate.solver", "heun", "pndm", "euler")),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, edm_teacher, override, needles):

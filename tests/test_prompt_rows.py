@@ -189,3 +189,23 @@ def test_the_embedded_teachers_prompts_read_back_equal_the_table_computed_whole(
     want = t.prompt_encoder().table(read_prompts(prompts))
     idx = torch.arange(len(want))
     assert len(rows) == len(want) and torch.equal(rows.rows(idx)["hidden"], want.rows(idx)["hidden"])
+
+
+def test_a_two_process_generate_encodes_together_and_writes_the_same_bytes(tmp_path, sd_teacher):
+    """``dmd generate -n 2`` on a text-to-image teacher (accelerate, gloo on CPU): the processes encode the prompt
+    shards together; pairs and embeddings equal a one-process run's, byte for byte."""
+    from conftest import run_cli, write_config
+
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    cfg = write_config(tmp_path / "c.yaml", sd_teacher, tmp_path / "one", solver="pndm", steps=3, num_samples=8, shard_size=4,
+                       prompts=str(tmp_path / "p.txt"))  # fmt: skip
+    outs = {}
+    for n, store in (("1", "one"), ("2", "two")):
+        proc = run_cli("generate", "--config", str(cfg), "-q", "-n", n, "--set", f"store={tmp_path / store}")
+        outs[n] = Path(proc.stdout.strip().splitlines()[-1])
+    assert outs["1"].name == outs["2"].name
+    for f in sorted(outs["1"].glob("pairs-*.tar")):
+        assert f.read_bytes() == (outs["2"] / f.name).read_bytes(), f.name
+    (a,), (b,) = ([p for kind, p in LocalStore(tmp_path / s).outputs() if kind == "prompt_embeddings"] for s in ("one", "two"))
+    made = sorted(f.name for f in a.iterdir() if f.suffix in (".npy", ".bin"))
+    assert made and all((a / n).read_bytes() == (b / n).read_bytes() for n in made)

@@ -50,7 +50,7 @@ from ..config import EvaluateConfig, PipelineConfig
 from ..contract import EVALUATE_FILES, Manifest, Plan, StageOutput, Teacher, content_key, file_entry, spec, stage_manifest
 from ..files import Timer, tmp_sibling, write_text_atomic
 from ..launch import launch_plan
-from ..prompt_rows import plan_rows
+from ..prompt_rows import Spread, plan_rows
 from ..progress import Bar, progress_bar
 from ..quality import QUALITY_VERSION, features_digest, make_features, reference_digest, reference_stats
 from ..store import open_store
@@ -376,6 +376,8 @@ def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Mani
     from accelerate import PartialState
 
     state = PartialState(cpu=os.environ.get("DMD_FORCE_CPU") == "1" or not torch.cuda.is_available())
+    # the held-out prompts' embeddings, encoded by all processes together (then the Evaluator finds them in the store)
+    plan_rows(cfg, p, cfg.evaluate.prompt_column, state.device, progress, Spread(state.process_index, state.num_processes, state.wait_for_everyone))
     return evaluate(cfg, p, state.process_index, state.num_processes, state.device, progress)
 
 

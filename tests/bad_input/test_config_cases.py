@@ -44,7 +44,7 @@ SET_CASES = [
     pytest.param("distill.generator_optimizer=5", ("distill.generator_optimizer", "dictionary"), id="type-scalar-for-section"),
     pytest.param("teacher=foo", ("teacher", "dictionary"), id="type-scalar-for-teacher"),
     # bad literals
-    pytest.param("generate.solver=euler", ("generate.solver", "heun", "pndm"), id="literal-solver"),
+    pytest.param("generate.solver=rk4", ("generate.solver", "heun", "pndm", "euler"), id="literal-solver"),
     pytest.param("generate.dtype=float64", ("generate.dtype", "float16"), id="literal-dtype"),
     pytest.param("distill.regression_loss=l1", ("distill.regression_loss", "pseudo_huber"), id="literal-regression-loss"),
     pytest.param("distill.mixed_precision=fp8", ("distill.mixed_precision", "bf16"), id="literal-mixed-precision"),
