@@ -170,7 +170,43 @@ def multi_step_scheduler(scheduler_config: dict):
     })  # fmt: skip
 
 
-TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # what a text-to-image export is written as
+TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")  # what a text-to-image export is written as
+FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")  # their generator is transformer/, on the flow parametrisation
+
+
+def flow_export_scheduler(scheduler_config: dict, num_steps: int):
+    """A diffusers FlowMatchEulerDiscreteScheduler whose steps at the generator's levels are its sampler (docs/math.md §14).
+
+    The teacher's config without its shift (shift 1, no dynamic shifting), so the levels a call passes as
+    ``sigmas=[...]`` are used as they are, and one inference step runs at s = 1: the step x + (0 - s) v = z - v(z, 1)
+    is G(z). A k-step generator's scheduler samples stochastically: each step takes x0 = x - s v and re-noises it,
+    (1 - s') x0 + s' eps, as DMD2's k-step sampler does; the last returns x0. The SD3 and Flux pipelines pass no
+    generator to the scheduler's step, so eps comes from torch's global generator (``torch.manual_seed``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    keep = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    return FlowMatchEulerDiscreteScheduler.from_config({**keep, "shift": 1.0, "use_dynamic_shifting": False, "stochastic_sampling": num_steps > 1})
+
+
+def null_components(folder: str) -> dict:
+    """The components model_index.json saves as [null, null] (SD3 without T5: text_encoder_3, tokenizer_3), as None
+    for ``from_pretrained``: diffusers loads such a folder only when told so."""
+    import json
+
+    index = json.loads(open(f"{folder}/model_index.json").read())
+    return {k: None for k, v in index.items() if not k.startswith("_") and v == [None, None]}
+
+
+def text_to_image_pipeline(folder: str, **kwargs):
+    """The diffusers pipeline class model_index.json names (one of TEXT_TO_IMAGE_PIPELINES), loaded from ``folder``."""
+    import json
+
+    import diffusers
+
+    name = json.loads(open(f"{folder}/model_index.json").read()).get("_class_name")
+    if name not in TEXT_TO_IMAGE_PIPELINES:
+        raise ValueError(f"{folder}/model_index.json names {name!r}, not one of {TEXT_TO_IMAGE_PIPELINES}")
+    return getattr(diffusers, name).from_pretrained(folder, **null_components(folder), **kwargs)
 
 
 def stable_diffusion_latents_to_file(
@@ -178,25 +214,38 @@ def stable_diffusion_latents_to_file(
 ) -> None:
     """Plain diffusers: ``StableDiffusionPipeline.from_pretrained(export)(prompts, num_inference_steps=1,
     guidance_scale=1, latents=z)`` latents for noise (seed, i), written to ``out_file`` (.npy). A k-step
-    export runs ``timesteps=...`` with ``generator=torch.Generator().manual_seed(seed)`` for the later noise.
-    The pipeline class is the one the export's model_index.json names (SD or SDXL); ``extra``: more call
-    arguments (SDXL's original_size, crops_coords_top_left, target_size when not the defaults).
+    export runs ``timesteps=...`` with ``generator=torch.Generator().manual_seed(seed)`` for the later noise (a flow
+    one ``sigmas=...`` after ``torch.manual_seed(seed)``).
+    The pipeline class is the one the export's model_index.json names (SD, SDXL, SD3, Flux); ``extra``: more call
+    arguments (SDXL's original_size, crops_coords_top_left, target_size when not the defaults; SD3's and Flux's
+    height, width and, for a k-step or s* < 1 generator, sigmas). Flux's latents go in packed and come out
+    unpacked by the pipeline's own static methods.
 
     Run in a fresh process by the export stage's parity check.
     """
     import json
 
-    import diffusers
-
-    name = json.loads(open(f"{export_dir}/model_index.json").read()).get("_class_name")
-    if name not in TEXT_TO_IMAGE_PIPELINES:
-        raise ValueError(f"{export_dir}/model_index.json names {name!r}, not one of {TEXT_TO_IMAGE_PIPELINES}")
-    pipe = getattr(diffusers, name).from_pretrained(export_dir)
+    pipe = text_to_image_pipeline(export_dir)
     pipe.set_progress_bar_config(disable=True)
     prompts = json.loads(open(prompts_json).read())
-    u = pipe.unet.config
-    z = sample_noise(seed, range(len(prompts)), (u.in_channels, u.sample_size, u.sample_size))
-    steps = {"num_inference_steps": 1} if not timesteps else {"timesteps": timesteps, "generator": torch.Generator().manual_seed(seed)}
+    extra = dict(extra or {})
+    name = type(pipe).__name__
+    if name in FLOW_PIPELINES:  # the model space the generator was distilled in (denoiser.json beside it)
+        shape = tuple(json.loads(open(f"{export_dir}/transformer/denoiser.json").read())["image_shape"])
+    else:
+        u = pipe.unet.config
+        shape = (u.in_channels, u.sample_size, u.sample_size)
+    z = sample_noise(seed, range(len(prompts)), shape)
+    latents = pipe._pack_latents(z, len(z), *shape) if name == "FluxPipeline" else z
+    if timesteps:
+        steps = {"timesteps": timesteps, "generator": torch.Generator().manual_seed(seed)}
+    elif "sigmas" in extra:  # the pipelines pass no generator to FlowMatchEuler's stochastic steps: they draw from torch's global one
+        steps = {}
+        torch.manual_seed(seed)
+    else:
+        steps = {"num_inference_steps": 1}
     with torch.no_grad():
-        out = pipe(prompts, latents=z, guidance_scale=1.0, output_type="latent", **steps, **(extra or {})).images
+        out = pipe(prompts, latents=latents, guidance_scale=1.0, output_type="latent", **steps, **extra).images
+    if name == "FluxPipeline":
+        out = pipe._unpack_latents(out, extra["height"], extra["width"], pipe.vae_scale_factor)
     np.save(out_file, out.cpu().numpy(), allow_pickle=False)

@@ -146,3 +146,125 @@ def test_one_step_at_s_1_is_the_pipelines(flux_teacher):
         other = den(z, 1.0, torch.arange(3), 1.0)
     torch.testing.assert_close(got, unpack_latents(want, 4, 4), rtol=0, atol=1e-6)
     assert float((other - got).abs().max()) > 1e-3  # the guidance input matters
+
+
+# ---------------------------------------------------------------- pairs = FluxPipeline
+
+
+@pytest.fixture(scope="module")
+def schnell_teacher(tmp_path_factory) -> Path:
+    return make_flux_teacher(tmp_path_factory.mktemp("teacher") / "schnell", seed=1, guidance_embeds=False)
+
+
+@pytest.mark.parametrize("kind, guidance", [("dev", 1.0), ("dev", 3.5), ("schnell", 1.0), ("schnell", 4.0)])
+def test_pairs_equal_diffusers_flux_pipeline(request, tmp_path, kind, guidance):
+    """The stored image latent = FluxPipeline(prompt, latents=pack(z), 6 Euler steps on its linspace(1, 1/N, N) with the
+    dynamic shift, output_type="latent"), unpacked: Flux-dev's guidance g is the network's input (guidance_scale=g);
+    schnell's is CFG against the empty prompt (true_cfg_scale=g, negative_prompt="")."""
+    import numpy as np
+
+    from conftest import write_config
+    from stages import chain
+    from stages.config import load_config
+    from test_sd3 import read_pairs
+
+    teacher = request.getfixturevalue("flux_teacher" if kind == "dev" else "schnell_teacher")
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    cfg = write_config(tmp_path / "c.yaml", teacher, tmp_path / "store", solver="euler", steps=6, num_samples=6, shard_size=6,
+                       prompts=str(tmp_path / "prompts.txt"), guidance_scale=guidance)  # fmt: skip
+    c = load_config(cfg)
+    m = chain.run(c, "generate", progress=False).manifest
+    pairs = read_pairs(Path(c.store) / "generate" / m.key)
+    assert [s["index"] for s in pairs] == [i % 3 for i in range(6)] and m.info["nfe"] == 6
+    z = torch.from_numpy(np.stack([s["noise"] for s in pairs]))
+    call = {"guidance_scale": guidance} if kind == "dev" else {"true_cfg_scale": guidance, "negative_prompt": [""] * 6}
+    with torch.no_grad():
+        want = flux_pipe(teacher)([PROMPTS[s["index"]] for s in pairs], latents=pack_latents(z), height=8, width=8, num_inference_steps=6,
+                                  output_type="latent", **call).images  # fmt: skip
+    got = torch.from_numpy(np.stack([s["image"] for s in pairs]))
+    assert float((got - unpack_latents(want, 4, 4)).abs().max()) <= 1e-4
+
+
+# ---------------------------------------------------------------- the whole chain, and the exports
+
+
+def flux_chain(tmp: Path, teacher: Path, distill: dict, parity: int = 4):
+    """generate -> distill -> evaluate -> export on a tiny Flux teacher with two prompt files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import ROOT, write_config
+    from stages import chain
+    from stages.config import load_config
+
+    (tmp / "train.txt").write_text("\n".join(PROMPTS) + "\n")
+    pq.write_table(pa.table({"prompt": ["the digit 3", "seven", "a handwritten 7"], "digit": [3, 7, 7]}), tmp / "eval.parquet")
+    cfg = write_config(tmp / "c.yaml", teacher, tmp / "store", distill={"steps": 2, **distill}, solver="euler", steps=4, num_samples=8,
+                       shard_size=8, prompts=str(tmp / "train.txt"))  # fmt: skip
+    overrides = [f"evaluate.prompts={tmp / 'eval.parquet'}", "evaluate.prompt_labels=digit", "evaluate.num_samples=80", "evaluate.batch_size=40",
+                 "evaluate.features=digits", f"evaluate.classifier={ROOT / 'data' / 'classifier'}", "evaluate.speed_batch_size=4",
+                 "evaluate.speed_repeats=1", f"export.parity_samples={parity}"]  # fmt: skip
+    c = load_config(cfg, overrides)
+    return c, chain.run(c, "export", progress=False).manifest
+
+
+@pytest.fixture(scope="module")
+def flux_run(tmp_path_factory, flux_teacher):
+    """Flux-dev distilled with the real score guided by the network's guidance input 3.5."""
+    return flux_chain(tmp_path_factory.mktemp("flux-run"), flux_teacher, {"guidance_scale": 3.5})
+
+
+def test_chain_runs_end_to_end_on_flux(flux_run):
+    c, m = flux_run
+    r = m.info["metrics"]
+    assert r["teacher_nfe"] == 4 and r["student_nfe"] == 1 and r["student_fd"] > 0 and 0.0 <= r["student_class_accuracy"] <= 1.0
+    assert m.info["layout"] == "FluxPipeline" and m.info["plain_diffusers_parity"]["max_rel_diff"] <= 1e-5
+    assert m.info["call_arguments"] == {"height": 8, "width": 8}  # one step at s = 1: num_inference_steps=1
+    out = Path(c.store) / "export" / m.key
+    spec = json.loads((out / "transformer" / "denoiser.json").read_text())
+    assert (spec["kind"], spec["use_dynamic_shifting"], spec["guidance_embeds"], spec["image_shape"]) == ("flow", True, True, [4, 4, 4])
+    assert "FluxPipeline.from_pretrained" in (out / "README.md").read_text() and "height=8, width=8, num_inference_steps=1" in (out / "README.md").read_text()
+
+
+def test_export_is_a_plain_flux_pipeline(flux_run):
+    """FluxPipeline.from_pretrained(export)(prompts, latents=pack(z), num_inference_steps=1, guidance_scale=1) = G(z, prompt):
+    the generator is called, as in training, with the guidance input 1."""
+    from dmd_core.dmd import OneStep
+
+    c, m = flux_run
+    out = Path(c.store) / "export" / m.key
+    pipe = flux_pipe(out)
+    prompts = ["the digit 3", "seven", "3 seven"]
+    z = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = pipe(prompts, latents=pack_latents(z), height=8, width=8, num_inference_steps=1, guidance_scale=1.0, output_type="latent").images
+        gen = load_denoiser(out / "transformer")
+        gen.set_prompts(load_prompt_encoder(out).table(prompts))
+        want = OneStep.of(gen)(gen, z, torch.arange(3))
+    assert isinstance(gen, FluxDenoiser) and pipe.scheduler.sigmas.tolist() == [1.0, 0.0]
+    assert float((unpack_latents(got, 4, 4) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+def test_k_step_export_of_schnell(tmp_path, schnell_teacher):
+    """A 2-step generator of Flux-schnell (its real score guided by CFG, no guidance input): torch.manual_seed(s);
+    FluxPipeline(prompts, sigmas=[s_0, s_1]) = MultiStep, the later noise drawn in the packed latents' order."""
+    from dmd_core.dmd import MultiStep, noise_levels
+
+    c, m = flux_chain(tmp_path, schnell_teacher, {"guidance_scale": 2.0, "generator_timesteps": [999, 499], "regression_weight": 0.0}, parity=3)
+    assert m.info["network_evaluations"] == 2 and m.info["plain_diffusers_parity"]["max_rel_diff"] <= 1e-5
+    out = Path(c.store) / "export" / m.key
+    gen = load_denoiser(out / "transformer")
+    sigmas = [1.0, float(noise_levels(gen.param, torch.tensor([499]))[1][0])]
+    assert m.info["call_arguments"] == {"height": 8, "width": 8, "sigmas": sigmas}
+    pipe = flux_pipe(out)
+    prompts = ["the digit 3", "seven", "3 seven"]
+    z = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.manual_seed(9)  # the pipeline hands the scheduler's stochastic steps no generator: they draw from the global one
+        got = unpack_latents(pipe(prompts, latents=pack_latents(z), height=8, width=8, sigmas=sigmas, guidance_scale=1.0, output_type="latent").images, 4, 4)
+        gen.set_prompts(load_prompt_encoder(out).table(prompts))
+        g = torch.Generator().manual_seed(9)
+        want = MultiStep.of(gen)(gen, z, torch.arange(3), lambda j: unpack_latents(torch.randn(3, 4, 16, generator=g), 4, 4))
+        unpacked_order = MultiStep.of(gen)(gen, z, torch.arange(3), lambda j: torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(9)))
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert float((got - unpacked_order).abs().max()) > 1e-3  # the noise's order matters: drawn packed, as the scheduler draws it

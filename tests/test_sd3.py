@@ -165,3 +165,141 @@ def test_latent_codec_reads_the_vae_scale_and_shift(sd3_teacher):
     with torch.no_grad():
         assert torch.equal(layout.pixel_decoder(sd3_teacher)(z), vae.decode(z / 1.5305 + 0.0609).sample)
         torch.testing.assert_close(layout.encode_pixels(sd3_teacher, x), (vae.encode(x).latent_dist.mean - 0.0609) * 1.5305)
+
+
+# ---------------------------------------------------------------- pairs = StableDiffusion3Pipeline
+
+
+def read_pairs(out: Path) -> list[dict]:
+    import io
+
+    import numpy as np
+    import webdataset as wds
+
+    samples = []
+    for shard in sorted(out.glob("pairs-*.tar")):
+        for s in wds.WebDataset(str(shard), shardshuffle=False):
+            samples.append({"noise": np.load(io.BytesIO(s["noise.npy"])), "image": np.load(io.BytesIO(s["image.npy"])), "index": int(s["cls.txt"])})
+    return samples
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.0], ids=["g1", "cfg7"])
+def test_pairs_equal_diffusers_sd3_pipeline(tmp_path, sd3_teacher, guidance):
+    """The stored image latent = StableDiffusion3Pipeline(prompt, latents=z, 8 Euler steps (shift 3), guidance g,
+    output_type="latent"): the generate stage's flow Euler solver with CFG on the velocity against the empty prompt."""
+    import numpy as np
+
+    from conftest import write_config
+    from stages import chain
+    from stages.config import load_config
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    cfg = write_config(tmp_path / "c.yaml", sd3_teacher, tmp_path / "store", solver="euler", steps=8, num_samples=6, shard_size=6,
+                       prompts=str(tmp_path / "prompts.txt"), guidance_scale=guidance)  # fmt: skip
+    c = load_config(cfg)
+    m = chain.run(c, "generate", progress=False).manifest
+    pairs = read_pairs(Path(c.store) / "generate" / m.key)
+    assert [s["index"] for s in pairs] == [i % 3 for i in range(6)] and m.info["nfe"] == 8
+    z = torch.from_numpy(np.stack([s["noise"] for s in pairs]))
+    with torch.no_grad():
+        want = sd3_pipe(sd3_teacher)([PROMPTS[s["index"]] for s in pairs], latents=z, num_inference_steps=8, guidance_scale=guidance,
+                                     output_type="latent").images  # fmt: skip
+    got = torch.from_numpy(np.stack([s["image"] for s in pairs]))
+    assert got.shape == want.shape and float((got - want).abs().max()) <= 1e-4
+
+
+# ---------------------------------------------------------------- the whole chain, and the exports
+
+
+@pytest.fixture(scope="module")
+def sd3_run(tmp_path_factory, sd3_teacher):
+    """generate -> distill -> evaluate -> export on the tiny SD3 teacher with two prompt files (what `dmd run` walks)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import ROOT, make_tiny_clip, write_config
+    from stages import chain
+    from stages.config import load_config
+
+    tmp = tmp_path_factory.mktemp("sd3-run")
+    (tmp / "train.txt").write_text("\n".join(PROMPTS) + "\n")
+    pq.write_table(pa.table({"prompt": ["the digit 3", "seven", "a handwritten 7"], "digit": [3, 7, 7]}), tmp / "eval.parquet")
+    cfg = write_config(tmp / "c.yaml", sd3_teacher, tmp / "store", distill={"steps": 2, "guidance_scale": 3.0},
+                       solver="euler", steps=4, num_samples=8, shard_size=8, prompts=str(tmp / "train.txt"))  # fmt: skip
+    overrides = [f"evaluate.prompts={tmp / 'eval.parquet'}", "evaluate.prompt_labels=digit", "evaluate.num_samples=80", "evaluate.batch_size=40",
+                 "evaluate.features=digits", f"evaluate.classifier={ROOT / 'data' / 'classifier'}", "evaluate.speed_batch_size=4",
+                 "evaluate.speed_repeats=1", "export.parity_samples=4", f"evaluate.clip_model={make_tiny_clip(tmp / 'clip')}"]  # fmt: skip
+    c = load_config(cfg, overrides)
+    return c, chain.run(c, "export", progress=False).manifest
+
+
+def test_chain_runs_end_to_end_on_sd3(sd3_run):
+    c, m = sd3_run
+    r = m.info["metrics"]
+    assert r["teacher_nfe"] == 4 and r["student_nfe"] == 1 and r["student_fd"] > 0 and 0.0 <= r["student_class_accuracy"] <= 1.0
+    assert m.info["layout"] == "StableDiffusion3Pipeline" and m.info["plain_diffusers_parity"]["max_rel_diff"] <= 1e-5
+    distill = Path(m.pipeline_config["store"]) / "distill"
+    spec = json.loads(next(distill.glob("*/generator/denoiser.json")).read_text())
+    assert (spec["kind"], spec["shift"], spec["text_conditioned"]) == ("flow", 3.0, True)  # the generator keeps the teacher's shift
+    assert "StableDiffusion3Pipeline.from_pretrained" in (Path(c.store) / "export" / m.key / "README.md").read_text()
+
+
+def test_export_is_a_plain_sd3_pipeline(sd3_run):
+    """StableDiffusion3Pipeline.from_pretrained(export)(prompts, num_inference_steps=1, guidance_scale=1, latents=z) = G(z, prompt)
+    = z - v(z, 1) (export checked it in a fresh process on the held-out prompts: plain_diffusers_parity; here on other prompts)."""
+    from dmd_core.dmd import OneStep
+
+    c, m = sd3_run
+    out = Path(c.store) / "export" / m.key
+    pipe = sd3_pipe(out)
+    prompts = ["the digit 3", "seven", "3 seven"]
+    z = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = pipe(prompts, latents=z, num_inference_steps=1, guidance_scale=1.0, output_type="latent").images
+        gen = load_denoiser(out / "transformer")
+        gen.set_prompts(load_prompt_encoder(out).table(prompts))
+        want = OneStep.of(gen)(gen, z, torch.arange(3))
+    assert isinstance(gen, SD3Denoiser) and OneStep.of(gen).level == 1.0 and pipe.scheduler.timesteps.tolist() == [1000.0]
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert m.info["plain_diffusers_parity"]["max_rel_diff"] <= 1e-5 and m.info["plain_diffusers_parity"]["inputs"] == 4
+
+
+def test_k_step_export_without_t5(tmp_path):
+    """A 4-step generator of an SD3 teacher without T5 (zeros in its place) exports as a StableDiffusion3Pipeline that
+    diffusers loads with text_encoder_3=None: torch.manual_seed(9); pipe(prompts, sigmas=[s_0..s_3]) with the unshifted
+    stochastic FlowMatchEuler scheduler = MultiStep, the later noise drawn from torch's global generator in diffusers' order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conftest import ROOT, write_config
+    from dmd_core.dmd import MultiStep, noise_levels
+    from stages import chain
+    from stages.config import load_config
+
+    teacher = make_sd3_teacher(tmp_path / "sd3", t5=False, dynamic=True)
+    assert read_parametrization(teacher).image_seq_len == 16  # (4 / patch 1)^2 tokens of the dynamic shift
+    (tmp_path / "train.txt").write_text("\n".join(PROMPTS) + "\n")
+    pq.write_table(pa.table({"prompt": ["the digit 3", "seven"], "digit": [3, 7]}), tmp_path / "eval.parquet")
+    cfg = write_config(tmp_path / "c.yaml", teacher, tmp_path / "store", distill={"steps": 2, "generator_timesteps": [999, 749, 499, 249], "regression_weight": 0.0},
+                       solver="euler", steps=4, prompts=str(tmp_path / "train.txt"))  # fmt: skip
+    c = load_config(cfg, [f"evaluate.prompts={tmp_path / 'eval.parquet'}", "evaluate.num_samples=80", "evaluate.batch_size=40", "evaluate.features=digits",
+                          f"evaluate.classifier={ROOT / 'data' / 'classifier'}", "evaluate.speed_batch_size=2", "evaluate.speed_repeats=1", "export.parity_samples=3"])  # fmt: skip
+    m = chain.run(c, "export", progress=False).manifest
+    assert m.info["metrics"]["student_nfe"] == 4 and m.info["network_evaluations"] == 4 and m.info["plain_diffusers_parity"]["max_rel_diff"] <= 1e-5
+    out = Path(c.store) / "export" / m.key
+    gen = load_denoiser(out / "transformer")
+    sigmas = [1.0] + [float(s) for s in noise_levels(gen.param, torch.tensor([749, 499, 249]))[1]]
+    assert m.info["call_arguments"] == {"height": 8, "width": 8, "sigmas": sigmas} and sigmas == sorted(sigmas, reverse=True)
+    card = (out / "README.md").read_text()
+    assert f"text_encoder_3=None, tokenizer_3=None)\ntorch.manual_seed({c.evaluate.seed})" in card and f"sigmas={sigmas}, guidance_scale=1.0)" in card
+    pipe = sd3_pipe(out)
+    prompts = ["the digit 3", "seven", "3 seven"]
+    z = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.manual_seed(9)  # the pipeline hands the scheduler's stochastic steps no generator: they draw from the global one
+        got = pipe(prompts, latents=z, sigmas=sigmas, guidance_scale=1.0, output_type="latent").images
+        gen.set_prompts(load_prompt_encoder(out).table(prompts))
+        g = torch.Generator().manual_seed(9)
+        want = MultiStep.of(gen)(gen, z, torch.arange(3), lambda j: torch.randn(z.shape, generator=g))
+    torch.testing.assert_close(pipe.scheduler.sigmas[:-1].double(), torch.tensor(sigmas, dtype=torch.float64), rtol=1e-6, atol=0)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())

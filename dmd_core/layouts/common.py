@@ -14,12 +14,13 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ..denoisers import PREDICTION_TYPES, Denoiser, EDMDenoiser, FlowDenoiser, Parametrization, VPDenoiser
+from ..denoisers import PREDICTION_TYPES, Denoiser, EDMDenoiser, Parametrization, VPDenoiser
 from ..errors import InputError, shown
+from .mmdit import flow_denoiser
 
 PARAM_FILE = "denoiser.json"
 PIPELINE_INDEX = "model_index.json"
@@ -33,7 +34,12 @@ RESAVE = "Fix: re-save or re-download the teacher (save_pretrained writes every 
 PARAM_EXAMPLE = '{"kind": "edm", "num_classes": 10, "null_class": 10, "image_shape": [1, 8, 8]}'
 # The networks a denoiser directory may name in config.json's "_class_name" (an explicit whitelist): UNets and DiT's
 # transformer. DiT-XL-2's published config names Transformer2DModel, which diffusers builds as DiTTransformer2DModel.
-UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel, "DiTTransformer2DModel": DiTTransformer2DModel}
+UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel, "DiTTransformer2DModel": DiTTransformer2DModel,
+                "SD3Transformer2DModel": SD3Transformer2DModel, "FluxTransformer2DModel": FluxTransformer2DModel}  # fmt: skip
+# The networks that read prompt embeddings (the others: class labels or nothing), and how many input channels each
+# model-space channel feeds (Flux: 2 x 2 patches packed into 4 channels; dmd_core.layouts.mmdit).
+TEXT_NETWORKS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+PACKED_CHANNELS = {"FluxTransformer2DModel": 4}
 JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false", type(None): "null"}
 
 
@@ -278,7 +284,7 @@ def load_unet(model_dir: str | os.PathLike, variant: str | None = None) -> torch
     if cls is None:
         raise InputError(
             f"{model_dir}/config.json names _class_name {cfg.get('_class_name')!r}; supported: {', '.join(sorted(UNET_CLASSES))}. "
-            "Fix: point teacher.path at a diffusers UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel."
+            "Fix: point teacher.path at a diffusers UNet or one of those transformers."
         )
     weights = check_weights(model_dir / variant_name(WEIGHTS_FILE, variant))
     try:
@@ -421,22 +427,24 @@ def check_against_unet(param: Parametrization, cfg: dict, param_file: Path, cfg_
     """
     c, h, w = param.image_shape
     channels, size = cfg.get("in_channels"), config_size(cfg)
+    c *= PACKED_CHANNELS.get(cfg.get("_class_name"), 1)
     if is_int(channels) and channels != c:
         raise InputError(
             f"{param_file} says image_shape {list(param.image_shape)} ({c} channels) but {cfg_file} has in_channels {channels}. "
             f"Fix: make them agree (image_shape is [in_channels, height, width]), or drop image_shape from {PARAM_FILE} to read it from config.json."
         )
-    if size is not None and size != (h, w):
+    if size is not None and size != (h, w) and not (cfg.get("_class_name") == "SD3Transformer2DModel" and is_int(cfg.get("pos_embed_max_size"))):
+        # (SD3's position embeddings are cropped to the latents' size: it runs at sizes other than its sample_size)
         raise InputError(
             f"{param_file} says image_shape {list(param.image_shape)} ({h}x{w}) but {cfg_file} has sample_size {cfg.get('sample_size')} "
             f"({size[0]}x{size[1]}). Fix: make them agree (the size the UNet was trained at), or drop image_shape from {PARAM_FILE}."
         )
     check_channels(cfg, cfg_file)
-    conditional = cfg.get("_class_name") == "UNet2DConditionModel"
+    conditional = cfg.get("_class_name") in TEXT_NETWORKS
     if param.text_conditioned != conditional:
         raise InputError(
             f"{param_file} says text_conditioned {str(param.text_conditioned).lower()} but {cfg_file} is a {cfg.get('_class_name', 'UNet2DModel')} "
-            f"(text-conditioned models are UNet2DConditionModel). Fix: set text_conditioned to {str(conditional).lower()} in {PARAM_FILE}."
+            f"(text-conditioned models are {', '.join(TEXT_NETWORKS)}). Fix: set text_conditioned to {str(conditional).lower()} in {PARAM_FILE}."
         )
     embeds = check_class_embeds(cfg, cfg_file)
     check_conditioning(cfg, cfg_file, param.add_time_ids is not None)
@@ -516,8 +524,8 @@ def make_denoiser(unet: torch.nn.Module, param: Parametrization, sched_dir: Path
     """The EDM, VP or flow denoiser of ``unet`` (VP: its schedule from ``sched_dir``), frozen, in eval mode."""
     if param.kind == "edm":
         return EDMDenoiser(unet, param).requires_grad_(False)
-    if param.kind == "flow":  # denoiser.json holds its whole schedule (the shift settings)
-        return FlowDenoiser(unet, param).requires_grad_(False)
+    if param.kind == "flow":  # denoiser.json holds its whole schedule (the shift settings); SD3 and Flux are called their way
+        return flow_denoiser(unet, param).requires_grad_(False)
     sched_file = sched_dir / SCHEDULER_FILE
     check_prediction(param, param_file, read_scheduler_config(sched_dir), sched_file)
     try:

@@ -24,8 +24,8 @@ from ..denoisers import Denoiser
 from ..errors import InputError
 from ..text import PromptEncoder
 from .common import PIPELINE_INDEX, TEXT_WEIGHTS_FILE, WEIGHTS_FILE, is_int, named, read_json
-from .mmdit import flow_denoiser, load_transformer
-from .sd3_pipeline import StableDiffusion3Layout
+from .mmdit import flow_denoiser
+from .sd3_pipeline import StableDiffusion3Layout, load_transformer
 from .sd_pipeline import _check_part, load_text_part
 
 Tensor = torch.Tensor

@@ -1,4 +1,4 @@
-"""Joint-attention transformers (SD3's MMDiT, Flux) as flow denoisers: how each is called, and how it is loaded.
+"""Joint-attention transformers (SD3's MMDiT, Flux) as flow denoisers: how each is called.
 
 The stages see every teacher's model space as C x H x W latents; what differs is the network's call:
 - ``SD3Transformer2DModel``: ``(latents, timestep=s * T, encoder_hidden_states, pooled_projections)``, as
@@ -10,19 +10,15 @@ The stages see every teacher's model space as C x H x W latents; what differs is
   elementwise maps (x_s = (1 - s) x0 + s eps, x0 = x_s - s v) commute with it: packing inside the network
   call keeps pairs, the DMD losses, the VAE and the shards the same as for every other latent teacher.
 
-Kept apart from the layouts so that ``common.make_denoiser`` (saved generators) and the layouts (teachers)
-build the same denoiser for the same network.
+Kept apart from the layouts (it imports only the denoisers) so that ``common.make_denoiser`` (saved generators) and
+the layouts (teachers) build the same denoiser for the same network.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from ..denoisers import FlowDenoiser, Parametrization, flow_sampling_sigmas
-from ..errors import InputError
-from .common import RESAVE, WEIGHTS_FILE, one_line, variant_name
 
 Tensor = torch.Tensor
 
@@ -114,36 +110,6 @@ TRANSFORMER_DENOISERS = {"SD3Transformer2DModel": SD3Denoiser, "FluxTransformer2
 
 
 def flow_denoiser(net: torch.nn.Module, param: Parametrization) -> FlowDenoiser:
-    """The flow denoiser of ``net``: the one of its transformer class, else the plain ``FlowDenoiser``."""
-    return TRANSFORMER_DENOISERS.get(type(net).__name__, FlowDenoiser)(net, param)
-
-
-def load_transformer(model_dir: Path, cls: type, variant: str | None = None) -> torch.nn.Module:
-    """``cls.from_pretrained(model_dir)`` in float32 (the ``variant`` weights, upcast; sharded weights read through their
-    index), frozen; a file that does not load, or weights that do not fill the config's model, are one InputError."""
-    from diffusers.utils import logging as d_logging
-
-    weights = model_dir / variant_name(WEIGHTS_FILE, variant)
-    verbosity = d_logging.get_verbosity()
-    d_logging.set_verbosity_error()  # its "newly initialized" warning: the one-line error below says it
-    try:
-        net, info = cls.from_pretrained(
-            str(model_dir), local_files_only=True, use_safetensors=True, output_loading_info=True, dtype=torch.float32, variant=variant
-        )
-    except Exception as e:
-        detail = one_line(e).split(" If you want")[0].rstrip(". ")  # diffusers' advice to its Python callers follows
-        if "expected shape" in detail:
-            raise InputError(
-                f"the weights in {weights} do not match {model_dir}/config.json ({detail.split(' because ')[-1]}). "
-                "Fix: save the model and its config together (save_pretrained), or re-download the teacher."
-            ) from None
-        raise InputError(f"the {cls.__name__} in {model_dir} does not load: {detail}. {RESAVE}") from None
-    finally:
-        d_logging.set_verbosity(verbosity)
-    bad = sorted(info["missing_keys"]) + sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])
-    if bad:  # left uninitialised: it would fail later, or denoise with random weights
-        raise InputError(
-            f"the weights in {weights} do not match {model_dir}/config.json ({len(bad)} tensors missing or of another shape, e.g. {bad[0]}). "
-            "Fix: save the model and its config together (save_pretrained), or re-download the teacher."
-        )
-    return net.requires_grad_(False).eval()
+    """The flow denoiser of ``net``: a prompt-conditioned SD3 or Flux transformer's own, else the plain ``FlowDenoiser``."""
+    cls = TRANSFORMER_DENOISERS.get(type(net).__name__, FlowDenoiser) if param.text_conditioned else FlowDenoiser
+    return cls(net, param)

@@ -23,8 +23,8 @@ from ..denoisers import Denoiser, Parametrization, flow_fields
 from ..errors import InputError, shown
 from ..text import PromptEncoder
 from .common import PARAM_FILE, PIPELINE_INDEX, RESAVE, SCHEDULER_FILE, TEXT_WEIGHTS_FILE, WEIGHTS_FILE, check_components, is_int, named
-from .common import pipeline_index, read_json, read_param_file
-from .mmdit import flow_denoiser, load_transformer
+from .common import one_line, pipeline_index, read_json, read_param_file, variant_name
+from .mmdit import flow_denoiser
 from .sd_pipeline import StableDiffusionLayout, _check_part, load_text_part
 
 Tensor = torch.Tensor
@@ -251,6 +251,37 @@ class StableDiffusion3Layout(StableDiffusionLayout):
             return torch.cat(parts).float()
 
         return encode
+
+
+def load_transformer(model_dir: Path, cls: type, variant: str | None = None) -> torch.nn.Module:
+    """``cls.from_pretrained(model_dir)`` in float32 (the ``variant`` weights, upcast; sharded weights read through their
+    index), frozen; a file that does not load, or weights that do not fill the config's model, are one InputError."""
+    from diffusers.utils import logging as d_logging
+
+    weights = model_dir / variant_name(WEIGHTS_FILE, variant)
+    verbosity = d_logging.get_verbosity()
+    d_logging.set_verbosity_error()  # its "newly initialized" warning: the one-line error below says it
+    try:
+        net, info = cls.from_pretrained(
+            str(model_dir), local_files_only=True, use_safetensors=True, output_loading_info=True, dtype=torch.float32, variant=variant
+        )
+    except Exception as e:
+        detail = one_line(e).split(" If you want")[0].rstrip(". ")  # diffusers' advice to its Python callers follows
+        if "expected shape" in detail:
+            raise InputError(
+                f"the weights in {weights} do not match {model_dir}/config.json ({detail.split(' because ')[-1]}). "
+                "Fix: save the model and its config together (save_pretrained), or re-download the teacher."
+            ) from None
+        raise InputError(f"the {cls.__name__} in {model_dir} does not load: {detail}. {RESAVE}") from None
+    finally:
+        d_logging.set_verbosity(verbosity)
+    bad = sorted(info["missing_keys"]) + sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])
+    if bad:  # left uninitialised: it would fail later, or denoise with random weights
+        raise InputError(
+            f"the weights in {weights} do not match {model_dir}/config.json ({len(bad)} tensors missing or of another shape, e.g. {bad[0]}). "
+            "Fix: save the model and its config together (save_pretrained), or re-download the teacher."
+        )
+    return net.requires_grad_(False).eval()
 
 
 def _positive(v) -> bool:

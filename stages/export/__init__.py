@@ -86,7 +86,7 @@ def one_step_spec(den) -> dict:
             later.append({"timestep": t, "level": float(level[0]), "alpha": float(alpha[0]), "sigma": float(sigma[0])})
         spec.update(network_evaluations=steps.num_steps, generator_timesteps=list(p.generator_timesteps), later_steps=later,
                     later_recipe="for each later step: x = alpha*x0 + sigma*eps (eps ~ N(0, I), fresh); x0 = the same one-call "
-                                 "formula at that step's level (EDM: sigma = level; VP: timestep)")  # fmt: skip
+                                 "formula at that step's level (EDM: sigma = level; VP: timestep; flow: s = level)")  # fmt: skip
     return spec
 
 
@@ -263,33 +263,44 @@ of {r['teacher_nfe']}.
 
 
 def text_to_image_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, out: Path) -> tuple[dict, str]:
-    """A standard StableDiffusionPipeline (or StableDiffusionXLPipeline) folder: the teacher's VAE, text encoders and
-    tokenizers, the generator as ``unet/`` and a one-step DDIM scheduler; checked in a fresh process with plain diffusers."""
+    """A standard StableDiffusionPipeline (or SDXL, SD3, Flux) folder: the teacher's VAE, text encoders and tokenizers,
+    the generator as ``unet/`` (``transformer/`` for SD3 and Flux) and a scheduler whose steps are the generator's
+    (one-step DDIM, k-step LCM; for flow models FlowMatchEuler without shift); checked in a fresh process with plain diffusers."""
     import diffusers
 
-    from dmd_core.pipeline import multi_step_scheduler, one_step_scheduler
+    from dmd_core.pipeline import FLOW_PIPELINES, flow_export_scheduler, multi_step_scheduler, null_components, one_step_scheduler
 
     teacher_path = p.inputs["teacher"]
     name = p.teacher().pipeline_class
     pipeline_cls = getattr(diffusers, name)
-    pipe = pipeline_cls.from_pretrained(teacher_path, variant=p.teacher().variant, dtype=torch.float32)  # as the stages read it
+    pipe = pipeline_cls.from_pretrained(teacher_path, variant=p.teacher().variant, dtype=torch.float32, **null_components(teacher_path))  # as the stages read it
     steps = MultiStep.of(den)
     k, timesteps = steps.num_steps, list(den.param.generator_timesteps or [])
-    if k > 1:  # DMD2's k-step sampler as diffusers' LCM scheduler
+    flow = name in FLOW_PIPELINES
+    if flow:  # the generator's levels passed as sigmas to an unshifted FlowMatchEuler scheduler
+        sched = flow_export_scheduler(dict(pipe.scheduler.config), k)
+    elif k > 1:  # DMD2's k-step sampler as diffusers' LCM scheduler
         sched = multi_step_scheduler(dict(pipe.scheduler.config))
     else:
         sched = one_step_scheduler(dict(pipe.scheduler.config), OneStep.of(den).level)
     if name == "StableDiffusionPipeline":
         parts = dict(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, safety_checker=None, feature_extractor=None,
                      requires_safety_checker=False)  # fmt: skip
+    elif flow:  # SD3 (T5 or null), Flux: every encoder and tokenizer the teacher has
+        parts = dict(pipe.components)
     else:  # SDXL: both encoders and tokenizers, and the unconditional row the teacher's CFG used
         parts = {**pipe.components, "force_zeros_for_empty_prompt": pipe.config.force_zeros_for_empty_prompt}
-    pipeline_cls(**{**parts, "unet": den.unet, "scheduler": sched}).save_pretrained(str(out), safe_serialization=True)
-    extra = size_arguments(den.param, p.teacher().pixel_shape())  # SDXL sizes other than the pipeline's defaults
-    # unet/ is also a denoiser directory (load_denoiser): its parametrisation and training scheduler beside it
+    network = "transformer" if flow else "unet"
+    pipeline_cls(**{**parts, network: den.unet, "scheduler": sched}).save_pretrained(str(out), safe_serialization=True)
+    if flow:  # the image size and the generator's levels
+        extra = flow_arguments(den, steps, p.teacher().pixel_shape())
+    else:
+        extra = size_arguments(den.param, p.teacher().pixel_shape())  # SDXL sizes other than the pipeline's defaults
+    # unet/ (transformer/) is also a denoiser directory (load_denoiser): its parametrisation and training scheduler beside it
     gen_dir = Path(p.info["generator_dir"])
-    shutil.copyfile(gen_dir / PARAM_FILE, out / "unet" / PARAM_FILE)
-    shutil.copytree(gen_dir / "scheduler", out / "unet" / "scheduler", dirs_exist_ok=True)
+    shutil.copyfile(gen_dir / PARAM_FILE, out / network / PARAM_FILE)
+    if (gen_dir / "scheduler").is_dir():  # VP only: a flow model's schedule is in denoiser.json
+        shutil.copytree(gen_dir / "scheduler", out / network / "scheduler", dirs_exist_ok=True)
     # what the evaluated generator gives for the first parity_samples held-out prompts and noises (k steps: the later
     # noise drawn in diffusers' order from one generator seeded like the pipeline call's)
     n = cfg.export.parity_samples
@@ -299,13 +310,13 @@ def text_to_image_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, out: P
     z = sample_noise(cfg.evaluate.seed, range(n), tuple(den.param.image_shape))
     rng = torch.Generator().manual_seed(cfg.evaluate.seed)
     with torch.no_grad():
-        want = steps(den, z, torch.arange(n), lambda j: torch.randn(z.shape, generator=rng)).numpy()
+        want = steps(den, z, torch.arange(n), lambda j: later_noise(name, z.shape, rng)).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "prompts.json").write_text(json.dumps(batch))
         code = (f"import sys, json, torch; torch.set_num_threads({torch.get_num_threads()}); "
                 "from dmd_core.pipeline import stable_diffusion_latents_to_file as f; "
                 "f(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5]), json.loads(sys.argv[6]))")
-        args = [str(out), str(Path(tmp) / "prompts.json"), str(cfg.evaluate.seed), str(Path(tmp) / "x.npy"), json.dumps(timesteps if k > 1 else None),
+        args = [str(out), str(Path(tmp) / "prompts.json"), str(cfg.evaluate.seed), str(Path(tmp) / "x.npy"), json.dumps(timesteps if k > 1 and not flow else None),
                 json.dumps(extra)]  # fmt: skip
         proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -316,7 +327,12 @@ def text_to_image_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, out: P
         raise InputError(f"the {name} export does not reproduce the generator: max relative difference {rel:.3g} > 1e-5")
     info = {"layout": name, "scheduler": dict(sched.config), "plain_diffusers_parity": {"max_rel_diff": rel, "inputs": n},
             "output_range": [float(want.min()), float(want.max())]}  # fmt: skip
-    if k > 1:
+    prelude = ""
+    if flow:
+        call, how = flow_use(extra, k, n, rel, cfg.evaluate.seed)
+        info["call_arguments"] = extra
+        prelude = f"torch.manual_seed({cfg.evaluate.seed})  # the later steps' noise: the scheduler draws it from torch's global generator\n" if k > 1 else ""
+    elif k > 1:
         sched.set_timesteps(k)
         call = f"num_inference_steps={k}" if sched.timesteps.tolist() == timesteps else f"timesteps={timesteps}"
         how = f"""`unet/` is the generator; it runs {k} steps at t = {timesteps} (DMD2's sampler). The scheduler is diffusers'
@@ -331,10 +347,53 @@ teacher's first t* + 1 betas, `timestep_spacing="trailing"`, `set_alpha_to_one=T
 t* and plain diffusers returns x0 = (z - sigma eps) / alpha there: the generator. Checked in a fresh process on {n} held-out prompts: max
 relative difference to the evaluated generator's latents {rel:.2e}."""
     info["network_evaluations"] = k
-    if extra:
+    if extra and not flow:
         info["size_conditioning"] = extra
         call += "".join(f", {key}={tuple(v)}" for key, v in extra.items())
-    return info, text_to_image_use(open_store(cfg.store).final_dir(out), batch[0], call, how, name)
+    load = "".join(f", {part}=None" for part in null_components(str(out)) if part in ("text_encoder_3", "tokenizer_3"))  # SD3 without T5
+    return info, text_to_image_use(open_store(cfg.store).final_dir(out), batch[0], call, how, name, load, prelude)
+
+
+def flow_arguments(den, steps: MultiStep, pixel_shape: tuple[int, ...]) -> dict:
+    """SD3's and Flux's call arguments for the generator: the image's height and width and, unless it is one step at
+    s = 1 (what num_inference_steps=1 runs), its levels s_0 > s_1 > ... as ``sigmas``."""
+    levels = [float(steps.first.level)]
+    if steps.later:
+        levels += [float(s) for s in noise_levels(den.param, torch.tensor(steps.later))[1]]
+    args = {"height": int(pixel_shape[1]), "width": int(pixel_shape[2])}
+    return args if levels == [1.0] else {**args, "sigmas": levels}
+
+
+def later_noise(pipeline: str, shape: tuple[int, ...], rng: torch.Generator) -> torch.Tensor:
+    """The noise of a k-step generator's later step as the export's scheduler draws it from the call's generator:
+    in the latents' shape, which for Flux is the packed one (the same numbers, in the packed order)."""
+    if pipeline != "FluxPipeline":
+        return torch.randn(shape, generator=rng)
+    from dmd_core.layouts.mmdit import unpack_latents
+
+    b, c, h, w = shape
+    return unpack_latents(torch.randn(b, (h // 2) * (w // 2), 4 * c, generator=rng), h, w)
+
+
+def flow_use(extra: dict, k: int, n: int, rel: float, seed: int) -> tuple[str, str]:
+    """The call of a flow (SD3, Flux) export and the story of its scheduler, for the model card."""
+    size = f"height={extra['height']}, width={extra['width']}"
+    checked = f"Checked in a fresh process on {n} held-out prompts: max relative difference to the evaluated generator's latents {rel:.2e}."
+    plain = "diffusers' FlowMatchEulerDiscreteScheduler without shift (shift 1, no dynamic shifting)"
+    if "sigmas" not in extra:
+        how = f"""`transformer/` is the one-step generator; the scheduler is {plain}, so one inference step
+runs at s = 1 (timestep 1000) and its Euler step to 0 returns z - v(z, 1): the generator. {checked}"""
+        return f"{size}, num_inference_steps=1", how
+    sigmas = extra["sigmas"]
+    call = f"{size}, sigmas={sigmas}"
+    if k == 1:
+        return call, f"""`transformer/` is the one-step generator at s* = {sigmas[0]:.6g}; the scheduler is {plain}, so the step at
+`sigmas=[s*]` returns z - s* v(z, s*): the generator. {checked}"""
+    how = f"""`transformer/` is the generator; it runs {k} steps at s = {sigmas} (DMD2's sampler). The scheduler is {plain}
+and with `stochastic_sampling`, so each step returns x0 = x - s v and re-noises it, (1 - s') x0 + s' eps, to the next
+level; the last step returns x0. The pipeline does not hand its `generator` to the scheduler's step: eps comes from
+torch's global generator, seeded here with `torch.manual_seed({seed})`. {checked}"""
+    return call, how
 
 
 def size_arguments(param, pixel_shape: tuple[int, ...]) -> dict:
@@ -347,12 +406,15 @@ def size_arguments(param, pixel_shape: tuple[int, ...]) -> dict:
     return {"original_size": list(ids[0:2]), "crops_coords_top_left": list(ids[2:4]), "target_size": list(ids[4:6])}
 
 
-def text_to_image_use(export_dir: Path, prompt: str, call: str, how: str, pipeline: str = "StableDiffusionPipeline") -> str:
-    """The model card's "Use" section of a StableDiffusionPipeline (or SDXL) export: ``call`` the step arguments
-    (ours), ``how`` the scheduler's story (markdown, ours). The prompt and the path are literals: prompts are scraped text."""
-    code = f"""from diffusers import {pipeline}
-pipe = {pipeline}.from_pretrained({py_literal(export_dir)})
-image = pipe({py_literal(prompt)}, {call}, guidance_scale=1.0).images[0]"""
+def text_to_image_use(
+    export_dir: Path, prompt: str, call: str, how: str, pipeline: str = "StableDiffusionPipeline", load: str = "", prelude: str = ""
+) -> str:
+    """The model card's "Use" section of a StableDiffusionPipeline (or SDXL, SD3, Flux) export: ``call`` the step arguments
+    (ours), ``how`` the scheduler's story (markdown, ours), ``load`` more from_pretrained arguments and ``prelude`` a
+    line before the call (ours). The prompt and the path are literals: prompts are scraped text."""
+    code = f"""{"import torch" + chr(10) if prelude else ""}from diffusers import {pipeline}
+pipe = {pipeline}.from_pretrained({py_literal(export_dir)}{load})
+{prelude}image = pipe({py_literal(prompt)}, {call}, guidance_scale=1.0).images[0]"""
     return f"""## Use
 
 {md_fenced(code, "python")}
