@@ -167,6 +167,23 @@ def test_latent_codec_reads_the_vae_scale_and_shift(sd3_teacher):
         torch.testing.assert_close(layout.encode_pixels(sd3_teacher, x), (vae.encode(x).latent_dist.mean - 0.0609) * 1.5305)
 
 
+def test_fp16_variant_folder_reads_as_the_plain_one(tmp_path, sd3_teacher):
+    """A folder saved with variant="fp16" (transformer, VAE and all three text encoders) loads upcast, the same denoiser
+    and prompt rows as the plain folder it was saved from, its variant found with no setting."""
+    t = tmp_path / "fp16"
+    sd3_pipe(sd3_teacher).save_pretrained(str(t), variant="fp16")
+    assert (t / "transformer" / "diffusion_pytorch_model.fp16.safetensors").is_file() and (t / "text_encoder_3" / "model.fp16.safetensors").is_file()
+    assert detect(t).weights_variant(t) == "fp16"
+    x = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outs = []
+        for folder in (sd3_teacher, t):
+            den = load_denoiser(folder)
+            den.set_prompts(load_prompt_encoder(folder).table(PROMPTS[:2]))
+            outs.append(den(x, torch.tensor([0.3, 0.9]), torch.arange(2), 4.0))
+    assert torch.equal(*outs)
+
+
 # ---------------------------------------------------------------- pairs = StableDiffusion3Pipeline
 
 
