@@ -245,6 +245,7 @@ def test_export_is_a_plain_flux_pipeline(flux_run):
     assert float((unpack_latents(got, 4, 4) - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
 
+@pytest.mark.slow  # a variant of the one-step chain above (k steps): make test-slow
 def test_k_step_export_of_schnell(tmp_path, schnell_teacher):
     """A 2-step generator of Flux-schnell (its real score guided by CFG, no guidance input): torch.manual_seed(s);
     FluxPipeline(prompts, sigmas=[s_0, s_1]) = MultiStep, the later noise drawn in the packed latents' order."""

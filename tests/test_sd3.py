@@ -281,6 +281,7 @@ def test_export_is_a_plain_sd3_pipeline(sd3_run):
     assert m.info["plain_diffusers_parity"]["max_rel_diff"] <= 1e-5 and m.info["plain_diffusers_parity"]["inputs"] == 4
 
 
+@pytest.mark.slow  # a variant of the one-step chain above (k steps): make test-slow
 def test_k_step_export_without_t5(tmp_path):
     """A 4-step generator of an SD3 teacher without T5 (zeros in its place) exports as a StableDiffusion3Pipeline that
     diffusers loads with text_encoder_3=None: torch.manual_seed(9); pipe(prompts, sigmas=[s_0..s_3]) with the unshifted
