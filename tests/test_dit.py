@@ -321,3 +321,24 @@ def test_flow_dit_exports_as_a_one_step_pipeline(flow_run):
         want = z - pipe.generator(z, torch.full((4,), 1000.0), class_labels=labels).sample
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert "DiTTransformer2DModel.from_pretrained" in (out / "README.md").read_text()
+
+
+def test_k_step_dit_export_runs_dmd2s_sampler_through_lcm(tmp_path, dit_digits):
+    """A 4-step generator in a DiTPipeline with LCM (what the export writes): the pipeline's latents from
+    generator=manual_seed(s) after torch.manual_seed(s) = MultiStep with the later noise in that global RNG's order."""
+    import dataclasses
+
+    from diffusers import DiTPipeline
+
+    from dmd_core.layouts import detect
+    from dmd_core.pipeline import multi_step_scheduler
+    from stages.export.dit import dit_latents_to_file, reference_latents
+
+    den = load_denoiser(dit_digits)
+    den.set_param(dataclasses.replace(den.param, one_step_timestep=999, generator_timesteps=(999, 749, 499, 249)))
+    sched = multi_step_scheduler(json.loads((dit_digits / "scheduler" / "scheduler_config.json").read_text()))
+    DiTPipeline(transformer=den.unet, vae=detect(dit_digits).load_vae(dit_digits), scheduler=sched).save_pretrained(str(tmp_path / "export"))
+    dit_latents_to_file(str(tmp_path / "export"), 3, 11, 4, str(tmp_path / "x.npy"))
+    got, want = np.load(tmp_path / "x.npy"), reference_latents(den, 3, 11)
+    assert float(np.abs(got - want).max()) <= 1e-5 * float(np.abs(want).max())
+    assert float(np.abs(reference_latents(den, 3, 12) - want).max()) > 1e-2  # the seed matters
