@@ -192,7 +192,7 @@ images = pipe(class_labels=[0, 1, 2, 3], seed=0)           # list of PIL images"
 
 {md_fenced(code, "python")}
 Without this project, with diffusers only, see `one_step.json` (the recipe) and `generator/`
-(`{network_class(out)}.from_pretrained`). ONNX: `generator.onnx`, inputs `noise` (N, {', '.join(map(str, info['image_shape']))}) and
+(`{info.get('network_class', 'UNet2DModel')}.from_pretrained`). ONNX: `generator.onnx`, inputs `noise` (N, {', '.join(map(str, info['image_shape']))}) and
 `class_labels` (N,), output `image` (data range {info['data_range']}; measured on {cfg.export.parity_samples} fixed inputs:
 [{info['output_range'][0]:.3f}, {info['output_range'][1]:.3f}]), opset {info.get('onnx', {}).get('opset', 'n/a')}, max |ONNX - PyTorch| =
 {info.get('onnx', {}).get('max_abs_diff', float('nan')):.2e} (relative to the output's scale
@@ -453,7 +453,8 @@ def one_step_pipeline_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, ou
     shutil.copyfile(eval_dir / "grid.png", out / "grid.png")
     want = reference_output(cfg, den)  # computed once: the card's output range, the ONNX and fresh-process checks
     info: dict = {"evaluation": str(eval_dir), "metrics": em.info["metrics"], "image_shape": list(den.param.image_shape),
-                  "output_range": [float(want.min()), float(want.max())], "data_range": list(den.param.data_range)}  # fmt: skip
+                  "output_range": [float(want.min()), float(want.max())], "data_range": list(den.param.data_range),
+                  "network_class": network_class(out)}  # fmt: skip
     if cfg.export.onnx:
         info["onnx"] = write_onnx(cfg, den, out, want)
         fault_point("export.onnx-written")
