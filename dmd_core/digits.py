@@ -10,6 +10,7 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 from .denoisers import Denoiser, EDMDenoiser, Parametrization, VPDenoiser
 from .errors import InputError
 from .losses import ddpm_denoising_loss, edm_denoising_loss, edm_training_sigmas
+
+Tensor = torch.Tensor
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
@@ -83,37 +86,51 @@ def train_toy_teacher(cfg: TeacherTraining, progress: bool = True, kind: str = "
     """Train the digits teacher, EDM (its loss and preconditioning) or VP (DDPM's epsilon loss on
     ``vp_scheduler()``); returns the EMA denoiser and the losses."""
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    images, labels = load_digits_data()
     param = Parametrization(kind=kind, num_classes=NUM_CLASSES, null_class=NUM_CLASSES, image_shape=IMAGE_SHAPE)
     if kind == "edm":
-        den: Denoiser = EDMDenoiser(toy_unet(), param).train()
+        den: Denoiser = EDMDenoiser(toy_unet(), param)
+
+        def loss(den: Denoiser, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+            sigma = edm_training_sigmas(len(x), gen)
+            return edm_denoising_loss(den, x, sigma, torch.randn(x.shape, generator=gen), y)
     else:
         sched = vp_scheduler()
-        den = VPDenoiser(toy_unet(), param, sched.alphas_cumprod, dict(sched.config)).train()
+        den = VPDenoiser(toy_unet(), param, sched.alphas_cumprod, dict(sched.config))
+
+        def loss(den: Denoiser, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+            t = torch.randint(0, den.num_train_timesteps, (len(x),), generator=gen)
+            return ddpm_denoising_loss(den, x, t, torch.randn(x.shape, generator=gen), y)
+
+    return train_class_conditional(den, cfg, loss, "teacher", progress)
+
+
+def train_class_conditional(den: Denoiser, cfg, loss: Callable[[Denoiser, Tensor, Tensor, torch.Generator], Tensor], desc: str,
+                            progress: bool = True) -> tuple[Denoiser, list[float]]:  # fmt: skip
+    """The loop of the embedded class-conditional teachers: Adam with a linear warm-up, labels dropped to the null
+    class (so that classifier-free guidance works), an EMA copy returned with the losses. ``loss(den, x, y, gen)``
+    draws its noise levels and noise from ``gen``; ``cfg`` has seed, steps, batch_size, lr, warmup, label_dropout,
+    ema_decay."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    images, labels = load_digits_data()
+    den = den.train()
     ema = copy.deepcopy(den).eval().requires_grad_(False)
     opt = torch.optim.Adam(den.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
     losses = []
-    bar = tqdm(range(cfg.steps), desc="teacher", disable=not progress)
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress)
     for _ in bar:
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
         x, y = images[idx], labels[idx].clone()
         y[torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout] = NUM_CLASSES
-        if kind == "edm":
-            sigma = edm_training_sigmas(cfg.batch_size, gen)
-            loss = edm_denoising_loss(den, x, sigma, torch.randn(x.shape, generator=gen), y)
-        else:
-            t = torch.randint(0, den.num_train_timesteps, (cfg.batch_size,), generator=gen)
-            loss = ddpm_denoising_loss(den, x, t, torch.randn(x.shape, generator=gen), y)
+        value = loss(den, x, y, gen)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
         sched.step()
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), den.parameters()):
                 pe.lerp_(p, 1 - cfg.ema_decay)
-        losses.append(loss.item())
+        losses.append(value.item())
         bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
     return ema, losses
 

@@ -9,15 +9,12 @@ the same files. ``dmd toy teacher --kind flow`` calls ``train_toy_flow_teacher``
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .denoisers import FlowDenoiser, Parametrization
-from .digits import IMAGE_SHAPE, NUM_CLASSES, load_digits_data
+from .digits import IMAGE_SHAPE, NUM_CLASSES, train_class_conditional
 from .layouts.common import without_label_dropout
 
 
@@ -29,8 +26,13 @@ class FlowTraining:
     warmup: int = 200
     ema_decay: float = 0.999
     label_dropout: float = 0.1  # replaced by the null class so classifier-free guidance works
-    # s ~ sigmoid(N(0, 1)) (SD3's logit-normal): most updates at mid noise, where the velocity is hardest to predict
+    # s ~ sigmoid(N(0, 1)) (SD3's logit-normal): most updates at mid noise, where the velocity is hardest to predict;
+    # uniform_fraction of the draws uniform in (0, 1) instead, so that the velocity is also learnt near s = 0, where
+    # Heun's last correction reads it (the scheduler's levels end at s = 0.001; logit-normal draws s < 0.01 with
+    # probability 3e-6). Measured at 5,000 steps, Heun-18, 2,000 samples: logit-normal alone FD-digits 2.37 (98.9%),
+    # uniform alone 1.72 (98.2%), logit-normal with 20% uniform 1.56 (98.4%).
     timestep_sampling: str = "logit_normal"
+    uniform_fraction: float = 0.2
     width: int = 96  # DiT's inner dim: heads x head dim
     heads: int = 4
     layers: int = 6
@@ -59,7 +61,11 @@ def training_levels(cfg: FlowTraining, n: int, generator: torch.Generator) -> to
     if cfg.timestep_sampling == "uniform":
         return torch.rand(n, generator=generator)
     if cfg.timestep_sampling == "logit_normal":
-        return torch.sigmoid(torch.randn(n, generator=generator))
+        s = torch.sigmoid(torch.randn(n, generator=generator))
+        if cfg.uniform_fraction:
+            u = torch.rand(n, generator=generator)
+            s = torch.where(torch.rand(n, generator=generator) < cfg.uniform_fraction, u, s)
+        return s
     raise ValueError(f"timestep_sampling {cfg.timestep_sampling!r}: choose logit_normal or uniform")
 
 
@@ -74,27 +80,9 @@ def flow_matching_loss(den: FlowDenoiser, x0: torch.Tensor, s: torch.Tensor, noi
 def train_toy_flow_teacher(cfg: FlowTraining, progress: bool = True) -> tuple[FlowDenoiser, list[float]]:
     """Train the digits flow teacher; returns the EMA denoiser and the losses."""
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    images, labels = load_digits_data()
-    den = FlowDenoiser(toy_dit(cfg), flow_parametrization()).train()
-    ema = copy.deepcopy(den).eval().requires_grad_(False)
-    opt = torch.optim.Adam(den.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
-    losses = []
-    bar = tqdm(range(cfg.steps), desc="flow teacher", disable=not progress)
-    for _ in bar:
-        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
-        x, y = images[idx], labels[idx].clone()
-        y[torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout] = NUM_CLASSES
-        s = training_levels(cfg, cfg.batch_size, gen)
-        loss = flow_matching_loss(den, x, s, torch.randn(x.shape, generator=gen), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), den.parameters()):
-                pe.lerp_(p, 1 - cfg.ema_decay)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-    return ema, losses
+
+    def loss(den: FlowDenoiser, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        s = training_levels(cfg, len(x), gen)
+        return flow_matching_loss(den, x, s, torch.randn(x.shape, generator=gen), y)
+
+    return train_class_conditional(FlowDenoiser(toy_dit(cfg), flow_parametrization()), cfg, loss, "flow teacher", progress)

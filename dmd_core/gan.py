@@ -83,8 +83,9 @@ class BottleneckTap:
 
     def __init__(self, unet: nn.Module, stop_early: bool = False):
         if getattr(unet, "mid_block", None) is None:
-            raise InputError("distill.gan: the head reads the UNet's mid block, and this teacher's UNet has none "
-                             "(mid_block_type null in its config.json). Fix: set distill.gan=false.")  # fmt: skip
+            why = ("its UNet has none (mid_block_type null in its config.json)" if hasattr(unet, "down_blocks")
+                   else f"its network is a {type(unet).__name__}, a transformer without one")
+            raise InputError(f"distill.gan: the head reads a UNet's mid block, and {why}. Fix: set distill.gan=false.")
         self.out: Tensor | None = None
         self.stop_early, self.stopping = stop_early, False
         unet.mid_block.register_forward_hook(self._keep)

@@ -24,7 +24,7 @@ from dmd_core.digits_t2i import T2ITraining, choose_guidance, digit_prompts, sav
 from dmd_core.loading import load_denoiser, save_denoiser
 from dmd_core.metrics import class_accuracy, frechet_distance
 from dmd_core.shards import sample_labels, sample_noise
-from dmd_core.solvers import teacher_sampler
+from dmd_core.solvers import default_solver, teacher_sampler
 
 log = logging.getLogger("dmd")
 
@@ -153,7 +153,7 @@ def report(teacher_dir: Path, classifier_dir: Path, steps: int = 18, num_samples
     clf = DigitsClassifier.load(classifier_dir)
     real, real_labels = load_digits_data()
     den = load_denoiser(teacher_dir)
-    solver = "pndm" if den.param.kind == "vp" else "heun"  # Heun on EDM's and on the flow ODE
+    solver = default_solver(den.param.kind)  # Heun on EDM's and on the flow ODE, PLMS for VP
     sampler, nfe = teacher_sampler(den, solver, steps, guidance_scale)
     fake, labels = sample_teacher(den, sampler, num_samples)
     result = {

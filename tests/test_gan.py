@@ -70,6 +70,15 @@ def test_a_unet_without_a_mid_block_is_refused():
         BottleneckTap(unet)
 
 
+def test_a_transformer_is_refused_by_name():
+    from diffusers import DiTTransformer2DModel
+
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=1, num_layers=1, sample_size=4, patch_size=2,
+                                num_embeds_ada_norm=10, norm_num_groups=1)  # fmt: skip
+    with pytest.raises(InputError, match="a DiTTransformer2DModel, a transformer without one. Fix: set distill.gan=false"):
+        BottleneckTap(dit)
+
+
 def test_generator_update_reaches_g_not_the_fake_score(edm_teacher):
     fake = load_denoiser(edm_teacher)
     fake.gan_tap, fake.gan_head = BottleneckTap(fake.unet), BottleneckHead(16, (4, 4))
