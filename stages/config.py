@@ -117,6 +117,10 @@ class TeacherConfig(Section):
     original_size: tuple[ImageSide, ImageSide] | None = Field(None, description="SDXL teachers: original_size (h, w) of the size conditioning; null: the image's")
     crop_top_left: tuple[CropOffset, CropOffset] = Field((0, 0), description="SDXL teachers: crops_coords_top_left (top, left) of the size conditioning")
     target_size: tuple[ImageSide, ImageSide] | None = Field(None, description="SDXL teachers: target_size (h, w) of the size conditioning; null: the image's")
+    # the pipelines' height and width; Layout.configure checks them against the VAE's factor and the transformer's patch
+    image_size: tuple[ImageSide, ImageSide] | None = Field(
+        None, description="SD3 and Flux teachers: (height, width) in pixels to distil at; null: the pipeline's default (SD3: sample_size x the VAE's factor, Flux: 1024)"
+    )
     guidance_rescale: float = Field(
         0.0, ge=0, le=1, description="VP teachers: diffusers' guidance_rescale of every guided teacher call (0 = plain CFG), on the network's epsilon or v"
     )

@@ -176,7 +176,7 @@ class Teacher:
     def resolve(path: str | Path, folder_digest: str, variant: str | None = None, settings: dict | None = None) -> "Teacher":
         """The teacher in ``path`` (digest ``folder_digest``) reading the weights ``variant`` asks for (None: the
         plain weights if every part has them, else the one variant they have; InputError if absent), with the
-        teacher ``settings`` that change its outputs (``teacher_settings``: SDXL's sizes, guidance_rescale)."""
+        teacher ``settings`` that change its outputs (``teacher_settings``: sizes, guidance_rescale)."""
         read = detect(path).reading(variant).weights_variant(Path(path))
         return Teacher.at(path, (f"{folder_digest}:{read}" if read else folder_digest) + settings_suffix(settings or {}))
 
@@ -257,12 +257,15 @@ class Teacher:
         return self.layout.pixel_encoder(self.path, device)
 
 
-SIZE_SETTINGS = ("original_size", "crop_top_left", "target_size")  # SDXL's add_time_ids (Layout.configure)
+# Layout.configure applies them: SDXL's add_time_ids, SD3's and Flux's image size. Only those set join the digest,
+# so a run that sets none keeps its digest.
+SIZE_SETTINGS = ("original_size", "crop_top_left", "target_size", "image_size")
 
 
 def teacher_settings(t) -> dict:
     """The ``teacher`` config's settings that change what the teacher computes, those not at their default:
-    SDXL's sizes and guidance_rescale. They join the teacher's digest, so every key holding it tells them apart."""
+    SDXL's sizes, SD3's and Flux's image_size, guidance_rescale. They join the teacher's digest, so every key holding
+    it tells them apart."""
     out = {k: tuple(getattr(t, k)) for k in SIZE_SETTINGS if getattr(t, k) is not None and not (k == "crop_top_left" and tuple(t.crop_top_left) == (0, 0))}
     if t.guidance_rescale:
         out["guidance_rescale"] = float(t.guidance_rescale)

@@ -239,6 +239,68 @@ def first_step_one_and_two_processes(cfg: Path, tmp: Path, global_batch: int = 8
     return one, two
 
 
+# ---------------------------------------------------------------- text-to-image teachers (SD, SDXL, SD3, Flux)
+
+
+def diffusers_pipeline(folder: Path, **components):
+    """The pipeline saved in ``folder``, loaded by diffusers itself (the class its model_index.json names;
+    ``components`` replace saved ones), progress bars off: the tests' oracle."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(str(folder), **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def read_prompt_pairs(out: Path) -> list[dict]:
+    """A generate output's pairs in order: {"noise", "image", "index" (the prompt's)} each."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+
+    samples = []
+    for shard in sorted(out.glob("pairs-*.tar")):
+        for s in wds.WebDataset(str(shard), shardshuffle=False):
+            samples.append({"noise": np.load(io.BytesIO(s["noise.npy"])), "image": np.load(io.BytesIO(s["image.npy"])), "index": int(s["cls.txt"])})
+    return samples
+
+
+def generate_prompt_pairs(tmp: Path, teacher: Path, prompts: list[str], overrides: list[str] = (), **generate) -> tuple:
+    """The generate stage on ``teacher`` with ``prompts`` (pair i: prompt i mod N) and ``generate`` settings:
+    (config, manifest, its pairs in order, ``read_prompt_pairs``)."""
+    from stages import chain
+    from stages.config import load_config
+
+    (tmp / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    c = load_config(write_config(tmp / "c.yaml", teacher, tmp / "store", prompts=str(tmp / "prompts.txt"), **generate), list(overrides))
+    m = chain.run(c, "generate", progress=False).manifest
+    return c, m, read_prompt_pairs(Path(c.store) / "generate" / m.key)
+
+
+EVAL_PROMPTS = {"prompt": ["the digit 3", "seven", "a handwritten 7"], "digit": [3, 7, 7]}
+
+
+def text_to_image_chain(tmp: Path, teacher: Path, prompts: list[str], solver: str, distill: dict, overrides: list[str] = (), parity: int = 4) -> tuple:
+    """generate -> distill -> evaluate -> export (what `dmd run` walks) on a tiny text-to-image teacher: ``prompts``
+    to train on, EVAL_PROMPTS (labelled by digit) to evaluate on; (config, the export's manifest)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages import chain
+    from stages.config import load_config
+
+    (tmp / "train.txt").write_text("\n".join(prompts) + "\n")
+    pq.write_table(pa.table(EVAL_PROMPTS), tmp / "eval.parquet")
+    cfg = write_config(tmp / "c.yaml", teacher, tmp / "store", distill={"steps": 2, **distill}, solver=solver, steps=4, num_samples=8,
+                       shard_size=8, prompts=str(tmp / "train.txt"))  # fmt: skip
+    evaluate = [f"evaluate.prompts={tmp / 'eval.parquet'}", "evaluate.prompt_labels=digit", "evaluate.num_samples=80", "evaluate.batch_size=40",
+                "evaluate.features=digits", f"evaluate.classifier={ROOT / 'data' / 'classifier'}", "evaluate.speed_batch_size=4",
+                "evaluate.speed_repeats=1", f"export.parity_samples={parity}"]  # fmt: skip
+    c = load_config(cfg, [*evaluate, *overrides])
+    return c, chain.run(c, "export", progress=False).manifest
+
+
 # ---------------------------------------------------------------- suite summaries
 
 SUITES = {"faults": "tests/faults/", "bad input": "tests/bad_input/"}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SD_WORDS
+from conftest import SD_WORDS, diffusers_pipeline, generate_prompt_pairs, text_to_image_chain
 from dmd_core.errors import InputError
 from dmd_core.layouts import FluxLayout, detect
 from dmd_core.layouts.mmdit import FluxDenoiser, latent_image_ids, pack_latents, unpack_latents
@@ -20,13 +20,13 @@ from test_sd3 import edited, tiny_t5, write_t5_tokenizer
 
 PROMPTS = ["the digit 7", "a handwritten seven", "3"]
 CLIP_WIDTH, T5_WIDTH = 16, 24
+TINY = "teacher.image_size=[8, 8]"  # FluxPipeline's default is 128 x 128 latents whatever the model: the tests set 4 x 4
 
 
-def make_flux_teacher(path: Path, seed: int = 0, guidance_embeds: bool = True, image_shape: list[int] | None = (4, 4, 4)) -> Path:
+def make_flux_teacher(path: Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
     """A tiny Flux pipeline (random weights): CLIP 16 wide (pooled), T5 24 wide, a FluxTransformer2DModel of one double
     and one single block on 2x2-packed 4-channel latents (16 inputs per token), Flux's dynamic shift; ``guidance_embeds``:
-    Flux-dev (guidance an input), else schnell. 1x8x8 images through a 2x VAE: 4x4x4 latents, set by ``image_shape``
-    in a denoiser.json beside the pipeline (Flux's default is 1024 x 1024)."""
+    Flux-dev (guidance an input), else schnell. Run at 1x8x8 images (TINY) through a 2x VAE: 4x4x4 latents."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -51,8 +51,6 @@ def make_flux_teacher(path: Path, seed: int = 0, guidance_embeds: bool = True, i
     pipe = FluxPipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=clip, tokenizer=tokenizer,
                         text_encoder_2=tiny_t5(len(t5_tokenizer), T5_WIDTH), tokenizer_2=t5_tokenizer)  # fmt: skip
     pipe.save_pretrained(str(path))
-    if image_shape is not None:
-        (path / "denoiser.json").write_text(json.dumps({"image_shape": list(image_shape)}))
     return path
 
 
@@ -61,26 +59,23 @@ def flux_teacher(tmp_path_factory) -> Path:
     return make_flux_teacher(tmp_path_factory.mktemp("teacher") / "flux")
 
 
-def flux_pipe(folder: Path):
-    from diffusers import FluxPipeline
-
-    pipe = FluxPipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 # ---------------------------------------------------------------- the layout
 
 
-def test_flux_folder_is_a_flow_text_to_image_teacher(tmp_path, flux_teacher):
-    assert isinstance(detect(flux_teacher), FluxLayout)
+def test_flux_folder_is_a_flow_text_to_image_teacher(flux_teacher):
+    """Unset, teacher.image_size is FluxPipeline's default: 128 x 128 latents (1024 x 1024 images through Flux's 8x VAE,
+    256 x 256 through the tiny 2x one); set, the latents are its sides over the VAE's factor, the dynamic shift's
+    (H/2)(W/2) tokens counted on them."""
+    from dmd_core.denoisers import flow_image_seq_len
+
+    layout = detect(flux_teacher)
+    assert isinstance(layout, FluxLayout)
     p = read_parametrization(flux_teacher)
-    assert (p.kind, p.text_conditioned, p.image_shape, p.use_dynamic_shifting, p.guidance_embeds) == ("flow", True, (4, 4, 4), True, True)
+    assert (p.kind, p.text_conditioned, p.image_shape, p.use_dynamic_shifting, p.guidance_embeds) == ("flow", True, (4, 128, 128), True, True)
+    assert layout.pixel_shape(flux_teacher, p) == (1, 256, 256) and flow_image_seq_len(p) == 64 * 64
+    q = layout.configure(flux_teacher, p, {"image_size": (8, 12)})
+    assert q.image_shape == (4, 4, 6) and flow_image_seq_len(q) == 2 * 3 and layout.pixel_shape(flux_teacher, q) == (1, 8, 12)
     assert isinstance(load_denoiser(flux_teacher), FluxDenoiser)
-    # without the size file: FluxPipeline's default, 128 x 128 latents (1024 x 1024 images through Flux's VAE)
-    t = shutil.copytree(flux_teacher, tmp_path / "default")
-    (t / "denoiser.json").unlink()
-    assert read_parametrization(t).image_shape == (4, 128, 128) and detect(t).pixel_shape(t, read_parametrization(t)) == (1, 256, 256)
 
 
 def test_packing_is_the_pipelines(flux_teacher):
@@ -98,7 +93,7 @@ def test_prompt_rows_equal_the_pipelines_encode_prompt(flux_teacher):
     """pooled: CLIP's pooled output; hidden: T5's 512 states; the unconditional row: the empty prompt's."""
     rows = load_prompt_encoder(flux_teacher).table(PROMPTS).rows(range(4))
     assert rows["hidden"].shape == (4, 512, T5_WIDTH) and rows["pooled"].shape == (4, CLIP_WIDTH)
-    pipe = flux_pipe(flux_teacher)
+    pipe = diffusers_pipeline(flux_teacher)
     with torch.no_grad():
         hidden, pooled, text_ids = pipe.encode_prompt(PROMPTS, None, device="cpu")
         neg, neg_pooled, _ = pipe.encode_prompt([""], None, device="cpu")
@@ -122,8 +117,13 @@ def test_layout_checks_widths_and_parts(tmp_path, flux_teacher):
     shutil.rmtree(t / "text_encoder_2")
     with pytest.raises(InputError, match="FluxPipeline folder without text_encoder_2/"):
         read_parametrization(t)
-    with pytest.raises(InputError, match="multiples of 2"):
-        read_parametrization(edited(flux_teacher, tmp_path / "odd", "denoiser.json", image_shape=[4, 5, 4]))
+    # even latent sides (2 x 2 packing) through the 2x VAE: pixel sides that are multiples of 4
+    with pytest.raises(InputError, match=r"teacher.image_size \[8, 10\]: each side must be a multiple of 4 pixels .*patch 2\). Fix: .* \[8, 8\] or \[8, 12\]\."):
+        detect(flux_teacher).configure(flux_teacher, read_parametrization(flux_teacher), {"image_size": (8, 10)})
+    t = shutil.copytree(flux_teacher, tmp_path / "sized")
+    (t / "denoiser.json").write_text(json.dumps({"image_shape": [4, 4, 4]}))  # the size file this layout once read
+    with pytest.raises(InputError, match=r"denoiser.json sits beside .*Fix: remove denoiser.json and set teacher.image_size.*\(default \[256, 256\]\)"):
+        read_parametrization(t)
     # SD3's CLIP (projected) in Flux's place: Flux reads the unprojected pooled output
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -140,8 +140,8 @@ def test_one_step_at_s_1_is_the_pipelines(flux_teacher):
     den.set_prompts(load_prompt_encoder(flux_teacher).table(PROMPTS))
     z = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = flux_pipe(flux_teacher)(PROMPTS, latents=pack_latents(z), height=8, width=8, num_inference_steps=1, guidance_scale=3.5,
-                                       output_type="latent").images  # fmt: skip
+        want = diffusers_pipeline(flux_teacher)(PROMPTS, latents=pack_latents(z), height=8, width=8, num_inference_steps=1, guidance_scale=3.5,
+                                                output_type="latent").images  # fmt: skip
         got = den(z, 1.0, torch.arange(3), 3.5)
         other = den(z, 1.0, torch.arange(3), 1.0)
     torch.testing.assert_close(got, unpack_latents(want, 4, 4), rtol=0, atol=1e-6)
@@ -156,56 +156,36 @@ def schnell_teacher(tmp_path_factory) -> Path:
     return make_flux_teacher(tmp_path_factory.mktemp("teacher") / "schnell", seed=1, guidance_embeds=False)
 
 
-@pytest.mark.parametrize("kind, guidance", [("dev", 1.0), ("dev", 3.5), ("schnell", 1.0), ("schnell", 4.0)])
-def test_pairs_equal_diffusers_flux_pipeline(request, tmp_path, kind, guidance):
-    """The stored image latent = FluxPipeline(prompt, latents=pack(z), 6 Euler steps on its linspace(1, 1/N, N) with the
-    dynamic shift, output_type="latent"), unpacked: Flux-dev's guidance g is the network's input (guidance_scale=g);
-    schnell's is CFG against the empty prompt (true_cfg_scale=g, negative_prompt="")."""
+@pytest.mark.parametrize("kind, guidance, size", [("dev", 1.0, (8, 8)), ("dev", 3.5, (8, 8)), ("schnell", 1.0, (8, 8)), ("schnell", 4.0, (8, 8)),
+                                                ("dev", 3.5, (12, 16))], ids=["dev-g1", "dev-g3.5", "schnell-g1", "schnell-cfg4", "dev-g3.5-12x16"])  # fmt: skip
+def test_pairs_equal_diffusers_flux_pipeline(request, tmp_path, kind, guidance, size):
+    """The stored image latent = FluxPipeline(prompt, latents=pack(z), height=H, width=W (teacher.image_size), 6 Euler
+    steps on its linspace(1, 1/N, N) with the dynamic shift of the latents' tokens, output_type="latent"), unpacked:
+    Flux-dev's guidance g is the network's input (guidance_scale=g); schnell's is CFG against the empty prompt
+    (true_cfg_scale=g, negative_prompt="")."""
     import numpy as np
 
-    from conftest import write_config
-    from stages import chain
-    from stages.config import load_config
-    from test_sd3 import read_pairs
-
     teacher = request.getfixturevalue("flux_teacher" if kind == "dev" else "schnell_teacher")
-    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    cfg = write_config(tmp_path / "c.yaml", teacher, tmp_path / "store", solver="euler", steps=6, num_samples=6, shard_size=6,
-                       prompts=str(tmp_path / "prompts.txt"), guidance_scale=guidance)  # fmt: skip
-    c = load_config(cfg)
-    m = chain.run(c, "generate", progress=False).manifest
-    pairs = read_pairs(Path(c.store) / "generate" / m.key)
+    _, m, pairs = generate_prompt_pairs(tmp_path, teacher, PROMPTS, [f"teacher.image_size={list(size)}"], solver="euler", steps=6, num_samples=6,
+                                        shard_size=6, guidance_scale=guidance)  # fmt: skip
     assert [s["index"] for s in pairs] == [i % 3 for i in range(6)] and m.info["nfe"] == 6
     z = torch.from_numpy(np.stack([s["noise"] for s in pairs]))
+    h, w = size[0] // 2, size[1] // 2  # the tiny VAE's factor 2
+    assert z.shape == (6, 4, h, w)
     call = {"guidance_scale": guidance} if kind == "dev" else {"true_cfg_scale": guidance, "negative_prompt": [""] * 6}
     with torch.no_grad():
-        want = flux_pipe(teacher)([PROMPTS[s["index"]] for s in pairs], latents=pack_latents(z), height=8, width=8, num_inference_steps=6,
-                                  output_type="latent", **call).images  # fmt: skip
+        want = diffusers_pipeline(teacher)([PROMPTS[s["index"]] for s in pairs], latents=pack_latents(z), height=size[0], width=size[1],
+                                           num_inference_steps=6, output_type="latent", **call).images  # fmt: skip
     got = torch.from_numpy(np.stack([s["image"] for s in pairs]))
-    assert float((got - unpack_latents(want, 4, 4)).abs().max()) <= 1e-4
+    assert float((got - unpack_latents(want, h, w)).abs().max()) <= 1e-4
 
 
 # ---------------------------------------------------------------- the whole chain, and the exports
 
 
 def flux_chain(tmp: Path, teacher: Path, distill: dict, parity: int = 4):
-    """generate -> distill -> evaluate -> export on a tiny Flux teacher with two prompt files."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from conftest import ROOT, write_config
-    from stages import chain
-    from stages.config import load_config
-
-    (tmp / "train.txt").write_text("\n".join(PROMPTS) + "\n")
-    pq.write_table(pa.table({"prompt": ["the digit 3", "seven", "a handwritten 7"], "digit": [3, 7, 7]}), tmp / "eval.parquet")
-    cfg = write_config(tmp / "c.yaml", teacher, tmp / "store", distill={"steps": 2, **distill}, solver="euler", steps=4, num_samples=8,
-                       shard_size=8, prompts=str(tmp / "train.txt"))  # fmt: skip
-    overrides = [f"evaluate.prompts={tmp / 'eval.parquet'}", "evaluate.prompt_labels=digit", "evaluate.num_samples=80", "evaluate.batch_size=40",
-                 "evaluate.features=digits", f"evaluate.classifier={ROOT / 'data' / 'classifier'}", "evaluate.speed_batch_size=4",
-                 "evaluate.speed_repeats=1", f"export.parity_samples={parity}"]  # fmt: skip
-    c = load_config(cfg, overrides)
-    return c, chain.run(c, "export", progress=False).manifest
+    """generate -> distill -> evaluate -> export on a tiny Flux teacher at 8 x 8 pixels, with two prompt files."""
+    return text_to_image_chain(tmp, teacher, PROMPTS, "euler", distill, [TINY], parity)
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +213,7 @@ def test_export_is_a_plain_flux_pipeline(flux_run):
 
     c, m = flux_run
     out = Path(c.store) / "export" / m.key
-    pipe = flux_pipe(out)
+    pipe = diffusers_pipeline(out)
     prompts = ["the digit 3", "seven", "3 seven"]
     z = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -257,7 +237,7 @@ def test_k_step_export_of_schnell(tmp_path, schnell_teacher):
     gen = load_denoiser(out / "transformer")
     sigmas = [1.0, float(noise_levels(gen.param, torch.tensor([499]))[1][0])]
     assert m.info["call_arguments"] == {"height": 8, "width": 8, "sigmas": sigmas}
-    pipe = flux_pipe(out)
+    pipe = diffusers_pipeline(out)
     prompts = ["the digit 3", "seven", "3 seven"]
     z = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

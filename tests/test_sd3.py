@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SD_WORDS
+from conftest import SD_WORDS, diffusers_pipeline, generate_prompt_pairs, text_to_image_chain, write_config
 from dmd_core.errors import InputError
 from dmd_core.layouts import StableDiffusion3Layout, detect
 from dmd_core.layouts.mmdit import SD3Denoiser
@@ -77,12 +77,8 @@ def sd3_teacher(tmp_path_factory) -> Path:
 
 def sd3_pipe(folder: Path):
     """The folder through diffusers; without T5 the pipeline is loaded as diffusers documents it (text_encoder_3=None)."""
-    from diffusers import StableDiffusion3Pipeline
-
     no_t5 = json.loads((folder / "model_index.json").read_text())["text_encoder_3"][0] is None
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), **(dict(text_encoder_3=None, tokenizer_3=None) if no_t5 else {}))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(folder, **(dict(text_encoder_3=None, tokenizer_3=None) if no_t5 else {}))
 
 
 def edited(teacher: Path, to: Path, rel: str, **changes) -> Path:
@@ -140,18 +136,47 @@ def test_layout_checks_widths_parts_and_schedule(tmp_path, sd3_teacher):
         read_parametrization(t)
 
 
-def test_image_shape_override_beside_the_pipeline(tmp_path, sd3_teacher):
-    """denoiser.json beside model_index.json may set the latent size to distil at (the pipeline's height and width
-    over the VAE's factor), within what the position embeddings cover; nothing else."""
+def sized_teachers(teacher: Path, store: Path, *sizes: str):
+    """The teacher as the chain resolves it (stages.chain.resolve_teacher) with each of ``sizes`` as teacher.image_size
+    ("" leaves it unset)."""
+    from stages import chain
+    from stages.config import load_config
+
+    cfg = write_config(store.parent / "sized.yaml", teacher, store)
+    return [chain.resolve_teacher(load_config(cfg, [f"teacher.image_size={size}"] if size else [])) for size in sizes]
+
+
+def test_image_size_sets_the_latents_and_the_key(tmp_path):
+    """teacher.image_size [H, W] (pixels: the pipeline's height and width) distils at C x H/f x W/f latents (f = 2, the
+    tiny VAE's factor), the dynamic shift counting their (H/f)(W/f) tokens (patch 1); it joins the teacher's digest, so
+    every key holding the teacher tells sizes apart. Unset: the pipeline's default, sample_size 4 x f = 8 pixels."""
+    teacher = make_sd3_teacher(tmp_path / "sd3", dynamic=True)
+    plain, default, sized = sized_teachers(teacher, tmp_path / "store", "", "[8, 8]", "[12, 16]")
+    assert (plain.image_shape, plain.pixel_shape(), plain.param.image_seq_len) == ((4, 4, 4), (1, 8, 8), 16)
+    assert (sized.image_shape, sized.pixel_shape(), sized.param.image_seq_len) == ((4, 6, 8), (1, 12, 16), 48)
+    assert default.param == plain.param and default.digest == plain.digest + ":image_size=8x8"
+    assert sized.digest == plain.digest + ":image_size=12x16" and sized.load().param == sized.param
+
+
+def test_image_size_is_refused_where_it_does_not_fit(tmp_path, sd3_teacher):
+    """Sides that are not multiples of the VAE's factor x the patch (2 here) name the nearest that are; sides past the
+    position embeddings (pos_embed_max_size 8 x patch 1 x f 2 = 16 pixels) say the limit; SDXL's size settings and a
+    denoiser.json beside model_index.json (the old way to set the size) are refused, each in one line."""
+    store = tmp_path / "store"
+    for size, message in [("[12, 15]", r"teacher.image_size \[12, 15\]: each side must be a multiple of 2 pixels .*Fix: use the nearest valid size, "
+                                        r"\[12, 14\] or \[12, 16\]\."),
+                          ("[12, 20]", r"larger than .*position embeddings cover: at most 16 pixels a side .*Fix: set it to at most \[16, 16\]")]:  # fmt: skip
+        with pytest.raises(InputError, match=message):
+            sized_teachers(sd3_teacher, store, size)
+    from stages import chain
+    from stages.config import load_config
+
+    with pytest.raises(InputError, match="teacher.original_size sets SDXL's size conditioning.*sd3_pipeline teacher"):
+        chain.resolve_teacher(load_config(write_config(tmp_path / "c.yaml", sd3_teacher, store), ["teacher.original_size=[8, 8]"]))
     t = shutil.copytree(sd3_teacher, tmp_path / "t")
     (t / "denoiser.json").write_text(json.dumps({"image_shape": [4, 6, 8]}))
-    assert read_parametrization(t).image_shape == (4, 6, 8)
-    assert detect(t).pixel_shape(t, read_parametrization(t)) == (1, 12, 16)
-    for bad, message in [({"image_shape": [4, 6, 10]}, "at most 8"), ({"image_shape": [3, 4, 4]}, "4 latent channels"),
-                         ({"image_shape": [4, 4, 4], "shift": 2.0}, "may set only image_shape")]:  # fmt: skip
-        (t / "denoiser.json").write_text(json.dumps(bad))
-        with pytest.raises(InputError, match=message):
-            read_parametrization(t)
+    with pytest.raises(InputError, match=r"denoiser.json sits beside .*model_index.json.*Fix: remove denoiser.json and set teacher.image_size.*\[8, 8\]"):
+        read_parametrization(t)
 
 
 def test_latent_codec_reads_the_vae_scale_and_shift(sd3_teacher):
@@ -187,35 +212,13 @@ def test_fp16_variant_folder_reads_as_the_plain_one(tmp_path, sd3_teacher):
 # ---------------------------------------------------------------- pairs = StableDiffusion3Pipeline
 
 
-def read_pairs(out: Path) -> list[dict]:
-    import io
-
-    import numpy as np
-    import webdataset as wds
-
-    samples = []
-    for shard in sorted(out.glob("pairs-*.tar")):
-        for s in wds.WebDataset(str(shard), shardshuffle=False):
-            samples.append({"noise": np.load(io.BytesIO(s["noise.npy"])), "image": np.load(io.BytesIO(s["image.npy"])), "index": int(s["cls.txt"])})
-    return samples
-
-
 @pytest.mark.parametrize("guidance", [1.0, 7.0], ids=["g1", "cfg7"])
 def test_pairs_equal_diffusers_sd3_pipeline(tmp_path, sd3_teacher, guidance):
     """The stored image latent = StableDiffusion3Pipeline(prompt, latents=z, 8 Euler steps (shift 3), guidance g,
     output_type="latent"): the generate stage's flow Euler solver with CFG on the velocity against the empty prompt."""
     import numpy as np
 
-    from conftest import write_config
-    from stages import chain
-    from stages.config import load_config
-
-    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    cfg = write_config(tmp_path / "c.yaml", sd3_teacher, tmp_path / "store", solver="euler", steps=8, num_samples=6, shard_size=6,
-                       prompts=str(tmp_path / "prompts.txt"), guidance_scale=guidance)  # fmt: skip
-    c = load_config(cfg)
-    m = chain.run(c, "generate", progress=False).manifest
-    pairs = read_pairs(Path(c.store) / "generate" / m.key)
+    _, m, pairs = generate_prompt_pairs(tmp_path, sd3_teacher, PROMPTS, solver="euler", steps=8, num_samples=6, shard_size=6, guidance_scale=guidance)
     assert [s["index"] for s in pairs] == [i % 3 for i in range(6)] and m.info["nfe"] == 8
     z = torch.from_numpy(np.stack([s["noise"] for s in pairs]))
     with torch.no_grad():
@@ -225,29 +228,38 @@ def test_pairs_equal_diffusers_sd3_pipeline(tmp_path, sd3_teacher, guidance):
     assert got.shape == want.shape and float((got - want).abs().max()) <= 1e-4
 
 
+def test_pairs_at_an_image_size_equal_the_pipelines_at_that_height_and_width(tmp_path):
+    """teacher.image_size [12, 16] with SD3.5's dynamic shift: the pairs = StableDiffusion3Pipeline(prompt, latents=z,
+    height=12, width=16, 4 steps), whose shift the pipeline computes from the latents' 48 tokens (the default size's 16
+    tokens would give other pairs)."""
+    import numpy as np
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    teacher = make_sd3_teacher(tmp_path / "sd3", dynamic=True)
+    _, m, pairs = generate_prompt_pairs(tmp_path, teacher, PROMPTS, ["teacher.image_size=[12, 16]"], solver="euler", steps=4, num_samples=3,
+                                        shard_size=3, guidance_scale=3.0)  # fmt: skip
+    z = torch.from_numpy(np.stack([s["noise"] for s in pairs]))
+    assert z.shape == (3, 4, 6, 8)
+    with torch.no_grad():
+        pipe = sd3_pipe(teacher)
+        want = pipe(PROMPTS, latents=z, height=12, width=16, num_inference_steps=4, guidance_scale=3.0, output_type="latent").images
+        sched = pipe.scheduler.config
+        mu = calculate_shift(16, sched.base_image_seq_len, sched.max_image_seq_len, sched.base_shift, sched.max_shift)
+        at_default_shift = pipe(PROMPTS, latents=z, height=12, width=16, num_inference_steps=4, guidance_scale=3.0, output_type="latent", mu=mu).images
+    got = torch.from_numpy(np.stack([s["image"] for s in pairs]))
+    assert float((got - want).abs().max()) <= 1e-4 and float((got - at_default_shift).abs().max()) > 1e-3
+
+
 # ---------------------------------------------------------------- the whole chain, and the exports
 
 
 @pytest.fixture(scope="module")
 def sd3_run(tmp_path_factory, sd3_teacher):
     """generate -> distill -> evaluate -> export on the tiny SD3 teacher with two prompt files (what `dmd run` walks)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from conftest import ROOT, make_tiny_clip, write_config
-    from stages import chain
-    from stages.config import load_config
+    from conftest import make_tiny_clip
 
     tmp = tmp_path_factory.mktemp("sd3-run")
-    (tmp / "train.txt").write_text("\n".join(PROMPTS) + "\n")
-    pq.write_table(pa.table({"prompt": ["the digit 3", "seven", "a handwritten 7"], "digit": [3, 7, 7]}), tmp / "eval.parquet")
-    cfg = write_config(tmp / "c.yaml", sd3_teacher, tmp / "store", distill={"steps": 2, "guidance_scale": 3.0},
-                       solver="euler", steps=4, num_samples=8, shard_size=8, prompts=str(tmp / "train.txt"))  # fmt: skip
-    overrides = [f"evaluate.prompts={tmp / 'eval.parquet'}", "evaluate.prompt_labels=digit", "evaluate.num_samples=80", "evaluate.batch_size=40",
-                 "evaluate.features=digits", f"evaluate.classifier={ROOT / 'data' / 'classifier'}", "evaluate.speed_batch_size=4",
-                 "evaluate.speed_repeats=1", "export.parity_samples=4", f"evaluate.clip_model={make_tiny_clip(tmp / 'clip')}"]  # fmt: skip
-    c = load_config(cfg, overrides)
-    return c, chain.run(c, "export", progress=False).manifest
+    return text_to_image_chain(tmp, sd3_teacher, PROMPTS, "euler", {"guidance_scale": 3.0}, [f"evaluate.clip_model={make_tiny_clip(tmp / 'clip')}"])
 
 
 def test_chain_runs_end_to_end_on_sd3(sd3_run):

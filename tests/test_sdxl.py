@@ -4,7 +4,6 @@ pairs, the DM gradient and the exports against diffusers' own StableDiffusionXLP
 from __future__ import annotations
 
 import copy
-import io
 import json
 from pathlib import Path
 
@@ -13,9 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import webdataset as wds
 
-from conftest import ROOT, SD_WORDS, make_tiny_clip, write_config
+from conftest import ROOT, SD_WORDS, diffusers_pipeline, generate_prompt_pairs, make_tiny_clip, text_to_image_chain, write_config
 from dmd_core.errors import InputError
 from dmd_core.layouts import StableDiffusionXLLayout, detect
 from dmd_core.loading import load_denoiser, load_prompt_encoder, read_parametrization
@@ -65,20 +63,11 @@ def sdxl_teacher(tmp_path_factory) -> Path:
 
 
 def sdxl_pipe(folder: Path):
-    from diffusers import PNDMScheduler, StableDiffusionXLPipeline
+    from diffusers import PNDMScheduler
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder))
+    pipe = diffusers_pipeline(folder)
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
-    pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def read_pairs(out: Path) -> list[dict]:
-    samples = []
-    for shard in sorted(out.glob("pairs-*.tar")):
-        for s in wds.WebDataset(str(shard), shardshuffle=False):
-            samples.append({"noise": np.load(io.BytesIO(s["noise.npy"])), "image": np.load(io.BytesIO(s["image.npy"])), "index": int(s["cls.txt"])})
-    return samples
 
 
 # ---------------------------------------------------------------- the layout
@@ -165,15 +154,11 @@ SIZES = {"original_size": [16, 12], "crop_top_left": [2, 1], "target_size": [8, 
 def test_pairs_equal_diffusers_sdxl_pipeline(tmp_path, sdxl_teacher, guidance, teacher):
     """The stored image latent = StableDiffusionXLPipeline(prompt, latents=z, 50 PLMS steps, guidance g, output_type="latent")
     (with teacher.guidance_rescale / sizes: the pipeline's guidance_rescale, original_size, crops_coords_top_left, target_size)."""
-    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    cfg = write_config(tmp_path / "c.yaml", sdxl_teacher, tmp_path / "store", solver="pndm", steps=50, num_samples=6, shard_size=6,
-                       prompts=str(tmp_path / "prompts.txt"), guidance_scale=guidance)  # fmt: skip
     overrides = [f"teacher.{k}={json.dumps(v)}" for k, v in teacher.items()]
-    c = load_config(cfg, overrides)
-    m = chain.run(c, "generate", progress=False).manifest
+    c, m, pairs = generate_prompt_pairs(tmp_path, sdxl_teacher, PROMPTS, overrides, solver="pndm", steps=50, num_samples=6, shard_size=6,
+                                        guidance_scale=guidance)  # fmt: skip
     if teacher:  # the settings are in the key: another output than the defaults'
-        assert m.key != chain.plan(load_config(cfg), "generate").key
-    pairs = read_pairs(Path(c.store) / "generate" / m.key)
+        assert m.key != chain.plan(load_config(tmp_path / "c.yaml"), "generate").key
     assert [s["index"] for s in pairs] == [i % 3 for i in range(6)]
     call = {"guidance_rescale": teacher.get("guidance_rescale", 0.0)}
     if "original_size" in teacher:
@@ -186,11 +171,18 @@ def test_pairs_equal_diffusers_sdxl_pipeline(tmp_path, sdxl_teacher, guidance, t
     assert got.shape == want.shape and float((got - want).abs().max()) <= 1e-4
 
 
-def test_size_settings_are_refused_for_other_teachers(tmp_path, sd_teacher, edm_teacher):
+def test_size_settings_are_refused_for_other_teachers(tmp_path, sd_teacher, sdxl_teacher, edm_teacher):
+    """SDXL's size settings where there is no size conditioning; teacher.image_size (SD3's and Flux's) where the
+    network runs at its own size: SD's and SDXL's UNets (their exports run at sample_size), a denoiser directory."""
     (tmp_path / "p.txt").write_text("7\n")
     cfg = write_config(tmp_path / "c.yaml", sd_teacher, tmp_path / "store", solver="pndm", prompts=str(tmp_path / "p.txt"))
     with pytest.raises(InputError, match=r"teacher.original_size sets SDXL's size conditioning.*sd_pipeline teacher.*Fix: drop teacher.original_size"):
         chain.plan(load_config(cfg, ["teacher.original_size=[64, 64]"]), "generate")
+    for teacher, name in [(sd_teacher, "sd_pipeline"), (sdxl_teacher, "sdxl_pipeline"), (edm_teacher, "denoiser_dir")]:
+        prompts = {"solver": "pndm", "prompts": str(tmp_path / "p.txt")} if name != "denoiser_dir" else {}
+        cfg = write_config(tmp_path / f"{name}.yaml", teacher, tmp_path / "store", **prompts)
+        with pytest.raises(InputError, match=rf"teacher.image_size sets the size an SD3 or Flux teacher is distilled at, but .* is a {name} teacher.*Fix: drop teacher.image_size\.$"):
+            chain.plan(load_config(cfg, ["teacher.image_size=[16, 16]"]), "generate")
     cfg = write_config(tmp_path / "e.yaml", edm_teacher, tmp_path / "store")
     with pytest.raises(InputError, match="guidance_rescale rescales a VP teacher's"):
         chain.plan(load_config(cfg, ["teacher.guidance_rescale=0.5"]), "generate")
@@ -299,15 +291,7 @@ def test_guidance_rescale_applies_on_the_noise_prediction(sdxl_teacher):
 def sdxl_run(tmp_path_factory, sdxl_teacher):
     """generate -> distill -> evaluate -> export on the tiny SDXL teacher with two prompt files (what `dmd run` walks)."""
     tmp = tmp_path_factory.mktemp("sdxl-run")
-    (tmp / "train.txt").write_text("\n".join(PROMPTS) + "\n")
-    pq.write_table(pa.table({"prompt": ["the digit 3", "seven", "a handwritten 7"], "digit": [3, 7, 7]}), tmp / "eval.parquet")
-    cfg = write_config(tmp / "c.yaml", sdxl_teacher, tmp / "store", distill={"steps": 2, "guidance_scale": 3.0},
-                       solver="pndm", steps=4, num_samples=8, shard_size=8, prompts=str(tmp / "train.txt"))  # fmt: skip
-    overrides = [f"evaluate.prompts={tmp / 'eval.parquet'}", "evaluate.prompt_labels=digit", "evaluate.num_samples=80", "evaluate.batch_size=40",
-                 "evaluate.features=digits", f"evaluate.classifier={ROOT / 'data' / 'classifier'}", "evaluate.speed_batch_size=4",
-                 "evaluate.speed_repeats=1", "export.parity_samples=4", f"evaluate.clip_model={make_tiny_clip(tmp / 'clip')}"]  # fmt: skip
-    c = load_config(cfg, overrides)
-    return c, chain.run(c, "export", progress=False).manifest
+    return text_to_image_chain(tmp, sdxl_teacher, PROMPTS, "pndm", {"guidance_scale": 3.0}, [f"evaluate.clip_model={make_tiny_clip(tmp / 'clip')}"])
 
 
 def test_chain_runs_end_to_end_on_sdxl(sdxl_run):

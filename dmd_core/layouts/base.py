@@ -62,14 +62,24 @@ class Layout:
         raise NotImplementedError
 
     def configure(self, folder: Path, param: Parametrization, sizes: dict) -> Parametrization:
-        """``param`` with the teacher's size settings applied (``teacher.original_size``, ``target_size``,
-        ``crop_top_left``: only those set); only SDXL's layout has size conditioning to apply them to."""
-        if sizes:
-            name = next(iter(sizes))
+        """``param`` with the teacher's size settings applied (only those set): SDXL's size conditioning
+        (``teacher.original_size``, ``target_size``, ``crop_top_left``), SD3's and Flux's ``teacher.image_size``. A
+        layout refuses those it has no use for (``refuse_sizes``); here, all of them."""
+        self.refuse_sizes(folder, sizes, ())
+        return param
+
+    def refuse_sizes(self, folder: Path, sizes: dict, used: tuple[str, ...]) -> None:
+        """InputError for the first size setting of ``sizes`` not in ``used`` (the ones this layout applies)."""
+        name = next((k for k in sizes if k not in used), None)
+        if name == "image_size":
+            raise InputError(
+                f"teacher.image_size sets the size an SD3 or Flux teacher is distilled at, but {folder} is a {self.name} teacher, "
+                "which runs at its network's own size. Fix: drop teacher.image_size."
+            )
+        if name is not None:
             raise InputError(
                 f"teacher.{name} sets SDXL's size conditioning, but {folder} is a {self.name} teacher, which has none. Fix: drop teacher.{name}."
             )
-        return param
 
     def num_timesteps(self, folder: Path, param: Parametrization) -> int:
         """T: a VP teacher's training timesteps (its scheduler's num_train_timesteps), an EDM teacher's level grid."""

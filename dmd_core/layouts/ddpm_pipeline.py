@@ -36,7 +36,11 @@ class DDPMPipelineLayout(Layout):
             return False
         if "_class_name" in index:
             return index["_class_name"] in self.classes
-        return self.matches_parts({k for k in index if not k.startswith("_") and named(index, k)})  # a hand-written index
+        return self.matches_unnamed(folder, index)
+
+    def matches_unnamed(self, folder: Path, index: dict) -> bool:
+        """Whether a model_index.json without ``_class_name`` (written by hand) is this layout's: by the parts it names."""
+        return self.matches_parts({k for k in index if not k.startswith("_") and named(index, k)})
 
     def matches_parts(self, parts: set[str]) -> bool:
         """Whether a model_index.json without ``_class_name`` naming ``parts`` is this layout's."""

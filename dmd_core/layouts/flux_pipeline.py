@@ -23,7 +23,7 @@ import torch
 from ..denoisers import Denoiser
 from ..errors import InputError
 from ..text import PromptEncoder
-from .common import PIPELINE_INDEX, TEXT_WEIGHTS_FILE, WEIGHTS_FILE, is_int, named, read_json
+from .common import PIPELINE_INDEX, TEXT_WEIGHTS_FILE, WEIGHTS_FILE, is_int, read_json
 from .mmdit import flow_denoiser
 from .sd3_pipeline import StableDiffusion3Layout, load_transformer
 from .sd_pipeline import _check_part, load_text_part
@@ -41,9 +41,7 @@ class FluxLayout(StableDiffusion3Layout):
         "tokenizer/, tokenizer_2/)"
     )
     pipeline_class = "FluxPipeline"
-    classes = ("FluxPipeline", "FluxImg2ImgPipeline")  # the same folder, saved through either
     transformer_class = "FluxTransformer2DModel"
-    save_hint = "FluxPipeline.save_pretrained(dir)"
     text_parts_required = TEXT_PARTS
 
     # ------------------------------------------------------------ parametrisation
@@ -68,12 +66,6 @@ class FluxLayout(StableDiffusion3Layout):
 
     def max_side(self, tr: dict) -> int | None:
         return None  # rotary position embeddings: any size
-
-    def check_parts(self, folder: Path, index: dict) -> None:
-        needed = ("transformer", "scheduler", "vae", *TEXT_PARTS)
-        missing = [part for part in needed if not named(index, part) or not (folder / part).is_dir()]
-        if missing:
-            raise InputError(f"{folder} is a FluxPipeline folder without {', '.join(p + '/' for p in missing)}. Fix: save the whole pipeline ({self.save_hint}).")
 
     def check_widths(self, folder: Path, index: dict, tr: dict) -> None:
         """The transformer reads CLIP's pooled output (hidden_size wide) and T5's states (d_model wide), and 2 x 2

@@ -30,8 +30,8 @@ def pooled_kwargs(rows: dict[str, Tensor]) -> dict:
     return {"encoder_hidden_states": rows["hidden"], "pooled_projections": rows["pooled"]}
 
 
-class SD3Denoiser(FlowDenoiser):
-    """A ``SD3Transformer2DModel`` on the flow parametrisation: its timestep is s * num_train_timesteps."""
+class PooledFlowDenoiser(FlowDenoiser):
+    """A flow denoiser whose network reads the pooled prompt embedding beside the token embeddings (SD3, Flux)."""
 
     def __init__(self, unet: torch.nn.Module, param: Parametrization):
         super().__init__(unet, param)
@@ -40,6 +40,10 @@ class SD3Denoiser(FlowDenoiser):
     def set_param(self, param: Parametrization) -> None:
         super().set_param(param)
         self.text_kwargs = pooled_kwargs
+
+
+class SD3Denoiser(PooledFlowDenoiser):
+    """A ``SD3Transformer2DModel`` on the flow parametrisation: its timestep is s * num_train_timesteps."""
 
     def _unet(self, x: Tensor, t: Tensor, labels: Tensor | None, **cond) -> Tensor:
         # the timestep by name: the transformer's second positional argument is encoder_hidden_states
@@ -74,16 +78,8 @@ def flux_base_sigmas(steps: int) -> list[float]:
     return np.linspace(1.0, 1 / steps, steps).tolist()
 
 
-class FluxDenoiser(FlowDenoiser):
+class FluxDenoiser(PooledFlowDenoiser):
     """A ``FluxTransformer2DModel`` on the flow parametrisation, on unpacked C x H x W latents (packed per call)."""
-
-    def __init__(self, unet: torch.nn.Module, param: Parametrization):
-        super().__init__(unet, param)
-        self.text_kwargs = pooled_kwargs
-
-    def set_param(self, param: Parametrization) -> None:
-        super().set_param(param)
-        self.text_kwargs = pooled_kwargs
 
     def sigmas(self, steps: int) -> Tensor:
         """FluxPipeline's levels: its linspace(1, 1/N, N), shifted by the scheduler (dynamically for Flux), then 0."""

@@ -12,6 +12,7 @@ pooled embedding is the two projected CLIP outputs side by side. CFG's unconditi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..denoisers import Denoiser, Parametrization, flow_fields
 from ..errors import InputError, shown
 from ..text import PromptEncoder
 from .common import PARAM_FILE, PIPELINE_INDEX, RESAVE, SCHEDULER_FILE, TEXT_WEIGHTS_FILE, WEIGHTS_FILE, check_components, is_int, named
-from .common import one_line, pipeline_index, read_json, read_param_file, variant_name
+from .common import one_line, pipeline_index, read_json, variant_name
 from .mmdit import flow_denoiser
 from .sd_pipeline import StableDiffusionLayout, _check_part, load_text_part
 
@@ -43,18 +44,20 @@ class StableDiffusion3Layout(StableDiffusionLayout):
         "text_encoder_2/, tokenizer/, tokenizer_2/, text_encoder_3/ and tokenizer_3/ or null)"
     )
     pipeline_class = "StableDiffusion3Pipeline"
-    classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")  # the same folder, saved through either
     transformer_class = "SD3Transformer2DModel"
-    save_hint = "StableDiffusion3Pipeline.save_pretrained(dir)"
     text_parts_required = CLIP_PARTS
 
-    def matches(self, folder: Path) -> bool:
-        index = pipeline_index(folder)
-        if index is None:
-            return False
-        if "_class_name" in index:
-            return index["_class_name"] in self.classes
-        # a hand-written index: SD3 without T5 names the parts Flux names, so the transformer's class decides
+    @property
+    def classes(self) -> tuple[str, str]:
+        """The pipeline and its img2img sibling (e.g. FluxImg2ImgPipeline): the same folder, saved through either."""
+        return (self.pipeline_class, self.pipeline_class.replace("Pipeline", "Img2ImgPipeline"))
+
+    @property
+    def save_hint(self) -> str:
+        return f"{self.pipeline_class}.save_pretrained(dir)"
+
+    def matches_unnamed(self, folder: Path, index: dict) -> bool:
+        # SD3 without T5 names the parts Flux names, so the transformer's class decides
         return named(index, "transformer") and _config_class(folder / "transformer" / "config.json") == self.transformer_class
 
     # ------------------------------------------------------------ parametrisation
@@ -98,7 +101,7 @@ class StableDiffusion3Layout(StableDiffusionLayout):
         counts them ((H / patch) x (W / patch))."""
         if not fields.get("use_dynamic_shifting"):
             return {}
-        p = tr.get("patch_size", 2)
+        p = self.patch(tr)
         return {"image_seq_len": (shape[1] // p) * (shape[2] // p)}
 
     def default_shape(self, folder: Path, tr: dict) -> tuple[int, int, int]:
@@ -119,29 +122,50 @@ class StableDiffusion3Layout(StableDiffusionLayout):
         return m * self.patch(tr) if is_int(m) else None
 
     def image_shape(self, folder: Path, tr: dict) -> tuple[int, int, int]:
-        """C x H x W of model space: the pipeline's default, or ``image_shape`` of a ``denoiser.json`` beside
-        model_index.json (the size to distil at; the only setting it may hold)."""
-        default = self.default_shape(folder, tr)
+        """C x H x W of model space at the pipeline's default size (``configure`` applies ``teacher.image_size``). The
+        folder is read as it was saved: a ``denoiser.json`` beside model_index.json is refused, not ignored."""
         path = folder / PARAM_FILE
-        if not path.is_file():
-            return default
-        raw = read_param_file(path)
-        extra = sorted(set(raw) - {"image_shape"})
-        example = f'{{"image_shape": [{default[0]}, {default[1]}, {default[2]}]}}'
-        if extra:
-            raise InputError(f"{path} sets {shown(extra, 80)}: beside a {self.pipeline_class} it may set only image_shape (the latent size to distil at). "
-                             f"Fix: write it as {example}, or remove it.")  # fmt: skip
-        shape = raw.get("image_shape")
-        if not (isinstance(shape, list) and len(shape) == 3 and all(is_int(v) and v > 0 for v in shape)):
-            raise InputError(f"{path}: image_shape must be [C, H, W], 3 integers > 0, got {shown(shape, 80)}. Fix: write it as {example}.")
-        p, top = self.patch(tr), self.max_side(tr)
-        if shape[0] != default[0] or shape[1] % p or shape[2] % p or (top is not None and max(shape[1:]) > top):
-            limit = f", at most {top}" if top is not None else ""
+        if path.is_file():
+            _, f = self.vae_geometry(folder)
+            _, h, w = self.default_shape(folder, tr)
             raise InputError(
-                f"{path}: image_shape {shape} does not fit {folder / 'transformer' / 'config.json'}: {default[0]} latent channels and sides that are "
-                f"multiples of {p}{limit}. Fix: e.g. {example} (the pipeline's default)."
+                f"{path} sits beside {folder / PIPELINE_INDEX}: a {self.pipeline_class} folder is read as it was saved, and the size to "
+                f"distil at is a setting. Fix: remove {path.name} and set teacher.image_size: [height, width] in pixels (default [{h * f}, {w * f}])."
             )
-        return tuple(shape)
+        return self.default_shape(folder, tr)
+
+    def configure(self, folder: Path, param: Parametrization, sizes: dict) -> Parametrization:
+        """``param`` at ``teacher.image_size`` [H, W] (pixels, the pipeline's height and width): latents C x H/f x W/f
+        (f the VAE's factor) and the dynamic shift's tokens counted on them; SDXL's size settings are refused."""
+        self.refuse_sizes(folder, sizes, ("image_size",))
+        if "image_size" not in sizes:
+            return param
+        tr = read_json(folder / "transformer" / "config.json", "transformer config")
+        shape = self.sized_shape(folder, tr, tuple(int(v) for v in sizes["image_size"]))
+        return dataclasses.replace(param, image_shape=shape, **self.network_fields(folder, tr, shape, {"use_dynamic_shifting": param.use_dynamic_shifting}))
+
+    def sized_shape(self, folder: Path, tr: dict, size: tuple[int, int]) -> tuple[int, int, int]:
+        """The latents of ``size`` (H, W) pixels: each side a multiple of the VAE's factor x the patch (the pipeline's
+        own check), within the position embeddings; InputError naming the nearest sizes that fit."""
+        c = self.default_shape(folder, tr)[0]
+        _, f = self.vae_geometry(folder)
+        step, top = f * self.patch(tr), self.max_side(tr)
+        biggest = top * f if top is not None else None
+        said = f"teacher.image_size {list(size)}"
+        if biggest is not None and max(size) > biggest:
+            raise InputError(
+                f"{said} is larger than {folder / 'transformer' / 'config.json'}'s position embeddings cover: at most {biggest} pixels a side "
+                f"(pos_embed_max_size {tr['pos_embed_max_size']} x patch {self.patch(tr)} x the VAE's factor {f}). Fix: set it to at most [{biggest}, {biggest}]."
+            )
+        if any(v % step for v in size):
+            lower = [max(step, v // step * step) for v in size]
+            upper = [-(-v // step) * step if biggest is None else min(-(-v // step) * step, biggest) for v in size]
+            near = str(lower) if lower == upper else f"{lower} or {upper}"
+            raise InputError(
+                f"{said}: each side must be a multiple of {step} pixels (the VAE's factor {f} x the transformer's patch {self.patch(tr)}). "
+                f"Fix: use the nearest valid size, {near}."
+            )
+        return (c, size[0] // f, size[1] // f)
 
     def check_parts(self, folder: Path, index: dict) -> None:
         needed = ("transformer", "scheduler", "vae", *self.text_parts_required)
@@ -227,11 +251,7 @@ class StableDiffusion3Layout(StableDiffusionLayout):
         self, folder: Path, device: str | torch.device = "cpu", gradient_checkpointing: bool = False, dtype: torch.dtype | None = None
     ) -> Callable[[Tensor], Tensor]:
         """latents -> images as the pipeline decodes them: ``vae.decode(latents / scaling_factor + shift_factor)``."""
-        vae = self.load_vae(folder, device)
-        if dtype is not None:
-            vae.to(dtype)
-        if gradient_checkpointing:
-            vae.enable_gradient_checkpointing()
+        vae = self.decoding_vae(folder, device, gradient_checkpointing, dtype)
         scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
 
         def decode(latents: Tensor) -> Tensor:

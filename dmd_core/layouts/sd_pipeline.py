@@ -119,28 +119,43 @@ class StableDiffusionLayout(DDPMPipelineLayout):
             )
         return vae.requires_grad_(False).eval().to(device)
 
-    def pixel_shape(self, folder: Path, param) -> tuple[int, int, int]:
-        """The VAE's image side: latents times 2 per down block, the VAE's input channels."""
+    def vae_geometry(self, folder: Path) -> tuple[int, int]:
+        """(image channels, f) of the VAE: its input channels and the factor from latent to image side, 2 per down
+        block (the pipelines' ``vae_scale_factor``)."""
         vae_file = folder / "vae" / "config.json"
         vae = read_json(vae_file, "vae config")
         blocks, channels = vae.get("block_out_channels"), vae.get("in_channels", 3)
         if not (isinstance(blocks, list) and blocks and is_int(channels) and channels > 0):
             raise InputError(f"{vae_file}: block_out_channels must be a list and in_channels a positive integer. {RESAVE}")
-        f = 2 ** (len(blocks) - 1)
+        return channels, 2 ** (len(blocks) - 1)
+
+    def pixel_shape(self, folder: Path, param) -> tuple[int, int, int]:
+        """The VAE's image side: the latents' sides times its factor, its input channels."""
+        channels, f = self.vae_geometry(folder)
         _, h, w = param.image_shape
         return (channels, h * f, w * f)
 
-    def pixel_decoder(
-        self, folder: Path, device: str | torch.device = "cpu", gradient_checkpointing: bool = False, dtype: torch.dtype | None = None
-    ) -> Callable[[Tensor], Tensor]:
-        """latents -> images: ``vae.decode(latents / scaling_factor)`` (with ``gradient_checkpointing`` its backward
-        recomputes the decoder's activations: less memory for LPIPS; ``dtype``: the VAE's weights, e.g. bfloat16
-        on a GPU; images come back as float32)."""
+    def decoding_vae(self, folder: Path, device: str | torch.device, gradient_checkpointing: bool, dtype: torch.dtype | None):
+        """The VAE as ``pixel_decoder`` runs it: its weights in ``vae_dtype`` (None: float32); with
+        ``gradient_checkpointing`` its backward recomputes the decoder's activations (less memory for LPIPS)."""
         vae = self.load_vae(folder, device)
+        dtype = self.vae_dtype(vae, dtype)
         if dtype is not None:
             vae.to(dtype)
         if gradient_checkpointing:
             vae.enable_gradient_checkpointing()
+        return vae
+
+    def vae_dtype(self, vae, dtype: torch.dtype | None) -> torch.dtype | None:
+        """The dtype the VAE decodes in when ``dtype`` is asked for: that one."""
+        return dtype
+
+    def pixel_decoder(
+        self, folder: Path, device: str | torch.device = "cpu", gradient_checkpointing: bool = False, dtype: torch.dtype | None = None
+    ) -> Callable[[Tensor], Tensor]:
+        """latents -> images: ``vae.decode(latents / scaling_factor)`` (``decoding_vae``; ``dtype``: the VAE's weights,
+        e.g. bfloat16 on a GPU; images come back as float32)."""
+        vae = self.decoding_vae(folder, device, gradient_checkpointing, dtype)
         scale = vae.config.scaling_factor
 
         def decode(latents: Tensor) -> Tensor:

@@ -74,11 +74,11 @@ class StableDiffusionXLLayout(StableDiffusionLayout):
 
     def configure(self, folder: Path, param: Parametrization, sizes: dict) -> Parametrization:
         """``param`` with the configured sizes (``teacher.original_size`` [h, w], ``crop_top_left`` [top, left],
-        ``target_size`` [h, w]) in place of the defaults."""
+        ``target_size`` [h, w]) in place of the defaults; ``teacher.image_size`` is refused (the export and its parity
+        check run the pipeline at the UNet's sample_size)."""
+        self.refuse_sizes(folder, sizes, tuple(SIZES))
         ids = list(param.add_time_ids)
         for name, value in sizes.items():
-            if name not in SIZES:
-                raise ValueError(f"unknown size setting {name!r}")
             ids[SIZES[name]] = [int(v) for v in value]
         return dataclasses.replace(param, add_time_ids=tuple(ids))
 
@@ -152,11 +152,7 @@ class StableDiffusionXLLayout(StableDiffusionLayout):
         """latents -> images as the pipeline decodes them: ``latents * std / scaling_factor + mean`` (the VAE config's
         latents_mean / latents_std when it has both, else 0 and 1); a ``force_upcast`` VAE stays float32 when float16
         is asked for (SDXL's VAE overflows in float16), as the pipeline does."""
-        vae = self.load_vae(folder, device)
-        if dtype is not None and not (dtype == torch.float16 and vae.config.get("force_upcast", False)):
-            vae.to(dtype)
-        if gradient_checkpointing:
-            vae.enable_gradient_checkpointing()
+        vae = self.decoding_vae(folder, device, gradient_checkpointing, dtype)
         mean, std = latent_stats(vae)
 
         def decode(latents: Tensor) -> Tensor:
@@ -164,6 +160,10 @@ class StableDiffusionXLLayout(StableDiffusionLayout):
             return vae.decode(z.to(vae.dtype)).sample.float()
 
         return decode
+
+    def vae_dtype(self, vae, dtype: torch.dtype | None) -> torch.dtype | None:
+        """None (float32) for float16 and a ``force_upcast`` VAE, as the pipeline upcasts it; else ``dtype``."""
+        return None if dtype == torch.float16 and vae.config.get("force_upcast", False) else dtype
 
     def encode_pixels(self, folder: Path, images: Tensor, device: str | torch.device = "cpu", batch_size: int = 64) -> Tensor:
         return self.pixel_encoder(folder, device, batch_size)(images)
