@@ -6,6 +6,7 @@ Relative paths inside a config file (``teacher.path``) are resolved against that
 
 from __future__ import annotations
 
+import re
 import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -50,6 +51,8 @@ MAX_KEPT = 1000  # checkpoints on disk: each holds both networks and their optim
 MAX_REPEATS = 100  # timed repeats of a speed batch: a median of more says nothing new
 MAX_PARITY = 1024  # fixed inputs of the export checks, run as one batch in PyTorch, ONNX Runtime and a fresh process
 MAX_OPSET = getattr(onnx_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)  # what export's exporter (dynamo=False) writes
+MAX_LORA_RANK = 4096  # a rank past a layer's width adds nothing (SD's widest layers are 5120 wide); each rank is r x (in + out) weights per layer
+MAX_LORA_ALPHA = 1e4  # scale alpha / rank: published alphas are 1 to 2 x the rank
 
 
 def _numbers_only(tp: Any) -> bool:
@@ -230,6 +233,19 @@ class DistillConfig(Section):
     )
     eval_samples: int = Field(1000, gt=1, le=MAX_COUNT, description="samples of each quality probe (more than the feature dimension)")
     num_threads: Threads | None = Field(None, description="torch threads per process; not part of the cache key")
+    # LoRA (peft): only the adapters train; both start from the teacher (B = 0). Keyed only when a rank is set.
+    generator_lora_rank: int | None = Field(
+        None, gt=0, le=MAX_LORA_RANK, description="LoRA rank of the generator's adapter (only the adapter trains); null: full fine-tune"
+    )
+    fake_lora_rank: int | None = Field(
+        None, gt=0, le=MAX_LORA_RANK, description="LoRA rank of the fake score's adapter (B = 0: it starts as the teacher); null: full fine-tune"
+    )
+    lora_alpha: float | None = Field(None, gt=0, le=MAX_LORA_ALPHA, description="LoRA alpha of both adapters (the update is scaled by alpha / rank); null: the rank")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA path in training (torch's global RNG, restored on resume)")
+    lora_target_modules: list[str] | None = Field(
+        None, description="regular expressions, each matching a dotted suffix of a Linear or Conv module's name (e.g. to_q, attentions\\..*); "
+        "null: attention q/k/v/out, the transformer projections and feed-forward, the ResNet convs and time projections",
+    )
 
     @model_validator(mode="after")
     def _rules_between_settings(self) -> "DistillConfig":
@@ -241,7 +257,22 @@ class DistillConfig(Section):
         ts, t = self.generator_timesteps, self.generator_timestep
         if ts and t is not None and ts[0] != t:
             raise ValueError(f"distill.generator_timesteps starts at {ts[0]} but distill.generator_timestep is {t}. Fix: drop one of them")
+        self._lora_rules()
         return self
+
+    def _lora_rules(self) -> None:
+        """The adapter's settings need a rank to apply to; target patterns must be regular expressions."""
+        lora_only = [k for k in ("lora_alpha", "lora_target_modules") if getattr(self, k) is not None] + (["lora_dropout"] if self.lora_dropout else [])
+        if lora_only and self.generator_lora_rank is None and self.fake_lora_rank is None:
+            raise ValueError(f"distill.{lora_only[0]} is set but no LoRA rank is. Fix: set distill.generator_lora_rank or distill.fake_lora_rank, or drop distill.{lora_only[0]}")
+        targets = self.lora_target_modules
+        if targets is not None and not targets:
+            raise ValueError("distill.lora_target_modules is empty. Fix: name the modules (e.g. [to_q, to_k, to_v, to_out.0]) or set null for the default")
+        for pattern in targets or ():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"distill.lora_target_modules: {shown(pattern, 80)} is not a regular expression ({e}). Fix: escape it or name the module plainly (e.g. to_q)") from None
 
 
 class EvaluateConfig(Section):

@@ -8,6 +8,7 @@ Output ``<store>/distill/<key>/``: ``generator/`` (and ``generator_ema/``) in di
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from dmd_core.errors import InputError, shown
+from dmd_core.lora import network_folder, network_skeleton, target_modules
 from dmd_core.faults import fault_point
 from dmd_core.losses import LPIPSLoss, lpips_backbone_path
 from dmd_core.real_data import check_real_data, real_shards
@@ -37,9 +39,11 @@ from .trainer import Trainer, TrainingDiverged, generator_parametrization
 __all__ = ["Trainer", "TrainingDiverged", "build", "check", "checkpoint_problem", "plan", "run_distributed"]
 
 STAGE = "distill"
+LORA_SETTINGS = ("generator_lora_rank", "fake_lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules")
 SPEC = spec(STAGE)
 # The settings outside the key that enter it as upstream entries when used (_optional_upstream).
-KEYED_WHEN_SET = {"gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "real_samples", "dm_weight", "eval_samples", "generator_timesteps", "compile"}
+KEYED_WHEN_SET = {"gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "real_samples", "dm_weight", "eval_samples", "generator_timesteps", "compile",
+                  *LORA_SETTINGS}  # fmt: skip
 # Settings a run may change when it continues from another run's checkpoint (resume_from): the ones outside
 # the key, except those keyed when set (they change the training: they must match), and housekeeping.
 MAY_DIFFER_ON_RESUME = (SPEC.not_in_key - KEYED_WHEN_SET) | {"steps", "checkpoint_every", "num_workers", "resume_from", "pairs"}
@@ -67,6 +71,8 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
             "distill.generator_timestep applies to VP teachers (and flow ones); an EDM generator starts at sigma_max. Fix: drop distill.generator_timestep."
         )
     generator_parametrization(d, teacher.param, teacher.num_timesteps)  # bad generator timesteps fail here
+    if uses_lora(d):  # a target pattern that matches none of the teacher's modules fails here, not after generate
+        target_modules(network_skeleton(network_folder(teacher.layout, teacher.path)), d.lora_target_modules)
     if d.gan:
         check_real_data_setting(d, teacher, open_store(cfg.store))
     check_guidance("distill", d.guidance_scale, teacher)
@@ -79,6 +85,10 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
         problem = checkpoint_problem(ckpt) if (ckpt / CHECKSUMS).is_file() else None  # older checkpoints have no checksums
         if problem:
             raise InputError(f"distill.resume_from: the checkpoint {ckpt} does not verify: {problem}. Fix: point it at another checkpoint.")
+
+
+def uses_lora(d: DistillConfig) -> bool:
+    return d.generator_lora_rank is not None or d.fake_lora_rank is not None
 
 
 def plan(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput | None) -> Plan:
@@ -184,6 +194,8 @@ def _optional_upstream(cfg: PipelineConfig) -> dict[str, str]:
         up["generator_timesteps"] = ",".join(map(str, d.generator_timesteps))
     if d.compile:  # compiled kernels round differently (tests/test_compile.py measures by how much)
         up["compile"] = "inductor"
+    if uses_lora(d):  # the adapters' settings; alpha, dropout and targets need a rank (DistillConfig's rule)
+        up["lora"] = ",".join(f"{k}={json.dumps(getattr(d, k))}" for k in LORA_SETTINGS)
     return up
 
 

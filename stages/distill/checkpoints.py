@@ -8,6 +8,7 @@ Reading back, a checkpoint counts only if it verifies (``checkpoint_problem``).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from dmd_core.errors import InputError
 from dmd_core.faults import fault_point
+from dmd_core.lora import LORA_DIR, load_adapter, trainable_state
 
 from ..config import PipelineConfig
 from ..contract import Plan
@@ -71,6 +73,20 @@ def restore_samples(ckpt: Path, out: Path) -> None:
                 shutil.copyfile(f, out / "samples" / f.name)
 
 
+def frozen_names(model: torch.nn.Module) -> set[str]:
+    """The state_dict names of ``model``'s frozen parameters (a LoRA-adapted network's base weights: the teacher's)."""
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def adapters_only(models: list, weights: list[dict], output_dir: str) -> None:
+    """Accelerate's save hook for LoRA runs: each model's state without its frozen weights (the teacher's, which
+    the run loads anyway), so a checkpoint holds the adapters, the GAN head and the optimizer state."""
+    for i, model in enumerate(models):
+        frozen = frozen_names(model)
+        if frozen:
+            weights[i] = {k: v for k, v in weights[i].items() if k not in frozen}
+
+
 class CheckpointManager:
     """The checkpoints of one run: ``restore`` (the newest that verifies, else distill.resume_from's, when its
     run is compatible) and ``save``. ``may_differ``: the settings a resumed run may change."""
@@ -78,6 +94,10 @@ class CheckpointManager:
     def __init__(self, cfg: PipelineConfig, p: Plan, accelerator, may_differ: frozenset[str]):
         self.cfg, self.p, self.acc, self.may_differ = cfg, p, accelerator, may_differ
         self.root = p.out_dir / "checkpoints"
+        d = cfg.distill
+        self.lora = d.generator_lora_rank is not None or d.fake_lora_rank is not None
+        if self.lora:
+            accelerator.register_save_state_pre_hook(adapters_only)
 
     def latest(self) -> Path | None:
         """The newest checkpoint that verifies; the ones skipped are named with the reason."""
@@ -113,18 +133,41 @@ class CheckpointManager:
         if ckpt is None:
             return None, 0, []
         state = self.compatible(ckpt)
-        self.acc.load_state(str(ckpt / "accelerate"))
+        if self.lora:  # the files hold what trains (adapters_only); the frozen weights are the teacher's, loaded already
+            self.check_adapter_files(ckpt, tr)
+            self.acc.load_state(str(ckpt / "accelerate"), strict=False)
+        else:
+            self.acc.load_state(str(ckpt / "accelerate"))
         if tr.ema is not None and (ckpt / "ema.safetensors").is_file():
             tr.ema = {k: v.to(self.acc.device) for k, v in load_file(str(ckpt / "ema.safetensors")).items()}
         if tr.probe_fn is not None and (ckpt / "best.json").is_file():  # the best-so-far generator
             info = json.loads((ckpt / "best.json").read_text())
-            best = load_file(str(ckpt / "generator_best" / "diffusion_pytorch_model.safetensors"))
-            tr.best = {**info, "state": {k: v.float() for k, v in best.items()}}
+            tr.best = {**info, "state": {k: v.float() for k, v in self.best_state(tr, ckpt / "generator_best").items()}}
         rows = pq.read_table(ckpt / "metrics.parquet").to_pylist() if (ckpt / "metrics.parquet").is_file() else []
         if self.acc.is_main_process:
             restore_samples(ckpt, self.p.out_dir)
         log.info("distill: resuming from %s (step %d)", ckpt, state["step"])
         return ckpt, state["step"], rows
+
+    def check_adapter_files(self, ckpt: Path, tr: Trainer) -> None:
+        """A LoRA checkpoint's model files hold exactly what each network trains: a load that is not strict
+        (the frozen weights are absent) must still fill every trained tensor. The files are numbered in the order
+        the networks were prepared: generator, fake score."""
+        for i, model in enumerate((tr.gen, tr.fake)):
+            path = ckpt / "accelerate" / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            want = set(model.state_dict()) - frozen_names(model)
+            have = set(load_file(str(path))) if path.is_file() else set()
+            if have != want:
+                raise InputError(f"the checkpoint {ckpt} does not hold this run's adapters ({path.name}: {len(have ^ want)} tensors differ). "
+                                 "Fix: resume from a checkpoint of the same LoRA settings, or start fresh.")  # fmt: skip
+
+    def best_state(self, tr: Trainer, folder: Path) -> dict[str, torch.Tensor]:
+        """The best-so-far generator's trainable state: the adapter in ``lora/`` (LoRA), else the whole network."""
+        if not (folder / LORA_DIR).is_dir():
+            return load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+        net = copy.deepcopy(tr.unwrap(tr.gen).unet)
+        load_adapter(net, folder / LORA_DIR)
+        return {k: v.detach().clone() for k, v in trainable_state(net).items()}
 
     def save(self, step: int, tr: Trainer, rows: list[dict]) -> None:
         """checkpoints/step-N, on every rank (Accelerate's state) and the main process (the rest)."""
@@ -145,7 +188,7 @@ class CheckpointManager:
         acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
         fault_point("distill.checkpoint-state")
         if acc.is_main_process:
-            save_networks(tr, tmp)
+            save_networks(tr, tmp, adapter_only=self.lora)
             fault_point("distill.checkpoint-networks")
             if tr.ema is not None:
                 save_file({k: v.contiguous() for k, v in tr.ema.items()}, str(tmp / "ema.safetensors"))

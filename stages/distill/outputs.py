@@ -18,6 +18,7 @@ from dmd_core.dmd import SampleRNG
 from dmd_core.faults import fault_point
 from dmd_core.images import save_grid, training_curves_png
 from dmd_core.loading import save_denoiser
+from dmd_core.lora import LORA_DIR, fused_copy, has_lora, load_trainable_state, save_adapter
 
 from ..config import PipelineConfig
 from ..contract import Manifest, Plan, file_entry, stage_manifest, tree_entries
@@ -26,22 +27,35 @@ from ..store import open_store
 from .trainer import STREAM_SAMPLES, Trainer
 
 
-def save_networks(tr: Trainer, target: Path) -> None:
-    """generator/, generator_ema/, generator_best/ (with best.json) and fake_score/ as denoiser directories (main process)."""
+def save_network(den, target: Path, adapter_only: bool = False) -> None:
+    """``den`` as a denoiser directory; one with a LoRA adapter as its fused network in that directory and the
+    adapter in ``lora/`` (peft's format), or with ``adapter_only`` (checkpoints: the teacher holds the rest) the
+    adapter alone."""
+    if not has_lora(den.unet):
+        save_denoiser(den, target)
+        return
+    save_adapter(den.unet, target / LORA_DIR)
+    if not adapter_only:
+        save_denoiser(fused_copy(den), target)
+
+
+def save_networks(tr: Trainer, target: Path, adapter_only: bool = False) -> None:
+    """generator/, generator_ema/, generator_best/ (with best.json) and fake_score/ as denoiser directories (main
+    process); ``adapter_only``: LoRA-trained networks as their adapters alone (``save_network``)."""
     gen = tr.unwrap(tr.gen)
-    save_denoiser(gen, target / "generator")
+    save_network(gen, target / "generator", adapter_only)
     fake = tr.unwrap(tr.fake)
-    save_denoiser(fake, target / "fake_score")
+    save_network(fake, target / "fake_score", adapter_only)
     if getattr(fake, "gan_head", None) is not None:  # DMD2's head, saved with the fake score
         save_file({k: v.contiguous() for k, v in fake.gan_head.state_dict().items()}, str(target / "fake_score" / "gan_head.safetensors"))
     if tr.ema is not None:
         ema_net = copy.deepcopy(gen)
-        ema_net.unet.load_state_dict({k: v.to(ema_net.dtype) for k, v in tr.ema.items()})
-        save_denoiser(ema_net, target / "generator_ema")
+        load_trainable_state(ema_net.unet, {k: v.to(ema_net.dtype) for k, v in tr.ema.items()})
+        save_network(ema_net, target / "generator_ema", adapter_only)
     if tr.best is not None:
         best_net = copy.deepcopy(gen)
-        best_net.unet.load_state_dict({k: v.to(best_net.dtype) for k, v in tr.best["state"].items()})
-        save_denoiser(best_net, target / "generator_best")
+        load_trainable_state(best_net.unet, {k: v.to(best_net.dtype) for k, v in tr.best["state"].items()})
+        save_network(best_net, target / "generator_best", adapter_only)
         (target / "best.json").write_text(json.dumps({k: tr.best[k] for k in ("step", "probe_fd")}, indent=2) + "\n")
 
 
@@ -94,6 +108,8 @@ def finalize(cfg: PipelineConfig, p: Plan, tr: Trainer, rows: list[dict], wall: 
         "ema": tr.ema is not None,
         "best": None if tr.best is None else {k: tr.best[k] for k in ("step", "probe_fd")},
     }
+    if tr.lora:  # what each adapter adds (distill.*_lora_rank); their networks are saved fused, the adapters in lora/
+        info["lora"] = tr.lora
     m = stage_manifest(cfg, p, files, info, wall)
     fault_point("distill.before-manifest")
     open_store(cfg.store).save_manifest(m, out)

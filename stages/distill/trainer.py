@@ -30,6 +30,7 @@ from dmd_core.dmd import (
 )
 from dmd_core.errors import InputError, shown
 from dmd_core.gan import BottleneckHead, BottleneckTap
+from dmd_core.lora import LoraSettings, add_lora, load_trainable_state, lora_summary, set_trainable, trainable_state
 from dmd_core.losses import DecodedLoss, LPIPSLoss, l2_loss, pseudo_huber_loss
 from dmd_core.metrics import channel_stats
 from dmd_core.rows import JoinedPromptRows, PromptRows
@@ -45,7 +46,7 @@ from ..store import open_store
 from .real_latents import real_set as load_real_set
 
 # SampleRNG streams: independent draws for each purpose.
-STREAM_GENERATOR, STREAM_SAMPLES, STREAM_DATA, STREAM_GAN, STREAM_FAKE = 0, 1, 2, 3, 10
+STREAM_GENERATOR, STREAM_SAMPLES, STREAM_DATA, STREAM_GAN, STREAM_LORA, STREAM_FAKE = 0, 1, 2, 3, 4, 10
 
 
 class TrainingDiverged(InputError):
@@ -56,6 +57,22 @@ def regression_loss_fn(d: DistillConfig):
     if d.regression_loss == "lpips":
         return LPIPSLoss(d.lpips_net)
     return pseudo_huber_loss if d.regression_loss == "pseudo_huber" else l2_loss
+
+
+def lora_settings(d: DistillConfig, rank: int) -> LoraSettings:
+    """One adapter's settings (distill.*_lora_rank with the shared alpha, dropout and targets)."""
+    return LoraSettings(rank, d.lora_alpha, d.lora_dropout, tuple(d.lora_target_modules) if d.lora_target_modules else None)
+
+
+def add_adapters(d: DistillConfig, gen: Denoiser, fake: Denoiser) -> dict[str, dict]:
+    """The LoRA adapters distill.generator_lora_rank / fake_lora_rank ask for, each seeded by its own stream;
+    B = 0, so both networks still compute the teacher. Returns what each adds (empty: full fine-tunes)."""
+    added = {}
+    for i, (name, net, rank) in enumerate((("generator", gen, d.generator_lora_rank), ("fake_score", fake, d.fake_lora_rank))):
+        if rank is not None:
+            modules = add_lora(net.unet, lora_settings(d, rank), sample_seed(d.seed, STREAM_LORA, i) % (2**63))
+            added[name] = lora_summary(net.unet, modules)
+    return added
 
 
 def lr_at(step: int, base: float, warmup: int) -> float:
@@ -122,6 +139,7 @@ class Trainer:
         if d.gradient_checkpointing:
             for net in (gen, fake):
                 net.unet.enable_gradient_checkpointing()
+        self.lora = add_adapters(d, gen, fake)  # before the GAN head's probe and compiling: both see the adapted networks
         gen.param = generator_parametrization(d, self.real.param, num_levels(self.real.param, getattr(self.real, "alphas_cumprod", None)))
         self.one_step = OneStep.of(gen)
         self.steps = MultiStep.of(gen)  # k-step generators (DMD2): trained on backward-simulated inputs
@@ -152,11 +170,13 @@ class Trainer:
                 # (Checkpoints keep the graphs: load_unet leaves the config as saving leaves it.)
                 net.unet.compile(dynamic=False)
         for net in (gen, fake):
-            net.requires_grad_(True).train()
+            set_trainable(net, net.unet)  # everything, or (LoRA) the adapter and the GAN head
+            net.train()
         # fused AdamW: one kernel over all tensors, about 4x cheaper than the per-tensor loop on CPU
-        opt = lambda net, o: torch.optim.AdamW(net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=True)  # noqa: E731
+        opt = lambda net, o: torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=True)  # noqa: E731
         self.gen, self.fake, self.opt_g, self.opt_f = accelerator.prepare(gen, fake, opt(gen, d.generator_optimizer), opt(fake, d.fake_optimizer))
-        self.ema = {k: v.detach().clone().float() for k, v in self.unwrap(self.gen).unet.state_dict().items()} if d.ema_decay else None
+        # the EMA follows what trains: the whole network, or (LoRA) the adapter's A and B
+        self.ema = {k: v.detach().clone().float() for k, v in trainable_state(self.unwrap(self.gen).unet).items()} if d.ema_decay else None
         reg_loss = regression_loss_fn(d) if d.regression_weight > 0 else None
         if isinstance(reg_loss, torch.nn.Module):
             reg_loss.to(dev)
@@ -215,14 +235,14 @@ class Trainer:
         """The weights the probe measures (and evaluate uses by default): the EMA when there is one."""
         if self.ema is not None:
             return self.ema
-        return self.unwrap(self.gen).unet.state_dict()
+        return trainable_state(self.unwrap(self.gen).unet)
 
     @torch.no_grad()
     def probe(self, step: int) -> dict[str, float]:
         """FD / accuracy / channel statistics of the probed generator; remembers the best by FD."""
         gen = self.unwrap(self.gen)
         net = copy.deepcopy(gen).eval()
-        net.unet.load_state_dict({k: v.to(net.dtype) for k, v in self.probed_state().items()})
+        load_trainable_state(net.unet, {k: v.to(net.dtype) for k, v in self.probed_state().items()})
 
         def sample(z, labels, idx):
             noise = step_noise(self.cfg.evaluate.seed, idx, self.shape)
