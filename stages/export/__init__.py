@@ -30,6 +30,7 @@ from dmd_core.dmd import MultiStep, OneStep, noise_levels, step_noise
 from dmd_core.errors import InputError
 from dmd_core.faults import fault_point
 from dmd_core.loading import PARAM_FILE, load_denoiser
+from dmd_core.lora import LORA_DIR, network_folder, read_adapter, save_pipeline_lora
 from dmd_core.pipeline import DenoiserCallModule, OneStepModule, OneStepPipeline
 from dmd_core.render import md_code, md_fenced, py_literal
 from dmd_core.shards import sample_labels, sample_noise
@@ -164,23 +165,29 @@ def reference_output(cfg: PipelineConfig, den) -> np.ndarray:
         return MultiStep.of(den)(den, z, labels, later).numpy()
 
 
-def fresh_process_parity(cfg: PipelineConfig, out: Path, want: np.ndarray) -> dict:
-    """Load the export in a new Python process and compare with ``want``, bit for bit."""
+def fresh_process_parity(cfg: PipelineConfig, out: Path, want: np.ndarray, lora_of: tuple[str, str | None] | None = None) -> tuple[dict, np.ndarray | None]:
+    """Load the export in a new Python process and compare with ``want``, bit for bit. ``lora_of`` = (the teacher's
+    network folder, variant): also, in the same process, the export's pipeline with that network plus ``lora/`` as its
+    generator (``dmd_core.lora.lora_sample_to_file``), whose images are returned (else None)."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "x.npy"
         # the same torch thread count as here: CPU kernels round differently with another (about 3e-7)
         code = (f"import sys, torch; torch.set_num_threads({torch.get_num_threads()}); from dmd_core.pipeline import sample_to_file; "
                 "sample_to_file(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])")
-        proc = subprocess.run(
-            [sys.executable, "-c", code, str(out), str(cfg.evaluate.seed), str(len(want)), str(result)], capture_output=True, text=True
-        )
+        args = [str(out), str(cfg.evaluate.seed), str(len(want)), str(result)]
+        if lora_of is not None:  # one process: each start imports torch and diffusers again (seconds)
+            code += ("; import json; from dmd_core.lora import lora_sample_to_file; "
+                     "lora_sample_to_file(sys.argv[1], sys.argv[5], json.loads(sys.argv[6]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[7])")
+            args += [lora_of[0], json.dumps(lora_of[1]), str(Path(tmp) / "y.npy")]
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
         if proc.returncode != 0:
             raise InputError(f"the export in {out} does not load in a fresh process: {proc.stderr.strip().splitlines()[-1:]}")
         got = np.load(result, allow_pickle=False)
+        got_lora = np.load(Path(tmp) / "y.npy", allow_pickle=False) if lora_of is not None else None
     identical = bool(got.shape == want.shape and np.array_equal(got, want))
     if not identical:
         raise InputError(f"the export in {out} does not reproduce the evaluated generator bit for bit (max diff {np.abs(got - want).max():.3g})")
-    return {"bit_identical": True, "inputs": len(want)}
+    return {"bit_identical": True, "inputs": len(want)}, got_lora
 
 
 def class_model_use(cfg: PipelineConfig, out: Path, info: dict) -> str:
@@ -311,18 +318,10 @@ def text_to_image_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, out: P
     rng = torch.Generator().manual_seed(cfg.evaluate.seed)
     with torch.no_grad():
         want = steps(den, z, torch.arange(n), lambda j: later_noise(name, z.shape, rng)).numpy()
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "prompts.json").write_text(json.dumps(batch))
-        code = (f"import sys, json, torch; torch.set_num_threads({torch.get_num_threads()}); "
-                "from dmd_core.pipeline import stable_diffusion_latents_to_file as f; "
-                "f(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5]), json.loads(sys.argv[6]))")
-        args = [str(out), str(Path(tmp) / "prompts.json"), str(cfg.evaluate.seed), str(Path(tmp) / "x.npy"), json.dumps(timesteps if k > 1 and not flow else None),
-                json.dumps(extra)]  # fmt: skip
-        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise InputError(f"the export in {out} does not run as a {name}: {proc.stderr.strip().splitlines()[-1:]}")
-        got = np.load(Path(tmp) / "x.npy", allow_pickle=False)
-    rel = float(np.abs(got - want).max()) / max(float(np.abs(want).max()), 1e-12)
+    adapter = gen_dir / LORA_DIR  # trained with LoRA: the adapter for the teacher's own pipeline, checked with the export
+    lora_of = write_pipeline_lora(p, pipeline_cls, network, adapter, out) if adapter.is_dir() else None
+    got, got_lora = pipeline_latents(out, name, batch, cfg.evaluate.seed, timesteps if k > 1 and not flow else None, extra, lora_of)
+    rel = relative_difference(got, want)
     if not rel <= 1e-5:
         raise InputError(f"the {name} export does not reproduce the generator: max relative difference {rel:.3g} > 1e-5")
     info = {"layout": name, "scheduler": dict(sched.config), "plain_diffusers_parity": {"max_rel_diff": rel, "inputs": n},
@@ -351,7 +350,91 @@ relative difference to the evaluated generator's latents {rel:.2e}."""
         info["size_conditioning"] = extra
         call += "".join(f", {key}={tuple(v)}" for key, v in extra.items())
     load = "".join(f", {part}=None" for part in null_components(str(out)) if part in ("text_encoder_3", "tokenizer_3"))  # SD3 without T5
-    return info, text_to_image_use(open_store(cfg.store).final_dir(out), batch[0], call, how, name, load, prelude)
+    use = text_to_image_use(open_store(cfg.store).final_dir(out), batch[0], call, how, name, load, prelude)
+    if lora_of is not None:
+        info["lora"] = lora_parity(adapter, "diffusers", got_lora, want, f"the teacher's {name}")
+        use += pipeline_lora_use(cfg, p, out, info["lora"], network, (call, load, prelude, batch[0]))
+    return info, use
+
+
+def relative_difference(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| / max |want|: the parity measure of the plain-diffusers checks."""
+    return float(np.abs(got - want).max()) / max(float(np.abs(want).max()), 1e-12)
+
+
+def pipeline_latents(out: Path, name: str, prompts: list[str], seed: int, timesteps: list[int] | None, extra: dict,
+                     lora_of: tuple[str, str | None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """The export's pipeline (``name``) in a fresh process with plain diffusers: its latents for the prompts and the
+    noise of (seed, i) (``dmd_core.pipeline.stable_diffusion_latents_to_file``). ``lora_of`` = (teacher path, variant):
+    also, in the same process, the teacher's own pipeline with the export's ``lora/`` and scheduler in the same call
+    (``dmd_core.lora.lora_latents_to_file``); else None for those."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "prompts.json").write_text(json.dumps(prompts))
+        call = "(sys.argv[1], sys.argv[2], int(sys.argv[3]), {}, json.loads(sys.argv[5]), json.loads(sys.argv[6]){})"
+        code = (f"import sys, json, torch; torch.set_num_threads({torch.get_num_threads()}); "
+                "from dmd_core.pipeline import stable_diffusion_latents_to_file as f; f" + call.format("sys.argv[4] + '/x.npy'", ""))
+        if lora_of is not None:  # one process: each start imports torch and diffusers again (seconds)
+            code += "; from dmd_core.lora import lora_latents_to_file as g; g" + call.format("sys.argv[4] + '/y.npy'", ", teacher=sys.argv[7], variant=json.loads(sys.argv[8])")
+        args = [str(out), str(Path(tmp) / "prompts.json"), str(seed), tmp, json.dumps(timesteps), json.dumps(extra)]
+        args += [lora_of[0], json.dumps(lora_of[1])] if lora_of is not None else []
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise InputError(f"the export in {out} does not run as a {name}: {proc.stderr.strip().splitlines()[-1:]}")
+        got = np.load(Path(tmp) / "x.npy", allow_pickle=False)
+        return got, np.load(Path(tmp) / "y.npy", allow_pickle=False) if lora_of is not None else None
+
+
+def write_pipeline_lora(p: Plan, pipeline_cls, network: str, adapter: Path, out: Path) -> tuple[str, str | None]:
+    """``lora/``: the generator's adapter (peft's format in the distill output) in diffusers' LoRA format, for
+    ``load_lora_weights`` on the teacher's own pipeline; returns (teacher path, variant) for the check that loads it."""
+    save_pipeline_lora(pipeline_cls, network, adapter, out / LORA_DIR)
+    return str(p.teacher().path), p.teacher().variant
+
+
+def lora_parity(adapter: Path, fmt: str, got: np.ndarray, want: np.ndarray, host: str) -> dict:
+    """The export's ``lora/`` on ``host`` against the evaluated generator: the same 1e-5 bound as the export's check."""
+    rel = relative_difference(got, want)
+    if not rel <= 1e-5:
+        raise InputError(f"the export's lora/ on {host} does not reproduce the generator: max relative difference {rel:.3g} > 1e-5")
+    return {**adapter_info(adapter), "format": fmt, "plain_diffusers_parity": {"max_rel_diff": rel, "inputs": len(want)}}
+
+
+def pipeline_lora_use(cfg: PipelineConfig, p: Plan, out: Path, info: dict, network: str, card: tuple) -> str:
+    """The card's LoRA section of a pipeline export; ``card``: (call, load, prelude, prompt) of its own recipe."""
+    teacher = p.teacher()
+    call, load, prelude, prompt = card
+    scheduler = json.loads((out / "model_index.json").read_text())["scheduler"][1]
+    variant = f", variant={py_literal(teacher.variant)}" if teacher.variant else ""
+    export_dir = open_store(cfg.store).final_dir(out)
+    code = f"""{"import torch" + chr(10) if prelude else ""}from diffusers import {teacher.pipeline_class}, {scheduler}
+pipe = {teacher.pipeline_class}.from_pretrained({py_literal(teacher.path)}{variant}{load})  # the teacher
+pipe.load_lora_weights({py_literal(export_dir / LORA_DIR)})
+pipe.scheduler = {scheduler}.from_pretrained({py_literal(export_dir)}, subfolder="scheduler")
+{prelude}image = pipe({py_literal(prompt)}, {call}, guidance_scale=1.0).images[0]"""
+    return lora_use(info, code, "the teacher's own pipeline", network)
+
+
+def adapter_info(adapter: Path) -> dict:
+    """Rank, alpha and the adapted modules of a peft-format adapter folder (the card's LoRA section)."""
+    config, tensors = read_adapter(adapter)
+    # modules counted by their A matrices: peft may save target_modules shortened to name suffixes
+    return {"rank": config["r"], "alpha": config["lora_alpha"], "modules": sum(k.endswith("lora_A.weight") for k in tensors),
+            "parameters": sum(t.numel() for t in tensors.values())}  # fmt: skip
+
+
+def lora_use(info: dict, code: str, host: str, network: str) -> str:
+    """The card's LoRA section: what lora/ is, how to load it, and how well it reproduces the generator."""
+    parity = info["plain_diffusers_parity"]
+    return f"""## LoRA
+
+`lora/` is the generator as a LoRA adapter of the teacher (rank {info['rank']}, alpha {info['alpha']}, {info['modules']} modules,
+{info['parameters']} parameters), in {"diffusers' LoRA format" if info["format"] == "diffusers" else "peft's format"}; `{network}/` is the same generator
+with the adapter fused in. On {host}:
+
+{md_fenced(code, "python")}
+Checked in a fresh process on {parity['inputs']} fixed inputs: max relative difference to the evaluated generator {parity['max_rel_diff']:.2e}.
+
+"""
 
 
 def flow_arguments(den, steps: MultiStep, pixel_shape: tuple[int, ...]) -> dict:
@@ -438,6 +521,8 @@ def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool =
         info.update(evaluation=str(eval_dir), metrics=em.info["metrics"], image_shape=list(den.param.image_shape))
     else:
         info, use = one_step_pipeline_export(cfg, p, em, den, out)
+    if (Path(p.info["generator_dir"]) / LORA_DIR).is_dir() and "lora" not in info:  # DiTPipeline has no LoRA loader
+        info["lora"] = {"format": None, "why": f"{p.teacher().pipeline_class} has no LoRA loader: the generator is exported fused only"}
     return finish(cfg, p, em, out, info, use, timer)
 
 
@@ -458,8 +543,34 @@ def one_step_pipeline_export(cfg: PipelineConfig, p: Plan, em: Manifest, den, ou
     if cfg.export.onnx:
         info["onnx"] = write_onnx(cfg, den, out, want)
         fault_point("export.onnx-written")
-    info["torch_parity"] = fresh_process_parity(cfg, out, want)
-    return info, class_model_use(cfg, out, info)
+    adapter = gen_dir / LORA_DIR  # trained with LoRA: the adapter for the teacher's own network, checked with the export
+    lora_of = None
+    if adapter.is_dir():
+        shutil.copytree(adapter, out / LORA_DIR, dirs_exist_ok=True)  # peft's format, as distill wrote it
+        lora_of = (str(network_folder(p.teacher().layout, p.teacher().path)), p.teacher().variant)
+    info["torch_parity"], got_lora = fresh_process_parity(cfg, out, want, lora_of)
+    use = class_model_use(cfg, out, info)
+    if lora_of is not None:
+        info["lora"] = lora_parity(adapter, "peft", got_lora, want, "the teacher's network")
+        use += network_lora_use(cfg, p, out, info["lora"], Path(lora_of[0]))
+    return info, use
+
+
+def network_lora_use(cfg: PipelineConfig, p: Plan, out: Path, info: dict, net_dir: Path) -> str:
+    """The card's LoRA section of a OneStepPipeline export: peft's ``PeftModel`` on the teacher's network (diffusers
+    0.42 has no LoRA loader for a bare UNet2DModel), as the export's generator."""
+    teacher = p.teacher()
+    cls = network_class(out)
+    export_dir = open_store(cfg.store).final_dir(out)
+    variant = f", variant={py_literal(teacher.variant)}" if teacher.variant else ""
+    code = f"""from diffusers import {cls}
+from peft import PeftModel
+from dmd_core.pipeline import OneStepPipeline
+teacher = {cls}.from_pretrained({py_literal(net_dir)}{variant})
+unet = PeftModel.from_pretrained(teacher, {py_literal(export_dir / LORA_DIR)}).merge_and_unload()  # or .get_base_model(): unfused
+pipe = OneStepPipeline.from_pretrained({py_literal(export_dir)}, generator=unet)
+images = pipe(class_labels=[0, 1, 2, 3], seed=0)"""
+    return lora_use(info, code, "the teacher's network", "generator")
 
 
 def finish(cfg: PipelineConfig, p: Plan, em: Manifest, out: Path, info: dict, use: str, timer: Timer) -> Manifest:
