@@ -242,6 +242,18 @@ def first_step_one_and_two_processes(cfg: Path, tmp: Path, global_batch: int = 8
 # ---------------------------------------------------------------- text-to-image teachers (SD, SDXL, SD3, Flux)
 
 
+def tiny_vae(**codec):
+    """The tests' AutoencoderKL (random weights): 1-channel 8 x 8 images, 4 latent channels, a factor 2;
+    ``codec``: the family's scaling_factor (and shift_factor)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=4, sample_size=8, **codec,
+    )  # fmt: skip
+
+
 def diffusers_pipeline(folder: Path, **components):
     """The pipeline saved in ``folder``, loaded by diffusers itself (the class its model_index.json names;
     ``components`` replace saved ones), progress bars off: the tests' oracle."""
@@ -299,6 +311,17 @@ def text_to_image_chain(tmp: Path, teacher: Path, prompts: list[str], solver: st
                 "evaluate.speed_repeats=1", f"export.parity_samples={parity}"]  # fmt: skip
     c = load_config(cfg, [*evaluate, *overrides])
     return c, chain.run(c, "export", progress=False).manifest
+
+
+def export_of_chain(c, m, layout: str, teacher_nfe: int) -> Path:
+    """Checks of a ``text_to_image_chain`` run's export manifest ``m``: one-step student metrics, the diffusers
+    pipeline class ``layout``, plain-diffusers parity within 1e-5; the export directory."""
+    r = m.info["metrics"]
+    assert r["teacher_nfe"] == teacher_nfe and r["student_nfe"] == 1 and r["student_fd"] > 0 and 0.0 <= r["student_class_accuracy"] <= 1.0
+    assert m.info["layout"] == layout and m.info["plain_diffusers_parity"]["max_rel_diff"] <= 1e-5
+    out = Path(c.store) / "export" / m.key
+    assert f"{layout}.from_pretrained" in (out / "README.md").read_text()
+    return out
 
 
 # ---------------------------------------------------------------- suite summaries

@@ -25,8 +25,8 @@ from ..errors import InputError
 from ..text import PromptEncoder
 from .common import PIPELINE_INDEX, TEXT_WEIGHTS_FILE, WEIGHTS_FILE, is_int, read_json
 from .mmdit import flow_denoiser
-from .sd3_pipeline import StableDiffusion3Layout, load_transformer
-from .sd_pipeline import _check_part, load_text_part
+from .sd3_pipeline import StableDiffusion3Layout
+from .sd_pipeline import _check_part, load_model, load_text_part
 
 Tensor = torch.Tensor
 TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -88,7 +88,7 @@ class FluxLayout(StableDiffusion3Layout):
 
         param = self.parametrization(folder)
         variant = self.weights_variant(folder)
-        net = load_transformer(_check_part(folder, "transformer", WEIGHTS_FILE, variant), FluxTransformer2DModel, variant)
+        net = load_model(_check_part(folder, "transformer", WEIGHTS_FILE, variant), FluxTransformer2DModel, variant)
         return flow_denoiser(net, param).requires_grad_(False).to(device)
 
     # ------------------------------------------------------------ prompts

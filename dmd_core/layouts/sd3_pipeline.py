@@ -24,9 +24,9 @@ from ..denoisers import Denoiser, Parametrization, flow_fields
 from ..errors import InputError, shown
 from ..text import PromptEncoder
 from .common import PARAM_FILE, PIPELINE_INDEX, RESAVE, SCHEDULER_FILE, TEXT_WEIGHTS_FILE, WEIGHTS_FILE, check_components, is_int, named
-from .common import one_line, pipeline_index, read_json, variant_name
+from .common import pipeline_index, read_json
 from .mmdit import flow_denoiser
-from .sd_pipeline import StableDiffusionLayout, _check_part, load_text_part
+from .sd_pipeline import StableDiffusionLayout, _check_part, _positive_number, load_model, load_text_part
 
 Tensor = torch.Tensor
 CLIP_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -92,7 +92,7 @@ class StableDiffusion3Layout(StableDiffusionLayout):
         except ValueError as e:
             raise InputError(f"{sched_file}: {e}.") from None
         steps = fields.get("num_train_timesteps", 1000)
-        if not (is_int(steps) and steps > 0) or not _positive(fields.get("shift", 1.0)):
+        if not (is_int(steps) and steps > 0) or not _positive_number(fields.get("shift", 1.0)):
             raise InputError(f"{sched_file}: num_train_timesteps must be an integer > 0 and shift a number > 0. {RESAVE}")
         return fields
 
@@ -222,7 +222,8 @@ class StableDiffusion3Layout(StableDiffusionLayout):
         from diffusers import SD3Transformer2DModel
 
         param = self.parametrization(folder)
-        net = load_transformer(_check_part(folder, "transformer", WEIGHTS_FILE, self.weights_variant(folder)), SD3Transformer2DModel, self.weights_variant(folder))
+        variant = self.weights_variant(folder)
+        net = load_model(_check_part(folder, "transformer", WEIGHTS_FILE, variant), SD3Transformer2DModel, variant)
         return flow_denoiser(net, param).requires_grad_(False).to(device)
 
     # ------------------------------------------------------------ prompts
@@ -271,41 +272,6 @@ class StableDiffusion3Layout(StableDiffusionLayout):
             return torch.cat(parts).float()
 
         return encode
-
-
-def load_transformer(model_dir: Path, cls: type, variant: str | None = None) -> torch.nn.Module:
-    """``cls.from_pretrained(model_dir)`` in float32 (the ``variant`` weights, upcast; sharded weights read through their
-    index), frozen; a file that does not load, or weights that do not fill the config's model, are one InputError."""
-    from diffusers.utils import logging as d_logging
-
-    weights = model_dir / variant_name(WEIGHTS_FILE, variant)
-    verbosity = d_logging.get_verbosity()
-    d_logging.set_verbosity_error()  # its "newly initialized" warning: the one-line error below says it
-    try:
-        net, info = cls.from_pretrained(
-            str(model_dir), local_files_only=True, use_safetensors=True, output_loading_info=True, dtype=torch.float32, variant=variant
-        )
-    except Exception as e:
-        detail = one_line(e).split(" If you want")[0].rstrip(". ")  # diffusers' advice to its Python callers follows
-        if "expected shape" in detail:
-            raise InputError(
-                f"the weights in {weights} do not match {model_dir}/config.json ({detail.split(' because ')[-1]}). "
-                "Fix: save the model and its config together (save_pretrained), or re-download the teacher."
-            ) from None
-        raise InputError(f"the {cls.__name__} in {model_dir} does not load: {detail}. {RESAVE}") from None
-    finally:
-        d_logging.set_verbosity(verbosity)
-    bad = sorted(info["missing_keys"]) + sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])
-    if bad:  # left uninitialised: it would fail later, or denoise with random weights
-        raise InputError(
-            f"the weights in {weights} do not match {model_dir}/config.json ({len(bad)} tensors missing or of another shape, e.g. {bad[0]}). "
-            "Fix: save the model and its config together (save_pretrained), or re-download the teacher."
-        )
-    return net.requires_grad_(False).eval()
-
-
-def _positive(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
 
 def _config_class(path: Path) -> str | None:

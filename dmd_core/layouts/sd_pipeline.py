@@ -87,37 +87,13 @@ class StableDiffusionLayout(DDPMPipelineLayout):
     def load_vae(self, folder: Path, device: str | torch.device = "cpu"):
         """The pipeline's AutoencoderKL (frozen, float32); ``vae.config.scaling_factor`` maps its latents to model space."""
         from diffusers import AutoencoderKL
-        from diffusers.utils import logging as d_logging
 
         variant = self.weights_variant(folder)
         vae_dir = _check_part(folder, "vae", WEIGHTS_FILE, variant)
         scale = read_json(vae_dir / "config.json", "vae config").get("scaling_factor", 0.18215)
         if not _positive_number(scale):
             raise InputError(f"{vae_dir}/config.json: scaling_factor must be a finite number > 0, got {json.dumps(scale)}. {RESAVE}")
-        verbosity = d_logging.get_verbosity()
-        d_logging.set_verbosity_error()  # its "newly initialized" warning: the one-line error below says it
-        try:
-            vae, info = AutoencoderKL.from_pretrained(
-                str(vae_dir), local_files_only=True, use_safetensors=True, output_loading_info=True, dtype=torch.float32, variant=variant
-            )
-        except Exception as e:  # a config that builds another shape than the weights, ...
-            # first sentence only: diffusers goes on with advice for its Python callers (low_cpu_mem_usage=False, ...)
-            detail = one_line(e).split(" If you want")[0].rstrip(". ")
-            if "expected shape" in detail:
-                raise InputError(
-                    f"the weights in {vae_dir / variant_name(WEIGHTS_FILE, variant)} do not match {vae_dir}/config.json ({detail.split(' because ')[-1]}). "
-                    "Fix: save the VAE and its config together (save_pretrained), or re-download the teacher."
-                ) from None
-            raise InputError(f"the VAE in {vae_dir} does not load: {detail}. {RESAVE}") from None
-        finally:
-            d_logging.set_verbosity(verbosity)
-        bad = sorted(info["missing_keys"]) + sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])
-        if bad:  # left uninitialised (on the meta device): it would fail later, or decode noise
-            raise InputError(
-                f"the weights in {vae_dir / variant_name(WEIGHTS_FILE, variant)} do not match {vae_dir}/config.json ({len(bad)} tensors missing or of another "
-                f"shape, e.g. {bad[0]}). Fix: save the VAE and its config together (save_pretrained), or re-download the teacher."
-            )
-        return vae.requires_grad_(False).eval().to(device)
+        return load_model(vae_dir, AutoencoderKL, variant, "VAE").to(device)
 
     def vae_geometry(self, folder: Path) -> tuple[int, int]:
         """(image channels, f) of the VAE: its input channels and the factor from latent to image side, 2 per down
@@ -179,6 +155,33 @@ class StableDiffusionLayout(DDPMPipelineLayout):
         self.load_denoiser(folder)
         self.prompt_encoder(folder)
         self.load_vae(folder)
+
+
+def load_model(model_dir: Path, cls: type, variant: str | None = None, what: str | None = None) -> torch.nn.Module:
+    """``cls.from_pretrained(model_dir)`` (a diffusers model: a VAE, a transformer) in float32 (the ``variant`` weights,
+    upcast; sharded weights read through their index), frozen; a file that does not load, or weights that do not fill
+    the config's model, are one InputError naming it (``what``, default the class name)."""
+    from diffusers.utils import logging as d_logging
+
+    what = what or cls.__name__
+    weights, fix = model_dir / variant_name(WEIGHTS_FILE, variant), f"Fix: save the {what} and its config together (save_pretrained), or re-download the teacher."
+    verbosity = d_logging.get_verbosity()
+    d_logging.set_verbosity_error()  # its "newly initialized" warning: the one-line error below says it
+    try:
+        net, info = cls.from_pretrained(
+            str(model_dir), local_files_only=True, use_safetensors=True, output_loading_info=True, dtype=torch.float32, variant=variant
+        )
+    except Exception as e:  # a config that builds another shape than the weights, ...
+        detail = one_line(e).split(" If you want")[0].rstrip(". ")  # diffusers' advice to its Python callers follows
+        if "expected shape" in detail:
+            raise InputError(f"the weights in {weights} do not match {model_dir}/config.json ({detail.split(' because ')[-1]}). {fix}") from None
+        raise InputError(f"the {what} in {model_dir} does not load: {detail}. {RESAVE}") from None
+    finally:
+        d_logging.set_verbosity(verbosity)
+    bad = sorted(info["missing_keys"]) + sorted(str(k[0] if isinstance(k, tuple) else k) for k in info["mismatched_keys"])
+    if bad:  # left uninitialised (on the meta device): it would fail later, or compute with random weights
+        raise InputError(f"the weights in {weights} do not match {model_dir}/config.json ({len(bad)} tensors missing or of another shape, e.g. {bad[0]}). {fix}")
+    return net.requires_grad_(False).eval()
 
 
 def load_text_part(folder: Path, index: dict, tokenizer_part: str, encoder_part: str, variant: str | None, device) -> tuple:
