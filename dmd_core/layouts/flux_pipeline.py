@@ -20,13 +20,11 @@ from pathlib import Path
 
 import torch
 
-from ..denoisers import Denoiser
 from ..errors import InputError
 from ..text import PromptEncoder
 from .common import PIPELINE_INDEX, TEXT_WEIGHTS_FILE, WEIGHTS_FILE, is_int, read_json
-from .mmdit import flow_denoiser
 from .sd3_pipeline import StableDiffusion3Layout
-from .sd_pipeline import _check_part, load_model, load_text_part
+from .sd_pipeline import load_text_part
 
 Tensor = torch.Tensor
 TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -82,14 +80,6 @@ class FluxLayout(StableDiffusion3Layout):
 
     def weight_parts(self, folder: Path) -> tuple[tuple[str, str], ...]:
         return (("transformer", WEIGHTS_FILE), ("vae", WEIGHTS_FILE), ("text_encoder", TEXT_WEIGHTS_FILE), ("text_encoder_2", TEXT_WEIGHTS_FILE))
-
-    def load_denoiser(self, folder: Path, device: str | torch.device = "cpu") -> Denoiser:
-        from diffusers import FluxTransformer2DModel
-
-        param = self.parametrization(folder)
-        variant = self.weights_variant(folder)
-        net = load_model(_check_part(folder, "transformer", WEIGHTS_FILE, variant), FluxTransformer2DModel, variant)
-        return flow_denoiser(net, param).requires_grad_(False).to(device)
 
     # ------------------------------------------------------------ prompts
 

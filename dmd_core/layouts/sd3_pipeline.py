@@ -219,11 +219,12 @@ class StableDiffusion3Layout(StableDiffusionLayout):
         return (("transformer", WEIGHTS_FILE), ("vae", WEIGHTS_FILE), *((p, TEXT_WEIGHTS_FILE) for p in text))
 
     def load_denoiser(self, folder: Path, device: str | torch.device = "cpu") -> Denoiser:
-        from diffusers import SD3Transformer2DModel
+        """``transformer/`` as the layout's ``transformer_class`` (the class parametrization checked the config names)."""
+        import diffusers
 
         param = self.parametrization(folder)
         variant = self.weights_variant(folder)
-        net = load_model(_check_part(folder, "transformer", WEIGHTS_FILE, variant), SD3Transformer2DModel, variant)
+        net = load_model(_check_part(folder, "transformer", WEIGHTS_FILE, variant), getattr(diffusers, self.transformer_class), variant)
         return flow_denoiser(net, param).requires_grad_(False).to(device)
 
     # ------------------------------------------------------------ prompts
