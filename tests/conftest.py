@@ -313,15 +313,18 @@ def text_to_image_chain(tmp: Path, teacher: Path, prompts: list[str], solver: st
     return c, chain.run(c, "export", progress=False).manifest
 
 
-def export_of_chain(c, m, layout: str, teacher_nfe: int) -> Path:
+def export_of_chain(c, m, layout: str, teacher_nfe: int) -> tuple[Path, dict]:
     """Checks of a ``text_to_image_chain`` run's export manifest ``m``: one-step student metrics, the diffusers
-    pipeline class ``layout``, plain-diffusers parity within 1e-5; the export directory."""
+    pipeline class ``layout``, plain-diffusers parity within 1e-5; (the export directory, the distilled generator's
+    denoiser.json)."""
+    import json
+
     r = m.info["metrics"]
     assert r["teacher_nfe"] == teacher_nfe and r["student_nfe"] == 1 and r["student_fd"] > 0 and 0.0 <= r["student_class_accuracy"] <= 1.0
     assert m.info["layout"] == layout and m.info["plain_diffusers_parity"]["max_rel_diff"] <= 1e-5
     out = Path(c.store) / "export" / m.key
     assert f"{layout}.from_pretrained" in (out / "README.md").read_text()
-    return out
+    return out, json.loads(next((Path(c.store) / "distill").glob("*/generator/denoiser.json")).read_text())
 
 
 # ---------------------------------------------------------------- suite summaries

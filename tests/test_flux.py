@@ -192,7 +192,7 @@ def flux_run(tmp_path_factory, flux_teacher):
 
 def test_chain_runs_end_to_end_on_flux(flux_run):
     c, m = flux_run
-    out = export_of_chain(c, m, "FluxPipeline", teacher_nfe=4)
+    out, _ = export_of_chain(c, m, "FluxPipeline", teacher_nfe=4)
     assert m.info["call_arguments"] == {"height": 8, "width": 8}  # one step at s = 1: num_inference_steps=1
     spec = json.loads((out / "transformer" / "denoiser.json").read_text())
     assert (spec["kind"], spec["use_dynamic_shifting"], spec["guidance_embeds"], spec["image_shape"]) == ("flow", True, True, [4, 4, 4])

@@ -259,10 +259,7 @@ def sd3_run(tmp_path_factory, sd3_teacher):
 
 
 def test_chain_runs_end_to_end_on_sd3(sd3_run):
-    c, m = sd3_run
-    export_of_chain(c, m, "StableDiffusion3Pipeline", teacher_nfe=4)
-    distill = Path(m.pipeline_config["store"]) / "distill"
-    spec = json.loads(next(distill.glob("*/generator/denoiser.json")).read_text())
+    _, spec = export_of_chain(*sd3_run, "StableDiffusion3Pipeline", teacher_nfe=4)
     assert (spec["kind"], spec["shift"], spec["text_conditioned"]) == ("flow", 3.0, True)  # the generator keeps the teacher's shift
 
 
