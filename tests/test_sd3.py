@@ -159,7 +159,7 @@ def test_image_size_is_refused_where_it_does_not_fit(tmp_path, sd3_teacher):
     position embeddings (pos_embed_max_size 8 x patch 1 x f 2 = 16 pixels) say the limit; SDXL's size settings and a
     denoiser.json beside model_index.json (the old way to set the size) are refused, each in one line."""
     store = tmp_path / "store"
-    for size, message in [("[12, 15]", r"teacher.image_size \[12, 15\]: each side must be a multiple of 2 pixels .*Fix: use the nearest valid size, "
+    for size, message in [("[12, 15]", r"teacher.image_size \[12, 15\]: each side must be a multiple of 2 pixels .*Fix: use the nearest size that fits, "
                                         r"\[12, 14\] or \[12, 16\]\."),
                           ("[12, 20]", r"larger than .*position embeddings cover: at most 16 pixels a side .*Fix: set it to at most \[16, 16\]")]:  # fmt: skip
         with pytest.raises(InputError, match=message):

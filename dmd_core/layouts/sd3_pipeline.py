@@ -162,8 +162,8 @@ class StableDiffusion3Layout(StableDiffusionLayout):
             upper = [-(-v // step) * step if biggest is None else min(-(-v // step) * step, biggest) for v in size]
             near = str(lower) if lower == upper else f"{lower} or {upper}"
             raise InputError(
-                f"{said}: each side must be a multiple of {step} pixels (the VAE's factor {f} x the transformer's patch {self.patch(tr)}). "
-                f"Fix: use the nearest valid size, {near}."
+                f"{said}: each side must be a multiple of {step} pixels (the VAE's factor {f} x the latent patch {self.patch(tr)}). "
+                f"Fix: use the nearest size that fits, {near}."
             )
         return (c, size[0] // f, size[1] // f)
 
