@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers import DiffusionPipeline, ModelMixin
 from PIL import Image
 
 from .denoisers import EDMDenoiser, FlowDenoiser, Parametrization, VPDenoiser
@@ -45,7 +45,7 @@ class OneStepPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        generator: UNet2DModel,
+        generator: ModelMixin,  # a UNet2DModel, or the DiTTransformer2DModel of a flow teacher
         kind: str = "edm",
         sigma_max: float = 80.0,
         sigma_data: float = 0.5,

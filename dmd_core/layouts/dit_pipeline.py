@@ -51,6 +51,9 @@ class DiTPipelineLayout(Layout):
     # The latent codec is Stable Diffusion's: vae.encode(x).mean * scaling_factor, vae.decode(z / scaling_factor).
     load_vae = StableDiffusionLayout.load_vae
     pixel_shape = StableDiffusionLayout.pixel_shape
+    vae_geometry = StableDiffusionLayout.vae_geometry
+    decoding_vae = StableDiffusionLayout.decoding_vae
+    vae_dtype = StableDiffusionLayout.vae_dtype
     pixel_decoder = StableDiffusionLayout.pixel_decoder
     pixel_encoder = StableDiffusionLayout.pixel_encoder
 
