@@ -117,7 +117,8 @@ def probe(call: Callable[[int], torch.Tensor | None], modules: Sequence[torch.nn
     """Run ``call(n)`` for n = 2 and 3 under ``LiveBytes``: one forward on n samples (its inputs made inside it)
     returning the loss to backpropagate, or None (no backward). ``modules``: where gradients are cleared after
     each run. ``fake_mode``: a FakeTensorMode the modules' parameters belong to; ``autocast``: the mixed
-    precision dtype, entered around the forward and the backward, as the training step does."""
+    precision dtype, entered around the forward and the backward, as the training step does (the CPU's autocast:
+    its policy differs from CUDA's in a few ops, e.g. group norms run in float32 on a GPU)."""
 
     def run(n: int) -> tuple[np.ndarray, int]:
         tracker = LiveBytes()
@@ -217,11 +218,13 @@ class NetworkMemory:
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
     """One training iteration's memory per device. ``phases``: each update's activations and gradients at its
-    peak (bytes); the iteration needs ``resident`` plus the largest. ``optimizer_bytes``: per trainable parameter;
-    ``shards``: FSDP's processes, over which the trainable networks' weights, gradients and states are split."""
+    peak (bytes), ``trains``: the network whose gradients a phase holds; the iteration needs ``resident`` plus the
+    largest phase. ``optimizer_bytes``: per trainable parameter; ``shards``: FSDP's processes, over which the
+    trainable networks' weights, gradients and states are split."""
 
     networks: tuple[NetworkMemory, ...]
     phases: dict[str, int]
+    trains: dict[str, str] = dataclasses.field(default_factory=dict)
     other: dict[str, int] = dataclasses.field(default_factory=dict)
     optimizer_bytes: float = ADAMW_BYTES
     shards: int = 1
@@ -248,8 +251,8 @@ class StepMemory:
     def total(self) -> int:
         """Predicted peak bytes per device: resident + the larger update (its gradients sharded by FSDP)."""
         grads = {n.name: n.trainable_bytes for n in self.networks}
-        sharded = {k: v - (grads.get(k, 0) - math.ceil(grads.get(k, 0) / self.shards)) for k, v in self.phases.items()}
-        return self.resident + max(sharded.values(), default=0)
+        held = {k: grads.get(self.trains.get(k, ""), 0) for k in self.phases}
+        return self.resident + max((v - held[k] + math.ceil(held[k] / self.shards) for k, v in self.phases.items()), default=0)
 
     def what_if(self, optimizer_bytes: float | None = None, shards: int | None = None) -> "StepMemory":
         """The same iteration with other optimizer states (8-bit: ``ADAMW_8BIT_BYTES``) or FSDP over ``shards``."""
@@ -360,10 +363,12 @@ class DMDProbes:
         rng = SampleRNG(0, stream, 0, range(n), "cpu")
         return rng, rng.randn(self.shape), random_labels(rng, self.teacher.num_classes)
 
-    def _probe(self, key: tuple, build: Callable[[], tuple[Callable, list, NetworkMemory]], autocast: torch.dtype | None) -> tuple[Probe, NetworkMemory]:
+    def _probe(self, key: tuple, build: Callable[[], tuple[Callable, list, NetworkMemory]], s: StepSettings) -> tuple[Probe, NetworkMemory]:
+        """The probe of ``key`` (the settings it depends on) under ``s``'s autocast, run once."""
+        key = (*key, s.autocast)
         if key not in self.cache:
             call, modules, memory = build()
-            self.cache[key] = (probe(call, modules, self.mode, autocast), memory)
+            self.cache[key] = (probe(call, modules, self.mode, s.autocast), memory)
         return self.cache[key]
 
     def generator(self, s: StepSettings) -> tuple[Probe, NetworkMemory]:
@@ -379,7 +384,7 @@ class DMDProbes:
 
             return call, [gen], NetworkMemory("generator", tensor_bytes([gen]), *trainable(gen))
 
-        return self._probe(("generator", s.gradient_checkpointing, s.generator_lora, s.autocast), build, s.autocast)
+        return self._probe(("generator", s.gradient_checkpointing, s.generator_lora), build, s)
 
     def fake_update(self, s: StepSettings) -> tuple[Probe, NetworkMemory]:
         """The fake score's denoising loss, forward and backward."""
@@ -394,7 +399,7 @@ class DMDProbes:
 
             return call, [fake], NetworkMemory("fake score", tensor_bytes([fake]), *trainable(fake))
 
-        return self._probe(("fake update", s.gradient_checkpointing, s.fake_lora, s.autocast), build, s.autocast)
+        return self._probe(("fake update", s.gradient_checkpointing, s.fake_lora), build, s)
 
     def frozen_real(self, s: StepSettings) -> NetworkMemory:
         """The real score's weights in distill.frozen_dtype (its floating-point tensors cast, as ``.to(dtype)`` does)."""
@@ -415,7 +420,7 @@ class DMDProbes:
 
             return call, [], NetworkMemory("real score (frozen)", tensor_bytes([real]))
 
-        return self._probe(("real scores", s.frozen_dtype, s.guidance_scale, s.autocast), build, s.autocast)
+        return self._probe(("real scores", s.frozen_dtype, s.guidance_scale), build, s)
 
     def fake_scores(self, s: StepSettings) -> tuple[Probe, NetworkMemory]:
         """The fake score without gradients, in the generator's update."""
@@ -431,7 +436,7 @@ class DMDProbes:
 
             return call, [fake], NetworkMemory("fake score", 0)
 
-        return self._probe(("fake scores", s.fake_lora, s.autocast), build, s.autocast)
+        return self._probe(("fake scores", s.fake_lora), build, s)
 
     def regression(self, s: StepSettings) -> tuple[Probe, NetworkMemory]:
         """The regression loss's forward and backward to G's output, through its frozen networks."""
@@ -448,7 +453,7 @@ class DMDProbes:
 
             return call, [], memory
 
-        return self._probe(("regression", s.gradient_checkpointing, s.frozen_dtype, s.autocast), build, s.autocast)
+        return self._probe(("regression", s.gradient_checkpointing, s.frozen_dtype), build, s)
 
 
 def dmd_step(probes: DMDProbes, s: StepSettings) -> StepMemory:
@@ -479,7 +484,8 @@ def dmd_step(probes: DMDProbes, s: StepSettings) -> StepMemory:
     if s.data_bytes_per_sample:  # this step's pairs and the next step's, read ahead
         other["pairs (this step's and the next)"] = 2 * s.accumulation * B * s.data_bytes_per_sample
     nets = tuple(n for n in nets if n.weights or n.activations)
-    return StepMemory(nets, {"generator update": generator_phase, "fake-score update": fake_phase}, other)
+    phases = {"generator update": generator_phase, "fake-score update": fake_phase}
+    return StepMemory(nets, phases, {"generator update": "generator", "fake-score update": "fake score"}, other)
 
 
 def largest_batch(plan_at: Callable[[int], StepMemory], have: int, limit: int) -> int:

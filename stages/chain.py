@@ -15,7 +15,7 @@ from typing import Callable
 from dmd_core.errors import InputError
 from dmd_core.loading import resolve_model_dir
 
-from .checks import check_limits
+from .checks import check_limits, check_memory
 from .config import PipelineConfig, dump_config
 from .contract import STAGES, Plan, StageOutput, StageSpec, Teacher, spec, teacher_settings
 from .registry import module
@@ -80,6 +80,7 @@ def check(cfg: PipelineConfig, target: str) -> tuple[Teacher, list[StageSpec]]:
     for s in stages:
         check_limits(cfg, teacher, s.name)
         getattr(module(s.name), "check", lambda cfg, teacher: None)(cfg, teacher)
+        check_memory(cfg, teacher, s.name)  # last: it loads the teacher, once the settings are known to be valid
     return teacher, stages
 
 

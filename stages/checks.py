@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from dmd_core.text import read_prompt_file
 from .config import PipelineConfig
 from .contract import Teacher
 from .files import digest_json, size_text
-from .store import Store
+from .store import Store, open_store
 
 # A batch holds at least this many float32 tensors of its samples' size at once (input, output, one activation
 # and its gradient): a lower bound of what it needs, so a batch refused for it could never have run.
@@ -83,6 +84,35 @@ def check_fits(setting: str, value: int, need: int, what: str, memory: tuple[int
             f"{setting}={value} needs at least {size_text(need)} for {what} alone; the {where} has {size_text(have)}. "
             f"Fix: lower {setting} (to well under {max(1, value * have // need)}: the networks need memory too)."
         )
+
+
+def check_memory(cfg: PipelineConfig, teacher: Teacher, stage: str) -> None:
+    """distill: refuse a run whose predicted memory per device (dmd_core.memory: weights, gradients, optimizer states
+    and probed activations) is more than the device's free memory, naming settings that would fit. A configuration
+    that fitted is remembered per device in the store, so a rerun or a cached run probes nothing."""
+    if stage != "distill":
+        return
+    from dmd_core.memory import free_memory
+
+    from .memory_plan import distill_device, distill_memory, refusal, step_settings
+
+    device = distill_device()
+    machine = [torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory] if device == "cuda" else ["cpu", host_memory()[0]]
+    store = open_store(cfg.store)
+    marker = f"memory-fits-{digest_json([teacher.digest, repr(step_settings(cfg, teacher)), cfg.distill.regression_loss, cfg.distill.lpips_resolution, *machine])[:32]}"
+    if store.noted(marker):
+        return
+    try:
+        plan, probes, settings = distill_memory(cfg, teacher)
+    except InputError:
+        raise
+    except Exception as e:  # a teacher the probe cannot run (an op fake tensors lack): train unplanned, as before
+        logging.getLogger("dmd").warning("memory plan skipped: %s: %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return
+    free = free_memory(device)
+    if plan.total > free[0]:
+        raise refusal(cfg, plan, probes, settings, free)
+    store.note(marker)
 
 
 def check_limits(cfg: PipelineConfig, teacher: Teacher, stage: str) -> None:

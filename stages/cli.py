@@ -173,6 +173,39 @@ def verify_command(
     guarded(body)
 
 
+@app.command("plan")
+def plan_command(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    memory: Annotated[bool, typer.Option("--memory", help="distill's memory per device, network by network, against the device's free memory.")] = False,
+) -> None:
+    """Predict what a run needs, before anything runs. --memory: distill's weights, gradients, optimizer states and activations per network and the total per device (activations from a probe of the teacher's network), against the free memory of the device distill would use; exit 2 with the settings that would fit when it does not fit."""
+
+    def body() -> None:
+        if not memory:
+            raise InputError("dmd plan needs to know what to plan. Fix: dmd plan --memory")
+        from dmd_core.memory import ADAMW_8BIT_BYTES, free_memory, gib, table
+
+        from .chain import resolve_teacher
+        from .memory_plan import distill_device, distill_memory, refusal
+        from .registry import module
+
+        cfg = load_config(config, set_ or [])
+        teacher = resolve_teacher(cfg)
+        module("distill").check(cfg, teacher)  # settings the teacher refuses fail as distill would fail them
+        plan, probes, settings = distill_memory(cfg, teacher)
+        free = free_memory(distill_device())
+        typer.echo(terminal_text(f"distill, per device, at distill.batch_size={settings.batch} (teacher {teacher.path}):", newlines=False))
+        typer.echo(table(plan, free))
+        what_if = [("8-bit optimizer states", plan.what_if(optimizer_bytes=ADAMW_8BIT_BYTES))]
+        what_if += [(f"FSDP over {n} processes", plan.what_if(shards=n)) for n in (2, 8)]
+        typer.echo("not in distill yet, predicted: " + "; ".join(f"{name} {gib(p.total)}" for name, p in what_if))
+        if plan.total > free[0]:
+            raise refusal(cfg, plan, probes, settings, free)
+
+    guarded(body)
+
+
 toy_app = typer.Typer(help="Build the embedded default's assets (digits teacher and classifier) under data/.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
 

@@ -1,0 +1,137 @@
+"""Distill's memory plan (dmd_core.memory) for a config and its teacher: the table ``dmd plan --memory`` prints, and
+the check that refuses, before anything runs, a distill run that does not fit the device's free memory, naming the
+settings that would make it fit."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+
+from dmd_core.errors import InputError
+from dmd_core.lora import LoraSettings
+from dmd_core.memory import DMDProbes, StepMemory, StepSettings, dmd_step, gib, held_modules, largest_batch, quiet_diffusers
+
+from .config import MAX_BATCH, DistillConfig, PipelineConfig
+from .contract import Teacher
+
+LORA_RANK = 64  # the rank the refusal suggests: DMD2 and the diffusers LoRA examples use 64 for SD-size networks
+# A suggested setting's plan takes at most this share of the free memory: the rest is the process's own, and on a GPU
+# the kernels' workspaces (cuDNN's convolutions, attention backward), which are no op's output: the plan was 3-27%
+# under the peaks measured on an H100 (README "Fitting a teacher on your GPUs").
+HEADROOM = {"cpu": 0.9, "cuda": 0.75}
+
+
+def distill_device() -> str:
+    """Where distill trains: Accelerate's default device."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def lora(d: DistillConfig, rank: int | None) -> LoraSettings | None:
+    return None if rank is None else LoraSettings(rank, d.lora_alpha, d.lora_dropout, tuple(d.lora_target_modules) if d.lora_target_modules else None)
+
+
+def step_settings(cfg: PipelineConfig, teacher: Teacher) -> StepSettings:
+    """The distill settings as the memory model takes them."""
+    d = cfg.distill
+    regression = d.regression_weight > 0
+    pair_bytes = 2 * math.prod(teacher.image_shape) * torch.finfo(getattr(torch, cfg.generate.dtype)).bits // 8 if regression else 0
+    return StepSettings(
+        batch=d.batch_size, regression=regression, distribution_matching=d.dm_weight > 0, guidance_scale=float(d.guidance_scale),
+        mixed_precision=d.mixed_precision, gradient_checkpointing=d.gradient_checkpointing, frozen_dtype=getattr(torch, d.frozen_dtype),
+        generator_lora=lora(d, d.generator_lora_rank), fake_lora=lora(d, d.fake_lora_rank), ema=d.ema_decay > 0, gan=d.gan,
+        accumulation=d.gradient_accumulation_steps, data_bytes_per_sample=pair_bytes,
+    )  # fmt: skip
+
+
+def distill_probes(cfg: PipelineConfig, teacher: Teacher) -> DMDProbes:
+    """The probes of ``teacher`` as distill runs it: the real score (text-to-image: with a one-prompt table), the
+    frozen modules distill keeps (a latent teacher's VAE in distill.frozen_dtype, LPIPS with a random backbone: the
+    same shapes as the ImageNet one, no download), and the regression loss when it holds networks (LPIPS)."""
+    d = cfg.distill
+    den = teacher.load("cpu", [""] if teacher.takes_prompts else None)
+
+    @functools.lru_cache(maxsize=4)
+    def decoder(ckpt: bool, dtype: torch.dtype):
+        if not teacher.latent:
+            return None
+        with quiet_diffusers():  # its advice on casting a loaded VAE: distill casts it the same way
+            return teacher.pixel_decoder("cpu", ckpt, dtype)
+
+    @functools.lru_cache(maxsize=1)
+    def lpips():
+        from dmd_core.losses import LPIPSLoss
+
+        return LPIPSLoss(d.lpips_net, random_backbone=True)
+
+    def extras(s: StepSettings):
+        decode = decoder(s.gradient_checkpointing, s.frozen_dtype)
+        frozen = held_modules(decode) if decode is not None else []
+        if d.regression_loss != "lpips" or not s.regression:  # pseudo-Huber, L2: a few tensors per sample, no network
+            return None, frozen
+        from dmd_core.losses import DecodedLoss
+
+        loss = DecodedLoss(lpips(), decode, d.lpips_resolution) if decode is not None else lpips()
+        return loss, [*frozen, lpips()]
+
+    return DMDProbes(den, extras)
+
+
+def candidates(d: DistillConfig, s: StepSettings) -> list[tuple[str, StepSettings]]:
+    """Settings that lower the memory, each added to the ones before: gradient checkpointing, a bfloat16 frozen score,
+    bf16 mixed precision, LoRA adapters; only those not already set."""
+    out: list[tuple[str, StepSettings]] = []
+    steps = [
+        ("distill.gradient_checkpointing=true", not s.gradient_checkpointing, {"gradient_checkpointing": True}),
+        ("distill.frozen_dtype=bfloat16", s.frozen_dtype == torch.float32, {"frozen_dtype": torch.bfloat16}),
+        ("distill.mixed_precision=bf16", s.mixed_precision == "no", {"mixed_precision": "bf16"}),
+        (f"distill.generator_lora_rank={LORA_RANK} and distill.fake_lora_rank={LORA_RANK}", s.generator_lora is None and s.fake_lora is None,
+         {"generator_lora": lora(d, LORA_RANK), "fake_lora": lora(d, LORA_RANK)}),
+    ]  # fmt: skip
+    names: list[str] = []
+    for name, applies, change in steps:
+        if applies:
+            s = dataclasses.replace(s, **change)
+            names.append(name)
+            out.append((" and ".join(names), s))
+    return out
+
+
+def fitting(d: DistillConfig, probes: DMDProbes, s: StepSettings, free: int, most: int = 2) -> list[str]:
+    """Up to ``most`` changes that would fit in ``HEADROOM`` of ``free`` bytes, each with its predicted memory, and the
+    largest power-of-two batch that fits with the settings as they are (or with all of the changes, when none fits
+    as it is)."""
+    have, found = int(free * HEADROOM[distill_device()]), []
+    for name, other in candidates(d, s):
+        plan = dmd_step(probes, other)
+        if plan.total <= have:
+            found.append(f"with {name}: {gib(plan.total)}")
+            if len(found) == most:
+                break
+    for base in (s, *(c for _, c in candidates(d, s)[-1:])):
+        batch = largest_batch(lambda b: dmd_step(probes, dataclasses.replace(base, batch=b)), have, min(s.batch - 1, MAX_BATCH))
+        if batch:
+            batch = 2 ** int(math.log2(batch))
+            extra = "" if base is s else f" with {candidates(d, s)[-1][0]}"
+            found.append(f"with distill.batch_size={batch}{extra}: {gib(dmd_step(probes, dataclasses.replace(base, batch=batch)).total)}")
+            break
+    return found
+
+
+def distill_memory(cfg: PipelineConfig, teacher: Teacher) -> tuple[StepMemory, DMDProbes, StepSettings]:
+    """The plan of one distill iteration per device, its probes and settings."""
+    probes, s = distill_probes(cfg, teacher), step_settings(cfg, teacher)
+    return dmd_step(probes, s), probes, s
+
+
+def refusal(cfg: PipelineConfig, plan: StepMemory, probes: DMDProbes, s: StepSettings, free: tuple[int, str]) -> InputError:
+    """The one-line error of a run that does not fit, naming what would make it fit."""
+    have, where = free
+    fixes = fitting(cfg.distill, probes, s, have)
+    fix = "; or ".join(fixes) if fixes else "a device with more memory (no batch size or memory setting fits this teacher here)"
+    return InputError(
+        f"distill needs about {gib(plan.total)} per device at distill.batch_size={s.batch} (predicted, at the {plan.peak_phase}'s peak; "
+        f"`dmd plan --memory` shows the table), more than the {gib(have)} free ({where}). Fix: {fix}."
+    )
