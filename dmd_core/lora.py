@@ -36,7 +36,6 @@ DEFAULT_TARGETS = (*ATTENTION_TARGETS, "proj_in", "proj_out", "proj_mlp", "ff.ne
 LORA_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)  # what peft's LoRA adapts among a UNet's layers
 ADAPTER = "default"  # peft's adapter name; saved keys leave it out
 PEFT_CONFIG, PEFT_WEIGHTS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
-DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 LORA_DIR = "lora"  # a LoRA-trained network's adapter: inside its denoiser directory, and in an export (docs/formats.md)
 
 

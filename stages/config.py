@@ -241,7 +241,7 @@ class DistillConfig(Section):
         None, gt=0, le=MAX_LORA_RANK, description="LoRA rank of the fake score's adapter (B = 0: it starts as the teacher); null: full fine-tune"
     )
     lora_alpha: float | None = Field(None, gt=0, le=MAX_LORA_ALPHA, description="LoRA alpha of both adapters (the update is scaled by alpha / rank); null: the rank")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA path in training (torch's global RNG, restored on resume)")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA path in training (masks seeded by (seed, step, process): exact on resume)")
     lora_target_modules: list[str] | None = Field(
         None, description="regular expressions, each matching a dotted suffix of a Linear or Conv module's name (e.g. to_q, attentions\\..*); "
         "null: attention q/k/v/out, the transformer projections and feed-forward, the ResNet convs and time projections",

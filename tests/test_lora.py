@@ -22,7 +22,7 @@ from dmd_core.lora import DEFAULT_TARGETS, LoraSettings, add_lora, fuse, is_lora
 from stages import chain
 from stages.config import load_config
 
-LORA = ["distill.generator_lora_rank=4", "distill.fake_lora_rank=2", "distill.lora_alpha=8"]
+LORA = ["distill.generator_lora_rank=4", "distill.fake_lora_rank=2", "distill.lora_alpha=8", "distill.lora_dropout=0.1"]
 # the generator's learning rate raised: after 4 steps its adapter moves it well away from the teacher, so that
 # reproducing it (rather than the teacher) is what the parity checks measure
 FAST_G = ["distill.generator_optimizer.lr=0.01", "distill.ema_decay=0.9"]
@@ -86,7 +86,9 @@ def test_step_zero_is_the_teacher_and_only_adapters_train(lora_run, edm_teacher)
 
 def test_resume_from_a_checkpoint_is_exact(lora_run):
     """Steps 3-4 resumed from the step-2 checkpoint of a 2-step run equal the uninterrupted run's, bit for bit
-    (adapters, optimizer moments, EMA, best-so-far and RNG restored; the frozen weights from the teacher)."""
+    (adapters, optimizer moments, EMA and best-so-far restored, the frozen weights from the teacher, LoRA dropout's
+    masks drawn from (seed, step); the 2-step run ran in this process after others, so this also shows its masks do
+    not depend on what the process drew before)."""
     tmp, cfg, c, out, m = lora_run
     short = load_config(cfg, [*LORA, *FAST_G, "distill.steps=2", f"store={tmp / 'short'}", f"distill.pairs={chain.plan(c, 'generate').out_dir}"])
     first = Path(short.store) / "distill" / chain.run(short, "distill", progress=False).manifest.key

@@ -46,7 +46,7 @@ from ..store import open_store
 from .real_latents import real_set as load_real_set
 
 # SampleRNG streams: independent draws for each purpose.
-STREAM_GENERATOR, STREAM_SAMPLES, STREAM_DATA, STREAM_GAN, STREAM_LORA, STREAM_FAKE = 0, 1, 2, 3, 4, 10
+STREAM_GENERATOR, STREAM_SAMPLES, STREAM_DATA, STREAM_GAN, STREAM_LORA, STREAM_DROPOUT, STREAM_FAKE = 0, 1, 2, 3, 4, 5, 10
 
 
 class TrainingDiverged(InputError):
@@ -320,6 +320,16 @@ class Trainer:
                 "distill.max_grad_norm set, or use distill.mixed_precision=no.")  # fmt: skip
 
     def step(self, step: int, batches: list | None = None) -> dict[str, float]:
+        """One DMD iteration (``iteration``). LoRA dropout draws its masks from torch's global generators: here they
+        are seeded by (seed, step, process) for the step and restored after it, so a run does not depend on what the
+        process drew before it, and a resumed run draws the masks an uninterrupted one does."""
+        if not self.d.lora_dropout:
+            return self.iteration(step, batches)
+        with torch.random.fork_rng(devices=[self.acc.device] if self.acc.device.type == "cuda" else []):
+            torch.manual_seed(sample_seed(self.d.seed, STREAM_DROPOUT, step, self.rank) % (2**63))
+            return self.iteration(step, batches)
+
+    def iteration(self, step: int, batches: list | None = None) -> dict[str, float]:
         """One generator update then ``fake_updates_per_generator_update`` fake-score updates.
 
         Nothing in it waits for the device until ``host_logs`` at the end (one transfer for every logged
