@@ -184,10 +184,12 @@ def test_prompts_are_encoded_once_across_stages_and_a_resumed_distill(exported_t
     """Generate encodes the empty row and the 3 training prompts once; distill and its rerun after the crash
     encode nothing; evaluate encodes the empty row and the 3 held-out prompts once. Then evaluate's speed
     comparison times a user's call, prompt encoding included (4 prompts, once per sampler), and export's
-    parity check encodes its 4 prompts and the empty row as the exported pipeline will."""
+    parity check encodes its 4 prompts and the empty row as the exported pipeline will. Before all of it, distill's
+    memory plan probes the real score once per store and device with a one-prompt table (the empty prompt, and the
+    unconditional row)."""
     c, _ = exported_t2i
     (calls,) = [v for k, v in ENCODED.items() if str(k) in c.store]
-    assert calls == [1, len(PROMPTS), 1, 3, 4, 4, 4, 1], calls
+    assert calls == [1, 1, 1, len(PROMPTS), 1, 3, 4, 4, 4, 1], str(calls)
 
 
 def test_evaluate_decodes_latents_and_scores_prompts(exported_t2i):
