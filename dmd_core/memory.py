@@ -14,9 +14,9 @@ timelines would not match. That timeline holds what saved-tensor hooks alone
 miss: a checkpointed block recomputed inside the backward, activation gradients, gradients filling in while the
 saved tensors are freed.
 
-Networks above ``FAKE_ABOVE`` bytes run the probe on fake tensors (``FakeTensorMode``: shapes and dtypes, no memory,
-no arithmetic; built from the meta device), so an SD-size probe costs seconds and no memory. Small ones run for real
-on the CPU, faster than fake tensors' dispatch. Either way the probe counts op outputs, as the CPU allocator (or
+Large teachers (``FAKE_ABOVE``) run the probes on fake tensors (``FakeTensorMode``: shapes and dtypes, no memory, no
+arithmetic; built from the meta device), so an SD-size probe costs seconds and no memory; so does the regression
+loss (LPIPS, a VAE decoder). Small teachers run for real on the CPU, faster than fake tensors' dispatch. Either way the probe counts op outputs, as the CPU allocator (or
 ``torch.cuda.max_memory_allocated``) would see them; a kernel's internal workspace is not an op output.
 
 ``dmd_step`` puts the networks together as dmd_core.step runs them: resident (all weights, optimizer states, the EMA)
@@ -45,7 +45,10 @@ from .dmd import FakeScoreLoss, OneStep, SampleRNG, random_labels
 from .lora import LoraSettings, add_lora, set_trainable
 
 GIB = 2**30
-FAKE_ABOVE = 2**26  # bytes of a teacher's weights above which its probes run on fake tensors (speed only)
+# A teacher's probes run on fake tensors above either size (speed only: the same ops, the same bytes), and so do the
+# regression loss's networks (LPIPS's VGG at 224 x 224: seconds per call on a CPU)
+FAKE_ABOVE = 2**26  # bytes of the teacher's weights
+FAKE_SAMPLE_ABOVE = 2**12  # values of one sample in model space (digits: 64; SD v1.5: 16,384)
 ADAMW_BYTES = 8  # optimizer bytes per trainable parameter: AdamW's two float32 moments
 ADAMW_8BIT_BYTES = 2  # bitsandbytes' 8-bit AdamW: two one-byte moments (block scales are negligible)
 
@@ -330,13 +333,13 @@ class DMDProbes:
     the real score (a latent teacher's VAE, LPIPS). ``fake``: force fake tensors (or real ones); default by size."""
 
     def __init__(self, teacher: torch.nn.Module, extras: Extras | None = None, fake: bool | None = None):
-        self.fake = tensor_bytes([teacher]) > FAKE_ABOVE if fake is None else fake
-        self.mode = None
-        if self.fake:
-            from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
-            # real inputs (a prompt table, a VAE's weights) meet fake ones: converted as they are used
-            self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        large = tensor_bytes([teacher]) > FAKE_ABOVE or math.prod(teacher.param.image_shape) > FAKE_SAMPLE_ABOVE
+        self.fake = large if fake is None else fake
+        # real tensors (a prompt table, a VAE's and LPIPS's weights) meet fake ones: converted as they are used
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        if self.fake:
             teacher = teacher.to("meta")
         self.teacher, self.extras = teacher, extras or (lambda s: (None, []))
         self.shape = tuple(teacher.param.image_shape)
@@ -363,12 +366,12 @@ class DMDProbes:
         rng = SampleRNG(0, stream, 0, range(n), "cpu")
         return rng, rng.randn(self.shape), random_labels(rng, self.teacher.num_classes)
 
-    def _probe(self, key: tuple, build: Callable[[], tuple[Callable, list, NetworkMemory]], s: StepSettings) -> tuple[Probe, NetworkMemory]:
+    def _probe(self, key: tuple, build: Callable[[], tuple[Callable, list, NetworkMemory]], s: StepSettings, fake: bool | None = None) -> tuple[Probe, NetworkMemory]:
         """The probe of ``key`` (the settings it depends on) under ``s``'s autocast, run once."""
         key = (*key, s.autocast)
         if key not in self.cache:
             call, modules, memory = build()
-            self.cache[key] = (probe(call, modules, self.mode, s.autocast), memory)
+            self.cache[key] = (probe(call, modules, self.mode if (self.fake if fake is None else fake) else None, s.autocast), memory)
         return self.cache[key]
 
     def generator(self, s: StepSettings) -> tuple[Probe, NetworkMemory]:
@@ -453,7 +456,7 @@ class DMDProbes:
 
             return call, [], memory
 
-        return self._probe(("regression", s.gradient_checkpointing, s.frozen_dtype), build, s)
+        return self._probe(("regression", s.gradient_checkpointing, s.frozen_dtype), build, s, fake=True)
 
 
 def dmd_step(probes: DMDProbes, s: StepSettings) -> StepMemory:

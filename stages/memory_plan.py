@@ -100,22 +100,24 @@ def candidates(d: DistillConfig, s: StepSettings) -> list[tuple[str, StepSetting
 
 
 def fitting(d: DistillConfig, probes: DMDProbes, s: StepSettings, free: int, most: int = 2) -> list[str]:
-    """Up to ``most`` changes that would fit in ``HEADROOM`` of ``free`` bytes, each with its predicted memory, and the
-    largest power-of-two batch that fits with the settings as they are (or with all of the changes, when none fits
-    as it is)."""
+    """What would fit in ``HEADROOM`` of ``free`` bytes, each with its predicted memory: up to ``most`` of the
+    ``candidates`` at the configured batch, and the largest power-of-two batch with the settings as they are (with
+    all of the candidates, when neither fits)."""
     have, found = int(free * HEADROOM[distill_device()]), []
-    for name, other in candidates(d, s):
+    changes = candidates(d, s)
+    for name, other in changes:
         plan = dmd_step(probes, other)
         if plan.total <= have:
             found.append(f"with {name}: {gib(plan.total)}")
             if len(found) == most:
                 break
-    for base in (s, *(c for _, c in candidates(d, s)[-1:])):
-        batch = largest_batch(lambda b: dmd_step(probes, dataclasses.replace(base, batch=b)), have, min(s.batch - 1, MAX_BATCH))
+    bases = [("", s)] + ([(f" and {changes[-1][0]}", changes[-1][1])] if changes and not found else [])
+    for extra, base in bases:
+        at = lambda b: dmd_step(probes, dataclasses.replace(base, batch=b))  # noqa: E731
+        batch = largest_batch(at, have, min(s.batch - 1, MAX_BATCH))
         if batch:
             batch = 2 ** int(math.log2(batch))
-            extra = "" if base is s else f" with {candidates(d, s)[-1][0]}"
-            found.append(f"with distill.batch_size={batch}{extra}: {gib(dmd_step(probes, dataclasses.replace(base, batch=batch)).total)}")
+            found.append(f"with distill.batch_size={batch}{extra}: {gib(at(batch).total)}")
             break
     return found
 

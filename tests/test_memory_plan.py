@@ -42,7 +42,7 @@ from dmd_core.step import Sums, fake_score_updates, generator_update
 from conftest import ROOT, run_cli
 
 DIGITS = ROOT / "data" / "teacher"
-TOLERANCE = 0.15  # the bound; the runs below land within 0.2% (LPIPS: 1%)
+TOLERANCE = 0.15  # the bound; the runs below land within 0.1%, digits with checkpointing 4.4% under
 
 
 def digits_teacher():
