@@ -189,6 +189,7 @@ def on_fake_tensors(module: torch.nn.Module, mode) -> torch.nn.Module:
 
 @contextmanager
 def quiet_diffusers():
+    """diffusers' warnings off for a moment (its advice on casting a loaded model: distill casts the same way)."""
     from diffusers.utils import logging as d_logging
 
     verbosity = d_logging.get_verbosity()
