@@ -33,15 +33,9 @@ from dmd_core.lora import LoraSettings
 from dmd_core.losses import DecodedLoss, LPIPSLoss
 from dmd_core.memory import ADAMW_8BIT_BYTES, DMDProbes, StepSettings, dmd_step, quiet_diffusers
 from dmd_core.rows import PromptRows
+from sd15_memory import SD15_UNET  # the SD v1.5 UNet config the H100 peaks were measured with (run as a script from benchmarks/)
 
-# runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0: unet/config.json, vae/config.json
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
-)  # fmt: skip
+# stabilityai/stable-diffusion-xl-base-1.0: unet/config.json; the VAE below is SD v1.5's (SDXL's has its geometry)
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
