@@ -247,6 +247,14 @@ class DistillConfig(Section):
         "null: attention q/k/v/out, the transformer projections and feed-forward, the ResNet convs and time projections",
     )
 
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="fsdp: the generator's and the fake score's weights, gradients and optimizer states split over the processes "
+        "(torch FSDP2; the real score stays whole on each); none: each process holds them all (DDP). Not part of the cache key"
+    )
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw8bit: AdamW with 8-bit moments (bitsandbytes, CUDA only): 2 bytes of state per trained parameter instead of 8"
+    )
+
     @model_validator(mode="after")
     def _rules_between_settings(self) -> "DistillConfig":
         # The rules that need no teacher; the ones that do (and the machine's) are the distill stage's check.

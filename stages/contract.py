@@ -93,11 +93,13 @@ STAGES: tuple[StageSpec, ...] = (
         trains, and prints the output directory (generator/, metrics.parquet, samples.png) as the last
         line on stdout. An interrupted run resumes from its last checkpoint when rerun.""",
         # logging, housekeeping, where the pairs are (their digest is in the key) and gradient checkpointing
-        # (it recomputes the same activations: memory, not results). The probe, GAN, DM-weight, k-step,
+        # (it recomputes the same activations: memory, not results), sharding (where the weights live, not what they
+        # compute, as with the number of processes). The probe, GAN, DM-weight, k-step,
         # compile and LoRA settings enter the key as upstream entries, only when used (distill.KEYED_WHEN_SET).
         not_in_key=frozenset({"log_every", "sample_every", "keep_checkpoints", "num_threads", "pairs", "gradient_checkpointing", "eval_every", "eval_samples",
                               "gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "real_samples", "dm_weight", "generator_timesteps",
-                              "compile", "generator_lora_rank", "fake_lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"}),  # fmt: skip
+                              "compile", "generator_lora_rank", "fake_lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
+                              "sharding", "optimizer"}),  # fmt: skip
         input_key="pairs",
         needs_upstream=lambda cfg: cfg.distill.regression_weight > 0,  # the pairs feed only the regression loss
     ),

@@ -8,6 +8,7 @@ Output ``<store>/distill/<key>/``: ``generator/`` (and ``generator_ema/``) in di
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -43,10 +44,11 @@ LORA_SETTINGS = ("generator_lora_rank", "fake_lora_rank", "lora_alpha", "lora_dr
 SPEC = spec(STAGE)
 # The settings outside the key that enter it as upstream entries when used (_optional_upstream).
 KEYED_WHEN_SET = {"gan", "gan_weight_generator", "gan_weight_discriminator", "real_data", "real_samples", "dm_weight", "eval_samples", "generator_timesteps", "compile",
-                  *LORA_SETTINGS}  # fmt: skip
+                  "optimizer", *LORA_SETTINGS}  # fmt: skip
 # Settings a run may change when it continues from another run's checkpoint (resume_from): the ones outside
 # the key, except those keyed when set (they change the training: they must match), and housekeeping.
-MAY_DIFFER_ON_RESUME = (SPEC.not_in_key - KEYED_WHEN_SET) | {"steps", "checkpoint_every", "num_workers", "resume_from", "pairs"}
+# (distill.sharding is not in the key but its checkpoints are laid out otherwise: it must match too.)
+MAY_DIFFER_ON_RESUME = (SPEC.not_in_key - KEYED_WHEN_SET - {"sharding"}) | {"steps", "checkpoint_every", "num_workers", "resume_from", "pairs"}
 log = logging.getLogger("dmd")
 
 
@@ -66,6 +68,7 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
     if d.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise InputError("distill.mixed_precision=fp16 needs a CUDA GPU. Fix: --set distill.mixed_precision=bf16 (or no) on CPU.")
     check_regression_loss(d)
+    check_optimizer(d)
     if d.generator_timestep is not None and teacher.param.kind == "edm":
         raise InputError(
             "distill.generator_timestep applies to VP teachers (and flow ones); an EDM generator starts at sigma_max. Fix: drop distill.generator_timestep."
@@ -85,6 +88,18 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
         problem = checkpoint_problem(ckpt) if (ckpt / CHECKSUMS).is_file() else None  # older checkpoints have no checksums
         if problem:
             raise InputError(f"distill.resume_from: the checkpoint {ckpt} does not verify: {problem}. Fix: point it at another checkpoint.")
+
+
+def check_optimizer(d: DistillConfig) -> None:
+    """distill.optimizer=adamw8bit needs bitsandbytes and a CUDA GPU (its 8-bit kernels run on CUDA only)."""
+    if d.optimizer != "adamw8bit":
+        return
+    if not torch.cuda.is_available():
+        raise InputError("distill.optimizer=adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit AdamW runs on CUDA only). "
+                         "Fix: --set distill.optimizer=adamw on CPU, or run on a GPU worker.")  # fmt: skip
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError("distill.optimizer=adamw8bit needs bitsandbytes, which is not installed. Fix: pip install bitsandbytes, "
+                         "or --set distill.optimizer=adamw.")  # fmt: skip
 
 
 def uses_lora(d: DistillConfig) -> bool:
@@ -194,6 +209,8 @@ def _optional_upstream(cfg: PipelineConfig) -> dict[str, str]:
         up["generator_timesteps"] = ",".join(map(str, d.generator_timesteps))
     if d.compile:  # compiled kernels round differently (tests/test_compile.py measures by how much)
         up["compile"] = "inductor"
+    if d.optimizer != "adamw":  # 8-bit moments round the updates
+        up["optimizer"] = d.optimizer
     if uses_lora(d):  # the adapters' settings; alpha, dropout and targets need a rank (DistillConfig's rule)
         up["lora"] = ",".join(f"{k}={json.dumps(getattr(d, k))}" for k in LORA_SETTINGS)
     return up
