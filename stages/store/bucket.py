@@ -1,0 +1,223 @@
+"""The few object-storage operations the object store needs, on S3 and S3-compatible servers (s3fs).
+
+Besides plain transfers, the store needs conditional writes: a create that fails when the object exists
+(``If-None-Match: *``) and a replace or delete that fails unless the object is still the version read
+(``If-Match: <etag>``). AWS S3, MinIO and moto's server honour both; ``check`` refuses a server that
+silently ignores them. Credentials and the endpoint come from botocore's usual environment
+(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` or ``AWS_PROFILE``, ``AWS_ENDPOINT_URL`` for MinIO and
+other S3-compatible servers, ``AWS_DEFAULT_REGION``), never from the pipeline config.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import uuid
+from dmd_core.errors import InputError, shown
+
+TRANSFER_LOG = "DMD_TRANSFER_LOG"  # a file each process appends "<pid> <bytes downloaded> <bytes uploaded>" to at exit (tests)
+
+
+class _Transferred:
+    """Bytes this process has moved to and from object storage."""
+
+    down = 0
+    up = 0
+
+
+TRANSFERRED = _Transferred()
+
+
+def _report_transferred() -> None:
+    path = os.environ.get(TRANSFER_LOG)
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()} {TRANSFERRED.down} {TRANSFERRED.up}\n")
+
+
+atexit.register(_report_transferred)
+
+
+def s3_code(exc: BaseException) -> str | None:
+    """The S3 error code behind ``exc`` (s3fs translates ClientError into OSError and keeps it as the cause)."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code", "")) or None
+    return None
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    # 409 ConditionalRequestConflict: S3's answer to two conditional writes of one key at the same moment
+    return isinstance(exc, FileExistsError) or s3_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict")
+
+
+def _missing(exc: BaseException) -> bool:
+    return isinstance(exc, FileNotFoundError) or s3_code(exc) in ("NoSuchKey", "404")
+
+
+class Bucket:
+    """Objects below ``s3://<bucket>/<prefix>``, named by paths relative to that prefix."""
+
+    def __init__(self, url: str):
+        try:
+            import s3fs
+        except ImportError:
+            raise InputError(
+                f"store {shown(url)} needs s3fs, which is not installed. Fix: pip install 'dmd-pipeline[s3]' (or pip install s3fs)."
+            ) from None
+        self.url = url
+        base = url.split("://", 1)[1].strip("/")
+        self.bucket, _, self.prefix = base.partition("/")
+        self.base = base
+        # No listing cache: another process's publish must be seen at once.
+        self.fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=False)
+
+    def path(self, rel: str) -> str:
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix else rel
+
+    # ---- small objects
+    def read(self, rel: str) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag, read in one request; None when absent."""
+        from fsspec.asyn import sync
+
+        async def get() -> tuple[bytes, str]:
+            resp = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=self._key(rel))
+            async with resp["Body"] as body:
+                data = await body.read()
+            return data, resp["ETag"]
+
+        try:
+            return sync(self.fs.loop, get)
+        except Exception as e:
+            if _missing(e):
+                return None
+            raise
+
+    def put(self, rel: str, data: bytes, **condition: str) -> str | None:
+        """Write ``data``; returns the new ETag, or None when a condition (IfNoneMatch, IfMatch) failed."""
+        try:
+            resp = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._key(rel), Body=data, **condition)
+        except Exception as e:
+            if condition and (_precondition_failed(e) or (_missing(e) and "IfMatch" in condition)):
+                return None
+            raise
+        TRANSFERRED.up += len(data)
+        return resp["ETag"]
+
+    def create(self, rel: str, data: bytes) -> str | None:
+        """Create the object only if it does not exist (``If-None-Match: *``); its ETag, or None when it exists."""
+        return self.put(rel, data, IfNoneMatch="*")
+
+    def replace(self, rel: str, data: bytes, etag: str) -> str | None:
+        """Overwrite the object only if it is still version ``etag``; the new ETag, or None."""
+        return self.put(rel, data, IfMatch=etag)
+
+    def delete_if(self, rel: str, etag: str) -> bool:
+        """Delete the object only if it is still version ``etag``; False when it changed or is gone."""
+        try:
+            self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self._key(rel), IfMatch=etag)
+            return True
+        except Exception as e:
+            if _precondition_failed(e) or _missing(e):
+                return False
+            if s3_code(e) not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
+                raise
+        # a server without conditional deletes: compare, then delete (a narrow race, on release only)
+        got = self.read(rel)
+        if got is None or got[1] != etag:
+            return False
+        self.delete([rel])
+        return True
+
+    # ---- listings and transfers
+    def listing(self, rel: str) -> dict[str, tuple[int, str]]:
+        """(size, ETag) of every object below the folder ``rel``, by path relative to it."""
+        top = self.path(rel).rstrip("/")
+        try:
+            found = self.fs.find(top, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {name[len(top) + 1 :]: (int(info["size"]), str(info.get("ETag", ""))) for name, info in found.items() if name.startswith(top + "/")}
+
+    def folders(self, rel: str) -> list[str]:
+        """Names of the folders directly below ``rel``."""
+        try:
+            entries = self.fs.ls(self.path(rel), detail=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
+    def exists(self, rel: str) -> bool:
+        try:
+            self.fs.info(self.path(rel))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def upload(self, pairs: list[tuple[str, str]]) -> None:
+        """(local file, relative object path) pairs, uploaded concurrently."""
+        if pairs:
+            self.fs.put([p for p, _ in pairs], [self.path(r) for _, r in pairs])
+            TRANSFERRED.up += sum(os.path.getsize(p) for p, _ in pairs)
+
+    def download(self, rel: str, local: str) -> None:
+        self.fs.get_file(self.path(rel), local)
+        TRANSFERRED.down += os.path.getsize(local)
+
+    def copy(self, pairs: list[tuple[str, str]]) -> None:
+        """Server-side copies, (from, to) relative paths."""
+        if pairs:
+            self.fs.copy([self.path(a) for a, _ in pairs], [self.path(b) for _, b in pairs])
+
+    def delete(self, rels: list[str]) -> None:
+        if rels:
+            try:
+                self.fs.rm([self.path(r) for r in rels])
+            except FileNotFoundError:
+                pass
+
+    # ---- before a run
+    def check(self) -> None:
+        """Refuse (InputError) a bucket that cannot be reached or written, or a server that ignores conditional
+        writes (two builders of one output could then not be kept apart); leaves nothing behind."""
+        probe = f".write-test-{uuid.uuid4().hex}"
+        where = f"store {shown(self.url)}"
+        try:
+            first = self.create(probe, b"probe")
+            try:
+                second = self.create(probe, b"probe again")
+                stale = self.replace(probe, b"x", '"00000000000000000000000000000000"')
+            finally:
+                self.delete([probe])
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(f"{where} cannot be written: {_reason(e)}. Fix: {_fix(e)}") from None
+        if first is None or second is not None or stale is not None:
+            raise InputError(
+                f"{where}: the server ignores conditional writes (If-None-Match / If-Match), so two builders of one output could not "
+                "be kept apart. Fix: use a server that honours them (AWS S3, MinIO, or any S3-compatible server that does)."
+            )
+
+
+def _reason(e: BaseException) -> str:
+    code = s3_code(e)
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return f"{code}: {text}" if code and code not in text else text
+
+
+def _fix(e: BaseException) -> str:
+    name, code = type(e).__name__, s3_code(e)
+    if "Credentials" in name or code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken"):
+        return "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment; credentials never go in the config."
+    if code == "NoSuchBucket" or isinstance(e, FileNotFoundError):
+        return "create the bucket first (e.g. `aws s3 mb s3://BUCKET`, or in MinIO's console) or fix its name."
+    if isinstance(e, PermissionError) or code == "AccessDenied":
+        return "grant these credentials s3:PutObject, s3:GetObject, s3:DeleteObject and s3:ListBucket on the bucket."
+    if "Endpoint" in name or "Connect" in name or isinstance(e, (ConnectionError, TimeoutError)):
+        return "check AWS_ENDPOINT_URL (e.g. http://127.0.0.1:9000 for a local MinIO) and that the server runs."
+    return "check the bucket, the credentials in the environment and AWS_ENDPOINT_URL."
