@@ -67,9 +67,9 @@ class Bucket:
                 f"store {shown(url)} needs s3fs, which is not installed. Fix: pip install 'dmd-pipeline[s3]' (or pip install s3fs)."
             ) from None
         self.url = url
-        base = url.split("://", 1)[1].strip("/")
-        self.bucket, _, self.prefix = base.partition("/")
-        self.base = base
+        self.bucket, _, prefix = url.split("://", 1)[1].partition("/")
+        self.prefix = prefix.strip("/")
+        self.base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
         # No listing cache: another process's publish must be seen at once.
         self.fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=False)
 

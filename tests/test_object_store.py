@@ -1,0 +1,328 @@
+"""The store on object storage (``store: s3://bucket/prefix``) against a real S3 protocol server: moto's server
+on loopback, reached through botocore's environment (AWS_ENDPOINT_URL, credentials), nothing patched into boto.
+
+The store does not know stages apart, so most cases build a tiny output with a stand-in build (milliseconds,
+no model); the end-to-end run of the digits default is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from s3_server import environment, new_bucket, objects, put_object, s3_server
+
+from dmd_core.errors import InputError
+from stages import files
+from stages.contract import MANIFEST, Manifest, file_entry
+from stages.store import open_store
+from stages.store.bucket import TRANSFERRED
+from stages.store.object import CACHE_ENV, ObjectStore
+
+DEAD_PID = 4_000_000  # above Linux's pid_max: never a live process
+FILES = {"weights.bin": b"w" * 3000, "sub/notes.txt": b"a file in a folder\n"}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with s3_server() as env, environment(env):
+        yield env
+
+
+@pytest.fixture
+def bucket(server, tmp_path, monkeypatch) -> str:
+    """A fresh bucket, and a fresh cache folder (as on a new machine)."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv("DMD_LOCK_LEASE_S", raising=False)
+    monkeypatch.delenv("DMD_FAULT", raising=False)
+    return new_bucket()
+
+
+def another_machine(monkeypatch, tmp_path: Path, name: str = "other") -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / name))
+
+
+def tiny_build(store: ObjectStore, kind: str, key: str, log: Path | None = None, seconds: float = 0.0):
+    """A stand-in for a stage's build: writes FILES and the manifest (the same bytes every time)."""
+
+    def build(work: Path) -> Manifest:
+        if log is not None:
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()}\n")
+        time.sleep(seconds)
+        for name, data in FILES.items():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            (work / name).write_bytes(data)
+        m = Manifest(stage=kind, key=key, code_version="t", config={}, pipeline_config={}, upstream={},
+                     files=[file_entry(work / n, name=n) for n in FILES], wall_time_s=0.0)  # fmt: skip
+        store.save_manifest(m, work)
+        return m
+
+    return build
+
+
+def build_once(store: ObjectStore, key: str = "k1", **kw) -> Path:
+    out = store.side_dir("reference", key)
+    store.reuse_or_build("reference", out, "config: 1\n", tiny_build(store, "reference", key, **kw))
+    return out
+
+
+def counters() -> tuple[int, int]:
+    return TRANSFERRED.down, files.HASHED.bytes
+
+
+def test_publish_then_read_on_another_machine(bucket, tmp_path, monkeypatch):
+    store = open_store(f"s3://{bucket}/runs")
+    assert isinstance(store, ObjectStore) and store.absolute_root() == f"s3://{bucket}/runs"
+    store.check_writable()
+    out = build_once(store)
+    want = {f"runs/reference/k1/{n}": d for n, d in FILES.items()} | {"runs/reference/k1/config.yaml": b"config: 1\n"}
+    got = objects(bucket)
+    assert {k: v for k, v in got.items() if not k.endswith(MANIFEST)} == want  # nothing else: no partial prefix, no lock
+    assert Manifest.model_validate_json(got[f"runs/reference/k1/{MANIFEST}"]).key == "k1"
+
+    before = counters()
+    assert store.verified(out) is not None  # the builder's own copy: recorded at publish
+    assert counters() == before
+
+    another_machine(monkeypatch, tmp_path)
+    there = open_store(f"s3://{bucket}/runs")
+    out2 = there.side_dir("reference", "k1")
+    assert out2 != out and not out2.exists()
+    assert [(k, p) for k, p in there.outputs()] == [("reference", out2)]
+    down, hashed = counters()
+    assert there.verified(out2) is not None
+    size = sum(map(len, FILES.values()))
+    assert counters() == (down + size, hashed + size)  # downloaded and hashed once: listed files only
+    assert {n: (out2 / n).read_bytes() for n in FILES} == FILES
+    before = counters()
+    assert open_store(f"s3://{bucket}/runs").verified(out2) is not None  # a rerun (a new store object): cached
+    assert counters() == before
+
+
+def test_a_damaged_object_is_refused_and_rebuilt(bucket, tmp_path, monkeypatch):
+    store = open_store(f"s3://{bucket}/runs")
+    out = build_once(store)
+    bad = b"W" + FILES["weights.bin"][1:]  # same size
+    put_object(bucket, "runs/reference/k1/weights.bin", bad)
+    m = store.read_manifest(out)
+    assert store.problems(out, m) == ["weights.bin"]  # its ETag changed: downloaded and checked
+    assert (out / "weights.bin").read_bytes() == FILES["weights.bin"]  # the good copy here is not replaced
+
+    another_machine(monkeypatch, tmp_path)
+    there = open_store(f"s3://{bucket}/runs")
+    out2 = there.side_dir("reference", "k1")
+    assert there.verified(out2) is None and not (out2 / "weights.bin").exists()
+    put_object(bucket, "runs/reference/k1/weights.bin", b"short")
+    assert there.problems(out2, m) == ["weights.bin (size 5 in the bucket, 3000 in the manifest)"]
+
+    log = tmp_path / "builds.log"
+    build_once(there, log=log)  # fails verification: redone and published again
+    assert len(log.read_text().splitlines()) == 1
+    assert objects(bucket)["runs/reference/k1/weights.bin"] == FILES["weights.bin"]
+    assert there.verified(out2) is not None and store.verified(out) is not None
+
+
+def test_a_missing_object_fails_verification(bucket):
+    store = open_store(f"s3://{bucket}/runs")
+    out = build_once(store)
+    import boto3
+
+    boto3.client("s3").delete_object(Bucket=bucket, Key="runs/reference/k1/sub/notes.txt")
+    assert store.problems(out, store.read_manifest(out)) == ["sub/notes.txt (missing in the bucket)"]
+
+
+def test_no_manifest_no_output(bucket, tmp_path):
+    """Objects under the partial prefix, or under a final prefix without its manifest, are never an output."""
+    store = open_store(f"s3://{bucket}/runs")
+    out = build_once(store)
+    done = objects(bucket)
+    for key, data in done.items():  # a complete-looking copy under the hidden partial prefix, manifest and all
+        put_object(bucket, key.replace("reference/k1/", "reference/.k2.partial/"), data)
+        if not key.endswith(MANIFEST):  # and one under a final prefix, without its manifest
+            put_object(bucket, key.replace("reference/k1/", "reference/k3/"), data)
+    assert [p.name for _, p in store.outputs()] == ["k1"]
+    for key in ("k2", "k3"):
+        assert store.read_manifest(store.side_dir("reference", key)) is None
+        assert store.verified(store.side_dir("reference", key)) is None
+    import boto3
+
+    boto3.client("s3").delete_object(Bucket=bucket, Key=f"runs/reference/k1/{MANIFEST}")
+    assert store.verified(out) is None and list(store.outputs()) == []  # the local copy is not trusted either
+
+
+def test_two_builders_at_once_build_once(bucket, tmp_path, monkeypatch):
+    """Two processes, a build longer than the lease: the second waits (the first's heartbeat keeps its lease)
+    and then reuses the output."""
+    monkeypatch.setenv("DMD_LOCK_LEASE_S", "1")
+    log = tmp_path / "builds.log"
+    store = open_store(f"s3://{bucket}/runs")
+    pids = [fork(lambda: build_once(open_store(f"s3://{bucket}/runs"), log=log, seconds=2.5)) for _ in range(2)]
+    codes = [os.waitpid(pid, 0)[1] for pid in pids]
+    assert codes == [0, 0]
+    assert len(log.read_text().splitlines()) == 1
+    assert store.verified(store.side_dir("reference", "k1")) is not None
+    assert not [k for k in objects(bucket) if ".lock" in k or ".partial" in k]
+
+
+def test_a_silent_holder_on_another_host_is_taken_over_after_the_lease(bucket, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("DMD_LOCK_LEASE_S", "0.8")
+    record = {"pid": 123, "host": "elsewhere", "since": "2026-01-01T00:00:00+00:00", "start": 1, "owner": "x", "beat": 0}
+    put_object(bucket, "runs/reference/.k1.lock", json.dumps(record).encode())
+    store = open_store(f"s3://{bucket}/runs")
+    t0 = time.monotonic()
+    with caplog.at_level("INFO", logger="dmd"):
+        build_once(store)
+    assert time.monotonic() - t0 >= 0.8
+    assert "took over reference k1 from pid 123 on elsewhere" in caplog.text and "silent for 0.8 s" in caplog.text
+    assert store.verified(store.side_dir("reference", "k1")) is not None
+    assert "runs/reference/.k1.lock" not in objects(bucket)
+
+
+def test_a_dead_holder_of_this_host_is_taken_over_at_once(bucket, caplog):
+    import socket
+
+    record = {"pid": DEAD_PID, "host": socket.gethostname(), "since": "2026-01-01T00:00:00+00:00", "start": 1, "owner": "x", "beat": 0}
+    put_object(bucket, "runs/reference/.k1.lock", json.dumps(record).encode())
+    store = open_store(f"s3://{bucket}/runs")
+    t0 = time.monotonic()
+    with caplog.at_level("INFO", logger="dmd"):
+        build_once(store)
+    assert time.monotonic() - t0 < 10  # the lease is 120 s
+    assert f"from pid {DEAD_PID}" in caplog.text and "its process is gone" in caplog.text
+
+
+def test_a_live_holder_is_waited_for_across_leases(bucket, monkeypatch):
+    """A holder that beats keeps its lock for 4 leases; the waiter enters only after it is released."""
+    monkeypatch.setenv("DMD_LOCK_LEASE_S", "0.4")
+    store = open_store(f"s3://{bucket}/runs")
+    out = store.side_dir("reference", "k1")
+    times: dict[str, float] = {}
+    entered = threading.Event()
+
+    def hold():
+        with store.lock(out):
+            entered.set()
+            time.sleep(1.6)
+            times["released"] = time.monotonic()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    entered.wait(10)
+    with open_store(f"s3://{bucket}/runs").lock(out):
+        times["entered"] = time.monotonic()
+    t.join()
+    assert times["entered"] >= times["released"]
+
+
+def test_a_taken_over_builder_publishes_nothing(bucket, monkeypatch):
+    store = open_store(f"s3://{bucket}/runs")
+    out = store.side_dir("reference", "k1")
+
+    def build(work: Path) -> Manifest:
+        m = tiny_build(store, "reference", "k1")(work)
+        put_object(bucket, "runs/reference/.k1.lock", b'{"owner": "someone else"}')  # as a waiter that took over does
+        return m
+
+    with pytest.raises(InputError, match="another builder took this build's lock over"):
+        store.reuse_or_build("reference", out, "config: 1\n", build)
+    assert f"runs/reference/k1/{MANIFEST}" not in objects(bucket)
+    assert objects(bucket)["runs/reference/.k1.lock"] == b'{"owner": "someone else"}'  # not released: it is not this builder's
+
+
+@pytest.mark.parametrize("point", ["publish", "publish/uploaded", "publish/copied", "publish/moved"])
+def test_killed_at_a_publish_point_resumes_to_the_same_bytes(bucket, tmp_path, monkeypatch, point):
+    ref = new_bucket()
+    build_once(open_store(f"s3://{ref}/runs"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    store = open_store(f"s3://{bucket}/runs")
+    monkeypatch.setenv("DMD_FAULT", point)
+    pid = fork(lambda: build_once(open_store(f"s3://{bucket}/runs")))
+    monkeypatch.delenv("DMD_FAULT")
+    status = os.waitpid(pid, 0)[1]
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"{point} was never reached ({status})"
+    assert f"runs/reference/k1/{MANIFEST}" not in objects(bucket)
+    out = build_once(store)  # the dead builder's lock is taken over at once (its pid is gone)
+    assert objects(bucket) == objects(ref)  # nothing left under the partial prefix, no lock, the same bytes
+    assert store.verified(out) is not None
+    cache = Path(os.environ[CACHE_ENV])
+    assert not [p for p in cache.rglob("*") if ".partial" in p.name or ".tmp" in p.name or p.name == ".uploaded.json"]
+
+
+def test_refusals(bucket, monkeypatch):
+    with pytest.raises(InputError, match="no store for gs:// URLs"):
+        open_store("gs://bucket/prefix")
+    with pytest.raises(InputError, match="names no bucket"):
+        open_store("s3:///prefix")
+    with pytest.raises(InputError, match="cannot be written.*Fix: create the bucket"):
+        open_store("s3://no-such-bucket-here/runs").check_writable()
+    monkeypatch.setenv("DMD_LOCK_LEASE_S", "soon")
+    with pytest.raises(InputError, match="DMD_LOCK_LEASE_S='soon' is not a positive number"):
+        open_store(f"s3://{bucket}/runs").check_writable()
+
+
+def fork(fn) -> int:
+    """Run ``fn`` in a forked child (milliseconds, no imports); exit 0 when it returns."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        fn()
+        code = 0
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+# ---------------------------------------------------------------- the pipeline on the bucket
+
+SHRUNK = ["generate.num_samples=64", "generate.steps=2", "generate.shard_size=32", "generate.batch_size=32", "distill.steps=4",
+          "distill.batch_size=8", "distill.checkpoint_every=2", "distill.sample_every=2", "evaluate.num_samples=100",
+          "evaluate.batch_size=50", "evaluate.speed_batch_size=8", "evaluate.speed_repeats=1"]  # fmt: skip
+
+
+def dmd(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-c", "from flows.cli import main; main()", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=900)  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dmd {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def logged(path: Path) -> list[list[int]]:
+    return [[int(x) for x in line.split()[1:]] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.slow
+def test_dmd_run_on_the_bucket_then_fully_cached(bucket, tmp_path, monkeypatch):
+    """`dmd run --set store=s3://...` of the digits default (shrunk), then again: the second run downloads
+    nothing and hashes nothing; `dmd verify` on another machine downloads and checks every output."""
+    sets = [a for s in [f"store=s3://{bucket}/runs", *SHRUNK] for a in ("--set", s)]
+    first = dmd("run", *sets)
+    export = Path(first.stdout.strip().splitlines()[-1])
+    assert (export / "model_index.json").is_file()
+    hashed, moved = tmp_path / "hashed.log", tmp_path / "moved.log"
+    again = dmd("run", *sets, env={files.HASH_LOG: str(hashed), "DMD_TRANSFER_LOG": str(moved)})
+    assert Path(again.stdout.strip().splitlines()[-1]) == export
+    assert [h for h, in logged(hashed)] == [0] * len(logged(hashed)) and logged(hashed)
+    assert [down for down, _ in logged(moved)] == [0] * len(logged(moved)) and logged(moved)
+
+    another_machine(monkeypatch, tmp_path)
+    ok = dmd("verify", *sets)
+    assert "all outputs verify" in ok.stderr and ok.stdout.count("ok  ") == 6
+    put_object(bucket, next(k for k in objects(bucket) if k.endswith("grid.png") and "/evaluate/" in k), b"not a png")
+    failed = dmd("verify", *sets, check=False)
+    assert failed.returncode == 1 and "FAIL  evaluate" in failed.stdout and "grid.png" in failed.stdout
