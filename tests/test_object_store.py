@@ -326,3 +326,28 @@ def test_dmd_run_on_the_bucket_then_fully_cached(bucket, tmp_path, monkeypatch):
     put_object(bucket, next(k for k in objects(bucket) if k.endswith("grid.png") and "/evaluate/" in k), b"not a png")
     failed = dmd("verify", *sets, check=False)
     assert failed.returncode == 1 and "FAIL  evaluate" in failed.stdout and "grid.png" in failed.stdout
+
+
+RECORDS = {"config.yaml", "manifest.json", "metrics.parquet", "metrics.json", "curves.png", "README.md"}  # paths or timings inside
+
+
+def products(bucket: str) -> dict[str, bytes]:
+    """The bucket's product objects (as tests/faults compare outputs): records with paths or timings and checkpoints left out."""
+    return {k: v for k, v in objects(bucket).items() if k.rsplit("/", 1)[-1] not in RECORDS and "/checkpoints/" not in k}
+
+
+@pytest.mark.slow
+def test_a_stage_killed_after_its_local_move_resumes_to_the_same_bytes(bucket, tmp_path, edm_teacher):
+    """distill killed between making its work directory this machine's copy and writing the manifest object
+    (the last publish point): the rerun takes the copy back as its work directory and publishes the same bytes."""
+    from conftest import run_cli, write_config
+
+    ref = new_bucket()
+    run_cli("distill", "--config", str(write_config(tmp_path / "ref.yaml", edm_teacher, f"s3://{ref}/runs", distill={})), "-q")
+    cfg = write_config(tmp_path / "c.yaml", edm_teacher, f"s3://{bucket}/runs", distill={})
+    killed = run_cli("distill", "--config", str(cfg), "-q", check=False, env={"DMD_FAULT": "publish/moved:2"})  # 1: generate's
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [k for k in objects(bucket) if k.endswith(MANIFEST)] == [k for k in objects(bucket) if "/generate/" in k and k.endswith(MANIFEST)]
+    run_cli("distill", "--config", str(cfg), "-q")
+    assert products(bucket) == products(ref) and any("/distill/" in k for k in products(ref))
+    assert not [k for k in objects(bucket) if ".partial/" in k or k.endswith(".lock")]
