@@ -10,8 +10,8 @@ Two parts:
   images, frozen score in bfloat16 or float32), beside the measured peak (benchmarks/results/sd15_memory_h100.json);
   planned as that script ran them (its float32 template UNet resident, its VAE in float32).
 - ``fit``: SD v1.5 (512) and SDXL (1024) at batch 1 and 4 per device, bf16 autocast, bfloat16 frozen score,
-  pseudo-Huber, with and without checkpointing: full fine-tune, LoRA rank 64 (generator and fake score), and the
-  what-ifs distill does not have yet (8-bit AdamW states, FSDP over 2 and 8 processes).
+  pseudo-Huber, with and without checkpointing: full fine-tune, LoRA rank 64 (generator and fake score),
+  distill.optimizer=adamw8bit, distill.sharding=fsdp over 2 and 8 processes (the FSDP units distill shards by).
 
 The probes run the networks' calls as the CPU runs them (CPU autocast, PyTorch's CPU attention kernels); the H100
 rows say how far that is from a GPU's own peak.
@@ -31,7 +31,7 @@ import torch
 from dmd_core.denoisers import Parametrization, VPDenoiser
 from dmd_core.lora import LoraSettings
 from dmd_core.losses import DecodedLoss, LPIPSLoss
-from dmd_core.memory import ADAMW_8BIT_BYTES, DMDProbes, StepSettings, dmd_step, quiet_diffusers
+from dmd_core.memory import DMDProbes, StepSettings, dmd_step, quiet_diffusers
 from dmd_core.rows import PromptRows
 from sd15_memory import SD15_UNET  # the SD v1.5 UNet config the H100 peaks were measured with (run as a script from benchmarks/)
 
@@ -111,7 +111,9 @@ class Planner:
     def __init__(self, name: str, vae_cfg: dict):
         self.regression, self.resolution, self.vae_dtype = "pseudo_huber", None, None
         build = extras(name, vae_cfg)
-        self.probes = DMDProbes(teacher(name), lambda s: build(s, self.regression, self.resolution, self.vae_dtype), fake=True)
+        from stages.distill.sharding import shard_units
+
+        self.probes = DMDProbes(teacher(name), lambda s: build(s, self.regression, self.resolution, self.vae_dtype), fake=True, units=shard_units)
 
     def plan(self, s: StepSettings, regression: str = "pseudo_huber", lpips_resolution: int | None = None, vae_dtype: torch.dtype | None = None):
         if (regression, lpips_resolution, vae_dtype) != (self.regression, self.resolution, self.vae_dtype):
@@ -153,9 +155,11 @@ def fit_rows(planner: Planner, name: str) -> list[dict]:
             s = StepSettings(batch=batch, regression=True, guidance_scale=3.0, mixed_precision="bf16", gradient_checkpointing=ckpt, frozen_dtype=torch.bfloat16)  # fmt: skip
             full = planner.plan(s)
             with_lora = planner.plan(dataclasses.replace(s, generator_lora=lora, fake_lora=lora))
+            fsdp = lambda n, base=s: planner.plan(dataclasses.replace(base, processes=n, sharding="fsdp")).total  # noqa: E731
             row = {"model": name, "batch": batch, "gradient_checkpointing": ckpt, "full_gib": gib(full.total), "lora64_gib": gib(with_lora.total),
-                   "adamw8bit_gib": gib(full.what_if(optimizer_bytes=ADAMW_8BIT_BYTES).total), "fsdp2_gib": gib(full.what_if(shards=2).total),
-                   "fsdp8_gib": gib(full.what_if(shards=8).total), "lora64_fsdp8_gib": gib(with_lora.what_if(shards=8).total),
+                   "adamw8bit_gib": gib(planner.plan(dataclasses.replace(s, optimizer="adamw8bit")).total), "fsdp2_gib": gib(fsdp(2)),
+                   "fsdp8_gib": gib(fsdp(8)), "lora64_fsdp8_gib": gib(fsdp(8, dataclasses.replace(s, generator_lora=lora, fake_lora=lora))),
+                   "ddp2_gib": gib(planner.plan(dataclasses.replace(s, processes=2)).total),
                    "generator_parameters": full.networks[0].trainable_params, "lora64_adapter_parameters": with_lora.networks[0].trainable_params}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -188,11 +192,11 @@ def print_tables(res: dict) -> None:
     for r in res["h100"]:
         reg = r["regression"] + (f" at {r['lpips_resolution']}" if r["lpips_resolution"] else "")
         print(f"| {r['batch']} | {'yes' if r['gradient_checkpointing'] else 'no'} | {reg} | {r['frozen_dtype']} | {r['measured_gib']} | {r['predicted_gib']} | {r.get('predicted_over_measured', '-')} |")
-    print("\n| model | batch | checkpointing | full | LoRA 64 | 8-bit AdamW* | FSDP x2* | FSDP x8* | LoRA 64 + FSDP x8* |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | batch | checkpointing | full | LoRA 64 | 8-bit AdamW | DDP x2 | FSDP x2 | FSDP x8 | LoRA 64 + FSDP x8 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in res["fit"]:
         print(f"| {r['model']} | {r['batch']} | {'yes' if r['gradient_checkpointing'] else 'no'} | {r['full_gib']} | {r['lora64_gib']} | "
-              f"{r['adamw8bit_gib']} | {r['fsdp2_gib']} | {r['fsdp8_gib']} | {r['lora64_fsdp8_gib']} |")  # fmt: skip
+              f"{r['adamw8bit_gib']} | {r['ddp2_gib']} | {r['fsdp2_gib']} | {r['fsdp8_gib']} | {r['lora64_fsdp8_gib']} |")  # fmt: skip
 
 
 def save(res: dict, path: str) -> None:

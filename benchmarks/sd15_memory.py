@@ -25,14 +25,19 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
+import importlib.util
 import json
+import math
 import time
 
 import torch
 
 from dmd_core.denoisers import Parametrization, VPDenoiser
 from dmd_core.dmd import DMDSettings, FakeScoreLoss, GeneratorLoss, OneStep, SampleRNG
+from dmd_core.lora import LoraSettings
 from dmd_core.losses import DecodedLoss, LPIPSLoss, pseudo_huber_loss
+from dmd_core.memory import StepSettings
 
 # runwayml/stable-diffusion-v1-5: unet/config.json, vae/config.json, scheduler/scheduler_config.json
 SD15_UNET = dict(
@@ -55,20 +60,30 @@ TINY_VAE = dict(SD15_VAE, sample_size=64, block_out_channels=(16, 32, 32, 32), n
 
 
 def build(tiny: bool, device: str):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
-    unet_cfg, vae_cfg = (TINY_UNET, TINY_VAE) if tiny else (SD15_UNET, SD15_VAE)
     torch.manual_seed(0)
+    real = teacher(tiny, device)
+    with torch.device(device):
+        vae = AutoencoderKL(**(TINY_VAE if tiny else SD15_VAE)).requires_grad_(False).eval()
+    return real, vae
+
+
+def teacher(tiny: bool, device: str, prompts: int = 8) -> VPDenoiser:
+    """The UNet as a VP denoiser with a table of ``prompts`` random prompt embeddings and the empty one (CFG). On the
+    meta device: the plan's copy (shapes only)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    unet_cfg = TINY_UNET if tiny else SD15_UNET
     with torch.device(device):  # initialise on the GPU directly: seconds instead of a minute for 860 M parameters
         unet = UNet2DConditionModel(**unet_cfg)
-        vae = AutoencoderKL(**vae_cfg).requires_grad_(False).eval()
     sched = DDPMScheduler(**SD15_SCHEDULER)
     res = unet_cfg["sample_size"]
     param = Parametrization(kind="vp", image_shape=(4, res, res), text_conditioned=True)
     real = VPDenoiser(unet, param, sched.alphas_cumprod, dict(sched.config)).to(device)
-    dim = unet_cfg["cross_attention_dim"]
-    real.set_prompts(torch.randn(9, TEXT_TOKENS, dim, device=device))  # 8 prompts + the empty one (CFG)
-    return real, vae
+    table = torch.randn(prompts + 1, TEXT_TOKENS, unet_cfg["cross_attention_dim"], device="cpu" if device == "meta" else device)
+    real.set_prompts(table)
+    return real
 
 
 def peak_and_time(fn, device: str, warmup: int, repeats: int) -> dict:
@@ -140,9 +155,18 @@ def dmd_iteration(real, vae, batch: int, ckpt: bool, regression: str, lpips_reso
         reg = DecodedLoss(LPIPSLoss("vgg", random_backbone=True).to(device), decode, lpips_resolution)
     else:
         reg = pseudo_huber_loss
-    gen_loss = GeneratorLoss(DMDSettings(guidance_scale=3.0), reg, OneStep.of(gen))
-    fake_loss = FakeScoreLoss.for_teacher(real)
-    shape = real.param.image_shape
+    step = dmd_step_fn(gen, frozen, fake, opt_g, opt_f, reg, batch, device)
+    try:
+        return peak_and_time(step, device, warmup, repeats)
+    finally:
+        del gen, fake, frozen, opt_g, opt_f, step
+
+
+def dmd_step_fn(gen, frozen, fake, opt_g, opt_f, reg, batch: int, device: str):
+    """One DMD iteration (CFG 3, bf16 autocast): G's update through the frozen and fake scores, then the fake score's."""
+    gen_loss = GeneratorLoss(DMDSettings(guidance_scale=3.0), reg, OneStep.of(getattr(gen, "module", gen)))  # gen: maybe a DDP wrapper
+    fake_loss = FakeScoreLoss.for_teacher(frozen)
+    shape = frozen.param.image_shape
     step_no = [0]
 
     def step():
@@ -161,10 +185,204 @@ def dmd_iteration(real, vae, batch: int, ckpt: bool, regression: str, lpips_reso
         opt_f.zero_grad(set_to_none=True)
         step_no[0] += 1
 
+    return step
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One of distill's memory settings, in the ``options`` rows."""
+
+    name: str
+    lora: int | None = None  # distill.generator_lora_rank and distill.fake_lora_rank
+    optimizer: str = "adamw"  # distill.optimizer
+    checkpointing: bool = False  # distill.gradient_checkpointing
+    processes: int = 1
+    sharding: str = "none"  # distill.sharding: with several processes, DDP (none) or FSDP
+
+    def settings(self, batch: int, shape: tuple[int, ...]) -> StepSettings:
+        """The plan's settings of the iteration ``option_step`` runs (pseudo-Huber on latents, CFG 3, bf16 autocast,
+        bfloat16 frozen score, no EMA; its reference pairs: one step's, 4 bytes a value)."""
+        lora = LoraSettings(self.lora) if self.lora else None
+        return StepSettings(
+            batch=batch, regression=True, guidance_scale=3.0, mixed_precision="bf16", gradient_checkpointing=self.checkpointing,
+            frozen_dtype=torch.bfloat16, generator_lora=lora, fake_lora=lora, data_bytes_per_sample=2 * math.prod(shape),
+            optimizer=self.optimizer, processes=self.processes, sharding=self.sharding,
+        )  # fmt: skip
+
+
+OPTIONS = {o.name: o for o in (
+    Option("full"), Option("checkpointing", checkpointing=True), Option("lora16", lora=16), Option("lora64", lora=64),
+    Option("adamw8bit", optimizer="adamw8bit"), Option("ddp2", processes=2), Option("fsdp2", processes=2, sharding="fsdp"),
+    Option("fsdp2_checkpointing", checkpointing=True, processes=2, sharding="fsdp"),
+)}  # fmt: skip
+
+
+def option_step(tiny: bool, device: str, o: Option, batch: int, world: int = 1):
+    """One DMD iteration's networks built as distill builds them (stages/distill/trainer.py): the teacher, two copies
+    trained (all of them, or LoRA adapters; checkpointing; ``world`` > 1: sharded as distill.sharding=fsdp shards
+    them, or wrapped in DDP as Accelerate wraps them), the teacher itself as the frozen score in bfloat16, AdamW
+    (fused, or bitsandbytes' 8-bit); no VAE."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dmd_core.lora import add_lora, set_trainable
+    from stages.distill.sharding import shard
+
+    torch.manual_seed(0)
+    real = teacher(tiny, device).requires_grad_(False).eval()
+    gen, fake = copy.deepcopy(real), copy.deepcopy(real)
+    real.unet.to(torch.bfloat16)
+    gen.param = dataclasses.replace(real.param, one_step_timestep=500)  # the VP generator's t*
+    for net in (gen, fake):
+        if o.checkpointing:
+            net.unet.enable_gradient_checkpointing()
+        if o.lora:
+            add_lora(net.unet, LoraSettings(o.lora), 0)
+        set_trainable(net, net.unet)
+        net.train()
+        if world > 1 and o.sharding == "fsdp":
+            shard(net.unet, init_device_mesh(device, (world,)))
+
+    def optimizer(net):
+        params = [p for p in net.parameters() if p.requires_grad]
+        if o.optimizer == "adamw8bit":
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=1e-5)
+        return torch.optim.AdamW(params, lr=1e-5, fused=True)
+
+    opt_g, opt_f = optimizer(gen), optimizer(fake)
+    if world > 1 and o.sharding == "none":  # Accelerate's DDP: default buckets, no gradient_as_bucket_view
+        ids = [torch.cuda.current_device()] if device == "cuda" else None
+        gen, fake = (torch.nn.parallel.DistributedDataParallel(net, device_ids=ids) for net in (gen, fake))
+        if torch.distributed.get_backend() == "fake":  # its all-reduce returns nothing: a hook that leaves the bucket as it is
+            for net in (gen, fake):
+                net.register_comm_hook(None, _bucket_as_is)
+    return dmd_step_fn(gen, real, fake, opt_g, opt_f, pseudo_huber_loss, batch, device)
+
+
+def _bucket_as_is(state, bucket):  # unannotated: DDP checks a return annotation, and this module's are strings
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def measured_peak(make_step, device: str, warmup: int, repeats: int) -> dict:
+    """``make_step()`` builds the networks and returns one iteration; run it warmup times (the optimizer states
+    appear), then ``repeats`` timed times. Peak bytes over the timed ones, counted from before the networks exist:
+    ``torch.cuda.max_memory_allocated`` less what was allocated before; on the CPU, torch's allocator events
+    (torch.profiler's memory events, as tests/test_memory_plan.py counts them)."""
+    gc.collect()  # an earlier row's networks held in reference cycles (FSDP's hooks): freed now, not inside this count
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        step = make_step()
+        out = peak_and_time(step, device, warmup, repeats)
+        out["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+        del step
+        return out
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step = make_step()
+        for _ in range(warmup):
+            step()
+        with record_function("timed"):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                step()
+            ms = (time.perf_counter() - t0) / repeats * 1e3
+        del step
+    events = prof.profiler.kineto_results.events()
+    window = next(e for e in events if e.name() == "timed")
+    live = peak = 0
+    for t, n in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type().name == "CPU"):
+        live += n
+        if window.start_ns() <= t <= window.end_ns():
+            peak = max(peak, live)
+    return {"ms": round(ms, 1), "peak_bytes": peak}
+
+
+def option_row(tiny: bool, device: str, o: Option, batch: int, warmup: int, repeats: int, world: int = 1) -> dict:
+    """The measured peak of one option on this process (``world`` > 1: in a process group of that size)."""
+    return measured_peak(lambda: option_step(tiny, device, o, batch, world), device, warmup, repeats)
+
+
+def _worker(rank: int, world: int, port: int, tiny: bool, device: str, o: Option, batch: int, warmup: int, repeats: int, queue) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1 if device == "cpu" else torch.get_num_threads())
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
     try:
-        return peak_and_time(step, device, warmup, repeats)
+        queue.put((rank, guarded(option_row, tiny, device, o, batch, warmup, repeats, world)))
     finally:
-        del gen, fake, frozen, opt_g, opt_f
+        dist.destroy_process_group()
+
+
+def distributed_row(tiny: bool, device: str, o: Option, batch: int, warmup: int, repeats: int, launch: str) -> dict:
+    """DDP or FSDP over ``o.processes``: ``spawn`` runs that many processes (gloo on the CPU, NCCL on as many GPUs)
+    and reports the largest per-process peak; ``fake`` runs rank 0 alone in this process under torch's fake process
+    group (collectives that move no data, their outputs allocated as real ones are): a process's memory in a real
+    run, less the communication library's own buffers. One GPU takes ``fake`` (NCCL refuses two processes on one
+    GPU)."""
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if launch == "fake":
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=o.processes)
+        try:
+            return {"launch": "fake process group, rank 0", **option_row(tiny, device, o, batch, warmup, repeats, o.processes)}
+        finally:
+            dist.destroy_process_group()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_worker, (o.processes, port, tiny, device, o, batch, warmup, repeats, queue), nprocs=o.processes, start_method="spawn")
+    ranks = dict(queue.get() for _ in range(o.processes))
+    peaks = [ranks[r].get("peak_bytes") for r in sorted(ranks)]
+    if any(p is None for p in peaks):
+        return {"launch": f"{o.processes} processes", "ranks": [ranks[r] for r in sorted(ranks)], "oom": True}
+    return {"launch": f"{o.processes} processes", "ms": max(ranks[r]["ms"] for r in ranks), "peak_bytes": max(peaks), "rank_peaks_bytes": peaks}
+
+
+def option_rows(tiny: bool, device: str, names: list[str], batch: int, repeats: int, launch: str = "auto", save=lambda row: None) -> list[dict]:
+    """Each option's measured peak per process beside the plan's prediction (dmd_core.memory at the same settings)."""
+    from dmd_core.memory import DMDProbes, dmd_step
+    from stages.distill.sharding import shard_units
+
+    plan_teacher = teacher(tiny, "cpu" if tiny else "meta", prompts=1)
+    probes = DMDProbes(plan_teacher, fake=not tiny, units=shard_units)  # one set of probes: the options share what they do not change
+    if launch == "auto":
+        launch = "spawn" if device == "cpu" or torch.cuda.device_count() >= 2 else "fake"
+    rows = []
+    for name in names:
+        o = OPTIONS[name]
+        row = {"option": name, "batch": batch}
+        if o.optimizer == "adamw8bit" and (device != "cuda" or importlib.util.find_spec("bitsandbytes") is None):
+            row["skipped"] = "needs a CUDA GPU and bitsandbytes"
+        elif o.processes > 1:
+            row |= guarded(distributed_row, tiny, device, o, batch, 1, repeats, launch)
+        else:
+            row |= guarded(option_row, tiny, device, o, batch, 1, repeats)
+        t0 = time.perf_counter()
+        plan = dmd_step(probes, o.settings(batch, plan_teacher.param.image_shape))
+        row |= {"predicted_bytes": plan.total, "plan_s": round(time.perf_counter() - t0, 1), "predicted_gib": round(plan.total / 2**30, 3)}
+        if row.get("peak_bytes"):
+            row |= {"measured_gib": round(row["peak_bytes"] / 2**30, 3), "predicted_over_measured": round(plan.total / row["peak_bytes"], 3)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        save(row)
+    return rows
 
 
 def main() -> None:
@@ -172,13 +390,29 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--tiny", action="store_true", help="small configs, for a CPU smoke run of this script")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--parts", default="unet,dmd,options", help="comma-separated: unet, dmd, options (distill's memory settings: measured and planned)")
+    ap.add_argument("--options", default=",".join(OPTIONS), help=f"the options rows: {', '.join(OPTIONS)}")
+    ap.add_argument("--options-batch", type=int, default=4)
+    ap.add_argument("--launch", choices=["auto", "spawn", "fake"], default="auto",
+                    help="the DDP and FSDP rows: spawn: real processes (gloo on CPU, NCCL on a GPU each); fake: rank 0 under torch's fake process group; auto: fake on one GPU")
     args = ap.parse_args()
+    parts = args.parts.split(",")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    real, vae = build(args.tiny, device)
+    res: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
+                 "configs": "tiny (smoke run)" if args.tiny else "SD v1.5 (random weights)"}  # fmt: skip
+    if "unet" in parts or "dmd" in parts:
+        template_rows(res, parts, args.tiny, device, args.repeats, args.out)
+    if "options" in parts:  # after the template networks are freed: each row counts what it builds
+        res["options"] = []
+        option_rows(args.tiny, device, args.options.split(","), args.options_batch, args.repeats, args.launch,
+                    lambda row: (res["options"].append(row), save(res, args.out)))  # fmt: skip
+
+
+def template_rows(res: dict, parts: list[str], tiny: bool, device: str, repeats: int, out: str) -> None:
+    """The ``unet`` and ``dmd`` rows: copies of one float32 template UNet (resident throughout), its VAE in float32."""
+    real, vae = build(tiny, device)
     n_unet = sum(p.numel() for p in real.unet.parameters())
-    res: dict = {
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
-        "configs": "tiny (smoke run)" if args.tiny else "SD v1.5 (random weights)",
+    res |= {
         "unet_parameters": n_unet, "vae_parameters": sum(p.numel() for p in vae.parameters()),
         "resident_weights_gib": {  # generator + fake (float32 + AdamW's two moments + grads) and the frozen score
             "trainable_fp32_adamw_per_network": round(n_unet * 16 / 2**30, 2), "frozen_bf16": round(n_unet * 2 / 2**30, 2),
@@ -186,21 +420,24 @@ def main() -> None:
         "unet": [], "dmd": [],
     }  # fmt: skip
     real.requires_grad_(False)
-    for batch in (1, 4):
+    for batch in (1, 4) if "unet" in parts else ():
         for ckpt in (False, True):
-            r = guarded(unet_fwd_bwd, real, batch, ckpt, device, 1, args.repeats)
+            r = guarded(unet_fwd_bwd, real, batch, ckpt, device, 1, repeats)
             res["unet"].append({"batch": batch, "gradient_checkpointing": ckpt, **r})
             print(json.dumps(res["unet"][-1]), flush=True)
-            save(res, args.out)
+            save(res, out)
     runs = [(b, c, "pseudo_huber", None, "bfloat16") for b in (1, 4) for c in (False, True)]
     runs += [(b, c, "lpips", 224, "bfloat16") for b in (1, 4) for c in (False, True)]
     runs += [(4, True, "lpips", None, "bfloat16"), (4, True, "pseudo_huber", None, "float32")]
-    for batch, ckpt, reg, size, frozen in runs:
-        r = guarded(dmd_iteration, real, vae, batch, ckpt, reg, size, frozen, device, 1, args.repeats)
+    for batch, ckpt, reg, size, frozen in runs if "dmd" in parts else ():
+        r = guarded(dmd_iteration, real, vae, batch, ckpt, reg, size, frozen, device, 1, repeats)
         row = {"batch": batch, "gradient_checkpointing": ckpt, "regression": reg, "lpips_resolution": size, "frozen_dtype": frozen, **r}
         res["dmd"].append(row)
         print(json.dumps(row), flush=True)
-        save(res, args.out)
+        save(res, out)
+    del real, vae
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def save(res: dict, path: str) -> None:

@@ -24,6 +24,13 @@ plus the larger of the two updates. The generator update peaks either inside G's
 activations on the DM and regression batches, 2B samples, and its gradients) or while G's activations are held and
 the other networks run: the real and fake scores without gradients, then the regression loss's networks (LPIPS, a
 VAE decoder) with gradients to G's output. The fake-score update is one forward and backward of the fake score.
+
+On several processes: with DDP (distill.sharding=none) each process also keeps DDP's gradient buckets, a second
+copy of the trained gradients (Accelerate's DDP has no gradient_as_bucket_view); with FSDP (fsdp) the generator's
+and the fake score's weights, gradients, optimizer states and EMA are split over the processes, and each FSDP unit's
+weights are made whole while it runs (the largest unit, twice: the gather's buffer and the unsharded weights).
+Optimizer states are 8 bytes per trained parameter (AdamW's two float32 moments) or 2 (bitsandbytes' 8-bit AdamW).
+Checked on 2 CPU processes (benchmarks/sd15_memory.py --tiny): within 2% of the measured peak for DDP and FSDP.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ FAKE_ABOVE = 2**26  # bytes of the teacher's weights
 FAKE_SAMPLE_ABOVE = 2**12  # values of one sample in model space (digits: 64; SD v1.5: 16,384)
 ADAMW_BYTES = 8  # optimizer bytes per trainable parameter: AdamW's two float32 moments
 ADAMW_8BIT_BYTES = 2  # bitsandbytes' 8-bit AdamW: two one-byte moments (block scales are negligible)
+OPTIMIZER_BYTES = {"adamw": ADAMW_BYTES, "adamw8bit": ADAMW_8BIT_BYTES}  # by distill.optimizer
 
 
 # ---------------------------------------------------------------- measuring one call
@@ -212,28 +220,30 @@ def held_modules(fn: Callable) -> list[torch.nn.Module]:
 @dataclasses.dataclass(frozen=True)
 class NetworkMemory:
     """One network on one device: weights (bytes), what trains (parameters, and their bytes: the gradients'),
-    activations at its peak (bytes, gradients excluded)."""
+    activations at its peak (bytes, gradients excluded), and its largest FSDP unit's weights (bytes: what one
+    gather makes whole)."""
 
     name: str
     weights: int
     trainable_params: int = 0
     trainable_bytes: int = 0
     activations: int = 0
+    unit: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
     """One training iteration's memory per device. ``phases``: each update's activations and gradients at its
-    peak (bytes), ``trains``: the network whose gradients a phase holds; the iteration needs ``resident`` plus the
-    largest phase. ``optimizer_bytes``: per trainable parameter; ``shards``: FSDP's processes, over which the
-    trainable networks' weights, gradients and states are split."""
+    peak (bytes, per device); the iteration needs ``resident`` plus the largest phase. ``optimizer_bytes``: per
+    trainable parameter; ``shards``: FSDP's processes, over which the trainable networks' weights, gradients and
+    states are split; ``gathered``: FSDP's whole units in each phase (bytes)."""
 
     networks: tuple[NetworkMemory, ...]
     phases: dict[str, int]
-    trains: dict[str, str] = dataclasses.field(default_factory=dict)
     other: dict[str, int] = dataclasses.field(default_factory=dict)
     optimizer_bytes: float = ADAMW_BYTES
     shards: int = 1
+    gathered: int = 0
 
     def weights(self, n: NetworkMemory) -> int:
         return n.weights if not n.trainable_params else math.ceil(n.weights / self.shards)
@@ -255,14 +265,8 @@ class StepMemory:
 
     @property
     def total(self) -> int:
-        """Predicted peak bytes per device: resident + the larger update (its gradients sharded by FSDP)."""
-        grads = {n.name: n.trainable_bytes for n in self.networks}
-        held = {k: grads.get(self.trains.get(k, ""), 0) for k in self.phases}
-        return self.resident + max((v - held[k] + math.ceil(held[k] / self.shards) for k, v in self.phases.items()), default=0)
-
-    def what_if(self, optimizer_bytes: float | None = None, shards: int | None = None) -> "StepMemory":
-        """The same iteration with other optimizer states (8-bit: ``ADAMW_8BIT_BYTES``) or FSDP over ``shards``."""
-        return dataclasses.replace(self, optimizer_bytes=optimizer_bytes or self.optimizer_bytes, shards=shards or self.shards)
+        """Predicted peak bytes per device: resident + the larger update."""
+        return self.resident + max(self.phases.values(), default=0)
 
 
 def gib(n: float) -> str:
@@ -281,7 +285,7 @@ def table(plan: StepMemory, free: tuple[int, str] | None = None) -> str:
     phase = plan.peak_phase
     lines.append(f"total per device: {gib(plan.total)} = resident {gib(plan.resident)} (weights, optimizer states"
                  f"{', ' + ', '.join(plan.other) if plan.other else ''}) + the {phase}'s activations and gradients at its peak "
-                 f"{gib(plan.total - plan.resident)}")  # fmt: skip
+                 f"{gib(plan.total - plan.resident)}" + (f" (FSDP's largest unit made whole, twice: {gib(plan.gathered)})" if plan.gathered else ""))  # fmt: skip
     if free is not None:
         have, where = free
         verdict = "fits" if plan.total <= have else "does not fit"
@@ -319,10 +323,17 @@ class StepSettings:
     gan: bool = False
     accumulation: int = 1
     data_bytes_per_sample: int = 0  # a pair's bytes on the device (noise and image), read one step ahead
+    optimizer: str = "adamw"  # "adamw8bit": bitsandbytes' 8-bit moments (OPTIMIZER_BYTES)
+    processes: int = 1
+    sharding: str = "none"  # "fsdp": the generator and the fake score split over the processes; "none": DDP
 
     @property
     def autocast(self) -> torch.dtype | None:
         return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision)
+
+    @property
+    def shards(self) -> int:
+        return self.processes if self.sharding == "fsdp" else 1
 
 
 Extras = Callable[[StepSettings], tuple[Callable | None, Sequence[torch.nn.Module]]]
@@ -335,7 +346,8 @@ class DMDProbes:
     networks (LPIPS, on decoded images through the VAE), else None, and the frozen modules distill keeps besides
     the real score (a latent teacher's VAE, LPIPS). ``fake``: force fake tensors (or real ones); default by size."""
 
-    def __init__(self, teacher: torch.nn.Module, extras: Extras | None = None, fake: bool | None = None):
+    def __init__(self, teacher: torch.nn.Module, extras: Extras | None = None, fake: bool | None = None,
+                 units: Callable[[torch.nn.Module], list[torch.nn.Module]] = lambda net: []):  # fmt: skip
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         large = tensor_bytes([teacher]) > FAKE_ABOVE or math.prod(teacher.param.image_shape) > FAKE_SAMPLE_ABOVE
@@ -344,7 +356,7 @@ class DMDProbes:
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         if self.fake:
             teacher = teacher.to("meta")
-        self.teacher, self.extras = teacher, extras or (lambda s: (None, []))
+        self.teacher, self.extras, self.units = teacher, extras or (lambda s: (None, [])), units
         self.shape = tuple(teacher.param.image_shape)
         self.cache: dict[tuple, tuple[Probe, NetworkMemory]] = {}
 
@@ -364,6 +376,13 @@ class DMDProbes:
         else:
             net.requires_grad_(False).eval()
         return on_fake_tensors(net, self.mode) if self.fake else net
+
+    def largest_unit(self, den: torch.nn.Module) -> int:
+        """Bytes of the parameters of the network's largest FSDP unit (``units``; the rest of the network is one more)."""
+        units = self.units(den.unet)
+        inside = {id(p) for u in units for p in u.parameters()}
+        rest = sum(p.numel() * p.element_size() for p in den.unet.parameters() if id(p) not in inside)
+        return max([rest, *(sum(p.numel() * p.element_size() for p in u.parameters()) for u in units)])
 
     def draws(self, n: int, stream: int) -> tuple[SampleRNG, torch.Tensor, torch.Tensor | None]:
         rng = SampleRNG(0, stream, 0, range(n), "cpu")
@@ -388,7 +407,7 @@ class DMDProbes:
                 _, z, labels = self.draws(n, 0)
                 return one_step(gen, z, labels).float().square().mean()
 
-            return call, [gen], NetworkMemory("generator", tensor_bytes([gen]), *trainable(gen))
+            return call, [gen], NetworkMemory("generator", tensor_bytes([gen]), *trainable(gen), unit=self.largest_unit(gen))
 
         return self._probe(("generator", s.gradient_checkpointing, s.generator_lora), build, s)
 
@@ -403,7 +422,7 @@ class DMDProbes:
                 rng, x, labels = self.draws(n, 10)
                 return loss(fake, x, labels, rng)
 
-            return call, [fake], NetworkMemory("fake score", tensor_bytes([fake]), *trainable(fake))
+            return call, [fake], NetworkMemory("fake score", tensor_bytes([fake]), *trainable(fake), unit=self.largest_unit(fake))
 
         return self._probe(("fake update", s.gradient_checkpointing, s.fake_lora), build, s)
 
@@ -475,9 +494,14 @@ def dmd_step(probes: DMDProbes, s: StepSettings) -> StepMemory:
     gan = max(f_probe.peak(B) - f.trainable_bytes, 0) if s.gan else 0
     fake_batch = B * (3 if s.gan else 1)
     scores = max(r_probe.peak(B), fs_probe.peak(B))
-    held = g_probe.kept(gen_batch) + (g.trainable_bytes if s.accumulation > 1 else 0)  # micro-batch 2 on: gradients exist
-    generator_phase = max(g_probe.peak(gen_batch) + fs_probe.end(B), held + max(scores, reg_probe.peak(B) + gan))
-    fake_phase = f_probe.peak(fake_batch)
+    # FSDP: a network's gradients are split once its backward has made them (taken off the peak whole: the probe's
+    # peak is at the backward's end, or the part made by then is smaller), and each unit's weights are made whole
+    # (the gather's buffer and the unsharded weights) while it runs: the largest, twice
+    sharded = lambda n: math.ceil(n.trainable_bytes / s.shards) - n.trainable_bytes  # noqa: E731
+    gathered = 2 * max(g.unit, f.unit) if s.shards > 1 else 0
+    held = g_probe.kept(gen_batch) + (g.trainable_bytes + sharded(g) if s.accumulation > 1 else 0)  # micro-batch 2 on: gradients exist
+    generator_phase = gathered + max(g_probe.peak(gen_batch) + sharded(g) + fs_probe.end(B), held + max(scores, reg_probe.peak(B) + gan))
+    fake_phase = gathered + f_probe.peak(fake_batch) + sharded(f)
     nets = (
         dataclasses.replace(g, activations=max(g_probe.peak(gen_batch) - g.trainable_bytes, 0)),
         dataclasses.replace(f, activations=max(f_probe.peak(fake_batch) - f.trainable_bytes, fs_probe.peak(B))),
@@ -485,13 +509,17 @@ def dmd_step(probes: DMDProbes, s: StepSettings) -> StepMemory:
         dataclasses.replace(reg, activations=reg_probe.peak(B)),
     )
     other = {}
-    if s.ema:
-        other["EMA of the generator"] = g.trainable_params * 4
+    if s.ema:  # float32, of what trains; under FSDP each process keeps its shard's
+        other["EMA of the generator"] = math.ceil(g.trainable_params * 4 / s.shards)
     if s.data_bytes_per_sample:  # this step's pairs and the next step's, read ahead
         other["pairs (this step's and the next)"] = 2 * s.accumulation * B * s.data_bytes_per_sample
+    if s.processes > 1 and s.sharding == "none":
+        # DDP (Accelerate's, without gradient_as_bucket_view) allocates its buckets, a flat copy of the trainable
+        # gradients, when it wraps each network, and keeps them
+        other["DDP's gradient buckets"] = g.trainable_bytes + f.trainable_bytes
     nets = tuple(n for n in nets if n.weights or n.activations)
     phases = {"generator update": generator_phase, "fake-score update": fake_phase}
-    return StepMemory(nets, phases, {"generator update": "generator", "fake-score update": "fake score"}, other)
+    return StepMemory(nets, phases, other, OPTIMIZER_BYTES[s.optimizer], s.shards, gathered)
 
 
 def largest_batch(plan_at: Callable[[int], StepMemory], have: int, limit: int) -> int:

@@ -41,9 +41,9 @@ def run_command(
         cfg = load_config(config, set_ or [])
         open_store(cfg.store).check_writable()
         if only is not None:  # one stage from the store: its upstream outputs must be there
-            chain.plan(cfg, only)
+            chain.plan(cfg, only, num_processes)
         else:  # the teacher and every stage's settings
-            chain.check(cfg, STAGE_NAMES[-1])
+            chain.check(cfg, STAGE_NAMES[-1], num_processes)
         from .pipeline import dmd_pipeline, where_dashboards_are
         from .server import prefect_api
 

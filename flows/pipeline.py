@@ -285,7 +285,7 @@ def dmd_pipeline(
     cfg, config_file = resolved_config_file(config, overrides or [])
     tasks = StageTasks(cfg, config_file, num_processes, set(refresh or []))
     # --only: the upstream outputs must be in the store already (an error names the first missing one)
-    chain.walk(cfg, only or ORDER[-1], tasks, chain.require_existing(cfg) if only else None)
+    chain.walk(cfg, only or ORDER[-1], tasks, chain.require_existing(cfg) if only else None, num_processes)
     if only is None:
         publish(tasks.results, tasks.cache, tasks.seconds)
     outputs = {s: r["out_dir"] for s, r in tasks.results.items()}

@@ -72,21 +72,22 @@ def given_output(cfg: PipelineConfig, s: StageSpec, path: str) -> StageOutput:
     return StageOutput(d, m)
 
 
-def check(cfg: PipelineConfig, target: str) -> tuple[Teacher, list[StageSpec]]:
-    """Resolve the teacher and check every stage's settings up to ``target``: all that can be refused is,
-    before any stage computes (or writes, or a Prefect server starts)."""
+def check(cfg: PipelineConfig, target: str, num_processes: int = 1) -> tuple[Teacher, list[StageSpec]]:
+    """Resolve the teacher and check every stage's settings up to ``target`` (a multi-process stage's memory on
+    ``num_processes``): all that can be refused is, before any stage computes (or writes, or a Prefect server starts)."""
     teacher = resolve_teacher(cfg)
     stages = stages_for(cfg, target)
     for s in stages:
         check_limits(cfg, teacher, s.name)
         getattr(module(s.name), "check", lambda cfg, teacher: None)(cfg, teacher)
-        check_memory(cfg, teacher, s.name)  # last: it loads the teacher, once the settings are known to be valid
+        check_memory(cfg, teacher, s.name, num_processes if s.multi_process else 1)  # last: it loads the teacher, once the settings are known to be valid
     return teacher, stages
 
 
-def walk(cfg: PipelineConfig, target: str, obtain: Obtain, obtain_upstream: Obtain | None = None) -> dict[str, StageOutput]:
-    """Plan each stage up to ``target`` once and obtain its output; returns the outputs by stage."""
-    teacher, stages = check(cfg, target)
+def walk(cfg: PipelineConfig, target: str, obtain: Obtain, obtain_upstream: Obtain | None = None, num_processes: int = 1) -> dict[str, StageOutput]:
+    """Plan each stage up to ``target`` once and obtain its output (``num_processes``: what ``obtain`` runs a
+    multi-process stage on, for the checks); returns the outputs by stage."""
+    teacher, stages = check(cfg, target, num_processes)
     given = explicit_input(cfg, stages[0]) if stages[0].needs_upstream(cfg) else None
     up = given_output(cfg, stages[0], given) if given is not None else None
     outputs: dict[str, StageOutput] = {}
@@ -125,18 +126,18 @@ def require_existing(cfg: PipelineConfig) -> Obtain:
 
 def run(cfg: PipelineConfig, target: str, num_processes: int = 1, progress: bool = True) -> StageOutput:
     """``target``'s output for ``cfg``, running whatever upstream stage is missing first."""
-    return walk(cfg, target, local_obtain(cfg, num_processes, progress))[target]
+    return walk(cfg, target, local_obtain(cfg, num_processes, progress), num_processes=num_processes)[target]
 
 
-def plan(cfg: PipelineConfig, target: str) -> Plan:
-    """``target``'s plan; its upstream outputs must already be in the store."""
+def plan(cfg: PipelineConfig, target: str, num_processes: int = 1) -> Plan:
+    """``target``'s plan (checked for ``num_processes``); its upstream outputs must already be in the store."""
     found: list[Plan] = []
 
     def capture(s: StageSpec, p: Plan) -> StageOutput:
         found.append(p)
         return StageOutput(p.out_dir, None)  # type: ignore[arg-type]
 
-    walk(cfg, target, capture, require_existing(cfg))
+    walk(cfg, target, capture, require_existing(cfg), num_processes)
     return found[-1]
 
 

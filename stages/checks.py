@@ -86,10 +86,11 @@ def check_fits(setting: str, value: int, need: int, what: str, memory: tuple[int
         )
 
 
-def check_memory(cfg: PipelineConfig, teacher: Teacher, stage: str) -> None:
-    """distill: refuse a run whose predicted memory per device (dmd_core.memory: weights, gradients, optimizer states
-    and probed activations) is more than the device's free memory, naming settings that would fit. A configuration
-    that fitted is remembered per device in the store, so a rerun or a cached run probes nothing."""
+def check_memory(cfg: PipelineConfig, teacher: Teacher, stage: str, num_processes: int = 1) -> None:
+    """distill: refuse a run whose predicted memory per device on ``num_processes`` processes (dmd_core.memory:
+    weights, gradients, optimizer states and probed activations) is more than the device's free memory, naming
+    settings that would fit. A configuration that fitted is remembered per device in the store, so a rerun or a
+    cached run probes nothing."""
     if stage != "distill":
         return
     from dmd_core.memory import free_memory
@@ -99,11 +100,12 @@ def check_memory(cfg: PipelineConfig, teacher: Teacher, stage: str) -> None:
     device = distill_device()
     machine = [torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0).total_memory] if device == "cuda" else ["cpu", host_memory()[0]]
     store = open_store(cfg.store)
-    marker = f"memory-fits-{digest_json([teacher.digest, repr(step_settings(cfg, teacher)), cfg.distill.regression_loss, cfg.distill.lpips_resolution, *machine])[:32]}"
+    settings = step_settings(cfg, teacher, num_processes)  # its processes, optimizer and sharding among them
+    marker = f"memory-fits-{digest_json([teacher.digest, repr(settings), cfg.distill.regression_loss, cfg.distill.lpips_resolution, *machine])[:32]}"
     if store.noted(marker):
         return
     try:
-        plan, probes, settings = distill_memory(cfg, teacher)
+        plan, probes, settings = distill_memory(cfg, teacher, num_processes)
     except InputError:
         raise
     except Exception as e:  # a teacher the probe cannot run (an op fake tensors lack): train unplanned, as before

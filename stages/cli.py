@@ -100,7 +100,7 @@ def stage_output(name: str, cfg, num_processes: int, progress: bool, plan_file: 
         if plan_file:  # launched by launch_plan: the plan names the partial directory to build in
             p = Plan.load(plan_file)
         else:  # `accelerate launch -m stages.X` by hand: build under the hidden name, rank 0 publishes
-            p = plan(cfg, name)
+            p = plan(cfg, name, world)
             if store.verified(p.out_dir) is not None:
                 return p.out_dir if rank == 0 else None
             final, p = p.out_dir, replace(p, out_dir=store.partial_dir(p.out_dir))
@@ -178,28 +178,30 @@ def plan_command(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     memory: Annotated[bool, typer.Option("--memory", help="distill's memory per device, network by network, against the device's free memory.")] = False,
+    num_processes: Annotated[int, typer.Option("--num-processes", "-n", min=1, help="The processes distill would run on (`dmd distill -n`): with distill.sharding=fsdp each holds 1/n of the trained networks; with none, DDP's gradient buckets.")] = 1,
 ) -> None:
     """Predict what a run needs, before anything runs. --memory: distill's weights, gradients, optimizer states and activations per network and the total per device (activations from a probe of the teacher's network), against the free memory of the device distill would use; exit 2 with the settings that would fit when it does not fit."""
 
     def body() -> None:
         if not memory:
             raise InputError("dmd plan needs to know what to plan. Fix: dmd plan --memory")
-        from dmd_core.memory import ADAMW_8BIT_BYTES, free_memory, gib, table
+        from dmd_core.memory import dmd_step, free_memory, gib, table
 
         from .chain import resolve_teacher
-        from .memory_plan import distill_device, distill_memory, refusal
+        from .memory_plan import candidates, distill_device, distill_memory, refusal
         from .registry import module
 
         cfg = load_config(config, set_ or [])
         teacher = resolve_teacher(cfg)
         module("distill").check(cfg, teacher)  # settings the teacher refuses fail as distill would fail them
-        plan, probes, settings = distill_memory(cfg, teacher)
+        plan, probes, settings = distill_memory(cfg, teacher, num_processes)
         free = free_memory(distill_device())
-        typer.echo(terminal_text(f"distill, per device, at distill.batch_size={settings.batch} (teacher {teacher.path}):", newlines=False))
+        on = f" on {num_processes} processes ({'FSDP' if plan.shards > 1 else 'DDP'})" if num_processes > 1 else ""
+        typer.echo(terminal_text(f"distill, per device, at distill.batch_size={settings.batch}{on} (teacher {teacher.path}):", newlines=False))
         typer.echo(table(plan, free))
-        what_if = [("8-bit optimizer states", plan.what_if(optimizer_bytes=ADAMW_8BIT_BYTES))]
-        what_if += [(f"FSDP over {n} processes", plan.what_if(shards=n)) for n in (2, 8)]
-        typer.echo("not in distill yet, predicted: " + "; ".join(f"{name} {gib(p.total)}" for name, p in what_if))
+        others = [(name, dmd_step(probes, s).total) for name, s in candidates(cfg.distill, settings, alone=True)]
+        if others:
+            typer.echo("each other setting alone, predicted per device: " + "; ".join(f"{name} {gib(total)}" for name, total in others))
         if plan.total > free[0]:
             raise refusal(cfg, plan, probes, settings, free)
 

@@ -33,8 +33,8 @@ def lora(d: DistillConfig, rank: int | None) -> LoraSettings | None:
     return None if rank is None else LoraSettings(rank, d.lora_alpha, d.lora_dropout, tuple(d.lora_target_modules) if d.lora_target_modules else None)
 
 
-def step_settings(cfg: PipelineConfig, teacher: Teacher) -> StepSettings:
-    """The distill settings as the memory model takes them."""
+def step_settings(cfg: PipelineConfig, teacher: Teacher, num_processes: int = 1) -> StepSettings:
+    """The distill settings as the memory model takes them, on ``num_processes`` processes (`dmd distill -n`)."""
     d = cfg.distill
     regression = d.regression_weight > 0
     pair_bytes = 2 * math.prod(teacher.image_shape) * torch.finfo(getattr(torch, cfg.generate.dtype)).bits // 8 if regression else 0
@@ -42,7 +42,8 @@ def step_settings(cfg: PipelineConfig, teacher: Teacher) -> StepSettings:
         batch=d.batch_size, regression=regression, distribution_matching=d.dm_weight > 0, guidance_scale=float(d.guidance_scale),
         mixed_precision=d.mixed_precision, gradient_checkpointing=d.gradient_checkpointing, frozen_dtype=getattr(torch, d.frozen_dtype),
         generator_lora=lora(d, d.generator_lora_rank), fake_lora=lora(d, d.fake_lora_rank), ema=d.ema_decay > 0, gan=d.gan,
-        accumulation=d.gradient_accumulation_steps, data_bytes_per_sample=pair_bytes,
+        accumulation=d.gradient_accumulation_steps, data_bytes_per_sample=pair_bytes, optimizer=d.optimizer,
+        processes=num_processes, sharding=d.sharding,
     )  # fmt: skip
 
 
@@ -76,25 +77,40 @@ def distill_probes(cfg: PipelineConfig, teacher: Teacher) -> DMDProbes:
         loss = DecodedLoss(lpips(), decode, d.lpips_resolution) if decode is not None else lpips()
         return loss, [*frozen, lpips()]
 
-    return DMDProbes(den, extras)
+    from .distill.sharding import shard_units
+
+    return DMDProbes(den, extras, units=shard_units)
 
 
-def candidates(d: DistillConfig, s: StepSettings) -> list[tuple[str, StepSettings]]:
-    """Settings that lower the memory, each added to the ones before: gradient checkpointing, a bfloat16 frozen score,
-    bf16 mixed precision, LoRA adapters; only those not already set."""
+def shardable(d: DistillConfig) -> bool:
+    """Whether the config would take distill.sharding=fsdp (DistillConfig refuses it with some settings)."""
+    try:
+        type(d).model_validate({**d.model_dump(), "sharding": "fsdp"})
+    except ValueError:
+        return False
+    return True
+
+
+def candidates(d: DistillConfig, s: StepSettings, alone: bool = False) -> list[tuple[str, StepSettings]]:
+    """Settings that lower the memory, each added to the ones before (``alone``: each by itself): gradient
+    checkpointing, a bfloat16 frozen score, bf16 mixed precision, FSDP (on more than one process), 8-bit optimizer
+    states (on CUDA), LoRA adapters; only those not already set. LoRA last: it changes what trains, the others how."""
     out: list[tuple[str, StepSettings]] = []
     steps = [
         ("distill.gradient_checkpointing=true", not s.gradient_checkpointing, {"gradient_checkpointing": True}),
         ("distill.frozen_dtype=bfloat16", s.frozen_dtype == torch.float32, {"frozen_dtype": torch.bfloat16}),
         ("distill.mixed_precision=bf16", s.mixed_precision == "no", {"mixed_precision": "bf16"}),
+        ("distill.sharding=fsdp", s.processes > 1 and s.sharding == "none" and shardable(d), {"sharding": "fsdp"}),
+        ("distill.optimizer=adamw8bit", distill_device() == "cuda" and s.optimizer == "adamw", {"optimizer": "adamw8bit"}),
         (f"distill.generator_lora_rank={LORA_RANK} and distill.fake_lora_rank={LORA_RANK}", s.generator_lora is None and s.fake_lora is None,
          {"generator_lora": lora(d, LORA_RANK), "fake_lora": lora(d, LORA_RANK)}),
     ]  # fmt: skip
     names: list[str] = []
+    base = s
     for name, applies, change in steps:
         if applies:
-            s = dataclasses.replace(s, **change)
-            names.append(name)
+            s = dataclasses.replace(base if alone else s, **change)
+            names = [name] if alone else [*names, name]
             out.append((" and ".join(names), s))
     return out
 
@@ -122,9 +138,9 @@ def fitting(d: DistillConfig, probes: DMDProbes, s: StepSettings, free: int, mos
     return found
 
 
-def distill_memory(cfg: PipelineConfig, teacher: Teacher) -> tuple[StepMemory, DMDProbes, StepSettings]:
-    """The plan of one distill iteration per device, its probes and settings."""
-    probes, s = distill_probes(cfg, teacher), step_settings(cfg, teacher)
+def distill_memory(cfg: PipelineConfig, teacher: Teacher, num_processes: int = 1) -> tuple[StepMemory, DMDProbes, StepSettings]:
+    """The plan of one distill iteration per device on ``num_processes`` processes, its probes and settings."""
+    probes, s = distill_probes(cfg, teacher), step_settings(cfg, teacher, num_processes)
     return dmd_step(probes, s), probes, s
 
 
@@ -134,6 +150,7 @@ def refusal(cfg: PipelineConfig, plan: StepMemory, probes: DMDProbes, s: StepSet
     fixes = fitting(cfg.distill, probes, s, have)
     fix = "; or ".join(fixes) if fixes else "a device with more memory (no batch size or memory setting fits this teacher here)"
     return InputError(
-        f"distill needs about {gib(plan.total)} per device at distill.batch_size={s.batch} (predicted, at the {plan.peak_phase}'s peak; "
+        f"distill needs about {gib(plan.total)} per device at distill.batch_size={s.batch}{f' on {s.processes} processes' if s.processes > 1 else ''} "
+        f"(predicted, at the {plan.peak_phase}'s peak; "
         f"`dmd plan --memory` shows the table), more than the {gib(have)} free ({where}). Fix: {fix}."
     )

@@ -27,16 +27,7 @@ from dmd_core.dmd import DMDSettings, FakeScoreLoss, GeneratorLoss, OneStep, Sam
 from dmd_core.loading import load_denoiser
 from dmd_core.lora import LoraSettings, add_lora, set_trainable
 from dmd_core.losses import DecodedLoss, LPIPSLoss, pseudo_huber_loss
-from dmd_core.memory import (
-    ADAMW_8BIT_BYTES,
-    DMDProbes,
-    LiveBytes,
-    NetworkMemory,
-    StepMemory,
-    StepSettings,
-    dmd_step,
-    largest_batch,
-)
+from dmd_core.memory import DMDProbes, LiveBytes, StepSettings, dmd_step, largest_batch
 from dmd_core.step import Sums, fake_score_updates, generator_update
 
 from conftest import ROOT, run_cli
@@ -201,15 +192,56 @@ def test_probe_predicts_another_batch_op_by_op():
     assert np.abs(predicted.at(12) - measured).max() <= 0.002 * measured.max()
 
 
-def test_what_if_rows_are_parameter_arithmetic():
-    """8-bit states: 2 bytes per trainable parameter instead of AdamW's 8; FSDP over N: the trainable networks'
-    weights, gradients and states split N ways, the frozen ones and the activations not."""
-    gen = NetworkMemory("generator", weights=400, trainable_params=100, trainable_bytes=400, activations=1000)
-    real = NetworkMemory("real score (frozen)", weights=200)
-    plan = StepMemory((gen, real), {"generator update": 1400, "fake-score update": 10}, {"generator update": "generator"}, {"EMA of the generator": 400})
-    assert plan.total == 400 + 800 + 200 + 400 + 1400
-    assert plan.what_if(optimizer_bytes=ADAMW_8BIT_BYTES).total == plan.total - 100 * (8 - 2)
-    assert plan.what_if(shards=4).total == 100 + 200 + 200 + 400 + (1000 + 100)
+def test_sharding_ddp_and_8bit_states_are_parameter_arithmetic():
+    """Against the 1-process plan of the same probes: FSDP over 2 processes halves the generator's and the fake score's
+    weights, gradients and optimizer states (and the EMA), not the frozen score's nor the activations, and adds its
+    largest unit made whole, twice; DDP on 2 adds its buckets (the trained gradients again); 8-bit AdamW keeps 2 bytes
+    of state per trained parameter instead of 8."""
+    from stages.distill.sharding import shard_units
+
+    teacher = tiny_sd_teacher()
+    units = [sum(p.numel() * 4 for p in u.parameters()) for u in shard_units(teacher.unet)]
+    rest = sum(p.numel() * 4 for p in teacher.unet.parameters()) - sum(units)
+    probes = DMDProbes(teacher, units=shard_units)
+    s = StepSettings(batch=8, regression=True, guidance_scale=3.0, ema=True)
+    one = dmd_step(probes, s)
+    fsdp = dmd_step(probes, dataclasses.replace(s, processes=2, sharding="fsdp"))
+    ddp = dmd_step(probes, dataclasses.replace(s, processes=2))
+    eight = dmd_step(probes, dataclasses.replace(s, optimizer="adamw8bit"))
+    half = lambda n: -(-n // 2)  # noqa: E731
+    g, f, real = one.networks[:3]
+    assert g.trainable_params == f.trainable_params == sum(p.numel() for p in teacher.unet.parameters())
+    assert not real.trainable_params
+    for n in (g, f):
+        assert (fsdp.weights(n), fsdp.grads(n), fsdp.optimizer(n)) == (half(n.weights), half(n.trainable_bytes), half(8 * n.trainable_params))
+        assert (one.weights(n), one.grads(n), one.optimizer(n)) == (n.weights, n.trainable_bytes, 8 * n.trainable_params)
+        assert eight.optimizer(n) * 4 == one.optimizer(n) == 8 * n.trainable_params
+    assert fsdp.weights(real) == one.weights(real) and [n.activations for n in fsdp.networks] == [n.activations for n in one.networks]
+    assert fsdp.other["EMA of the generator"] == half(one.other["EMA of the generator"])
+    assert fsdp.gathered == 2 * max(*units, rest) and one.gathered == 0
+    trained = g.weights + f.weights + 8 * (g.trainable_params + f.trainable_params) + one.other["EMA of the generator"]
+    assert one.resident - fsdp.resident == trained - (half(g.weights) + half(f.weights) + 2 * half(8 * g.trainable_params) + fsdp.other["EMA of the generator"])
+    fake_phase = one.phases["fake-score update"] - f.trainable_bytes + half(f.trainable_bytes) + fsdp.gathered
+    assert fsdp.phases["fake-score update"] == fake_phase
+    assert one.phases["generator update"] - half(g.trainable_bytes) + fsdp.gathered <= fsdp.phases["generator update"] <= one.phases["generator update"] + fsdp.gathered
+    assert ddp.total == one.total + g.trainable_bytes + f.trainable_bytes == one.total + ddp.other["DDP's gradient buckets"]
+    assert eight.total == one.total - 6 * (g.trainable_params + f.trainable_params)
+
+
+def test_refusal_suggests_fsdp_on_several_processes_and_8bit_states_on_cuda(monkeypatch):
+    import stages.memory_plan as memory_plan
+    from stages.config import DistillConfig
+
+    names = lambda s: [name for name, _ in memory_plan.candidates(DistillConfig(), s, alone=True)]  # noqa: E731
+    s = StepSettings(batch=8)
+    monkeypatch.setattr(memory_plan, "distill_device", lambda: "cpu")
+    assert "distill.sharding=fsdp" not in names(s) and "distill.optimizer=adamw8bit" not in names(s)
+    assert "distill.sharding=fsdp" in names(dataclasses.replace(s, processes=2))
+    assert "distill.sharding=fsdp" not in names(dataclasses.replace(s, processes=2, sharding="fsdp"))
+    monkeypatch.setattr(memory_plan, "distill_device", lambda: "cuda")
+    assert "distill.optimizer=adamw8bit" in names(s) and "distill.optimizer=adamw8bit" not in names(dataclasses.replace(s, optimizer="adamw8bit"))
+    with_gan = DistillConfig(gan=True)  # FSDP does not run with the GAN term: not suggested
+    assert "distill.sharding=fsdp" not in [name for name, _ in memory_plan.candidates(with_gan, dataclasses.replace(s, processes=2), alone=True)]
 
 
 def test_largest_batch_is_the_last_that_fits():
@@ -234,7 +266,18 @@ def test_plan_memory_prints_the_table(tmp_path: Path):
     assert lines[1].split() == ["network", "weights", "grads", "optimizer", "activations"]
     assert [line.split()[0] for line in lines[2:5]] == ["generator", "fake", "real"]
     assert any(line.startswith("total per device: ") for line in lines)
-    assert "fits" in r.output and "8-bit optimizer states" in r.output
+    assert "fits" in r.output and "distill.gradient_checkpointing=true" in r.output
+
+
+def test_plan_memory_takes_the_processes(tmp_path: Path):
+    """-n 2 with distill.sharding=fsdp: the table per device, the trained networks' weights halved (2.7 MiB to 1.3)."""
+    r = cli("plan", "--memory", "-n", "2", "--set", f"store={tmp_path / 'store'}", "--set", "distill.sharding=fsdp")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].startswith("distill, per device, at distill.batch_size=64 on 2 processes (FSDP)")
+    rows = {line.split("  ")[0]: line.split() for line in lines[2:7]}
+    assert rows["generator"][1:3] == ["1.3", "MiB"] and rows["real score (frozen)"][3:5] == ["2.7", "MiB"]
+    assert "FSDP's largest unit made whole" in r.output and "DDP's gradient buckets" not in r.output
 
 
 @pytest.mark.skipif(psutil.virtual_memory().available > 70 * 2**30, reason="the machine could hold distill at batch 65,536")
@@ -252,3 +295,28 @@ def test_distill_refuses_a_batch_that_does_not_fit(tmp_path: Path):
 def test_batch_above_the_bound_is_refused_by_the_config(tmp_path: Path):
     r = run_cli("distill", "--set", f"store={tmp_path}", "--set", "distill.batch_size=1000000000", check=False, timeout=120)
     assert r.returncode == 2 and "distill.batch_size: Input should be less than or equal to 65536" in r.stderr
+
+
+def test_the_up_front_check_plans_for_the_processes_of_the_run(tmp_path: Path, monkeypatch):
+    """`dmd distill -n 3` and `dmd run -n 3` check distill's memory on the 3 processes it will run on."""
+    import stages.chain as chain
+    from dmd_core.errors import InputError
+    from flows.cli import app as flows_app
+    from stages.config import load_config
+
+    memory: list[tuple[str, int]] = []
+    monkeypatch.setattr(chain, "check_memory", lambda cfg, teacher, stage, n=1: memory.append((stage, n)))
+    chain.check(load_config(None, [f"store={tmp_path}"]), "distill", 3)
+    assert memory == [("generate", 3), ("distill", 3)]
+
+    checked: list[tuple[str, int]] = []
+
+    def stop(cfg, target, num_processes=1):
+        checked.append((target, num_processes))
+        raise InputError("checked")
+
+    monkeypatch.setattr(chain, "check", stop)
+    for args in (["distill", "-n", "3"], ["run", "-n", "3"]):
+        r = CliRunner().invoke(flows_app, [*args, "--set", f"store={tmp_path}"])
+        assert r.exit_code == 2 and "checked" in r.output, r.output
+    assert checked == [("distill", 3), ("export", 3)]
