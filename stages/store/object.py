@@ -65,6 +65,7 @@ class ObjectStore(Store):
         if not self.bucket.bucket:
             raise InputError(f"store {shown(url)} names no bucket. Fix: store: s3://BUCKET/PREFIX.")
         self.local = LocalStore(cache_folder(self.root))
+        self._just_read: dict[str, bytes] = {}  # manifest bytes read_manifest fetched, for the problems() call that follows
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.root!r})"
@@ -112,6 +113,8 @@ class ObjectStore(Store):
         if remote is None:
             return self.local.read_manifest(out)
         data = self._manifest_bytes(remote)
+        if data is not None:
+            self._just_read[remote] = data
         try:
             return None if data is None else Manifest.model_validate_json(data)
         except ValueError:
@@ -124,9 +127,11 @@ class ObjectStore(Store):
         remote = self._remote(out)
         if remote is None:
             return self.local.problems(out, m, deep)
-        data = self._manifest_bytes(remote)
+        data = self._just_read.pop(remote, None) or self._manifest_bytes(remote)
         if data is None:
             return [f"{MANIFEST} (missing in the bucket)"]
+        if Manifest.model_validate_json(data) != m:
+            return [f"{MANIFEST} (changed in the bucket since it was read)"]
         digest = hashlib.sha256(data).hexdigest()
         out = self.local._no_links_in(Path(out))
         record = {} if deep else _read_cached(out / CACHED, digest)
