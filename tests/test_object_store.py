@@ -323,6 +323,15 @@ def test_dmd_run_on_the_bucket_then_fully_cached(bucket, tmp_path, monkeypatch):
     another_machine(monkeypatch, tmp_path)
     ok = dmd("verify", *sets)
     assert "all outputs verify" in ok.stderr and ok.stdout.count("ok  ") == 6
+
+    # export redone on this machine once the first one is gone: its generator is found through the store
+    import shutil
+
+    store = open_store(f"s3://{bucket}/runs")
+    store.remove(store.output_dir("export", export.name))
+    shutil.rmtree(tmp_path / "cache")
+    redone = Path(dmd("export", *sets, "-q").stdout.strip().splitlines()[-1])
+    assert redone == store.output_dir("export", export.name) and store.verified(redone) is not None
     put_object(bucket, next(k for k in objects(bucket) if k.endswith("grid.png") and "/evaluate/" in k), b"not a png")
     failed = dmd("verify", *sets, check=False)
     assert failed.returncode == 1 and "FAIL  evaluate" in failed.stdout and "grid.png" in failed.stdout

@@ -47,10 +47,23 @@ SPEC = spec(STAGE)
 log = logging.getLogger("dmd")
 
 
+def generator_here(cfg: PipelineConfig, info: dict) -> str:
+    """The evaluated generator's folder on this machine. Evaluate records where it read it; an object store's
+    outputs live in each machine's own cache, so one recorded elsewhere is found (and fetched) through the store."""
+    gen, distilled = Path(info["generator_dir"]), Path(info.get("distill_dir") or "")
+    if gen.exists() or distilled.parent.name != "distill" or not gen.is_relative_to(distilled):
+        return str(gen)
+    store = open_store(cfg.store)
+    out = store.output_dir("distill", distilled.name)
+    if out == distilled or store.verified(out) is None:
+        return str(gen)  # not the store's (an evaluate.distill folder elsewhere): its absence is reported where it is read
+    return str(out / gen.relative_to(distilled))
+
+
 def plan(cfg: PipelineConfig, teacher: Teacher, evaluation: StageOutput) -> Plan:
     """Key = (export config, the evaluation's digest); every card carries its evaluation's metrics."""
     up = {"evaluate": evaluation.manifest.digest}
-    gen_dir = evaluation.manifest.info["generator_dir"]
+    gen_dir = generator_here(cfg, evaluation.manifest.info)
     key = SPEC.key(cfg, up)
     info = {"generator_dir": gen_dir, "teacher_digest": teacher.digest}
     return Plan(STAGE, key, open_store(cfg.store).output_dir(STAGE, key), up, {"teacher": str(teacher.path), "evaluate": str(evaluation.out_dir)}, info)
