@@ -2,5 +2,6 @@
 FROM python:3.11-slim
 WORKDIR /opt/dmd-pipeline
 COPY . .
-RUN pip install --no-cache-dir -e .
+# [s3]: s3fs, for store: s3://bucket/prefix (credentials come from the environment)
+RUN pip install --no-cache-dir -e '.[s3]'
 ENV PREFECT_SERVER_ANALYTICS_ENABLED=false

@@ -56,10 +56,10 @@ def given_output(cfg: PipelineConfig, s: StageSpec, path: str) -> StageOutput:
     up = spec(s.upstream)
     store = open_store(cfg.store)
     where = f"{s.section}.{s.input_key}"
-    d = Path(path)
-    if not d.is_dir():
-        raise InputError(f"{where}: no such directory {d}. Fix: run `dmd {up.name}` and pass the directory it prints.")
+    d = store.input_dir(path)
     listed = store.read_manifest(d)
+    if listed is None and not d.is_dir():
+        raise InputError(f"{where}: no such directory {d if d == Path(path) else path}. Fix: run `dmd {up.name}` and pass the directory it prints.")
     if listed is not None and listed.stage != up.name:
         raise InputError(f"{where}: {d} is a {listed.stage} output, not a {up.name} output. Fix: point it at a `dmd {up.name}` output directory.")
     m = store.verified(d)

@@ -258,6 +258,14 @@ def test_killed_at_a_publish_point_resumes_to_the_same_bytes(bucket, tmp_path, m
     assert not [p for p in cache.rglob("*") if ".partial" in p.name or ".tmp" in p.name or p.name == ".uploaded.json"]
 
 
+def test_an_output_named_by_its_url(bucket):
+    store = open_store(f"s3://{bucket}/runs")
+    out = build_once(store)
+    assert store.input_dir(f"s3://{bucket}/runs/reference/k1") == out == store.input_dir(f"s3://{bucket}/runs/reference/k1/")
+    for other in (f"s3://{bucket}/other/reference/k1", f"s3://{bucket}/runs/reference/.k1.partial", "/data/pairs"):
+        assert store.input_dir(other) == Path(other)
+
+
 def test_refusals(bucket, monkeypatch):
     with pytest.raises(InputError, match="no store for gs:// URLs"):
         open_store("gs://bucket/prefix")
@@ -306,6 +314,12 @@ def logged(path: Path) -> list[list[int]]:
     return [[int(x) for x in line.split()[1:]] for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def export_distill_key(store: ObjectStore, export: Path) -> str:
+    """The key of the distill output an export's evaluation came from."""
+    evaluation = Path(json.loads((export / MANIFEST).read_text())["info"]["evaluation"])
+    return Path(store.read_manifest(store.output_dir("evaluate", evaluation.name)).info["distill_dir"]).name
+
+
 @pytest.mark.slow
 def test_dmd_run_on_the_bucket_then_fully_cached(bucket, tmp_path, monkeypatch):
     """`dmd run --set store=s3://...` of the digits default (shrunk), then again: the second run downloads
@@ -332,6 +346,10 @@ def test_dmd_run_on_the_bucket_then_fully_cached(bucket, tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "cache")
     redone = Path(dmd("export", *sets, "-q").stdout.strip().splitlines()[-1])
     assert redone == store.output_dir("export", export.name) and store.verified(redone) is not None
+    # an explicit input by URL: the pairs in the bucket (distill is cached: same pairs, same key)
+    pairs = next(k for k in objects(bucket) if "/generate/" in k and k.endswith(MANIFEST)).split("/")[-2]
+    distilled = dmd("distill", *sets, "--set", f"distill.pairs=s3://{bucket}/runs/generate/{pairs}", "-q")
+    assert Path(distilled.stdout.strip().splitlines()[-1]) == store.output_dir("distill", export_distill_key(store, redone))
     put_object(bucket, next(k for k in objects(bucket) if k.endswith("grid.png") and "/evaluate/" in k), b"not a png")
     failed = dmd("verify", *sets, check=False)
     assert failed.returncode == 1 and "FAIL  evaluate" in failed.stdout and "grid.png" in failed.stdout

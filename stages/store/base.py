@@ -63,6 +63,11 @@ class Store(ABC):
     def digest(self, path: str | Path) -> str:
         """Digest of an input outside the store (a folder or a file: teacher, classifier, prompt file), remembered."""
 
+    def input_dir(self, path: str) -> Path:
+        """The folder of an output a setting names (``distill.pairs``, ``evaluate.distill``): a path, or (an
+        object store) one of the store's outputs by its URL."""
+        return Path(path)
+
     def verified(self, out: Path, deep: bool = False) -> Manifest | None:
         """The manifest if the output is complete and every checksum verifies, else None."""
         m = self.read_manifest(out)

@@ -86,6 +86,13 @@ class ObjectStore(Store):
     def final_dir(self, work: Path) -> Path:
         return self.local.final_dir(work)
 
+    def input_dir(self, path: str) -> Path:
+        """``s3://<root>/<stage>/<key>`` is that output's folder here (fetched when it is verified); else a path."""
+        rest = path[len(self.root) + 1 :].strip("/").split("/") if path.startswith(self.root + "/") else []
+        if len(rest) == 2 and not any(p.startswith(".") for p in rest):
+            return self.local.output_dir(*rest)
+        return Path(path)
+
     def _remote(self, out: Path) -> str | None:
         """The bucket folder of an output (``<stage>/<key>``); None for any other path (a work directory, an
         output a setting names outside the store): those are local directories."""
