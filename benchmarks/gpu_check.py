@@ -3,9 +3,31 @@
     python benchmarks/gpu_check.py --out results.json [--steps 300] [--batch 256]
     python benchmarks/gpu_check.py --out results.json --only t2i     # data/digits-t2i.yaml, all stages
     python benchmarks/gpu_check.py --out results.json --model cifar  # CIFAR-size teacher: precisions, compile, FLOP/s (gpu_cifar.py)
+    python benchmarks/gpu_check.py --out results.json --parts memory # distill's memory settings at SD v1.5 size, measured and planned
 
 Uses the embedded digits default (or the text-to-image one) with a temporary store. Prints and writes
 one JSON object.
+
+``--parts memory`` (alone): one DMD iteration of SD v1.5's UNet (random weights, 512 x 512, batch 4, bf16 autocast,
+CFG 3) with each of distill's memory settings (MEMORY_OPTIONS: full, LoRA 64, 8-bit AdamW, gradient checkpointing,
+DDP x2, FSDP x2, FSDP x2 with checkpointing), its peak per process (``torch.cuda.max_memory_allocated``) beside
+dmd_core.memory's prediction (benchmarks/sd15_memory.py, ``options``; on one GPU the 2-process rows run rank 0 under
+torch's fake process group). Without a GPU it runs the same code at a tiny size on the CPU (a smoke run).
+The GPU machine's Python lacks diffusers, webdataset, pydantic, lpips and bitsandbytes: carry them as wheels
+(/work/.library/device/README.md), bitsandbytes trimmed to the CUDA 13.0 library its torch loads (43 MB -> 7 MB;
+the working tree and the wheels travel within 64 MiB). Here, once, in the repository's root:
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 webdataset==1.0.2 braceexpand==0.1.7 \
+        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 lpips==0.1.4 bitsandbytes==0.50.2
+    zip -d .whl/bitsandbytes-*.whl 'bitsandbytes/libbitsandbytes_cuda1[12]*' 'bitsandbytes/libbitsandbytes_rocm*'
+
+and the device run (carry [".whl"], about 5 minutes):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PWD || exit; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --parts memory --out $OUT/memory.json
 """
 
 from __future__ import annotations
@@ -51,6 +73,20 @@ def t2i_check(store: str, res: dict) -> None:
     res["metrics"] = {k: v for k, v in m.info["metrics"].items() if isinstance(v, (int, float))}
 
 
+MEMORY_OPTIONS = ("full", "lora64", "adamw8bit", "checkpointing", "ddp2", "fsdp2", "fsdp2_checkpointing")
+
+
+def memory_check(res: dict, save=lambda res: None, batch: int = 4, repeats: int = 2) -> None:
+    """SD v1.5's DMD iteration with each of MEMORY_OPTIONS: measured peak per process and the plan's prediction
+    (sd15_memory.py's options rows), ``save(res)`` after each; tiny configs on the CPU."""
+    from sd15_memory import option_rows
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    res["memory"] = {"configs": "SD v1.5 (random weights)" if device == "cuda" else "tiny (smoke run)", "options": []}
+    rows = res["memory"]["options"]
+    option_rows(device == "cpu", device, list(MEMORY_OPTIONS), batch, repeats, save=lambda row: (rows.append(row), save(res)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -59,13 +95,17 @@ def main() -> None:
     ap.add_argument("--only", choices=["digits", "t2i"], default="digits")
     ap.add_argument("--model", choices=["digits", "cifar"], default="digits", help="cifar: the CIFAR-size speed check (benchmarks/gpu_cifar.py)")
     ap.add_argument("--parts", default="generate,iteration,one_step",
-                    help="cifar: comma-separated parts: generate, iteration (fp32, bf16, bf16 compiled), iteration-eager (fp32, bf16), "
+                    help="memory (any model, alone): distill's memory settings at SD v1.5 size, measured and planned; cifar: comma-separated parts: generate, iteration (fp32, bf16, bf16 compiled), iteration-eager (fp32, bf16), "
                          "iteration-bf16 (bf16, bf16 compiled, each profiled), iteration-cudagraphs (bf16, bf16 compiled as CUDA graphs, each profiled), profile (torch.profiler: bf16 iteration and generate), one_step")
     ap.add_argument("--generate-samples", type=int, default=None,
                     help="cifar: images per generate run (default: 1,024-2,048 per precision); with it, only tf32 and bf16 run, each cold then warm")
     args = ap.parse_args()
     store = tempfile.mkdtemp(prefix="dmd-gpu-")
     res: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+    if "memory" in args.parts.split(","):
+        memory_check(res, save=lambda r: Path(args.out).write_text(json.dumps(r, indent=2)))
+        print(json.dumps(res, indent=2), flush=True)
+        return
     if args.model == "cifar":
         from gpu_cifar import cifar_check
 

@@ -2,10 +2,11 @@
 
     python benchmarks/sd15_memory.py --out sd15.json            # on a GPU
     python benchmarks/sd15_memory.py --tiny --out /tmp/t.json   # a smoke run of the same code on CPU
+    python benchmarks/sd15_memory.py --parts options --out o.json   # distill's memory settings only
 
 No weights are downloaded: the UNet and VAE are built from SD v1.5's published configs (below) with
-random initialisation, which has the same memory and time as the trained weights. Two measurements,
-each at batch 1 and 4, with and without gradient checkpointing:
+random initialisation, which has the same memory and time as the trained weights. Three measurements; the
+first two each at batch 1 and 4, with and without gradient checkpointing:
 
 - ``unet``: one forward + backward of the UNet (float32 weights, bf16 autocast: what
   ``distill.mixed_precision=bf16`` runs), the activation cost one trainable network adds;
@@ -15,9 +16,19 @@ each at batch 1 and 4, with and without gradient checkpointing:
   VAE-decoded images (random VGG backbone; same cost) resized to ``lpips_resolution``. The generator runs on
   the DM batch and the regression batch together (2B latents), as distill does.
 
+- ``options``: one DMD iteration per distill memory setting (``OPTIONS``: full, gradient checkpointing, LoRA rank 16
+  and 64, bitsandbytes' 8-bit AdamW, DDP over 2 processes, FSDP over 2, FSDP over 2 with checkpointing) at
+  ``--options-batch``, its networks built as distill builds them (no template, no VAE; pseudo-Huber on latents,
+  CFG 3, bf16 autocast, bfloat16 frozen score), the peak per process measured from before the networks exist,
+  beside dmd_core.memory's prediction for the same settings (``predicted_over_measured``). The DDP and FSDP rows
+  run 2 processes (gloo on CPU, NCCL on 2 GPUs), or on one GPU rank 0 alone under torch's fake process group
+  (NCCL refuses two processes on one GPU; the collectives move no data, their buffers are allocated as in a real
+  run): ``--launch``. The 8-bit row needs bitsandbytes (0.50.2 ran it on CPU too).
+
 Prompt embeddings come from the prompt table (computed once before training), so the text encoder is not
 resident during training and is not counted. Peak memory is ``torch.cuda.max_memory_allocated`` over the
-timed iterations (after the optimizers' states exist); time is the mean of the timed iterations.
+timed iterations (after the optimizers' states exist; ``options``: less what was allocated before the row); on
+CPU (``options`` only) torch's allocator events; time is the mean of the timed iterations.
 """
 
 from __future__ import annotations
@@ -368,12 +379,15 @@ def option_rows(tiny: bool, device: str, names: list[str], batch: int, repeats: 
     for name in names:
         o = OPTIONS[name]
         row = {"option": name, "batch": batch}
-        if o.optimizer == "adamw8bit" and (device != "cuda" or importlib.util.find_spec("bitsandbytes") is None):
-            row["skipped"] = "needs a CUDA GPU and bitsandbytes"
-        elif o.processes > 1:
-            row |= guarded(distributed_row, tiny, device, o, batch, 1, repeats, launch)
-        else:
-            row |= guarded(option_row, tiny, device, o, batch, 1, repeats)
+        try:
+            if o.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+                row["skipped"] = "needs bitsandbytes"
+            elif o.processes > 1:
+                row |= guarded(distributed_row, tiny, device, o, batch, 1, repeats, launch)
+            else:
+                row |= guarded(option_row, tiny, device, o, batch, 1, repeats)
+        except Exception as e:  # one option failing must not lose the others' numbers
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         t0 = time.perf_counter()
         plan = dmd_step(probes, o.settings(batch, plan_teacher.param.image_shape))
         row |= {"predicted_bytes": plan.total, "plan_s": round(time.perf_counter() - t0, 1), "predicted_gib": round(plan.total / 2**30, 3)}

@@ -29,7 +29,8 @@ On several processes: with DDP (distill.sharding=none) each process also keeps D
 copy of the trained gradients (Accelerate's DDP has no gradient_as_bucket_view); with FSDP (fsdp) the generator's
 and the fake score's weights, gradients, optimizer states and EMA are split over the processes, and each FSDP unit's
 weights are made whole while it runs (the largest unit, twice: the gather's buffer and the unsharded weights).
-Optimizer states are 8 bytes per trained parameter (AdamW's two float32 moments) or 2 (bitsandbytes' 8-bit AdamW).
+Optimizer states are 8 bytes per trained parameter (AdamW's two float32 moments) or, with bitsandbytes' 8-bit AdamW,
+2 and a float32 scale per 256 values of each moment (tensors under 4,096 values keep float32 moments).
 Checked on 2 CPU processes (benchmarks/sd15_memory.py --tiny): within 2% of the measured peak for DDP and FSDP.
 """
 
@@ -57,8 +58,17 @@ GIB = 2**30
 FAKE_ABOVE = 2**26  # bytes of the teacher's weights
 FAKE_SAMPLE_ABOVE = 2**12  # values of one sample in model space (digits: 64; SD v1.5: 16,384)
 ADAMW_BYTES = 8  # optimizer bytes per trainable parameter: AdamW's two float32 moments
-ADAMW_8BIT_BYTES = 2  # bitsandbytes' 8-bit AdamW: two one-byte moments (block scales are negligible)
-OPTIMIZER_BYTES = {"adamw": ADAMW_BYTES, "adamw8bit": ADAMW_8BIT_BYTES}  # by distill.optimizer
+ADAMW_8BIT_BYTES = 2  # bitsandbytes' 8-bit AdamW: two one-byte moments,
+BNB_BLOCK = 256  # each with a float32 scale per block of this many values,
+BNB_MIN_8BIT = 4096  # for tensors of at least this many values (smaller ones keep AdamW's float32 moments)
+
+
+def optimizer_bytes(kind: str, params: int, small: int = 0) -> float:
+    """Optimizer state bytes of ``params`` trained parameters, ``small`` of them in tensors below ``BNB_MIN_8BIT``
+    values, for distill.optimizer ``kind`` (adamw, adamw8bit)."""
+    if kind == "adamw8bit":
+        return small * ADAMW_BYTES + (params - small) * (ADAMW_8BIT_BYTES + 2 * 4 / BNB_BLOCK)
+    return params * ADAMW_BYTES
 
 
 # ---------------------------------------------------------------- measuring one call
@@ -173,10 +183,12 @@ def tensor_bytes(modules: Iterable[torch.nn.Module]) -> int:
     return sum(seen.values())
 
 
-def trainable(module: torch.nn.Module) -> tuple[int, int]:
-    """(parameters, bytes) of what trains in ``module``: those that require gradients."""
+def trainable(module: torch.nn.Module) -> dict[str, int]:
+    """Parameters and bytes of what trains in ``module`` (those that require gradients), and the parameters of it
+    in tensors too small for 8-bit optimizer states: NetworkMemory's fields."""
     ps = [p for p in module.parameters() if p.requires_grad]
-    return sum(p.numel() for p in ps), sum(p.numel() * p.element_size() for p in ps)
+    return {"trainable_params": sum(p.numel() for p in ps), "trainable_bytes": sum(p.numel() * p.element_size() for p in ps),
+            "small_params": sum(p.numel() for p in ps if p.numel() < BNB_MIN_8BIT)}  # fmt: skip
 
 
 def on_fake_tensors(module: torch.nn.Module, mode) -> torch.nn.Module:
@@ -229,19 +241,20 @@ class NetworkMemory:
     trainable_bytes: int = 0
     activations: int = 0
     unit: int = 0
+    small_params: int = 0  # trained parameters in tensors below BNB_MIN_8BIT values
 
 
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
     """One training iteration's memory per device. ``phases``: each update's activations and gradients at its
-    peak (bytes, per device); the iteration needs ``resident`` plus the largest phase. ``optimizer_bytes``: per
-    trainable parameter; ``shards``: FSDP's processes, over which the trainable networks' weights, gradients and
+    peak (bytes, per device); the iteration needs ``resident`` plus the largest phase. ``optimizer_kind``:
+    distill.optimizer (``optimizer_bytes``); ``shards``: FSDP's processes, over which the trainable networks' weights, gradients and
     states are split; ``gathered``: FSDP's whole units in each phase (bytes)."""
 
     networks: tuple[NetworkMemory, ...]
     phases: dict[str, int]
     other: dict[str, int] = dataclasses.field(default_factory=dict)
-    optimizer_bytes: float = ADAMW_BYTES
+    optimizer_kind: str = "adamw"
     shards: int = 1
     gathered: int = 0
 
@@ -252,7 +265,7 @@ class StepMemory:
         return math.ceil(n.trainable_bytes / self.shards)
 
     def optimizer(self, n: NetworkMemory) -> int:
-        return math.ceil(n.trainable_params * self.optimizer_bytes / self.shards)
+        return math.ceil(optimizer_bytes(self.optimizer_kind, n.trainable_params, n.small_params) / self.shards)
 
     @property
     def resident(self) -> int:
@@ -323,7 +336,7 @@ class StepSettings:
     gan: bool = False
     accumulation: int = 1
     data_bytes_per_sample: int = 0  # a pair's bytes on the device (noise and image), read one step ahead
-    optimizer: str = "adamw"  # "adamw8bit": bitsandbytes' 8-bit moments (OPTIMIZER_BYTES)
+    optimizer: str = "adamw"  # "adamw8bit": bitsandbytes' 8-bit moments (optimizer_bytes)
     processes: int = 1
     sharding: str = "none"  # "fsdp": the generator and the fake score split over the processes; "none": DDP
 
@@ -407,7 +420,7 @@ class DMDProbes:
                 _, z, labels = self.draws(n, 0)
                 return one_step(gen, z, labels).float().square().mean()
 
-            return call, [gen], NetworkMemory("generator", tensor_bytes([gen]), *trainable(gen), unit=self.largest_unit(gen))
+            return call, [gen], NetworkMemory("generator", tensor_bytes([gen]), **trainable(gen), unit=self.largest_unit(gen))
 
         return self._probe(("generator", s.gradient_checkpointing, s.generator_lora), build, s)
 
@@ -422,7 +435,7 @@ class DMDProbes:
                 rng, x, labels = self.draws(n, 10)
                 return loss(fake, x, labels, rng)
 
-            return call, [fake], NetworkMemory("fake score", tensor_bytes([fake]), *trainable(fake), unit=self.largest_unit(fake))
+            return call, [fake], NetworkMemory("fake score", tensor_bytes([fake]), **trainable(fake), unit=self.largest_unit(fake))
 
         return self._probe(("fake update", s.gradient_checkpointing, s.fake_lora), build, s)
 
@@ -519,7 +532,7 @@ def dmd_step(probes: DMDProbes, s: StepSettings) -> StepMemory:
         other["DDP's gradient buckets"] = g.trainable_bytes + f.trainable_bytes
     nets = tuple(n for n in nets if n.weights or n.activations)
     phases = {"generator update": generator_phase, "fake-score update": fake_phase}
-    return StepMemory(nets, phases, other, OPTIMIZER_BYTES[s.optimizer], s.shards, gathered)
+    return StepMemory(nets, phases, other, s.optimizer, s.shards, gathered)
 
 
 def largest_batch(plan_at: Callable[[int], StepMemory], have: int, limit: int) -> int:
