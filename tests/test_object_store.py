@@ -378,3 +378,33 @@ def test_a_stage_killed_after_its_local_move_resumes_to_the_same_bytes(bucket, t
     run_cli("distill", "--config", str(cfg), "-q")
     assert products(bucket) == products(ref) and any("/distill/" in k for k in products(ref))
     assert not [k for k in objects(bucket) if ".partial/" in k or k.endswith(".lock")]
+
+
+@pytest.mark.slow
+def test_two_identical_runs_at_once_build_once(bucket, tmp_path, edm_teacher):
+    """Two `dmd generate` of one config on the bucket: the second waits on the first's lock object and then
+    reuses its output (it neither builds nor takes the lock over). The first is paused (SIGSTOP, for less than
+    the lease) once it holds the lock, until the second says it waits: the two overlap however fast each is."""
+    from conftest import write_config
+
+    cfg = write_config(tmp_path / "c.yaml", edm_teacher, f"s3://{bucket}/runs")
+    args = [sys.executable, "-m", "stages", "generate", "--config", str(cfg)]
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=logs[0].open("w"), text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not [k for k in objects(bucket) if k.endswith(".lock")]:
+        time.sleep(0.02)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=logs[1].open("w"), text=True)
+        while time.time() < deadline and "waiting: generate" not in logs[1].read_text() and second.poll() is None:
+            time.sleep(0.05)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    out1, out2 = first.communicate(timeout=600)[0], second.communicate(timeout=600)[0]
+    err1, err2 = (p.read_text() for p in logs)
+    assert first.returncode == 0 and second.returncode == 0, err1[-2000:] + err2[-2000:]
+    assert out1.strip().splitlines()[-1] == out2.strip().splitlines()[-1]
+    assert "waiting: generate" in err2 and f"pid {first.pid}" in err2 and "took over" not in err2 + err1
+    manifests = [k for k in objects(bucket) if k.endswith(MANIFEST)]
+    assert len(manifests) == 1 and "/generate/" in manifests[0]
