@@ -333,6 +333,10 @@ def test_dmd_run_on_the_bucket_then_fully_cached(bucket, tmp_path, monkeypatch):
     assert Path(again.stdout.strip().splitlines()[-1]) == export
     assert [h for h, in logged(hashed)] == [0] * len(logged(hashed)) and logged(hashed)
     assert [down for down, _ in logged(moved)] == [0] * len(logged(moved)) and logged(moved)
+    hashed.unlink(), moved.unlink()
+    chained = dmd("export", *sets, "-q", env={files.HASH_LOG: str(hashed), "DMD_TRANSFER_LOG": str(moved)})  # no Prefect record: the store's own check
+    assert Path(chained.stdout.strip().splitlines()[-1]) == export
+    assert logged(hashed) == [[0]] and [down for down, _ in logged(moved)] == [0]
 
     another_machine(monkeypatch, tmp_path)
     ok = dmd("verify", *sets)

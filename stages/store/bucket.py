@@ -164,9 +164,11 @@ class Bucket:
             self.fs.put([p for p, _ in pairs], [self.path(r) for _, r in pairs])
             TRANSFERRED.up += sum(os.path.getsize(p) for p, _ in pairs)
 
-    def download(self, rel: str, local: str) -> None:
-        self.fs.get_file(self.path(rel), local)
-        TRANSFERRED.down += os.path.getsize(local)
+    def download_many(self, pairs: list[tuple[str, str]]) -> None:
+        """(relative object path, local file) pairs, downloaded concurrently."""
+        if pairs:
+            self.fs.get([self.path(r) for r, _ in pairs], [p for _, p in pairs])
+            TRANSFERRED.down += sum(os.path.getsize(p) for _, p in pairs)
 
     def copy(self, pairs: list[tuple[str, str]]) -> None:
         """Server-side copies, (from, to) relative paths."""

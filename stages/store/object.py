@@ -137,14 +137,18 @@ class ObjectStore(Store):
         data = self._just_read.pop(remote, None) or self._manifest_bytes(remote)
         if data is None:
             return [f"{MANIFEST} (missing in the bucket)"]
-        if Manifest.model_validate_json(data) != m:
-            return [f"{MANIFEST} (changed in the bucket since it was read)"]
+        try:
+            if Manifest.model_validate_json(data) != m:
+                return [f"{MANIFEST} (changed in the bucket since it was read)"]
+        except ValueError:
+            return [f"{MANIFEST} (unreadable)"]
         digest = hashlib.sha256(data).hexdigest()
         out = self.local._no_links_in(Path(out))
         record = {} if deep else _read_cached(out / CACHED, digest)
         objects = self.bucket.listing(remote)
         bad: list[str] = []
         fresh: dict[str, list] = {}
+        fetch: list[tuple[str, str, str]] = []  # (name, sha256, ETag) of the files to download
         for f in m.files:
             if not plain_name(f.name):
                 bad.append(f"{f.name} (outside the output)")
@@ -163,10 +167,13 @@ class ObjectStore(Store):
             if obj[0] != f.size:
                 bad.append(f"{f.name} (size {obj[0]} in the bucket, {f.size} in the manifest)")
                 continue
-            if not self._fetch(f"{remote}/{f.name}", path, f.sha256):
-                bad.append(f.name)
-                continue
-            fresh[f.name] = [*_stat_key(path), f.sha256, obj[1]]
+            fetch.append((f.name, f.sha256, obj[1]))
+        # an object's ETag as listed before its download: one replaced meanwhile fails its next check, not this one
+        for (name, sha, etag), ok in zip(fetch, self._fetch(remote, out, [(n, s) for n, s, _ in fetch])):
+            if ok:
+                fresh[name] = [*_stat_key(out / name), sha, etag]
+            else:
+                bad.append(name)
         listed = {f.name for f in m.files}
         bad += [f"{n} (not in the manifest)" for n in self.required(m) if n not in listed]
         if not bad:
@@ -176,21 +183,26 @@ class ObjectStore(Store):
                 _write_cached(out / CACHED, digest, fresh)
         return bad
 
-    def _fetch(self, rel: str, path: Path, sha256: str) -> bool:
-        """Download an object to ``path`` if its bytes have ``sha256`` (a damaged object never replaces a copy here)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_sibling(path)
+    def _fetch(self, remote: str, out: Path, files: list[tuple[str, str]]) -> list[bool]:
+        """Download (name, sha256) files of the output ``remote`` into ``out``, concurrently, each under a temporary
+        name renamed once its bytes have the sha256 (a damaged object never replaces a copy here); whether each did."""
+        if not files:
+            return []
+        tmps = [tmp_sibling(out / n) for n, _ in files]
+        for t in tmps:
+            t.parent.mkdir(parents=True, exist_ok=True)
+        done = []
         try:
-            self.bucket.download(rel, str(tmp))
-            ok = sha256_file(tmp) == sha256
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        if not ok:
-            tmp.unlink()
-            return False
-        os.replace(tmp, path)
-        return True
+            self.bucket.download_many([(f"{remote}/{n}", str(t)) for (n, _), t in zip(files, tmps)])
+            for (name, sha), tmp in zip(files, tmps):
+                ok = sha256_file(tmp) == sha
+                if ok:
+                    os.replace(tmp, out / name)
+                done.append(ok)
+        finally:
+            for t in tmps:
+                t.unlink(missing_ok=True)
+        return done
 
     def digest(self, path: str | Path) -> str:
         return self.local.digest(path)
