@@ -31,7 +31,8 @@ and the fake score's weights, gradients, optimizer states and EMA are split over
 weights are made whole while it runs (the largest unit, twice: the gather's buffer and the unsharded weights).
 Optimizer states are 8 bytes per trained parameter (AdamW's two float32 moments) or, with bitsandbytes' 8-bit AdamW,
 2 and a float32 scale per 256 values of each moment (tensors under 4,096 values keep float32 moments).
-Checked on 2 CPU processes (benchmarks/sd15_memory.py --tiny): within 2% of the measured peak for DDP and FSDP.
+On the CPU (benchmarks/sd15_memory.py --tiny): within 1% of the measured peak for DDP on 2 gloo processes and for FSDP
+under torch's fake process group; 2 gloo processes with FSDP measured 4-16% more (what gloo's collectives hold).
 """
 
 from __future__ import annotations
