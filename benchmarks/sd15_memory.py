@@ -212,11 +212,12 @@ class Option:
 
     def settings(self, batch: int, shape: tuple[int, ...]) -> StepSettings:
         """The plan's settings of the iteration ``option_step`` runs (pseudo-Huber on latents, CFG 3, bf16 autocast,
-        bfloat16 frozen score, no EMA; its reference pairs: one step's, 4 bytes a value)."""
+        bfloat16 frozen score, no EMA; its float32 reference pairs are one step's, where distill holds two steps':
+        half a pair's bytes per sample)."""
         lora = LoraSettings(self.lora) if self.lora else None
         return StepSettings(
             batch=batch, regression=True, guidance_scale=3.0, mixed_precision="bf16", gradient_checkpointing=self.checkpointing,
-            frozen_dtype=torch.bfloat16, generator_lora=lora, fake_lora=lora, data_bytes_per_sample=2 * math.prod(shape),
+            frozen_dtype=torch.bfloat16, generator_lora=lora, fake_lora=lora, data_bytes_per_sample=4 * math.prod(shape),
             optimizer=self.optimizer, processes=self.processes, sharding=self.sharding,
         )  # fmt: skip
 
