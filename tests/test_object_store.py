@@ -163,10 +163,10 @@ def test_no_manifest_no_output(bucket, tmp_path):
 def test_two_builders_at_once_build_once(bucket, tmp_path, monkeypatch):
     """Two processes, a build longer than the lease: the second waits (the first's heartbeat keeps its lease)
     and then reuses the output."""
-    monkeypatch.setenv("DMD_LOCK_LEASE_S", "1")
+    monkeypatch.setenv("DMD_LOCK_LEASE_S", "1.5")
     log = tmp_path / "builds.log"
     store = open_store(f"s3://{bucket}/runs")
-    pids = [fork(lambda: build_once(open_store(f"s3://{bucket}/runs"), log=log, seconds=2.5)) for _ in range(2)]
+    pids = [fork(lambda: build_once(open_store(f"s3://{bucket}/runs"), log=log, seconds=3.5)) for _ in range(2)]
     codes = [os.waitpid(pid, 0)[1] for pid in pids]
     assert codes == [0, 0]
     assert len(log.read_text().splitlines()) == 1
@@ -202,8 +202,8 @@ def test_a_dead_holder_of_this_host_is_taken_over_at_once(bucket, caplog):
 
 
 def test_a_live_holder_is_waited_for_across_leases(bucket, monkeypatch):
-    """A holder that beats keeps its lock for 4 leases; the waiter enters only after it is released."""
-    monkeypatch.setenv("DMD_LOCK_LEASE_S", "0.4")
+    """A holder that beats keeps its lock for 2.5 leases; the waiter enters only after it is released."""
+    monkeypatch.setenv("DMD_LOCK_LEASE_S", "1")
     store = open_store(f"s3://{bucket}/runs")
     out = store.side_dir("reference", "k1")
     times: dict[str, float] = {}
@@ -212,7 +212,7 @@ def test_a_live_holder_is_waited_for_across_leases(bucket, monkeypatch):
     def hold():
         with store.lock(out):
             entered.set()
-            time.sleep(1.6)
+            time.sleep(2.5)
             times["released"] = time.monotonic()
 
     t = threading.Thread(target=hold)
