@@ -266,7 +266,19 @@ class DistillConfig(Section):
         if ts and t is not None and ts[0] != t:
             raise ValueError(f"distill.generator_timesteps starts at {ts[0]} but distill.generator_timestep is {t}. Fix: drop one of them")
         self._lora_rules()
+        self._sharding_rules()
         return self
+
+    def _sharding_rules(self) -> None:
+        """FSDP shards the generator and the fake score: not the networks outside them (the GAN head, the probe's
+        copy), nor with compiling or fp16's loss scaling, which wrap them otherwise."""
+        if self.sharding != "fsdp":
+            return
+        for on, name in [(self.gan, "distill.gan"), (self.eval_every, "distill.eval_every"), (self.compile, "distill.compile"),
+                         (self.mixed_precision == "fp16", "distill.mixed_precision=fp16")]:  # fmt: skip
+            if on:
+                fix = "use distill.mixed_precision=bf16" if name.endswith("fp16") else f"drop {name}"
+                raise ValueError(f"{name} does not run with distill.sharding=fsdp. Fix: {fix}, or distill.sharding=none")
 
     def _lora_rules(self) -> None:
         """The adapter's settings need a rank to apply to; target patterns must be regular expressions."""

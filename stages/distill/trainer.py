@@ -43,6 +43,7 @@ from ..contract import Plan, StageOutput, Teacher
 from ..prompt_rows import pair_rows, plan_rows, prompt_rows
 from ..quality import QualityProbe
 from ..store import open_store
+from . import sharding
 from .real_latents import real_set as load_real_set
 
 # SampleRNG streams: independent draws for each purpose.
@@ -122,6 +123,19 @@ def generator_parametrization(d: DistillConfig, teacher: Parametrization, num_ti
         raise InputError(f"distill.generator_timesteps: {e}") from None
 
 
+def check_shardable(d: DistillConfig, world: int) -> None:
+    """distill.sharding=fsdp needs several processes (DistillConfig refuses the settings it does not run with)."""
+    if world < 2:
+        raise InputError("distill.sharding=fsdp splits the networks over the processes; this run has 1. Fix: --num-processes 2 (or more), or distill.sharding=none.")
+
+
+def with_network(den: Denoiser, net: torch.nn.Module) -> Denoiser:
+    """A shallow copy of ``den`` around another network of the same structure (the prompt rows stay shared)."""
+    out = copy.copy(den)
+    out._modules = {**den._modules, "unet": net}
+    return out
+
+
 class Trainer:
     """Holds the networks, optimizers and data of one distill run; ``step()`` is one DMD iteration."""
 
@@ -184,7 +198,16 @@ class Trainer:
             set_trainable(net, net.unet)  # everything, or (LoRA) the adapter and the GAN head
             net.train()
         opt = lambda net, o: make_optimizer([p for p in net.parameters() if p.requires_grad], o, d.optimizer)  # noqa: E731
-        self.gen, self.fake, self.opt_g, self.opt_f = accelerator.prepare(gen, fake, opt(gen, d.generator_optimizer), opt(fake, d.fake_optimizer))
+        self.sharded = d.sharding == "fsdp"
+        if self.sharded:  # in place, then optimizers over the shards; not Accelerate's to wrap (sharding.py says why)
+            check_shardable(d, accelerator.num_processes)
+            self.frames = {"generator": sharding.skeleton(gen.unet), "fake_score": sharding.skeleton(fake.unet)}
+            device_mesh = sharding.mesh(dev, accelerator.num_processes)
+            for net in (gen, fake):
+                sharding.shard(net.unet, device_mesh)
+            self.gen, self.fake, self.opt_g, self.opt_f = gen, fake, opt(gen, d.generator_optimizer), opt(fake, d.fake_optimizer)
+        else:
+            self.gen, self.fake, self.opt_g, self.opt_f = accelerator.prepare(gen, fake, opt(gen, d.generator_optimizer), opt(fake, d.fake_optimizer))
         # the EMA follows what trains: the whole network, or (LoRA) the adapter's A and B
         self.ema = {k: v.detach().clone().float() for k, v in trainable_state(self.unwrap(self.gen).unet).items()} if d.ema_decay else None
         reg_loss = regression_loss_fn(d) if d.regression_weight > 0 else None
@@ -212,6 +235,20 @@ class Trainer:
 
     def unwrap(self, net):
         return self.acc.unwrap_model(net)
+
+    def whole_networks(self) -> dict[str, Denoiser] | None:
+        """The generator, the fake score and (with an EMA) the EMA generator, whole, for saving: the trained networks
+        themselves, or (distill.sharding=fsdp) copies gathered on the main process's CPU (None elsewhere; every
+        process calls it)."""
+        gen, fake = self.unwrap(self.gen), self.unwrap(self.fake)
+        if not self.sharded:
+            return {"generator": gen, "fake_score": fake}
+        nets = {"generator": sharding.gathered(gen.unet, self.frames["generator"]), "fake_score": sharding.gathered(fake.unet, self.frames["fake_score"])}
+        if self.ema is not None:
+            nets["ema"] = sharding.gathered(gen.unet, self.frames["generator"], self.ema)
+        if not self.acc.is_main_process:
+            return None
+        return {name: with_network(gen if name != "fake_score" else fake, net) for name, net in nets.items()}
 
     def training_prompt_rows(self, device) -> PromptRows | None:
         """Text-to-image: the rows of the prompts the pairs were made with (the DM term draws from them too)."""
@@ -359,7 +396,7 @@ class Trainer:
             acc, self.fake, self.opt_f, self.fake_loss, self.fake_batches(step, xs, labels_dm), d.fake_updates_per_generator_update,
             d.gradient_accumulation_steps, d.max_grad_norm, sums, self.discriminator, d.gan_weight_discriminator,
         )  # fmt: skip
-        norms = {"grad_norm_g": norm_g, "grad_norm_fake": norm_fake}  # the fake score's: its last update's
+        norms = {"grad_norm_g": sharding.whole(norm_g), "grad_norm_fake": sharding.whole(norm_fake)}  # the fake score's: its last update's
         if self.ema is not None:
             with record_function("dmd.ema"):
                 self.update_ema()
