@@ -225,18 +225,20 @@ def add_tiny_evaluate(cfg: Path, batch_size: int = 25) -> Path:
     return cfg
 
 
-def first_step_one_and_two_processes(cfg: Path, tmp: Path, global_batch: int = 8) -> tuple[str, str]:
-    """tests/distill_first_step.py on 1 process and under accelerate launch on 2: the two output files."""
+def first_step(cfg: Path, out: Path, processes: int = 1, sets: tuple[str, ...] = (), global_batch: int = 8) -> str:
+    """tests/distill_first_step.py on 1 process, or under accelerate launch on ``processes``, with ``sets``: its output file."""
     from stages.launch import free_port
 
-    one, two = str(tmp / "one.safetensors"), str(tmp / "two.safetensors")
-    script = str(ROOT / "tests" / "distill_first_step.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, script, str(cfg), str(global_batch), one], check=True, cwd=ROOT, env=env)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]  # fmt: skip
-    subprocess.run([*launch, script, str(cfg), str(global_batch), two], check=True, cwd=ROOT, env=env)
-    return one, two
+    script, env = str(ROOT / "tests" / "distill_first_step.py"), {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())] if processes > 1 else [sys.executable]  # fmt: skip
+    subprocess.run([*launch, script, str(cfg), str(global_batch), str(out), *sets], check=True, cwd=ROOT, env=env)
+    return str(out)
+
+
+def first_step_one_and_two_processes(cfg: Path, tmp: Path, global_batch: int = 8) -> tuple[str, str]:
+    """tests/distill_first_step.py on 1 process and under accelerate launch on 2: the two output files."""
+    return first_step(cfg, tmp / "one.safetensors", 1, (), global_batch), first_step(cfg, tmp / "two.safetensors", 2, (), global_batch)
 
 
 # ---------------------------------------------------------------- text-to-image teachers (SD, SDXL, SD3, Flux)

@@ -86,7 +86,7 @@ def test_compiled_networks_get_one_static_graph_per_batch_size_and_keep_it(tmp_p
         tr.restart_data(0)
         for step in range(2):
             tr.step(step)
-        distill.outputs.save_networks(tr, tmp_path / "checkpoint")  # saving must not change what the graphs were traced under
+        distill.outputs.save_networks(tr.whole_networks(), tr.best, tmp_path / "checkpoint")  # saving must not change what the graphs were traced under
         tr.step(2)
     finally:
         torch._dynamo.reset()

@@ -35,7 +35,7 @@ from ..store import Store, open_store
 from .checkpoints import CHECKSUMS, CheckpointManager, checkpoint_problem
 from .outputs import finalize, sample_grid
 from .real_latents import real_spec
-from .trainer import Trainer, TrainingDiverged, generator_parametrization
+from .trainer import Trainer, TrainingDiverged, check_shardable, generator_parametrization
 
 __all__ = ["Trainer", "TrainingDiverged", "build", "check", "checkpoint_problem", "plan", "run_distributed"]
 
@@ -88,6 +88,10 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
         problem = checkpoint_problem(ckpt) if (ckpt / CHECKSUMS).is_file() else None  # older checkpoints have no checksums
         if problem:
             raise InputError(f"distill.resume_from: the checkpoint {ckpt} does not verify: {problem}. Fix: point it at another checkpoint.")
+
+
+def check_processes(cfg: PipelineConfig, num_processes: int) -> None:
+    check_shardable(cfg.distill, num_processes)
 
 
 def check_optimizer(d: DistillConfig) -> None:
@@ -236,7 +240,7 @@ def train(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | Non
     ckpt, start, rows = checkpoints.restore(tr)
     if start >= d.steps and not d.resume_from:  # training had finished; only its outputs were lost or damaged
         log.info("distill: rebuilding the outputs from the final checkpoint %s", ckpt)
-        return finalize(cfg, p, tr, rows, timer.seconds) if acc.is_main_process else None
+        return finalize(cfg, p, tr, rows, timer.seconds)
     if start >= d.steps:
         raise InputError(f"the checkpoint {ckpt} is already at step {start} >= distill.steps={d.steps}. Fix: raise distill.steps.")
     (p.out_dir / "samples").mkdir(parents=True, exist_ok=True)
@@ -261,14 +265,12 @@ def train(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | Non
             last_t, last_step = timer.seconds, done  # a probe's time does not count as training throughput
             rows.append(row)
             bar.set_postfix(dm=f"{logs['loss_dm']:.4f}", reg=f"{logs['loss_reg']:.4f}", fake=f"{logs['loss_fake']:.4f}")
-        if acc.is_main_process and (done % d.sample_every == 0 or done == d.steps):
+        if (acc.is_main_process or tr.sharded) and (done % d.sample_every == 0 or done == d.steps):  # sharded: every process runs it
             sample_grid(tr, p.out_dir / "samples" / f"step-{done:07d}.png")
         if done % d.checkpoint_every == 0 or done == d.steps:
             checkpoints.save(done, tr, rows)
         bar.update(1)
     bar.close()
-    if not acc.is_main_process:
-        return None
     return finalize(cfg, p, tr, rows, timer.seconds)
 
 

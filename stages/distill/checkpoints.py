@@ -1,5 +1,6 @@
 """The checkpoints of a distill run, ``<out>/checkpoints/step-N``: Accelerate's state (networks, optimizers,
-RNG), the networks as denoiser directories, the EMA, metrics.parquet and the sample grids so far.
+RNG) or, sharded, each process's shards (``sharded/``: torch.distributed.checkpoint), the networks as denoiser
+directories, the EMA, metrics.parquet and the sample grids so far.
 
 A checkpoint is written under a temporary name, its files' sha256 go to checksums.json, trainer.json is
 written last (it marks the checkpoint complete), then one rename; the newest ``keep_checkpoints`` stay.
@@ -18,6 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import CheckpointException
 
 from dmd_core.errors import InputError
 from dmd_core.faults import fault_point
@@ -27,6 +29,7 @@ from ..config import PipelineConfig
 from ..contract import Plan
 from ..files import sha256_file, write_text_atomic
 from .outputs import save_networks, write_metrics
+from .sharding import SHARDED_DIR, any_process, distributed_like, load_checkpoint, local, save_checkpoint
 from .trainer import Trainer, TrainingDiverged
 
 CHECKSUMS = "checksums.json"  # sha256 of every file of a checkpoint, written before trainer.json
@@ -133,13 +136,16 @@ class CheckpointManager:
         if ckpt is None:
             return None, 0, []
         state = self.compatible(ckpt)
-        if self.lora:  # the files hold what trains (adapters_only); the frozen weights are the teacher's, loaded already
+        if tr.sharded:
+            self.load_sharded(ckpt, tr)
+        elif self.lora:  # the files hold what trains (adapters_only); the frozen weights are the teacher's, loaded already
             self.check_adapter_files(ckpt, tr)
             self.acc.load_state(str(ckpt / "accelerate"), strict=False)
         else:
             self.acc.load_state(str(ckpt / "accelerate"))
         if tr.ema is not None and (ckpt / "ema.safetensors").is_file():
-            tr.ema = {k: v.to(self.acc.device) for k, v in load_file(str(ckpt / "ema.safetensors")).items()}
+            ema = load_file(str(ckpt / "ema.safetensors"))
+            tr.ema = distributed_like(ema, tr.ema) if tr.sharded else {k: v.to(self.acc.device) for k, v in ema.items()}
         if tr.probe_fn is not None and (ckpt / "best.json").is_file():  # the best-so-far generator
             info = json.loads((ckpt / "best.json").read_text())
             tr.best = {**info, "state": {k: v.float() for k, v in self.best_state(tr, ckpt / "generator_best").items()}}
@@ -148,6 +154,23 @@ class CheckpointManager:
             restore_samples(ckpt, self.p.out_dir)
         log.info("distill: resuming from %s (step %d)", ckpt, state["step"])
         return ckpt, state["step"], rows
+
+    @staticmethod
+    def sharded_state(tr: Trainer) -> dict:
+        return {"generator": (tr.gen.unet, tr.opt_g), "fake_score": (tr.fake.unet, tr.opt_f)}
+
+    @staticmethod
+    def frozen(tr: Trainer) -> dict[str, set[str]]:
+        return {"generator": frozen_names(tr.gen.unet), "fake_score": frozen_names(tr.fake.unet)}
+
+    def load_sharded(self, ckpt: Path, tr: Trainer) -> None:
+        """A sharded checkpoint into the sharded networks and optimizers (any number of processes: DCP re-splits)."""
+        try:
+            load_checkpoint(str(ckpt / SHARDED_DIR), self.sharded_state(tr), self.frozen(tr))
+        except (CheckpointException, FileNotFoundError, KeyError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"the checkpoint {ckpt} does not hold this run's sharded state ({first[:200]}). "
+                             "Fix: resume from a checkpoint of a distill.sharding=fsdp run with the same settings, or start fresh.") from None  # fmt: skip
 
     def check_adapter_files(self, ckpt: Path, tr: Trainer) -> None:
         """A LoRA checkpoint's model files hold exactly what each network trains: a load that is not strict
@@ -170,11 +193,14 @@ class CheckpointManager:
         return {k: v.detach().clone() for k, v in trainable_state(net).items()}
 
     def save(self, step: int, tr: Trainer, rows: list[dict]) -> None:
-        """checkpoints/step-N, on every rank (Accelerate's state) and the main process (the rest)."""
+        """checkpoints/step-N, on every rank (Accelerate's state, or the sharded one) and the main process (the rest)."""
         d, acc, p = self.cfg.distill, self.acc, self.p
         # the weights are checked first: a checkpoint is never written with NaN/Inf in it (every rank
-        # holds the same weights, so all ranks stop together)
-        bad = nonfinite_tensors(tr.unwrap(tr.gen).unet.state_dict()) + nonfinite_tensors(tr.unwrap(tr.fake).unet.state_dict())
+        # holds the same weights, or sharded, learns whether any shard has them, so all ranks stop together)
+        gen, fake = tr.unwrap(tr.gen).unet, tr.unwrap(tr.fake).unet
+        bad = [k for net in (gen, fake) for k in nonfinite_tensors({n: local(v) for n, v in net.state_dict().items()})]
+        if tr.sharded and any_process(bool(bad), acc.device):
+            bad = bad or ["a shard on another process"]
         if bad:
             raise TrainingDiverged(
                 f"distill stopped at step {step}: the weights became NaN or Inf ({bad[0]}); no checkpoint was written for it, the last good "
@@ -185,13 +211,17 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
+        if tr.sharded:  # each process its shards of the networks and their optimizers
+            save_checkpoint(str(tmp / SHARDED_DIR), self.sharded_state(tr), self.frozen(tr))
+        else:
+            acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
         fault_point("distill.checkpoint-state")
+        nets, ema = tr.whole_networks(), tr.whole_ema()  # collectives when sharded
         if acc.is_main_process:
-            save_networks(tr, tmp, adapter_only=self.lora)
+            save_networks(nets, tr.best, tmp, adapter_only=self.lora)
             fault_point("distill.checkpoint-networks")
-            if tr.ema is not None:
-                save_file({k: v.contiguous() for k, v in tr.ema.items()}, str(tmp / "ema.safetensors"))
+            if ema is not None:
+                save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
             if rows:
                 write_metrics(rows, tmp / "metrics.parquet")
             if (p.out_dir / "samples").is_dir():  # so a rebuild can restore every grid (they are small)

@@ -39,38 +39,39 @@ def save_network(den, target: Path, adapter_only: bool = False) -> None:
         save_denoiser(fused_copy(den), target)
 
 
-def save_networks(tr: Trainer, target: Path, adapter_only: bool = False) -> None:
-    """generator/, generator_ema/, generator_best/ (with best.json) and fake_score/ as denoiser directories (main
-    process); ``adapter_only``: LoRA-trained networks as their adapters alone (``save_network``)."""
-    gen = tr.unwrap(tr.gen)
+def save_networks(nets: dict, best: dict | None, target: Path, adapter_only: bool = False) -> None:
+    """generator/, generator_ema/, generator_best/ (with best.json) and fake_score/ as denoiser directories from
+    ``nets`` (``Trainer.whole_networks``) and ``best`` (the best-so-far generator's state); ``adapter_only``:
+    LoRA-trained networks as their adapters alone (``save_network``)."""
+    gen, fake = nets["generator"], nets["fake_score"]
     save_network(gen, target / "generator", adapter_only)
-    fake = tr.unwrap(tr.fake)
     save_network(fake, target / "fake_score", adapter_only)
     if getattr(fake, "gan_head", None) is not None:  # DMD2's head, saved with the fake score
         save_file({k: v.contiguous() for k, v in fake.gan_head.state_dict().items()}, str(target / "fake_score" / "gan_head.safetensors"))
-    if tr.ema is not None:
-        ema_net = copy.deepcopy(gen)
-        load_trainable_state(ema_net.unet, {k: v.to(ema_net.dtype) for k, v in tr.ema.items()})
-        save_network(ema_net, target / "generator_ema", adapter_only)
-    if tr.best is not None:
+    if "ema" in nets:
+        save_network(nets["ema"], target / "generator_ema", adapter_only)
+    if best is not None:
         best_net = copy.deepcopy(gen)
-        load_trainable_state(best_net.unet, {k: v.to(best_net.dtype) for k, v in tr.best["state"].items()})
+        load_trainable_state(best_net.unet, {k: v.to(best_net.dtype) for k, v in best["state"].items()})
         save_network(best_net, target / "generator_best", adapter_only)
-        (target / "best.json").write_text(json.dumps({k: tr.best[k] for k in ("step", "probe_fd")}, indent=2) + "\n")
+        (target / "best.json").write_text(json.dumps({k: best[k] for k in ("step", "probe_fd")}, indent=2) + "\n")
 
 
 @torch.no_grad()
-def sample_grid(tr: Trainer, path: Path) -> None:
-    """Fixed noise, 8 rows; one column per class (text-to-image: per prompt, the first 10), decoded to pixels."""
+def sample_grid(tr: Trainer, path: Path, gen=None) -> None:
+    """Fixed noise, 8 rows; one column per class (text-to-image: per prompt, the first 10), decoded to pixels,
+    written by the main process. ``gen``: the generator to run (default the one training; sharded, every process
+    runs it)."""
     C = min(tr.label_range, 10) if tr.takes_prompts else tr.num_classes
     n = 8 * (C or 8)
     rng = SampleRNG(tr.d.seed, STREAM_SAMPLES, 0, range(n), tr.acc.device)
     z = rng.randn(tr.shape)
     labels = torch.arange(n, device=tr.acc.device) % C if C else None
-    gen = tr.unwrap(tr.gen)
+    gen = tr.unwrap(tr.gen) if gen is None else gen.to(tr.acc.device)
     with tr.acc.autocast():
         x = tr.to_pixels(tr.steps(gen, z, labels, lambda j: rng.randn(tr.shape)).float())
-    save_grid(x, path, nrow=C or 8)
+    if tr.acc.is_main_process:
+        save_grid(x, path, nrow=C or 8)
 
 
 def write_metrics(rows: list[dict], path: Path) -> None:
@@ -81,15 +82,19 @@ def write_metrics(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def finalize(cfg: PipelineConfig, p: Plan, tr: Trainer, rows: list[dict], wall: float) -> Manifest:
-    """The networks, metrics, final grid and curves in the output directory, then its manifest (main process)."""
+def finalize(cfg: PipelineConfig, p: Plan, tr: Trainer, rows: list[dict], wall: float) -> Manifest | None:
+    """The networks, metrics, final grid and curves in the output directory, then its manifest. Every process
+    calls it (sharded networks are gathered whole); the main process writes and returns the manifest."""
+    nets = tr.whole_networks()
+    if not tr.acc.is_main_process:
+        return None
     out = p.out_dir
-    save_networks(tr, out)
+    save_networks(nets, tr.best, out)
     write_metrics(rows, out / "metrics.parquet")
     final_grid = out / "samples" / f"step-{cfg.distill.steps:07d}.png"
     if not final_grid.is_file():  # rebuilding from the final checkpoint after samples/ was lost
         final_grid.parent.mkdir(parents=True, exist_ok=True)
-        sample_grid(tr, final_grid)
+        sample_grid(tr, final_grid, nets["generator"])  # sharded: the gathered copy, on the main process alone
     shutil.copyfile(final_grid, out / "samples.png")
     write_bytes_atomic(out / "curves.png", training_curves_png(rows))
     files = [e for sub in ("generator", "generator_ema", "generator_best", "fake_score", "samples") for e in tree_entries(out, sub)]

@@ -125,7 +125,7 @@ def generator_parametrization(d: DistillConfig, teacher: Parametrization, num_ti
 
 def check_shardable(d: DistillConfig, world: int) -> None:
     """distill.sharding=fsdp needs several processes (DistillConfig refuses the settings it does not run with)."""
-    if world < 2:
+    if d.sharding == "fsdp" and world < 2:
         raise InputError("distill.sharding=fsdp splits the networks over the processes; this run has 1. Fix: --num-processes 2 (or more), or distill.sharding=none.")
 
 
@@ -237,18 +237,26 @@ class Trainer:
         return self.acc.unwrap_model(net)
 
     def whole_networks(self) -> dict[str, Denoiser] | None:
-        """The generator, the fake score and (with an EMA) the EMA generator, whole, for saving: the trained networks
-        themselves, or (distill.sharding=fsdp) copies gathered on the main process's CPU (None elsewhere; every
-        process calls it)."""
+        """The generator, the fake score and (with an EMA) the EMA generator ``ema``, whole, for saving: the trained
+        networks themselves and a copy with the EMA's weights, or (distill.sharding=fsdp) copies gathered on the main
+        process's CPU (None elsewhere; every process calls it)."""
         gen, fake = self.unwrap(self.gen), self.unwrap(self.fake)
         if not self.sharded:
-            return {"generator": gen, "fake_score": fake}
-        nets = {"generator": sharding.gathered(gen.unet, self.frames["generator"]), "fake_score": sharding.gathered(fake.unet, self.frames["fake_score"])}
+            nets = {"generator": gen, "fake_score": fake}
+            if self.ema is not None:
+                nets["ema"] = copy.deepcopy(gen)
+                load_trainable_state(nets["ema"].unet, {k: v.to(gen.dtype) for k, v in self.ema.items()})
+            return nets
+        whole = {"generator": sharding.gathered(gen.unet, self.frames["generator"]), "fake_score": sharding.gathered(fake.unet, self.frames["fake_score"])}
         if self.ema is not None:
-            nets["ema"] = sharding.gathered(gen.unet, self.frames["generator"], self.ema)
+            whole["ema"] = sharding.gathered(gen.unet, self.frames["generator"], self.ema)
         if not self.acc.is_main_process:
             return None
-        return {name: with_network(gen if name != "fake_score" else fake, net) for name, net in nets.items()}
+        return {name: with_network(fake if name == "fake_score" else gen, net) for name, net in whole.items()}
+
+    def whole_ema(self) -> dict[str, torch.Tensor] | None:
+        """The EMA's tensors whole (sharded: gathered on every process, a collective)."""
+        return None if self.ema is None else {k: sharding.whole(v) for k, v in self.ema.items()}
 
     def training_prompt_rows(self, device) -> PromptRows | None:
         """Text-to-image: the rows of the prompts the pairs were made with (the DM term draws from them too)."""
