@@ -4,6 +4,7 @@
     python benchmarks/gpu_check.py --out results.json --only t2i     # data/digits-t2i.yaml, all stages
     python benchmarks/gpu_check.py --out results.json --model cifar  # CIFAR-size teacher: precisions, compile, FLOP/s (gpu_cifar.py)
     python benchmarks/gpu_check.py --out results.json --parts memory # distill's memory settings at SD v1.5 size, measured and planned
+    python benchmarks/gpu_check.py --out results.json --parts optimizer8bit  # distill.optimizer=adamw8bit: trains, resumes exactly
 
 Uses the embedded digits default (or the text-to-image one) with a temporary store. Prints and writes
 one JSON object.
@@ -13,6 +14,11 @@ CFG 3) with each of distill's memory settings (MEMORY_OPTIONS: full, LoRA 64, 8-
 DDP x2, FSDP x2, FSDP x2 with checkpointing), its peak per process (``torch.cuda.max_memory_allocated``) beside
 dmd_core.memory's prediction (benchmarks/sd15_memory.py, ``options``; on one GPU the 2-process rows run rank 0 under
 torch's fake process group). Without a GPU it runs the same code at a tiny size on the CPU (a smoke run).
+``--parts optimizer8bit`` (alone): the digits default distilled with bitsandbytes' 8-bit AdamW for 20 steps, and
+again as 10 steps resumed to 20 from the first run's step-10 checkpoint: the two generators must be equal bit for bit,
+the losses finite; beside them the same 20 steps with torch's AdamW (the final losses of both). Without a GPU it runs
+with distill.optimizer=adamw (bitsandbytes' 8-bit AdamW is refused on the CPU): a smoke run of the same path.
+
 The GPU machine's Python lacks diffusers, webdataset, pydantic, lpips and bitsandbytes: carry them as wheels
 (/work/.library/device/README.md), bitsandbytes trimmed to the CUDA 13.0 library its torch loads (43 MB -> 7 MB;
 the working tree and the wheels travel within 64 MiB). Here, once, in the repository's root:
@@ -87,6 +93,35 @@ def memory_check(res: dict, save=lambda res: None, batch: int = 4, repeats: int 
     option_rows(device == "cpu", device, list(MEMORY_OPTIONS), batch, repeats, save=lambda row: (rows.append(row), save(res)))
 
 
+def optimizer8bit_check(store: str, res: dict, steps: int = 20) -> None:
+    """distill.optimizer=adamw8bit on the digits default: a run of ``steps``, and a run of ``steps`` // 2 resumed from
+    the first's middle checkpoint, equal bit for bit; the final losses beside torch's AdamW's (module docstring)."""
+    from safetensors.torch import load_file
+
+    kind = "adamw8bit" if torch.cuda.is_available() else "adamw"
+    half = steps // 2
+    common = [f"store={store}", "generate.num_samples=512", "generate.batch_size=512", "generate.shard_size=512", "distill.batch_size=64",
+              f"distill.checkpoint_every={half}", f"distill.sample_every={steps}", f"distill.steps={steps}", "distill.keep_checkpoints=4"]  # fmt: skip
+    outs = {}
+    for name, sets in (("whole", [f"distill.optimizer={kind}"]), ("adamw", ["distill.optimizer=adamw"])):
+        m = chain.run(load_config(None, [*common, *sets]), "distill", progress=False).manifest
+        outs[name] = Path(store) / "distill" / m.key
+    ckpt = outs["whole"] / "checkpoints" / f"step-{half:07d}"
+    m = chain.run(load_config(None, [*common, f"distill.optimizer={kind}", f"distill.resume_from={ckpt}", f"store={store}-resumed"]), "distill", progress=False).manifest
+    resumed = Path(f"{store}-resumed") / "distill" / m.key
+    weights = lambda out: load_file(str(out / "generator" / "diffusion_pytorch_model.safetensors"))  # noqa: E731
+    a, b = weights(outs["whole"]), weights(resumed)
+    rows = {name: pq.read_table(out / "metrics.parquet").to_pylist() for name, out in outs.items()}
+    res["optimizer8bit"] = {
+        "optimizer": kind, "steps": steps,
+        "resumed_equal": a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a),
+        "max_abs_diff_resumed": max((a[k].double() - b[k].double()).abs().max().item() for k in a),
+        "all_finite": all(v == v and abs(v) != float("inf") for r in rows["whole"] for v in r.values() if isinstance(v, float)),
+        "final": {name: {k: round(v, 5) for k, v in r[-1].items() if k.startswith("loss")} for name, r in rows.items()},
+        "checkpoint_mib": round(sum(f.stat().st_size for f in (ckpt / "accelerate").rglob("*") if f.is_file()) / 2**20, 2),
+    }  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -95,7 +130,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["digits", "t2i"], default="digits")
     ap.add_argument("--model", choices=["digits", "cifar"], default="digits", help="cifar: the CIFAR-size speed check (benchmarks/gpu_cifar.py)")
     ap.add_argument("--parts", default="generate,iteration,one_step",
-                    help="memory (any model, alone): distill's memory settings at SD v1.5 size, measured and planned; cifar: comma-separated parts: generate, iteration (fp32, bf16, bf16 compiled), iteration-eager (fp32, bf16), "
+                    help="memory (any model, alone): distill's memory settings at SD v1.5 size, measured and planned; optimizer8bit (alone): 8-bit AdamW trains and resumes exactly; cifar: comma-separated parts: generate, iteration (fp32, bf16, bf16 compiled), iteration-eager (fp32, bf16), "
                          "iteration-bf16 (bf16, bf16 compiled, each profiled), iteration-cudagraphs (bf16, bf16 compiled as CUDA graphs, each profiled), profile (torch.profiler: bf16 iteration and generate), one_step")
     ap.add_argument("--generate-samples", type=int, default=None,
                     help="cifar: images per generate run (default: 1,024-2,048 per precision); with it, only tf32 and bf16 run, each cold then warm")
@@ -105,6 +140,11 @@ def main() -> None:
     if "memory" in args.parts.split(","):
         memory_check(res, save=lambda r: Path(args.out).write_text(json.dumps(r, indent=2)))
         print(json.dumps(res, indent=2), flush=True)
+        return
+    if "optimizer8bit" in args.parts.split(","):
+        optimizer8bit_check(store, res)
+        print(json.dumps(res, indent=2), flush=True)
+        Path(args.out).write_text(json.dumps(res, indent=2))
         return
     if args.model == "cifar":
         from gpu_cifar import cifar_check
