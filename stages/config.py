@@ -271,13 +271,14 @@ class DistillConfig(Section):
 
     def _sharding_rules(self) -> None:
         """FSDP shards the generator and the fake score: not the networks outside them (the GAN head, the probe's
-        copy), nor with compiling or fp16's loss scaling, which wrap them otherwise."""
+        copy), nor with compiling or fp16's loss scaling, which wrap them otherwise, nor under bitsandbytes' 8-bit
+        AdamW, whose kernels take plain tensors, not FSDP's sharded ones."""
         if self.sharding != "fsdp":
             return
         for on, name in [(self.gan, "distill.gan"), (self.eval_every, "distill.eval_every"), (self.compile, "distill.compile"),
-                         (self.mixed_precision == "fp16", "distill.mixed_precision=fp16")]:  # fmt: skip
+                         (self.mixed_precision == "fp16", "distill.mixed_precision=fp16"), (self.optimizer == "adamw8bit", "distill.optimizer=adamw8bit")]:  # fmt: skip
             if on:
-                fix = "use distill.mixed_precision=bf16" if name.endswith("fp16") else f"drop {name}"
+                fix = {"fp16": "use distill.mixed_precision=bf16", "adamw8bit": "use distill.optimizer=adamw"}.get(name.split("=")[-1], f"drop {name}")
                 raise ValueError(f"{name} does not run with distill.sharding=fsdp. Fix: {fix}, or distill.sharding=none")
 
     def _lora_rules(self) -> None:

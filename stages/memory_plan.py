@@ -94,21 +94,21 @@ def shardable(d: DistillConfig) -> bool:
 def candidates(d: DistillConfig, s: StepSettings, alone: bool = False) -> list[tuple[str, StepSettings]]:
     """Settings that lower the memory, each added to the ones before (``alone``: each by itself): gradient
     checkpointing, a bfloat16 frozen score, bf16 mixed precision, FSDP (on more than one process), 8-bit optimizer
-    states (on CUDA), LoRA adapters; only those not already set. LoRA last: it changes what trains, the others how."""
+    states (on CUDA, unsharded), LoRA adapters; only those not already set. LoRA last: it changes what trains, the others how."""
     out: list[tuple[str, StepSettings]] = []
     steps = [
         ("distill.gradient_checkpointing=true", not s.gradient_checkpointing, {"gradient_checkpointing": True}),
         ("distill.frozen_dtype=bfloat16", s.frozen_dtype == torch.float32, {"frozen_dtype": torch.bfloat16}),
         ("distill.mixed_precision=bf16", s.mixed_precision == "no", {"mixed_precision": "bf16"}),
         ("distill.sharding=fsdp", s.processes > 1 and s.sharding == "none" and shardable(d), {"sharding": "fsdp"}),
-        ("distill.optimizer=adamw8bit", distill_device() == "cuda" and s.optimizer == "adamw", {"optimizer": "adamw8bit"}),
+        ("distill.optimizer=adamw8bit", distill_device() == "cuda" and s.optimizer == "adamw" and s.sharding == "none", {"optimizer": "adamw8bit"}),
         (f"distill.generator_lora_rank={LORA_RANK} and distill.fake_lora_rank={LORA_RANK}", s.generator_lora is None and s.fake_lora is None,
          {"generator_lora": lora(d, LORA_RANK), "fake_lora": lora(d, LORA_RANK)}),
     ]  # fmt: skip
     names: list[str] = []
     base = s
     for name, applies, change in steps:
-        if applies:
+        if applies and not (name.endswith("adamw8bit") and not alone and s.sharding == "fsdp"):  # DistillConfig refuses the two together
             s = dataclasses.replace(base if alone else s, **change)
             names = [name] if alone else [*names, name]
             out.append((" and ".join(names), s))

@@ -243,6 +243,9 @@ def test_refusal_suggests_fsdp_on_several_processes_and_8bit_states_on_cuda(monk
     assert "distill.sharding=fsdp" not in names(dataclasses.replace(s, processes=2, sharding="fsdp"))
     monkeypatch.setattr(memory_plan, "distill_device", lambda: "cuda")
     assert "distill.optimizer=adamw8bit" in names(s) and "distill.optimizer=adamw8bit" not in names(dataclasses.replace(s, optimizer="adamw8bit"))
+    assert "distill.optimizer=adamw8bit" not in names(dataclasses.replace(s, processes=2, sharding="fsdp"))  # FSDP's shards: not bitsandbytes'
+    combined = [name for name, _ in memory_plan.candidates(DistillConfig(), dataclasses.replace(s, processes=2))]
+    assert any("distill.sharding=fsdp" in n for n in combined) and not any("adamw8bit" in n for n in combined if "fsdp" in n)
     with_gan = DistillConfig(gan=True)  # FSDP does not run with the GAN term: not suggested
     assert "distill.sharding=fsdp" not in [name for name, _ in memory_plan.candidates(with_gan, dataclasses.replace(s, processes=2), alone=True)]
 

@@ -126,7 +126,8 @@ def test_one_process_is_refused_before_generate(setup):
 
 
 @pytest.mark.parametrize("sets, named", [(["distill.gan=true"], "distill.gan"), (["distill.eval_every=2"], "distill.eval_every"),
-                                         (["distill.compile=true"], "distill.compile"), (["distill.mixed_precision=fp16"], "distill.mixed_precision=fp16")])  # fmt: skip
+                                         (["distill.compile=true"], "distill.compile"), (["distill.mixed_precision=fp16"], "distill.mixed_precision=fp16"),
+                                         (["distill.optimizer=adamw8bit"], "distill.optimizer=adamw8bit")])  # fmt: skip
 def test_settings_it_does_not_run_with_are_refused(setup, sets, named):
     tmp, cfg = setup
     with pytest.raises(InputError, match=f"{named} does not run with distill.sharding=fsdp. Fix: "):
