@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-slow test-all faults install install-dev clean
+.PHONY: demo test test-slow test-all faults install install-dev clean k8s-commands
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ test-slow: install-dev
 
 test-all: install-dev
 	$(PYTEST)
+
+# Prints (runs nothing) the commands that set up the Kubernetes work pool: image, store Secret, pool, deployments,
+# worker. `make k8s-commands DMD_IMAGE=registry/dmd-pipeline:TAG DMD_STORE=s3://BUCKET/PREFIX` fills them in.
+k8s-commands:
+	@DMD_IMAGE="$(DMD_IMAGE)" DMD_STORE="$(DMD_STORE)" $(PYTHON) deploy/k8s/commands.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
