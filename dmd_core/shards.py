@@ -8,6 +8,8 @@ mtime 0 and fixed owner and mode, so the same samples give byte-identical shards
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import math
 import re
@@ -181,15 +183,17 @@ def _pair_error(url, key: str, problem: str) -> InputError:
 
 def shard_label(url) -> str:
     """A pair shard for an error line: its name whole, then its directory (the generate output) shortened."""
-    return f"pair shard {shown(Path(str(url)).name, 40)} in {shown(str(Path(str(url)).parent))}"
+    folder, _, name = str(url).rpartition("/")  # a path or a URL (s3://...: Path would fold its //)
+    return f"pair shard {shown(name, 40)} in {shown(folder or '.')}"
 
 
-def check_pair_shard(url: str | Path, shape: tuple[int, ...], num_labels: int, samples: int | None = None) -> int:
+def check_pair_shard(url: str | Path, shape: tuple[int, ...], num_labels: int, samples: int | None = None, sha256: str | None = None) -> int:
     """Every sample of one pair shard as distill will use it, read once: both arrays float, finite and of the
     teacher's ``shape``; a label in ``[0, num_labels)`` exactly when ``num_labels`` > 0; ``samples`` of them
-    when the manifest lists a count (a tar cut between two samples reads as a shorter one). Returns the count."""
+    when the manifest lists a count (a tar cut between two samples reads as a shorter one); its bytes of
+    ``sha256`` when given (a shard read from object storage). Returns the count."""
     n = 0
-    for sample in tar_samples([{"url": str(url)}]):
+    for sample in tar_samples([{"url": str(url), "sha256": sha256}]):
         noise, image, *label = _decode_pair(sample)
         problem = _pair_problem(noise, image, label, tuple(shape), num_labels)
         if problem:
@@ -246,7 +250,9 @@ def tar_samples(src):
 
     for shard in src:
         try:
-            members = _tar_members(shard["url"])
+            members = _tar_members(shard["url"], shard.get("sha256"))
+        except ShardChanged:
+            raise InputError(f"{shard_label(shard['url'])} does not match the sha256 its manifest lists (changed since it was written). {PAIRS_FIX}") from None
         except (ValueError, UnicodeDecodeError, tarfile.TarError, OSError) as e:
             raise InputError(f"{shard_label(shard['url'])} is not a readable tar ({type(e).__name__}: {shown(str(e), 80)}). {PAIRS_FIX}") from None
         if not members:
@@ -263,8 +269,27 @@ def tar_samples(src):
             yield sample
 
 
-def _tar_members(url: str) -> list[tuple[str, bytes]]:
-    """(name, bytes) of a shard's regular files, in order.
+class ShardChanged(Exception):
+    """A shard's bytes differ from the sha256 its reader was given."""
+
+
+OBJECT_SCHEMES = ("s3", "gs", "gcs", "az", "abfs")  # read through fsspec (webdataset's gopen has no handler for them)
+
+
+def read_shard(url: str) -> bytes:
+    """A shard's bytes: a path, one of webdataset's URLs (http, pipe:), or an object-storage URL (fsspec: s3://
+    with botocore's usual environment for the endpoint and credentials, gs://), streamed, never stored here."""
+    if url.split("://", 1)[0] in OBJECT_SCHEMES and "://" in url:
+        import fsspec
+
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    with wds.gopen(url) as f:
+        return f.read()
+
+
+def _tar_members(url: str, sha256: str | None = None) -> list[tuple[str, bytes]]:
+    """(name, bytes) of a shard's regular files, in order; with ``sha256``, the bytes checked against it first.
 
     A minimal reader for the plain ustar shards that ``write_shard`` makes, written here because
     Python's tarfile (which webdataset's ``tarfile_to_samples`` uses) was the largest per-sample cost
@@ -272,8 +297,9 @@ def _tar_members(url: str) -> list[tuple[str, bytes]]:
     """
     import tarfile
 
-    with wds.gopen(url) as f:
-        buf = f.read()
+    buf = read_shard(url)
+    if sha256 is not None and hashlib.sha256(buf).hexdigest() != sha256:
+        raise ShardChanged(url)
     members, off = [], 0
     while off + 512 <= len(buf) and buf[off] != 0:
         header = buf[off : off + 512]
@@ -290,17 +316,23 @@ def _tar_members(url: str) -> list[tuple[str, bytes]]:
     return members
 
 
+def _with_checksum(checksums: dict[str, str], shard: dict) -> dict:
+    return {**shard, "sha256": checksums.get(shard["url"])}
+
+
 def pair_stream(
-    urls: list[str], batch_size: int, seed: int, shuffle_buffer: int = 1000, num_workers: int = 0
+    urls: list[str], batch_size: int, seed: int, shuffle_buffer: int = 1000, num_workers: int = 0, checksums: dict[str, str] | None = None
 ):
     """An endless, reproducible stream of (noise, image, labels) batches from pair shards.
 
     Shards are resampled with replacement (the stream never runs dry); the shard RNG is seeded by
     (``seed``, process rank, loader worker) through webdataset, so each process and worker reads its
-    own sequence, and the same seed gives the same batches.
+    own sequence, and the same seed gives the same batches. ``checksums``: the sha256 of shards (by URL) that
+    are read where they lie (object storage), checked at every read.
     """
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, deterministic=True),
+        wds.map(functools.partial(_with_checksum, checksums or {})),
         tar_samples,
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=seed),
         wds.map(_decode_pair),

@@ -50,6 +50,7 @@ class StageSpec:
     needs_upstream: Callable[[PipelineConfig], bool] = lambda cfg: True  # False: the upstream stage is skipped
     progress: bool = True  # reports progress (bar; artifact under the flow)
     multi_process: bool = True  # may run under accelerate launch
+    streamed: tuple[str, ...] = ()  # file patterns downstream stages read where they lie (an object store leaves them in the bucket)
 
     @property
     def section(self) -> str:
@@ -81,6 +82,7 @@ STAGES: tuple[StageSpec, ...] = (
         # the prompt file (digest and column) and a precision other than fp32 enter the key as upstream
         # entries, only when used, so that a key without them is the key of the same run without the option
         not_in_key=frozenset({"num_threads", "prompts", "prompt_column", "precision", "prompt_dtype"}),
+        streamed=("pairs-*.tar",),  # distill streams the shards (and checks each one's sha256 as it reads)
     ),
     StageSpec(
         name="distill",

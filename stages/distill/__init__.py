@@ -35,7 +35,7 @@ from ..store import Store, open_store
 from .checkpoints import CHECKSUMS, CheckpointManager, checkpoint_problem
 from .outputs import finalize, sample_grid
 from .real_latents import real_spec
-from .trainer import Trainer, TrainingDiverged, check_shardable, generator_parametrization
+from .trainer import Trainer, TrainingDiverged, check_shardable, generator_parametrization, pair_urls
 
 __all__ = ["Trainer", "TrainingDiverged", "build", "check", "checkpoint_problem", "plan", "run_distributed"]
 
@@ -140,8 +140,9 @@ def check_pairs(cfg: PipelineConfig, teacher: Teacher, pairs: StageOutput) -> No
     if store.noted(marker):
         return
     counts = {f.name: f.samples for f in pairs.manifest.files}
-    for i in range(pairs.manifest.info["num_shards"]):
-        check_pair_shard(pairs.out_dir / shard_name(i), shape, num_labels, counts.get(shard_name(i)))
+    urls, checksums = pair_urls(store, pairs.out_dir, pairs.manifest)
+    for i, url in enumerate(urls):
+        check_pair_shard(url, shape, num_labels, counts.get(shard_name(i)), checksums.get(url))
     store.note(marker)
 
 

@@ -28,6 +28,7 @@ from dmd_core.lora import LORA_DIR, load_adapter, trainable_state
 from ..config import PipelineConfig
 from ..contract import Plan
 from ..files import sha256_file, write_text_atomic
+from ..store import open_store
 from .outputs import save_networks, write_metrics
 from .sharding import SHARDED_DIR, any_process, distributed_like, load_checkpoint, local, save_checkpoint
 from .trainer import Trainer, TrainingDiverged
@@ -233,6 +234,9 @@ class CheckpointManager:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             fault_point("distill.checkpoint-renamed")
+            store = open_store(self.cfg.store)
+            store.keep_progress(p.out_dir, f"checkpoints/{final.name}", "trainer.json")  # object storage: a rerun elsewhere resumes from it
             for old in sorted(self.root.glob("step-*"))[: -d.keep_checkpoints]:
+                store.drop_progress(p.out_dir, f"checkpoints/{old.name}")
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()

@@ -39,10 +39,10 @@ from dmd_core.step import DiscriminatorLoss, Sums, fake_score_updates, generator
 from dmd_core.transfer import to_device
 
 from ..config import DistillConfig, OptimizerConfig, PipelineConfig
-from ..contract import Plan, StageOutput, Teacher
+from ..contract import Manifest, Plan, StageOutput, Teacher
 from ..prompt_rows import pair_rows, plan_rows, prompt_rows
 from ..quality import QualityProbe
-from ..store import open_store
+from ..store import Store, open_store
 from . import sharding
 from .real_latents import real_set as load_real_set
 
@@ -121,6 +121,17 @@ def generator_parametrization(d: DistillConfig, teacher: Parametrization, num_ti
         return Parametrization.from_dict({**param.to_dict(), "generator_timesteps": list(ts)})
     except ValueError as e:
         raise InputError(f"distill.generator_timesteps: {e}") from None
+
+
+def pair_urls(store: Store, pairs_dir: Path, manifest: Manifest | None = None) -> tuple[list[str], dict[str, str]]:
+    """The pair shards' URLs as the store hands them (paths, or object-storage URLs read where they lie) and, for
+    the latter, the sha256 the manifest lists, which the reader checks."""
+    m = manifest or store.read_manifest(pairs_dir)
+    if m is None:
+        raise InputError(f"the pairs {shown(str(pairs_dir))} have no manifest. {PAIRS_FIX}")
+    urls = [store.file_url(pairs_dir, shard_name(i)) for i in range(m.info["num_shards"])]
+    sha = {f.name: f.sha256 for f in m.files}
+    return urls, {url: sha[shard_name(i)] for i, url in enumerate(urls) if "://" in url}
 
 
 def check_shardable(d: DistillConfig, world: int) -> None:
@@ -221,7 +232,7 @@ class Trainer:
         self.fake_loss = FakeScoreLoss.for_teacher(self.real)
         # the head's turn runs the DDP wrapper: that forward belongs to the fake score's backward
         self.discriminator = DiscriminatorLoss(self.gan_logits, self.fake, self.unwrap(self.fake), self.real_images, self.real_labels) if d.gan else None
-        self.urls = [str(Path(p.inputs["pairs"]) / shard_name(i)) for i in range(p.info["num_shards"])] if "pairs" in p.inputs else []
+        self.urls, self.checksums = pair_urls(open_store(cfg.store), Path(p.inputs["pairs"])) if "pairs" in p.inputs else ([], {})
         self.data = None  # the pair stream
         self.ahead: dict[int, tuple] = {}  # step -> prepare(step), made by the step before while the device worked
         self.ema_sources = None  # the generator's tensors the EMA follows (update_ema)
@@ -279,7 +290,7 @@ class Trainer:
 
     def pair_channel_stats(self, n: int) -> dict[str, float]:
         """Per-channel mean/std (first 4 channels) of the teacher's images in the pairs: the probe's reference line."""
-        stream = pair_stream(self.urls, min(n, 256), 0, 1, 0)
+        stream = pair_stream(self.urls, min(n, 256), 0, 1, 0, self.checksums)
         ys, seen = [], 0
         while seen < n:
             ys.append(next(stream)[1].float())
@@ -318,7 +329,7 @@ class Trainer:
         self.ahead = {}  # its pairs came from the previous segment's stream
         self.data = pair_stream(
             self.urls, self.d.batch_size, sample_seed(self.d.seed, STREAM_DATA, segment) % (2**31),
-            self.d.shuffle_buffer, self.d.num_workers,
+            self.d.shuffle_buffer, self.d.num_workers, self.checksums,
         )  # fmt: skip
 
     def indices(self, step: int, micro: int) -> range:

@@ -68,6 +68,11 @@ class Store(ABC):
         object store) one of the store's outputs by its URL."""
         return Path(path)
 
+    def file_url(self, out: Path, name: str) -> str:
+        """Where a reader opens file ``name`` of the output ``out``: its path (an object store: the object's URL
+        for the files the stage's ``streamed`` patterns name, which are never copied here)."""
+        return str(out / name)
+
     def verified(self, out: Path, deep: bool = False) -> Manifest | None:
         """The manifest if the output is complete and every checksum verifies, else None."""
         m = self.read_manifest(out)
@@ -81,6 +86,14 @@ class Store(ABC):
     @abstractmethod
     def partial_dir(self, out: Path) -> Path:
         """The local work directory an output is built in; an interrupted build's finished parts stay there."""
+
+    def keep_progress(self, work: Path, folder: str, last: str) -> None:
+        """Make ``work/folder``, a finished part of an unfinished build (a distill checkpoint), available to a
+        build of the same output on another machine, its file ``last`` (the one marking it complete) last. A
+        directory store's work directories are the store's own already."""
+
+    def drop_progress(self, work: Path, folder: str) -> None:
+        """Forget ``work/folder`` as ``keep_progress`` kept it (a checkpoint superseded by newer ones)."""
 
     @abstractmethod
     def lock(self, out: Path) -> AbstractContextManager:

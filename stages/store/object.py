@@ -24,6 +24,7 @@ files of dead writers removed, digests of inputs remembered.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ from typing import Iterator
 from dmd_core.errors import InputError, shown
 from dmd_core.faults import fault_point
 
-from ..contract import MANIFEST, ORDER, Manifest
+from ..contract import MANIFEST, ORDER, Manifest, spec
 from ..files import sha256_file, tmp_sibling, write_bytes_atomic, write_text_atomic
 from .base import SIDE_CACHES, Store
 from .bucket import Bucket
@@ -92,6 +93,12 @@ class ObjectStore(Store):
         if len(rest) == 2 and not any(p.startswith(".") for p in rest):
             return self.local.output_dir(*rest)
         return Path(path)
+
+    def file_url(self, out: Path, name: str) -> str:
+        remote = self._remote(out)
+        if remote is not None and _streamed(remote.split("/")[0], name):
+            return f"{self.root}/{remote}/{name}"
+        return str(out / name)
 
     def _remote(self, out: Path) -> str | None:
         """The bucket folder of an output (``<stage>/<key>``); None for any other path (a work directory, an
@@ -166,6 +173,8 @@ class ObjectStore(Store):
                 continue
             if obj[0] != f.size:
                 bad.append(f"{f.name} (size {obj[0]} in the bucket, {f.size} in the manifest)")
+                continue
+            if _streamed(m.stage, f.name) and not deep:  # read where it lies; its reader checks the sha256
                 continue
             fetch.append((f.name, f.sha256, obj[1]))
         # an object's ETag as listed before its download: one replaced meanwhile fails its next check, not this one
@@ -267,6 +276,53 @@ class ObjectStore(Store):
         self.bucket.put(f"{remote}/{MANIFEST}", data)  # the output exists from here on
         (out / ".uploaded.json").unlink(missing_ok=True)
 
+    def _partial_prefix(self, work: Path) -> str | None:
+        """The bucket's partial prefix of a local work directory (``<stage>/.<key>.partial``), or None."""
+        below = self.local._below_root(Path(work))
+        parts = below[1] if below is not None else ()
+        if len(parts) != 2 or not (parts[1].startswith(".") and parts[1].endswith(PARTIAL)) or parts[0] not in ORDER:
+            return None
+        return f"{parts[0]}/{parts[1]}"
+
+    def keep_progress(self, work: Path, folder: str, last: str) -> None:
+        """Upload ``work/folder`` under the build's partial prefix, ``last`` after the rest: a build of the same
+        output on another machine starts from it (``set_aside`` downloads what its work directory lacks)."""
+        partial = self._partial_prefix(work)
+        if partial is None:
+            return
+        names = sorted(str(f.relative_to(work)) for f in (work / folder).rglob("*") if f.is_file())  # hidden ones too (DCP's .metadata)
+        mark = f"{folder}/{last}"
+        self._upload(work, partial, [n for n in names if n != mark])
+        fault_point("keep-progress/uploaded")
+        self._upload(work, partial, [mark])
+
+    def drop_progress(self, work: Path, folder: str) -> None:
+        partial = self._partial_prefix(work)
+        if partial is not None:
+            self.bucket.delete([f"{partial}/{folder}/{n}" for n in self.bucket.listing(f"{partial}/{folder}")])
+
+    def _pull_progress(self, partial: str, work: Path) -> None:
+        """The partial prefix's objects that ``work`` lacks, downloaded (progress kept by a build elsewhere);
+        each checkpoint verifies itself against its checksums.json before a resume trusts it."""
+        there = self.bucket.listing(partial)
+        todo = [n for n in sorted(there) if plain_name(n) and not (work / n).exists()]
+        if not todo:
+            return
+        log.info("%s: taking %d files of an unfinished build from %s", work.parent.name, len(todo), shown(f"{self.root}/{partial}"))
+        for n in todo:
+            self.local.contained(work / n).parent.mkdir(parents=True, exist_ok=True)
+        tmps = [tmp_sibling(work / n) for n in todo]
+        try:
+            self.bucket.download_many([(f"{partial}/{n}", str(t)) for n, t in zip(todo, tmps)])
+            for n, t in zip(todo, tmps):
+                os.replace(t, work / n)
+        finally:
+            for t in tmps:
+                t.unlink(missing_ok=True)
+        done = _read_json(work / ".uploaded.json")  # already in the bucket: a publish does not upload them again
+        done.update({n: [*_stat_key(work / n), there[n][1]] for n in todo})
+        write_text_atomic(work / ".uploaded.json", json.dumps(done, sort_keys=True))
+
     def _upload(self, work: Path, partial: str, names: list[str]) -> None:
         """Upload ``names`` under ``partial``, skipping files an interrupted publish already uploaded unchanged
         (``.uploaded.json``: stat and ETag per file)."""
@@ -280,7 +336,8 @@ class ObjectStore(Store):
                 todo.append(n)
         self.bucket.upload([(str(work / n), f"{partial}/{n}") for n in todo])
         there = self.bucket.listing(partial)
-        write_text_atomic(mark, json.dumps({n: [*_stat_key(work / n), there[n][1]] for n in names if n in there}, sort_keys=True))
+        done.update({n: [*_stat_key(work / n), there[n][1]] for n in names if n in there})
+        write_text_atomic(mark, json.dumps(done, sort_keys=True))
         missing = [n for n in names if n not in there]
         if missing:
             raise InputError(f"uploading {work} to {shown(self.root)}: {', '.join(missing[:3])} did not arrive. Fix: rerun (finished uploads are kept).")
@@ -291,6 +348,10 @@ class ObjectStore(Store):
             self.bucket.delete([f"{remote}/{MANIFEST}"])  # a failing output stops being one before anything is rebuilt
             (self.local.contained(out) / CACHED).unlink(missing_ok=True)
         self.local.set_aside(out, work)
+        partial = self._partial_prefix(work)
+        if partial is not None:
+            work.mkdir(parents=True, exist_ok=True)
+            self._pull_progress(partial, work)
 
     def clean(self, work: Path) -> None:
         self.local.clean(work)
@@ -321,6 +382,11 @@ class ObjectStore(Store):
 
     def note(self, name: str) -> None:
         self.local.note(name)
+
+
+def _streamed(stage: str, name: str) -> bool:
+    """Whether readers stream this file of a ``stage`` output from the bucket (StageSpec.streamed)."""
+    return stage in ORDER and any(fnmatch.fnmatchcase(name, pattern) for pattern in spec(stage).streamed)
 
 
 def _stat_key(path: Path) -> tuple[int, int, int] | None:
