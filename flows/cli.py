@@ -44,6 +44,8 @@ def run_command(
             chain.plan(cfg, only, num_processes)
         else:  # the teacher and every stage's settings
             chain.check(cfg, STAGE_NAMES[-1], num_processes)
+        from prefect.exceptions import FailedRun
+
         from .pipeline import dmd_pipeline, where_dashboards_are
         from .server import prefect_api
 
@@ -52,6 +54,11 @@ def run_command(
                 result = dmd_pipeline(config=str(config) if config else None, overrides=set_ or [], only=only, refresh=refresh or [], num_processes=num_processes)
         except RuntimeError as e:
             raise InputError(str(e)) from None
+        except FailedRun as e:  # export.on_not_promoted=fail: the export is kept, the run is Failed "Not promoted"
+            print(f"not promoted: {e}", file=sys.stderr)
+            raise typer.Exit(1) from None
+        if "promotion" in result:
+            print(f"{'promoted' if result['promotion']['promoted'] else 'not promoted'}: {result['promotion']['reason']}", file=sys.stderr)
         print(where_dashboards_are(result["flow_run_id"], local), file=sys.stderr)
         return result["outputs"][only or "export"]
 

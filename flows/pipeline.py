@@ -51,6 +51,7 @@ from stages.launch import EXIT_WITH_PARENT, kill_process_tree
 from stages.progress import ENV as PROGRESS_ENV
 from stages.progress import Progress, parse_progress
 
+from .promotion import end_state, gate
 from .terminal import StatusLine
 from stages.store import open_store
 
@@ -286,10 +287,13 @@ def dmd_pipeline(
     tasks = StageTasks(cfg, config_file, num_processes, set(refresh or []))
     # --only: the upstream outputs must be in the store already (an error names the first missing one)
     chain.walk(cfg, only or ORDER[-1], tasks, chain.require_existing(cfg) if only else None, num_processes)
+    verdict = None
     if only is None:
         publish(tasks.results, tasks.cache, tasks.seconds)
+        verdict = gate(cfg, tasks.results)  # export.promote_if (flows/promotion.py)
     outputs = {s: r["out_dir"] for s, r in tasks.results.items()}
-    return {"outputs": outputs, "cached": {s: c == "hit" for s, c in tasks.cache.items()}, "flow_run_id": str(flow_run.id)}
+    result = {"outputs": outputs, "cached": {s: c == "hit" for s, c in tasks.cache.items()}, "flow_run_id": str(flow_run.id)}
+    return end_state(cfg, verdict, result)  # a state named "Not promoted" when the export is not
 
 
 ARTIFACT_KEYS = ["dmd-metrics", "dmd-samples", "dmd-export", *(f"dmd-{s}-progress" for s in PROGRESS_STAGES)]

@@ -173,6 +173,35 @@ def verify_command(
     guarded(body)
 
 
+@app.command("promoted")
+def promoted_command(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the promotion record as JSON.")] = False,
+) -> None:
+    """Print the promoted export of this config's teacher and pipeline (export.pipeline): where it is, when it was promoted, its metrics and lineage; exit 1 when nothing was promoted yet."""
+
+    def body() -> None:
+        import json
+
+        from .chain import resolve_teacher
+        from .promotion import current, describe
+
+        cfg = load_config(config, set_ or [])
+        teacher = resolve_teacher(cfg)
+        record = current(open_store(cfg.store), cfg.export.pipeline, teacher.digest)
+        if record is None:
+            typer.echo(
+                terminal_text(f"no promoted export of the teacher {teacher.path} in pipeline {cfg.export.pipeline!r} in the store {cfg.store}. "
+                              "Fix: dmd run (an export passing export.promote_if is promoted; the first always is).", newlines=False),  # fmt: skip
+                err=True,
+            )
+            raise typer.Exit(1)
+        typer.echo(json.dumps(record, indent=2, sort_keys=True) if as_json else terminal_text(describe(record)))
+
+    guarded(body)
+
+
 @app.command("plan")
 def plan_command(
     config: ConfigOpt = None,

@@ -333,6 +333,33 @@ class ExportConfig(Section):
     opset: int = Field(17, ge=13, le=MAX_OPSET, description="ONNX opset of generator.onnx (the highest torch.onnx's TorchScript exporter writes)")
     parity_samples: int = Field(16, gt=0, le=MAX_PARITY, description="fixed inputs of the ONNX and fresh-process parity checks")
     onnx_tolerance: float = Field(1e-4, gt=0, lt=1, description="largest accepted max|ONNX - PyTorch| / max|PyTorch| on the fixed inputs")
+    # the promotion gate (stages/promotion.py): not in export's key, an export is the same whatever gates it
+    promote_if: str | None = Field(None, description="quality gate against the last promoted export of this teacher and pipeline, "
+                                   "e.g. 'fd_ratio <= 1.1 * promoted' (evaluate metrics, promoted, + - * /, comparisons, and/or/not); null: always promote")
+    pipeline: str = Field("default", description="the pipeline's name for promotion and run history: exports are compared with the promoted export of the same teacher and pipeline")
+    on_not_promoted: Literal["complete", "fail"] = Field("complete", description="a flow run whose export is not promoted ends Completed with a "
+                                                         "'not promoted' artifact (complete) or Failed, named 'Not promoted' (fail)")
+
+    @field_validator("promote_if")
+    @classmethod
+    def _gate_parses(cls, v: str | None) -> str | None:
+        from .gate import parse
+
+        if v is not None:
+            try:
+                parse(v)
+            except InputError as e:
+                raise ValueError(e.detail) from None
+        return v
+
+    @field_validator("pipeline")
+    @classmethod
+    def _plain_pipeline(cls, v: str) -> str:
+        from .gate import PIPELINE_NAME
+
+        if not PIPELINE_NAME.match(v):
+            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', not starting with '.' or '-' (it names folders of records)")
+        return v
 
 
 class PipelineConfig(Section):

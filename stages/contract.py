@@ -129,6 +129,7 @@ STAGES: tuple[StageSpec, ...] = (
 
         Evaluates first if needed; checks ONNX against PyTorch and a fresh-process reload bit for bit;
         prints the export directory (with README.md, the model card) as the last line on stdout.""",
+        not_in_key=frozenset({"promote_if", "pipeline", "on_not_promoted"}),  # what happens after the export, not what it is
         progress=False,
         multi_process=False,
     ),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import time
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
@@ -136,6 +137,25 @@ class Store(ABC):
     def note(self, name: str) -> None:
         """Remember ``name`` (best effort: a read-only store forgets)."""
 
+    # ---- records: small JSON documents beside the outputs (promotions, run history), named by relative paths
+    @abstractmethod
+    def read_record(self, name: str) -> bytes | None:
+        """The record ``name`` (e.g. ``promotions/default/<teacher>.json``) as last written whole; None when absent."""
+
+    @abstractmethod
+    def update_record(self, name: str, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
+        """Replace the record ``name`` by ``change(current)`` (None: leave it) as one atomic step: a reader sees
+        the old record or the new one, never part of one, and two updaters never lose one's change (``change``
+        may be called again with the other's record). Returns the record as it is after the update."""
+
+    @abstractmethod
+    def add_record(self, name: str, data: bytes) -> None:
+        """Write a new record under a name nobody else writes (run history: time + random), atomically."""
+
+    @abstractmethod
+    def record_names(self, folder: str) -> list[str]:
+        """Names of the records directly in ``folder`` (relative to it), sorted; [] when there is none."""
+
     # ---- the cache policy of every stage
     def reuse_or_build(self, stage: str, out: Path, config_text: str, build: Callable[[Path], Manifest]) -> Manifest:
         """A complete, verified output is reused; a failing one is named and redone (its finished parts kept
@@ -207,6 +227,17 @@ class Store(ABC):
     @staticmethod
     def required(m: Manifest) -> list[str]:
         return required_files(m)
+
+
+RECORD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+
+
+def record_parts(name: str) -> list[str]:
+    """The parts of a record's name: plain names only (no ``..``, no hidden names, no absolute path)."""
+    parts = name.split("/")
+    if not parts or not all(RECORD_NAME.match(p) for p in parts):
+        raise InputError(f"record name {name!r} is not a plain relative path. Fix: use letters, digits, '.', '_' and '-' in each part.")
+    return parts
 
 
 def disk_full(exc: BaseException) -> bool:

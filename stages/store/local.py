@@ -16,6 +16,7 @@ a link (the user's choice, e.g. onto a larger disk): it is resolved once, when t
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -24,19 +25,20 @@ import re
 import shutil
 import stat
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Callable, Iterator
 
 from dmd_core.errors import InputError, shown
 from dmd_core.faults import fault_point
 
 from ..contract import MANIFEST, ORDER, Manifest
-from ..files import digest_json, sha256_file, write_text_atomic
-from .base import SIDE_CACHES, Store
+from ..files import digest_json, sha256_file, write_bytes_atomic, write_text_atomic
+from .base import SIDE_CACHES, Store, record_parts
 from .lockfile import held, lease_s, pid_alive
 
 RECORD = ".verified.json"  # hidden: never part of a manifest or a directory digest
 DIGESTS = ".digests"
 PARTIAL = ".partial"
+RECORDS = "records"  # promotion records and run history (stages/promotion.py, stages/history.py)
 _TMP_NAME = re.compile(r"^\..*\.tmp(-(\d+))?$")
 log = logging.getLogger("dmd")
 
@@ -221,7 +223,7 @@ class LocalStore(Store):
             return
         with os.scandir(self.path) as entries:
             for e in sorted(entries, key=lambda e: e.name):
-                if e.is_symlink() and (e.name in ORDER or e.name in SIDE_CACHES or e.name.startswith(".")):
+                if e.is_symlink() and (e.name in ORDER or e.name in SIDE_CACHES or e.name == RECORDS or e.name.startswith(".")):
                     raise link_error(Path(e.path))
 
     def free_bytes(self) -> int:
@@ -243,6 +245,47 @@ class LocalStore(Store):
             path.touch()
         except OSError:  # read-only store: validated again next time
             pass
+
+    # ---- records (promotions, run history): <root>/records/<name>, written by rename
+    def _record_path(self, name: str) -> Path:
+        return self.contained(self.path.joinpath(RECORDS, *record_parts(name)))
+
+    def read_record(self, name: str) -> bytes | None:
+        try:
+            return self._record_path(name).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def update_record(self, name: str, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
+        """Under ``flock`` on a hidden sibling lock file (dropped by the kernel when its holder dies), then
+        written to a temporary sibling and renamed."""
+        path = self._record_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = self.contained(path.with_name(f".{path.name}.lock"))
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            old = self.read_record(name)
+            new = change(old)
+            if new is None:
+                return old
+            write_bytes_atomic(path, new)
+            return new
+        finally:
+            os.close(fd)  # releases the flock
+
+    def add_record(self, name: str, data: bytes) -> None:
+        path = self._record_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, data)
+
+    def record_names(self, folder: str) -> list[str]:
+        top = self._record_path(folder)
+        try:
+            with os.scandir(top) as entries:
+                return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file(follow_symlinks=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
 
 def link_error(link: Path) -> InputError:

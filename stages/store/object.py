@@ -32,19 +32,20 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from dmd_core.errors import InputError, shown
 from dmd_core.faults import fault_point
 
 from ..contract import MANIFEST, ORDER, Manifest, spec
 from ..files import sha256_file, tmp_sibling, write_bytes_atomic, write_text_atomic
-from .base import SIDE_CACHES, Store
+from .base import SIDE_CACHES, Store, record_parts
 from .bucket import Bucket
 from .lease import held, leased
-from .local import PARTIAL, RECORD, LocalStore, plain_name, tree_files
+from .local import PARTIAL, RECORD, RECORDS, LocalStore, plain_name, tree_files
 
 CACHE_ENV = "DMD_STORE_CACHE"
+RECORD_TRIES = 20  # conditional writes of one record lost to other writers before giving up
 CACHED = ".cached.json"  # hidden: never uploaded, never part of a manifest
 log = logging.getLogger("dmd")
 
@@ -382,6 +383,34 @@ class ObjectStore(Store):
 
     def note(self, name: str) -> None:
         self.local.note(name)
+
+    # ---- records (promotions, run history): ``records/<name>`` objects in the bucket, each one PUT (whole or absent)
+    def read_record(self, name: str) -> bytes | None:
+        got = self.bucket.read(f"{RECORDS}/{'/'.join(record_parts(name))}")
+        return None if got is None else got[0]
+
+    def update_record(self, name: str, change: Callable[[bytes | None], bytes | None]) -> bytes | None:
+        """Read the record and its ETag, then write ``change(old)`` only if it is still that version
+        (If-Match; If-None-Match when there was none): a concurrent update makes this one read again."""
+        rel = f"{RECORDS}/{'/'.join(record_parts(name))}"
+        for _ in range(RECORD_TRIES):
+            got = self.bucket.read(rel)
+            old = None if got is None else got[0]
+            new = change(old)
+            if new is None:
+                return old
+            done = self.bucket.create(rel, new) if got is None else self.bucket.replace(rel, new, got[1])
+            if done is not None:
+                return new
+        raise InputError(f"record {shown(rel)} in {shown(self.root)} kept changing under {RECORD_TRIES} updates. Fix: rerun.")
+
+    def add_record(self, name: str, data: bytes) -> None:
+        rel = f"{RECORDS}/{'/'.join(record_parts(name))}"
+        if self.bucket.create(rel, data) is None:
+            raise InputError(f"record {shown(rel)} already exists in {shown(self.root)}. Fix: rerun (a new name is drawn).")
+
+    def record_names(self, folder: str) -> list[str]:
+        return sorted(n for n in self.bucket.listing(f"{RECORDS}/{'/'.join(record_parts(folder))}") if "/" not in n and not n.startswith("."))
 
 
 def _streamed(stage: str, name: str) -> bool:
