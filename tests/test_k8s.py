@@ -248,3 +248,35 @@ def test_k8s_commands_print_the_setup_from_the_template():
             if fnmatch.fnmatch(".env.store", p.lstrip("!")):
                 last = not p.startswith("!")
         assert last, f"{ignore_file} does not keep .env.store out"
+
+
+@pytest.mark.slow  # a temporary Prefect server (10-30 s to start on 2 cores)
+def test_pool_and_deployments_on_a_real_server():
+    """`prefect work-pool create --base-job-template` and `prefect deploy --prefect-file prefect-k8s.yaml` as printed."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=600):
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env.pop("DMD_IMAGE", None)
+        prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
+        create = [*prefect, "work-pool", "create", "gpu-k8s", "--type", "kubernetes", "--base-job-template", str(TEMPLATE)]
+        subprocess.run(create, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+        deploy = [*prefect, "deploy", "--prefect-file", "prefect-k8s.yaml", "--all"]
+        unset = subprocess.run(deploy, cwd=ROOT, env={**env, "DMD_STORE": "s3://team-dmd/runs"}, capture_output=True, text=True, timeout=300)
+        with get_client(sync_client=True) as client:
+            assert unset.returncode != 0 and not client.read_deployments(), unset.stdout[-2000:]
+        assert "Validation failed for field 'image'" in unset.stdout + unset.stderr, unset.stdout[-2000:] + unset.stderr[-2000:]
+        ok = subprocess.run(deploy, cwd=ROOT, env={**env, "DMD_IMAGE": "reg.example/dmd:1", "DMD_STORE": "s3://team-dmd/runs"},
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+        with get_client(sync_client=True) as client:
+            pool = client.read_work_pool("gpu-k8s")
+            deps = {d.name: d for d in client.read_deployments()}
+    assert pool.type == "kubernetes" and pool.base_job_template == template()
+    assert set(deps) == {"pipeline-k8s", "generate-k8s", "distill-k8s", "evaluate-k8s", "export-k8s"}
+    for d in deps.values():
+        assert d.work_pool_name == "gpu-k8s" and d.job_variables == {"image": "reg.example/dmd:1", "gpu_count": 1}
+        assert d.parameters["overrides"] == ["store=s3://team-dmd/runs"]
+    assert [s.schedule.cron for s in deps["pipeline-k8s"].schedules] == ["0 3 * * *"]
