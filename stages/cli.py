@@ -135,7 +135,40 @@ def stage_command(name: str, doc: str) -> Callable[..., None]:
     return command
 
 
-STAGE_COMMANDS = {s.name: stage_command(s.name, s.help) for s in STAGES}
+PartitionOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--partition", min=0,
+        help="Only partition K of generate.partitions, into the output's work directory (printed); an external scheduler runs 0..N-1 anywhere, then `dmd generate` publishes.",
+    ),
+]  # fmt: skip
+
+
+def generate_command(doc: str) -> Callable[..., None]:
+    """``dmd generate``: the stage command, plus ``--partition K`` (stages/generate/partitions.py)."""
+    whole = stage_command("generate", doc)
+
+    def command(config: ConfigOpt = None, set_: SetOpt = None, num_processes: ProcOpt = 1, quiet: QuietOpt = False, plan_file: PlanOpt = None, partition: PartitionOpt = None) -> None:
+        if partition is None:
+            return whole(config, set_, num_processes, quiet, plan_file)
+
+        def body() -> str:
+            from .chain import plan
+            from .contract import Plan
+            from .generate import build_partition
+
+            cfg = load_config(config, set_ or [])
+            open_store(cfg.store).check_writable()
+            p = Plan.load(plan_file) if plan_file else plan(cfg, "generate")  # the flow's plan, or planned here
+            return str(build_partition(cfg, p, partition, not quiet, num_processes))
+
+        guarded(body)
+
+    command.__doc__ = doc
+    return command
+
+
+STAGE_COMMANDS = {s.name: generate_command(s.help) if s.name == "generate" else stage_command(s.name, s.help) for s in STAGES}
 
 app = typer.Typer(
     name="dmd",

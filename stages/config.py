@@ -149,6 +149,9 @@ class GenerateConfig(Section):
         "float32", description="storage dtype of the prompt embeddings every stage reads from the store (float16 halves their size)"
     )
     num_threads: Threads | None = Field(None, description="torch threads per process (default: cores / processes); not part of the cache key")
+    partitions: int = Field(
+        1, gt=0, le=MAX_COUNT, description="contiguous shard ranges built apart (flow: one work-pool run each) and published once; not part of the cache key"
+    )
 
 
 class OptimizerConfig(Section):

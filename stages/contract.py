@@ -81,7 +81,7 @@ STAGES: tuple[StageSpec, ...] = (
         a rerun reuses a complete output and resumes an interrupted one.""",
         # the prompt file (digest and column) and a precision other than fp32 enter the key as upstream
         # entries, only when used, so that a key without them is the key of the same run without the option
-        not_in_key=frozenset({"num_threads", "prompts", "prompt_column", "precision", "prompt_dtype"}),
+        not_in_key=frozenset({"num_threads", "partitions", "prompts", "prompt_column", "precision", "prompt_dtype"}),  # partitions: the same bytes
         streamed=("pairs-*.tar",),  # distill streams the shards (and checks each one's sha256 as it reads)
     ),
     StageSpec(

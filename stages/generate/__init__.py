@@ -30,10 +30,11 @@ from dmd_core.text import MAX_PROMPT_CHARS, iter_prompts
 from dmd_core.transfer import HostCopy, to_device
 
 from ..checks import check_guidance, check_precision, check_prompt_file, check_prompts
-from ..config import GenerateConfig, PipelineConfig, load_config
+from ..config import GenerateConfig, PipelineConfig, dump_config, load_config
 from ..contract import PROMPT_TEXTS, Manifest, Plan, StageOutput, Teacher, file_entry, spec, stage_manifest
 from ..files import Timer, copy_atomic, sha256_file, size_text, tmp_sibling, write_text_atomic
 from ..launch import launch_plan
+from .partitions import keep_shards, partition_shards, shard_files, take_all_shards, take_shards
 from ..progress import progress_bar
 from ..prompt_rows import Spread, plan_rows
 from ..store import open_store, remember_hashes, work_hashes
@@ -195,8 +196,9 @@ class Solved:
     reference: torch.Tensor | None
 
 
-def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.device, progress: bool) -> Solved:
-    """Write the shards i = rank (mod world) that are missing or fail their checksum."""
+def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.device, progress: bool, shards: range | None = None) -> Solved:
+    """Write the shards i = rank (mod world) that are missing or fail their checksum; ``shards``: only those
+    among these indices (a partition, partitions.py)."""
     g = cfg.generate
     rows = plan_rows(cfg, p, g.prompt_column, device, progress and rank == 0)
     prompts = None if rows is None else rows.texts
@@ -207,7 +209,7 @@ def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device:
     reference = None if g.precision == "fp32" else at_precision(solve, "fp32", device)
     store_dtype = np.dtype(g.dtype)
     ranges = shard_ranges(g.num_samples, g.shard_size)
-    mine = range(rank, len(ranges), world)
+    mine = [i for i in (range(len(ranges)) if shards is None else shards) if i % world == rank]
     finished = finished_shards(p.out_dir, mine)  # one read of the verification records
     todo = [i for i in mine if i not in finished]
     bar = progress_bar(
@@ -327,8 +329,40 @@ def build(cfg: PipelineConfig, p: Plan, num_processes: int = 1, progress: bool =
     timer = Timer()
     _set_threads(cfg.generate, 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # generate.partitions: the ranges other processes finished are taken and verified; the rest are built
+    # here, partition after partition (together they are range(num_shards), in order)
+    take_all_shards(cfg, p.out_dir)
     solved = generate_shards(cfg, p, 0, 1, device, progress)
     return finalize(cfg, p, solved, timer.seconds, device)
+
+
+def build_partition(cfg: PipelineConfig, p: Plan, k: int, progress: bool = True, num_processes: int = 1) -> Path:
+    """Partition ``k`` of ``generate.partitions`` (partitions.py): its missing or damaged shards written into the
+    output's work directory, verified and kept in the store; nothing published. Returns the work directory
+    (the output itself when it is published already: nothing to do)."""
+    if num_processes != 1:
+        raise InputError("dmd generate --partition runs one process (one device) per partition. Fix: drop --num-processes, or use more partitions.")
+    shards = partition_shards(cfg, k)
+    store = open_store(cfg.store)
+    if store.verified(p.out_dir) is not None:
+        log.info("generate: %s is published already: partition %d has nothing to do", p.out_dir, k)
+        return p.out_dir
+    timer = Timer()
+    work = store.partial_dir(p.out_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "config.yaml").is_file():  # a work directory always holds its config (the publisher rewrites it)
+        write_text_atomic(work / "config.yaml", dump_config(cfg))
+    names = shard_files(shards)
+    take_shards(store, work, names)  # this partition's shards, finished on another machine before it stopped
+    _set_threads(cfg.generate, 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    generate_shards(cfg, dataclasses.replace(p, out_dir=work), 0, 1, device, progress, shards)
+    bad = sorted(set(shards) - finished_shards(work, shards))
+    if bad:
+        raise RuntimeError(f"generate partition {k}: shards {[shard_name(i) for i in bad[:5]]} fail their checksums after writing")
+    keep_shards(store, work, names)
+    log.info("generate: partition %d of %d (shards %d to %d) verified in %.1f s", k, cfg.generate.partitions, shards.start, shards.stop - 1, timer.seconds)
+    return work
 
 
 def run_distributed(cfg: PipelineConfig, p: Plan, progress: bool = True) -> Manifest | None:

@@ -1,0 +1,139 @@
+"""generate.partitions: shard ranges built apart give the one-process bytes; a killed partition is redone alone;
+the S3 store across machines (one cache folder each); the flow's partitions taken by two process workers of a
+work pool on a real Prefect server (slow)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import kill_when, write_config
+from dmd_core.errors import InputError
+from dmd_core.shards import shard_name
+from stages import chain
+from stages.config import load_config
+from stages.files import sha256_file
+from stages.generate import build_partition
+from stages.generate.partitions import partition_ranges
+from stages.store import open_store
+
+SETS = {"num_samples": 60, "shard_size": 8, "batch_size": 4}  # 8 shards (the last one of 4): partitions of 3, 3 and 2 shards
+
+
+def shard_digests(out: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(out.glob("pairs-*.tar"))}
+
+
+def stats(folder: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime_ns) of every shard: a shard rewritten (a new temporary file renamed over it) changes both."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.glob("pairs-*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory, edm_teacher):
+    """The one-process output: its key, shard digests and manifest digest."""
+    tmp = tmp_path_factory.mktemp("one")
+    cfg = load_config(write_config(tmp / "c.yaml", edm_teacher, tmp / "store", **SETS))
+    out = chain.run(cfg, "generate", progress=False)
+    return out.manifest.key, shard_digests(out.out_dir), out.manifest.digest
+
+
+def test_partition_ranges_are_contiguous_and_cover_every_shard():
+    assert partition_ranges(8, 3) == [range(0, 3), range(3, 6), range(6, 8)]
+    assert partition_ranges(2, 3) == [range(0, 1), range(1, 2), range(2, 2)]
+    for shards in range(0, 20):
+        for n in range(1, 7):
+            ranges = partition_ranges(shards, n)
+            assert [i for r in ranges for i in r] == list(range(shards))
+            assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+
+
+def test_three_partitions_give_the_one_process_bytes(one, tmp_path, edm_teacher):
+    key, digests, manifest_digest = one
+    cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", partitions=3, **SETS))
+    p = chain.plan(cfg, "generate")
+    assert p.key == key  # partitions are not in the cache key
+    store = open_store(cfg.store)
+    for k in (2, 0, 1):  # any order
+        work = build_partition(cfg, p, k, progress=False)
+        assert store.verified(p.out_dir) is None  # a partition publishes nothing
+    assert work == store.partial_dir(p.out_dir)
+    built = stats(work)
+    assert len(built) == 8
+    out = chain.run(cfg, "generate", progress=False)
+    assert out.out_dir == p.out_dir
+    assert shard_digests(out.out_dir) == digests and out.manifest.digest == manifest_digest
+    assert stats(out.out_dir) == built  # the publisher computed no shard: it verified and published the partitions'
+    assert build_partition(cfg, p, 1, progress=False) == out.out_dir  # published: nothing to do
+    with pytest.raises(InputError, match="partition 3 does not exist"):
+        build_partition(cfg, p, 3, progress=False)
+
+
+def test_killed_partition_is_redone_alone(one, tmp_path, edm_teacher):
+    """kill -9 of `dmd generate --partition 1` once its second shard is there; the rerun writes only what it lacked,
+    the other partitions' shards (and partition 1's finished ones) keep their files; a damaged one is rewritten."""
+    key, digests, manifest_digest = one
+    cfg_path = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", partitions=3, **SETS)
+    cfg = load_config(cfg_path)
+    p = chain.plan(cfg, "generate")
+    work = build_partition(cfg, p, 0, progress=False)
+    build_partition(cfg, p, 2, progress=False)
+    kill_when(["generate", "--config", str(cfg_path), "--partition", "1", "-q"], work, shard_name(4))
+    before = stats(work)
+    assert {shard_name(i) for i in (0, 1, 2, 3, 4, 6, 7)} <= set(before)
+    (work / shard_name(0)).write_bytes(b"damaged")  # partition 0 is damaged meanwhile: a rerun of it rewrites shard 0
+    before = stats(work)
+    build_partition(cfg, p, 1, progress=False)
+    after = stats(work)
+    rewritten = {n for n in after if before.get(n) != after[n]}
+    assert rewritten <= {shard_name(5)}  # killed before shard 5, or (a slow kill) after it: nothing else moved
+    assert shard_name(0) not in rewritten
+    build_partition(cfg, p, 0, progress=False)
+    again = stats(work)
+    assert {n for n in again if after[n] != again[n]} == {shard_name(0)}
+    out = chain.run(cfg, "generate", progress=False)
+    assert shard_digests(out.out_dir) == digests and out.manifest.digest == manifest_digest
+    assert stats(out.out_dir) == again
+
+
+def test_a_partition_runs_one_process(tmp_path, edm_teacher):
+    cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", partitions=2, **SETS))
+    with pytest.raises(InputError, match="one process"):
+        build_partition(cfg, chain.plan(cfg, "generate"), 0, num_processes=2)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    from s3_server import environment, s3_server
+
+    with s3_server() as env, environment(env):
+        yield env
+
+
+def test_partitions_on_three_machines_of_an_s3_store(one, s3, tmp_path, edm_teacher, monkeypatch):
+    """Each partition on a machine of its own (its own cache folder), the publish on a fourth: the bucket carries
+    the shards between them, and the output is the one-process bytes."""
+    from s3_server import new_bucket
+
+    from stages.store.object import CACHE_ENV
+
+    key, digests, manifest_digest = one
+    url = f"s3://{new_bucket()}/runs"
+    cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "unused", partitions=3, **SETS), [f"store={url}"])
+    for k in range(3):
+        monkeypatch.setenv(CACHE_ENV, str(tmp_path / f"host{k}"))
+        p = chain.plan(cfg, "generate")
+        work = build_partition(cfg, p, k, progress=False)
+        assert sorted(n for n in os.listdir(work) if n.startswith("pairs-") and n.endswith(".tar")) == [
+            shard_name(i) for i in partition_ranges(8, 3)[k]
+        ]  # this machine wrote (and keeps) its own partition only
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "publisher"))
+    out = chain.run(cfg, "generate", progress=False)
+    assert out.manifest.key == key
+    assert shard_digests(out.out_dir) == digests and out.manifest.digest == manifest_digest
+    store = open_store(url)
+    assert store.bucket.listing(f"generate/.{key}.partial") == {}  # the staged shards are gone once published
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "reader"))
+    assert open_store(url).verified(open_store(url).output_dir("generate", key)).digest == manifest_digest
