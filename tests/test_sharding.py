@@ -50,7 +50,12 @@ def test_first_step_equals_ddp(setup, sets):
     """One step of the same global batch on 2 processes: FSDP's weights and gradient norms are DDP's."""
     tmp, cfg = setup
     name = "-".join(s.split("=")[0].split(".")[-1] for s in sets) or "full"
-    ddp = first_step(cfg, tmp / f"ddp-{name}.safetensors", 2, sets)
+    # checkpointing recomputes the same numbers: its FSDP step is held against the plain DDP step
+    ddp_sets = () if sets == ("distill.gradient_checkpointing=true",) else sets
+    ddp_name = "-".join(s.split("=")[0].split(".")[-1] for s in ddp_sets) or "full"
+    ddp = str(tmp / f"ddp-{ddp_name}.safetensors")
+    if not Path(ddp).is_file():
+        first_step(cfg, Path(ddp), 2, ddp_sets)
     fsdp = first_step(cfg, tmp / f"fsdp-{name}.safetensors", 2, (*sets, *FSDP))
     a, b = load_file(ddp), load_file(fsdp)
     assert max_diff(a, b) <= TOLERANCE
