@@ -51,6 +51,7 @@ from stages.launch import EXIT_WITH_PARENT, kill_process_tree
 from stages.progress import ENV as PROGRESS_ENV
 from stages.progress import Progress, parse_progress
 
+from .partitions import run_partitions
 from .promotion import end_state, gate
 from .terminal import StatusLine
 from stages.store import open_store
@@ -256,6 +257,8 @@ class StageTasks:
         plan_file = p.save(self.store.scratch_dir("flow-plans") / f"{s.name}-{p.key}.json")
         n = self.num_processes if s.multi_process else 1
         t0 = time.perf_counter()
+        if s.name == "generate" and not valid:
+            run_partitions(self.cfg, self.config_file, plan_file)  # generate.partitions > 1: on the pool's workers first
         task_run = run_stage.with_options(refresh_cache=not valid)
         # Called, not submitted: the task runs in this (main) thread, so a Ctrl-C reaches it and it stops
         # its stage. Passing the previous task's result object is what draws the edge in the run graph.

@@ -262,7 +262,8 @@ def test_prefect_yaml_deploys_the_pipeline_and_one_deployment_per_stage(harness)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     with get_client(sync_client=True) as client:
         deps = {d.name: d for d in client.read_deployments() if d.work_pool_name == "gpu-process"}
-    assert set(deps) == {"pipeline", "generate", "distill", "evaluate", "export"}
+    assert set(deps) == {"pipeline", "generate", "distill", "evaluate", "export", "partition"}
+    assert deps["partition"].entrypoint == "flows/partitions.py:generate_partition"
     assert [s.schedule.cron for s in deps["pipeline"].schedules] == ["0 3 * * *"]
     assert all(deps[s].parameters["only"] == s for s in ORDER) and "only" not in deps["pipeline"].parameters
 

@@ -137,3 +137,69 @@ def test_partitions_on_three_machines_of_an_s3_store(one, s3, tmp_path, edm_teac
     assert store.bucket.listing(f"generate/.{key}.partial") == {}  # the staged shards are gone once published
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "reader"))
     assert open_store(url).verified(open_store(url).output_dir("generate", key)).digest == manifest_digest
+
+
+def workers_started(env: dict, pool: str, caches: list[Path]) -> list:
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--limit", "1", "--name", f"host{i}"],
+            cwd=ROOT, env={**env, "DMD_STORE_CACHE": str(cache)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        for i, cache in enumerate(caches)
+    ]  # fmt: skip
+
+
+@pytest.mark.slow  # a Prefect server, two workers and four flow runs: about a minute on 2 cores
+def test_three_partitions_on_two_process_workers_of_a_prefect_server_and_an_s3_store(one, s3, tmp_path, edm_teacher, monkeypatch):
+    """The Done-when test: `dmd run`'s flow hands 3 partitions to a process work pool served by 2 workers, each
+    with a cache folder of its own (two machines); the flow's generate task publishes the one-process bytes."""
+    import signal
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+    from s3_server import new_bucket
+
+    from conftest import ROOT
+    from flows.partitions import DEFAULT_DEPLOYMENT, generate_partition
+    from flows.pipeline import dmd_pipeline
+    from stages.store.object import CACHE_ENV
+
+    key, digests, manifest_digest = one
+    url = f"s3://{new_bucket()}/runs"
+    cfg = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "unused", partitions=3, **SETS)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "flow"))
+    with prefect_test_harness(server_startup_timeout=600):
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+        pool = "gpu-partitions"
+        with get_client(sync_client=True) as client:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        generate_partition.from_source(source=str(ROOT), entrypoint="flows/partitions.py:generate_partition").deploy(
+            name=DEFAULT_DEPLOYMENT.split("/")[1], work_pool_name=pool, print_next_steps=False
+        )  # fmt: skip
+        workers = workers_started(env, pool, [tmp_path / "host0", tmp_path / "host1"])
+        try:
+            result = dmd_pipeline(config=str(cfg), overrides=[f"store={url}"], only="generate")
+        finally:
+            for w in workers:
+                os.killpg(w.pid, signal.SIGTERM)
+            for w in workers:
+                w.wait(timeout=60)
+        with get_client(sync_client=True) as client:
+            parent = client.read_flow_run(result["flow_run_id"])
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+    assert sorted(c.parameters["partition"] for c in children if c.state.is_completed()) == [0, 1, 2]
+    assert len(children) == 3 and all(c.work_pool_name == pool for c in children)
+    # each machine's work directory holds the shards it wrote: both workers took partitions, none was built twice
+    took = [sorted(p.name for p in (tmp_path / h).glob(f"s3-*/generate/.{key}.partial/pairs-*.tar")) for h in ("host0", "host1")]
+    assert all(took) and sorted(took[0] + took[1]) == sorted(digests)
+    out = Path(result["outputs"]["generate"])
+    assert out.name == key and shard_digests(out) == digests
+    assert open_store(url).verified(out).digest == manifest_digest
