@@ -96,6 +96,11 @@ class Store(ABC):
     def drop_progress(self, work: Path, folder: str) -> None:
         """Forget ``work/folder`` as ``keep_progress`` kept it (a checkpoint superseded by newer ones)."""
 
+    def take_progress(self, work: Path, names: list[str] | None = None) -> int:
+        """What builds elsewhere kept (``keep_progress``) of ``names`` (default all) and ``work`` lacks, brought
+        into ``work``; how many files came (an object store's builds start with it, in ``set_aside``)."""
+        return 0
+
     @abstractmethod
     def lock(self, out: Path) -> AbstractContextManager:
         """One builder per output at a time; released when its holder dies."""

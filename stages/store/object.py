@@ -302,14 +302,18 @@ class ObjectStore(Store):
         if partial is not None:
             self.bucket.delete([f"{partial}/{folder}/{n}" for n in self.bucket.listing(f"{partial}/{folder}")])
 
-    def _pull_progress(self, partial: str, work: Path) -> None:
-        """The partial prefix's objects that ``work`` lacks, downloaded (progress kept by a build elsewhere);
-        each checkpoint verifies itself against its checksums.json before a resume trusts it."""
+    def take_progress(self, work: Path, names: list[str] | None = None) -> int:
+        """The partial prefix's objects (of ``names``, default all) that ``work`` lacks, downloaded: progress kept by
+        builds elsewhere. Each part verifies itself before the build trusts it (a checkpoint its checksums.json,
+        a shard its .sha256). Returns how many files came."""
+        partial = self._partial_prefix(work)
+        if partial is None:
+            return 0
         there = self.bucket.listing(partial)
-        todo = [n for n in sorted(there) if plain_name(n) and not (work / n).exists()]
+        todo = [n for n in sorted(there if names is None else set(names) & set(there)) if plain_name(n) and not (work / n).exists()]
         if not todo:
-            return
-        log.info("%s: taking %d files of an unfinished build from %s", work.parent.name, len(todo), shown(f"{self.root}/{partial}"))
+            return 0
+        log.info("%s: taking %d files kept by builds elsewhere from %s", work.parent.name, len(todo), shown(f"{self.root}/{partial}"))
         for n in todo:
             self.local.contained(work / n).parent.mkdir(parents=True, exist_ok=True)
         tmps = [tmp_sibling(work / n) for n in todo]
@@ -323,6 +327,7 @@ class ObjectStore(Store):
         done = _read_json(work / ".uploaded.json")  # already in the bucket: a publish does not upload them again
         done.update({n: [*_stat_key(work / n), there[n][1]] for n in todo})
         write_text_atomic(work / ".uploaded.json", json.dumps(done, sort_keys=True))
+        return len(todo)
 
     def _upload(self, work: Path, partial: str, names: list[str]) -> None:
         """Upload ``names`` under ``partial``, skipping files an interrupted publish already uploaded unchanged
@@ -349,10 +354,9 @@ class ObjectStore(Store):
             self.bucket.delete([f"{remote}/{MANIFEST}"])  # a failing output stops being one before anything is rebuilt
             (self.local.contained(out) / CACHED).unlink(missing_ok=True)
         self.local.set_aside(out, work)
-        partial = self._partial_prefix(work)
-        if partial is not None:
+        if self._partial_prefix(work) is not None:
             work.mkdir(parents=True, exist_ok=True)
-            self._pull_progress(partial, work)
+            self.take_progress(work)
 
     def clean(self, work: Path) -> None:
         self.local.clean(work)
