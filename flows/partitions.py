@@ -20,6 +20,7 @@ server, no work pool), the partitions run in turn in the flow's own process, eac
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -58,9 +59,28 @@ def generate_partition(config: str, plan: dict, partition: int) -> dict:
         cfg = load_config(str(Path(tmp) / "config.yaml"))
     p = Plan(**{**plan, "out_dir": open_store(cfg.store).output_dir("generate", plan["key"])})
     t0 = time.perf_counter()
-    work = build_partition(cfg, p, partition, progress=False)
-    get_run_logger().info("generate partition %d of %d: shards verified in %s (%.1f s)", partition, cfg.generate.partitions, work, time.perf_counter() - t0)
+    logger = get_run_logger()
+    forward = ToRunLog(logger)  # the stage's own log lines (shards taken, rewritten) into this run's log
+    dmd = logging.getLogger("dmd")
+    level = dmd.level
+    dmd.setLevel(logging.INFO)
+    dmd.addHandler(forward)
+    try:
+        work = build_partition(cfg, p, partition, progress=False)
+    finally:
+        dmd.removeHandler(forward)
+        dmd.setLevel(level)
+    logger.info("generate partition %d of %d: shards verified in %s (%.1f s)", partition, cfg.generate.partitions, work, time.perf_counter() - t0)
     return {"partition": partition, "work": str(work), "host": os.uname().nodename}
+
+
+class ToRunLog(logging.Handler):
+    def __init__(self, logger):
+        super().__init__(logging.INFO)
+        self.logger = logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.logger.log(record.levelno, record.getMessage())
 
 
 def run_partitions(cfg: PipelineConfig, config_path: str, plan_file: Path) -> None:

@@ -139,67 +139,164 @@ def test_partitions_on_three_machines_of_an_s3_store(one, s3, tmp_path, edm_teac
     assert open_store(url).verified(open_store(url).output_dir("generate", key)).digest == manifest_digest
 
 
-def workers_started(env: dict, pool: str, caches: list[Path]) -> list:
+def start_worker(env: dict, pool: str, cache: Path, *args: str):
+    """``prefect worker start`` of a process pool, as on a machine of its own: a cache folder of its own."""
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    return [
-        subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--limit", "1", "--name", f"host{i}"],
-            cwd=ROOT, env={**env, "DMD_STORE_CACHE": str(cache)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
-        for i, cache in enumerate(caches)
-    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--limit", "1", "--name", cache.name, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**env, "DMD_STORE_CACHE": str(cache)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-@pytest.mark.slow  # a Prefect server, two workers and four flow runs: about a minute on 2 cores
-def test_three_partitions_on_two_process_workers_of_a_prefect_server_and_an_s3_store(one, s3, tmp_path, edm_teacher, monkeypatch):
-    """The Done-when test: `dmd run`'s flow hands 3 partitions to a process work pool served by 2 workers, each
-    with a cache folder of its own (two machines); the flow's generate task publishes the one-process bytes."""
+def stop(workers) -> None:
     import signal
 
+    for w in workers:
+        if w.poll() is None:
+            os.killpg(w.pid, signal.SIGTERM)
+    for w in workers:
+        w.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pool(s3):
+    """A real Prefect server, a process work pool and the partition deployment on it (from this checkout)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
-    from s3_server import new_bucket
 
     from conftest import ROOT
     from flows.partitions import DEFAULT_DEPLOYMENT, generate_partition
-    from flows.pipeline import dmd_pipeline
+
+    with prefect_test_harness(server_startup_timeout=600):
+        name = "gpu-partitions"
+        with get_client(sync_client=True) as client:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+        generate_partition.from_source(source=str(ROOT), entrypoint="flows/partitions.py:generate_partition").deploy(
+            name=DEFAULT_DEPLOYMENT.split("/")[1], work_pool_name=name, print_next_steps=False
+        )  # fmt: skip
+        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+        yield name, env
+
+
+def partition_runs(parent_id: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id])))
+
+
+def s3_config(tmp_path: Path, edm_teacher: Path, monkeypatch) -> tuple[str, list[str]]:
+    from s3_server import new_bucket
+
     from stages.store.object import CACHE_ENV
 
-    key, digests, manifest_digest = one
-    url = f"s3://{new_bucket()}/runs"
-    cfg = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "unused", partitions=3, **SETS)
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "flow"))
-    with prefect_test_harness(server_startup_timeout=600):
-        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
-        pool = "gpu-partitions"
-        with get_client(sync_client=True) as client:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-        generate_partition.from_source(source=str(ROOT), entrypoint="flows/partitions.py:generate_partition").deploy(
-            name=DEFAULT_DEPLOYMENT.split("/")[1], work_pool_name=pool, print_next_steps=False
-        )  # fmt: skip
-        workers = workers_started(env, pool, [tmp_path / "host0", tmp_path / "host1"])
-        try:
-            result = dmd_pipeline(config=str(cfg), overrides=[f"store={url}"], only="generate")
-        finally:
-            for w in workers:
-                os.killpg(w.pid, signal.SIGTERM)
-            for w in workers:
-                w.wait(timeout=60)
-        with get_client(sync_client=True) as client:
-            parent = client.read_flow_run(result["flow_run_id"])
-            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
-    assert sorted(c.parameters["partition"] for c in children if c.state.is_completed()) == [0, 1, 2]
-    assert len(children) == 3 and all(c.work_pool_name == pool for c in children)
-    # each machine's work directory holds the shards it wrote: both workers took partitions, none was built twice
-    took = [sorted(p.name for p in (tmp_path / h).glob(f"s3-*/generate/.{key}.partial/pairs-*.tar")) for h in ("host0", "host1")]
-    assert all(took) and sorted(took[0] + took[1]) == sorted(digests)
+    cfg = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "unused", partitions=3, **SETS)
+    return str(cfg), [f"store=s3://{new_bucket()}/runs"]
+
+
+def host_shards(tmp_path: Path, host: str, key: str) -> list[str]:
+    """The shards a worker's machine wrote or took (its work directory of the output)."""
+    return sorted(p.name for p in (tmp_path / host).glob(f"s3-*/generate/.{key}.partial/pairs-*.tar"))
+
+
+@pytest.mark.slow  # a Prefect server, two workers and their flow runs: about a minute on 2 cores
+def test_three_partitions_on_two_process_workers_of_a_prefect_server_and_an_s3_store(one, pool, tmp_path, edm_teacher, monkeypatch):
+    """The Done-when test: the flow hands 3 partitions to a process work pool served by 2 workers, each with a
+    cache folder of its own (two machines); the flow's generate task publishes the one-process bytes."""
+    from flows.pipeline import dmd_pipeline
+
+    key, digests, manifest_digest = one
+    name, env = pool
+    config, overrides = s3_config(tmp_path, edm_teacher, monkeypatch)
+    workers = [start_worker(env, name, tmp_path / h) for h in ("host0", "host1")]
+    try:
+        result = dmd_pipeline(config=config, overrides=overrides, only="generate")
+    finally:
+        stop(workers)
+    children = partition_runs(result["flow_run_id"])
+    assert len(children) == 3 and all(c.state.is_completed() and c.work_pool_name == name for c in children)
+    assert sorted(c.parameters["partition"] for c in children) == [0, 1, 2]
+    took = [host_shards(tmp_path, h, key) for h in ("host0", "host1")]
+    assert all(took) and sorted(took[0] + took[1]) == sorted(digests)  # both machines built partitions, no shard twice
     out = Path(result["outputs"]["generate"])
     assert out.name == key and shard_digests(out) == digests
-    assert open_store(url).verified(out).digest == manifest_digest
+    assert open_store(overrides[0][len("store="):]).verified(out).digest == manifest_digest
+
+
+@pytest.mark.slow  # as above, plus a killed run and its redo
+def test_a_partition_killed_on_one_worker_is_redone_alone_on_another(one, pool, tmp_path, edm_teacher, monkeypatch):
+    """host0 polls once and takes one partition, which is killed (SIGKILL) as it writes its second shard; the flow
+    runs that partition again, host1 takes it, takes the shard host0 finished from the bucket and writes the rest;
+    the other partitions run once. The output is the one-process bytes."""
+    import contextvars
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId
+
+    from flows.pipeline import dmd_pipeline
+
+    key, digests, manifest_digest = one
+    name, env = pool
+    config, overrides = s3_config(tmp_path, edm_teacher, monkeypatch)
+    workers: list = []
+
+    def start_workers() -> None:
+        # host0 starts once the partition runs exist (one poll, one run); host1 once host0 has claimed its run
+        with get_client(sync_client=True) as client:
+            earlier = {r.id for r in client.read_flow_runs()}  # the module's other tests' runs
+            for wanted in ("SCHEDULED", "CLAIMED"):
+                deadline = time.time() + 300
+                while time.time() < deadline:
+                    runs = [r for r in client.read_flow_runs() if r.id not in earlier and r.parameters.get("partition") is not None]
+                    if wanted == "SCHEDULED" and runs:
+                        workers.append(start_worker({**env, "DMD_FAULT": "generate.shard-written:2"}, name, tmp_path / "host0", "--run-once"))
+                        break
+                    if wanted == "CLAIMED" and any(r.state.type.value != "SCHEDULED" for r in runs):
+                        workers.append(start_worker(env, name, tmp_path / "host1"))
+                        break
+                    time.sleep(0.5)
+
+    launcher = threading.Thread(target=contextvars.copy_context().run, args=(start_workers,), daemon=True)
+    launcher.start()
+    try:
+        result = dmd_pipeline(config=config, overrides=overrides, only="generate")
+    finally:
+        launcher.join(timeout=60)
+        stop(workers)
+    children = partition_runs(result["flow_run_id"])
+    crashed = [c for c in children if not c.state.is_completed()]
+    assert len(children) == 4 and len(crashed) == 1 and crashed[0].state.is_crashed()
+    k = crashed[0].parameters["partition"]
+    assert sorted(c.parameters["partition"] for c in children if c.state.is_completed()) == [0, 1, 2]
+    first = partition_ranges(8, 3)[k].start
+    assert host_shards(tmp_path, "host0", key) == [shard_name(first)]  # kept in the bucket as soon as it was written
+    assert sorted(host_shards(tmp_path, "host1", key)) == sorted(digests)  # host1 took the rest, and the redo
+    redo = next(c for c in children if c.state.is_completed() and c.parameters["partition"] == k)
+    with get_client(sync_client=True) as client:
+        lines = [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[redo.id])))]
+    n = len(partition_ranges(8, 3)[k])
+    assert any(f"{n - 1} shards written, 1 kept (2 files taken from the store)" in line for line in lines), lines
+    out = Path(result["outputs"]["generate"])
+    assert shard_digests(out) == digests and open_store(overrides[0][len("store="):]).verified(out).digest == manifest_digest
+
+
+@pytest.mark.slow  # a Prefect server
+def test_without_the_deployment_partitions_run_in_the_flow_process(one, pool, tmp_path, edm_teacher, monkeypatch):
+    from flows.partitions import DEPLOYMENT_ENV
+    from flows.pipeline import dmd_pipeline
+
+    key, digests, manifest_digest = one
+    monkeypatch.setenv(DEPLOYMENT_ENV, "dmd-generate-partition/none")
+    config, overrides = s3_config(tmp_path, edm_teacher, monkeypatch)
+    result = dmd_pipeline(config=config, overrides=overrides, only="generate")
+    children = partition_runs(result["flow_run_id"])
+    assert sorted(c.parameters["partition"] for c in children if c.state.is_completed()) == [0, 1, 2] and len(children) == 3
+    assert shard_digests(Path(result["outputs"]["generate"])) == digests

@@ -124,7 +124,7 @@ def finished_shards(out_dir: Path, indices: list[int] | range) -> set[int]:
     return ok
 
 
-def _write_shard_atomic(out_dir: Path, i: int, idx: range, z: np.ndarray, y: np.ndarray, labels, prompts: list[str] | None) -> None:
+def _write_shard_atomic(out_dir: Path, i: int, idx: range, z: np.ndarray, y: np.ndarray, labels, prompts: list[str] | None, kept=None) -> None:
     final = out_dir / shard_name(i)
     tmp = tmp_sibling(final)
     try:
@@ -139,6 +139,8 @@ def _write_shard_atomic(out_dir: Path, i: int, idx: range, z: np.ndarray, y: np.
         raise
     os.replace(tmp, final)
     remember_hashes(out_dir, {final.name: sha})  # a resume trusts it while the shard's stat is unchanged
+    if kept is not None:  # a partition: the shard reaches the store now, not when the partition ends (partitions.py)
+        kept([f"{final.name}.sha256", final.name])
 
 
 def check_finite_images(y: torch.Tensor, idx: range, p: Plan) -> None:
@@ -196,9 +198,9 @@ class Solved:
     reference: torch.Tensor | None
 
 
-def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.device, progress: bool, shards: range | None = None) -> Solved:
+def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device: torch.device, progress: bool, shards: range | None = None, kept=None) -> Solved:
     """Write the shards i = rank (mod world) that are missing or fail their checksum; ``shards``: only those
-    among these indices (a partition, partitions.py)."""
+    among these indices (a partition, partitions.py), ``kept(names)`` called with each shard's files once written."""
     g = cfg.generate
     rows = plan_rows(cfg, p, g.prompt_column, device, progress and rank == 0)
     prompts = None if rows is None else rows.texts
@@ -233,7 +235,7 @@ def generate_shards(cfg: PipelineConfig, p: Plan, rank: int, world: int, device:
             labels_np = None if ls[0] is None else np.concatenate(ls)
             while len(pending) >= 2:
                 pending.pop(0).result()
-            pending.append(writer.submit(_write_shard_atomic, p.out_dir, i, ranges[i], np.concatenate(zs), np.concatenate(ys), labels_np, prompts))
+            pending.append(writer.submit(_write_shard_atomic, p.out_dir, i, ranges[i], np.concatenate(zs), np.concatenate(ys), labels_np, prompts, kept))
             zs, ys, ls = [], [], []
         for f in pending:
             f.result()
@@ -353,15 +355,19 @@ def build_partition(cfg: PipelineConfig, p: Plan, k: int, progress: bool = True,
     if not (work / "config.yaml").is_file():  # a work directory always holds its config (the publisher rewrites it)
         write_text_atomic(work / "config.yaml", dump_config(cfg))
     names = shard_files(shards)
-    take_shards(store, work, names)  # this partition's shards, finished on another machine before it stopped
+    taken = take_shards(store, work, names)  # this partition's shards, finished on another machine before it stopped
+    before = finished_shards(work, shards)
     _set_threads(cfg.generate, 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generate_shards(cfg, dataclasses.replace(p, out_dir=work), 0, 1, device, progress, shards)
+    generate_shards(cfg, dataclasses.replace(p, out_dir=work), 0, 1, device, progress, shards, lambda files: keep_shards(store, work, files))
     bad = sorted(set(shards) - finished_shards(work, shards))
     if bad:
         raise RuntimeError(f"generate partition {k}: shards {[shard_name(i) for i in bad[:5]]} fail their checksums after writing")
     keep_shards(store, work, names)
-    log.info("generate: partition %d of %d (shards %d to %d) verified in %.1f s", k, cfg.generate.partitions, shards.start, shards.stop - 1, timer.seconds)
+    log.info(
+        "generate: partition %d of %d (shards %d to %d) verified in %.1f s: %d shards written, %d kept (%d files taken from the store)",
+        k, cfg.generate.partitions, shards.start, shards.stop - 1, timer.seconds, len(shards) - len(before), len(before), taken,
+    )  # fmt: skip
     return work
 
 

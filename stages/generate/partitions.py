@@ -87,7 +87,7 @@ def take_shards(store: Store, work: Path, names: list[str]) -> int:
     todo = [n for n in names if n in there and not (work / n).exists()]
     if not todo:
         return 0
-    log.info("generate: taking %d files of other partitions from %s/%s", len(todo), store.root, partial)
+    log.info("generate: taking %d files kept by other machines from %s/%s", len(todo), store.root, partial)
     tmps = [tmp_sibling(work / n) for n in todo]
     try:
         store.bucket.download_many([(f"{partial}/{n}", str(t)) for n, t in zip(todo, tmps)])
