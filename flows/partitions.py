@@ -42,6 +42,7 @@ DEPLOYMENT_ENV = "DMD_PARTITION_DEPLOYMENT"  # another deployment name (flow/dep
 DEFAULT_DEPLOYMENT = f"{FLOW_NAME}/partition"
 TRIES = 3  # runs of one partition before the flow fails (a partition that fails for a reason fails every time)
 POLL_S = 1.0
+WAIT_WARN_S = 60.0  # a partition run still waiting for a worker after this long is named in the log
 
 
 def deployment_name() -> str:
@@ -103,11 +104,15 @@ def run_partitions(cfg: PipelineConfig, config_path: str, plan_file: Path) -> No
         runs = {k: run_deployment(name, parameters={**params, "partition": k}, timeout=0) for k in range(n)}
         logger.info("generate: %d partitions submitted to %s", n, name)
         tries = dict.fromkeys(runs, 1)
+        waiting_since = time.monotonic()
         try:
             while runs:
                 time.sleep(POLL_S)
+                waiting = []
                 for k, run in list(runs.items()):
                     state = client.read_flow_run(run.id).state
+                    if state is not None and state.is_scheduled():
+                        waiting.append(k)
                     if state is None or not state.is_final():
                         continue
                     if state.is_completed():
@@ -118,6 +123,11 @@ def run_partitions(cfg: PipelineConfig, config_path: str, plan_file: Path) -> No
                     logger.warning("generate partition %d ended %s (%s): running it again; its verified shards are kept", k, state.name, state.message)
                     runs[k] = run_deployment(name, parameters={**params, "partition": k}, timeout=0)
                     tries[k] += 1
+                if not waiting:
+                    waiting_since = time.monotonic()
+                elif time.monotonic() - waiting_since > WAIT_WARN_S:  # no worker free (or none started): say so, keep waiting
+                    logger.warning("generate partitions %s not taken by any worker of %s's work pool for %.0f s", waiting, name, time.monotonic() - waiting_since)
+                    waiting_since = time.monotonic()
         except BaseException:  # failed, cancelled, interrupted: the partitions still running stop too
             for run in runs.values():
                 try:
