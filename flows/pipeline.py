@@ -53,6 +53,7 @@ from stages.progress import Progress, parse_progress
 
 from .partitions import run_partitions
 from .promotion import end_state, gate
+from .trends import publish_trends
 from .terminal import StatusLine
 from stages.store import open_store
 
@@ -294,6 +295,7 @@ def dmd_pipeline(
     if only is None:
         publish(tasks.results, tasks.cache, tasks.seconds)
         verdict = gate(cfg, tasks.results)  # export.promote_if (flows/promotion.py)
+        publish_trends(cfg, tasks.results, tasks.cache, tasks.seconds, verdict, num_processes, str(flow_run.id))  # flows/trends.py
     outputs = {s: r["out_dir"] for s, r in tasks.results.items()}
     result = {"outputs": outputs, "cached": {s: c == "hit" for s, c in tasks.cache.items()}, "flow_run_id": str(flow_run.id)}
     return end_state(cfg, verdict, result)  # a state named "Not promoted" when the export is not

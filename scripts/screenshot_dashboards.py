@@ -7,6 +7,11 @@ artifact page plus ``index.json`` (url -> png) in the output folder. The server 
 Example (quick, ~1-2 min on 2 cores):
     python scripts/screenshot_dashboards.py --set distill.steps=100 \\
         --set generate.num_samples=512 --set evaluate.num_samples=512
+
+A pair of runs, the second worse (fewer distill steps), as a nightly schedule would make them: the pages of the
+second run show it Not promoted, its dmd-promotion artifact why, and dmd-trends both runs:
+    python scripts/screenshot_dashboards.py --set distill.steps=200 --set export.promote_if='fd_ratio <= 1.1 * promoted' \\
+        --then-set distill.steps=20
 """
 
 from __future__ import annotations
@@ -38,11 +43,11 @@ class Failure(Exception):
 
 
 
-def start_pipeline(args: argparse.Namespace, env: dict[str, str]) -> subprocess.Popen:
+def start_pipeline(args: argparse.Namespace, env: dict[str, str], sets: list[str]) -> subprocess.Popen:
     """``dmd run`` against the server, in its own process group so that we decide when it stops."""
     cmd = [str(BIN / "dmd"), "run", "--set", f"store={args.store}"]
     cmd += ["--config", args.config] if args.config else []
-    for s in args.set:
+    for s in sets:
         cmd += ["--set", s]
     print("+", " ".join(cmd), flush=True)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
@@ -107,6 +112,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "dashboards", help="output folder (default: runs/dashboards)")
     ap.add_argument("--config", "-c", help="pipeline YAML passed to `dmd run --config` (default: the embedded data/digits.yaml)")
     ap.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE", help="passed to `dmd run --set` (repeatable)")
+    ap.add_argument("--then-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="run again with these overrides on top of --set (repeatable); the pages are the second run's")
     ap.add_argument("--store", type=Path, help="pipeline store, i.e. --set store=... (default: OUT/store, reused by reruns into the same OUT)")
     ap.add_argument("--port", type=int, default=0, help="Prefect server port (default: a free one)")
     ap.add_argument("--ui", choices=["v1", "v2"], default="v2",
@@ -142,17 +149,23 @@ def run_and_shoot(args: argparse.Namespace, chromium: str, out: Path, api: str, 
 
     base = api.removesuffix("/api")
     env = {**os.environ, "PREFECT_HOME": home, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": api}
-    dmd: subprocess.Popen | None = None
-    try:
-        t0 = time.monotonic()
-        dmd = start_pipeline(args, env)
-        rc = stream(dmd, out / "dmd-run.log")
-        print(f"dmd run exited with {rc} after {time.monotonic() - t0:.0f} s", flush=True)
-    finally:
-        # An interrupted run is stopped while the server is still up, so it can report its end.
-        if dmd is not None and dmd.poll() is None:
-            kill_process_tree(dmd.pid, grace_s=60)
-            dmd.wait()
+    runs = [(args.set, out / "dmd-run.log")] + ([(args.set + args.then_set, out / "dmd-run-2.log")] if args.then_set else [])
+    for sets, log in runs:
+        dmd: subprocess.Popen | None = None
+        try:
+            t0 = time.monotonic()
+            dmd = start_pipeline(args, env, sets)
+            rc = stream(dmd, log)
+            print(f"dmd run exited with {rc} after {time.monotonic() - t0:.0f} s", flush=True)
+        finally:
+            # An interrupted run is stopped while the server is still up, so it can report its end.
+            if dmd is not None and dmd.poll() is None:
+                kill_process_tree(dmd.pid, grace_s=60)
+                dmd.wait()
+        if rc == 1 and "not promoted:" in log.read_text():
+            rc = 0  # export.on_not_promoted=fail: the run ended Failed "Not promoted", as asked
+        if rc != 0:
+            break
     try:
         httpx.get(f"{api}/health", timeout=5).raise_for_status()
     except httpx.HTTPError:
@@ -164,14 +177,15 @@ def run_and_shoot(args: argparse.Namespace, chromium: str, out: Path, api: str, 
         pages[f"artifact-{a['name']}"] = f"{ui}/artifacts/artifact/{a['id']}"
         if a["type"] == "table":  # the table view scrolls sideways; the Raw tab shows every column
             pages[f"artifact-{a['name']}-raw"] = f"{ui}/artifacts/artifact/{a['id']}?tab=Raw"
-    if any(a["key"] == "dmd-metrics" for a in artifacts):
-        pages["key-dmd-metrics"] = f"{ui}/artifacts/key/dmd-metrics"
+    for key in ("dmd-metrics", "dmd-trends"):  # a key's page: its versions across runs
+        if any(a["key"] == key for a in artifacts):
+            pages[f"key-{key}"] = f"{ui}/artifacts/key/{key}"
     shots = {url: f"{name}.png" for name, url in pages.items() if screenshot(chromium, url, out / f"{name}.png", args)}
     index = {"flow_run": run, "artifacts": artifacts, "ui": args.ui, "screenshots": shots, "dmd_run_exit_code": rc}
     (out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     print(f"{len(shots)}/{len(pages)} screenshots in {out} (index.json)", flush=True)
     if rc != 0:
-        raise Failure(f"dmd run failed (exit {rc}); see {out / 'dmd-run.log'}")
+        raise Failure(f"dmd run failed (exit {rc}); see {log}")
     if len(shots) < len(pages):
         raise Failure("some screenshots failed (see above)")
     return 0

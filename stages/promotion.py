@@ -51,7 +51,7 @@ def lineage(store: Store, evaluate_dir: Path, export_dir: Path) -> dict:
         "export": str(Path(export_dir)),
         "export_key": xm.key,
         "export_digest": xm.digest,
-        "teacher_digest": xm.info.get("teacher_digest") or em.upstream.get("teacher"),
+        "teacher_digest": em.upstream.get("teacher") or xm.info.get("teacher_digest"),
         "pairs_digest": dm.upstream.get("pairs") if dm is not None else None,
         "distill_key": Path(distill_dir).name if distill_dir else None,
         "generator_digest": em.upstream.get("distill"),

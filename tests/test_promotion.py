@@ -342,3 +342,55 @@ def test_dmd_promoted_prints_the_promoted_export_or_exits_1(tmp_path, edm_teache
     bad = dmd("--set", "export.promote_if=fd_ratio <")
     assert bad.exit_code == 2 and "export.promote_if" in bad.stderr and "Fix: " in bad.stderr
 
+
+# ---------------------------------------------------------------- in the flow, against a real Prefect server
+
+
+@pytest.mark.slow
+def test_flow_runs_a_worse_second_run_is_not_promoted_and_says_why(tmp_path, edm_teacher):
+    """Two flow runs of one pipeline: the first is promoted; the second, held to a gate it cannot pass, ends
+    Completed named "Not promoted" (or Failed, so named, with on_not_promoted=fail), its dmd-promotion artifact
+    says why, the first stays promoted, and dmd-trends plots both runs from the store's history."""
+    import os
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.exceptions import FailedRun
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import dmd_pipeline
+    from stages import history
+    from stages.chain import resolve_teacher
+    from stages.config import load_config
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    cfg_file = write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", distill={})
+    cfg_file.write_text(cfg_file.read_text() + (
+        "evaluate:\n  num_samples: 100\n  batch_size: 50\n  features: digits\n"
+        f"  classifier: {Path(__file__).resolve().parents[1] / 'data' / 'classifier'}\n  speed_batch_size: 8\n  speed_repeats: 1\n  num_threads: 1\n"
+        "export:\n  onnx: false\n  pipeline: nightly\n"
+    ))  # fmt: skip
+    never = "fd_ratio < promoted - 1000"  # a second run held to this is not promoted, whatever its quality
+    with prefect_test_harness(server_startup_timeout=600):
+        first = dmd_pipeline(config=str(cfg_file), overrides=[f"export.promote_if={never}"])
+        assert first["promotion"] == {"promoted": True, "reason": "first export of this teacher and pipeline: promoted"}
+        state = dmd_pipeline(config=str(cfg_file), overrides=[f"export.promote_if={never}", "distill.steps=2"], return_state=True)
+        assert state.type.value == "COMPLETED" and state.name == "Not promoted" and "fails, not promoted" in state.message
+        second = state.result()
+        assert second["promotion"]["promoted"] is False and second["outputs"]["export"] != first["outputs"]["export"]
+        with get_client(sync_client=True) as client:
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[second["flow_run_id"]])))
+        by_key = {a.key: a for a in arts}
+        md = by_key["dmd-promotion"].data
+        assert md.startswith("## Not promoted") and "- fd\\_ratio (" in md and ": no" in md and "| fd_ratio |" in md  # text escaped as markdown
+        assert "## Last 2 run(s) of pipeline nightly" in by_key["dmd-trends"].data and "data:image/png;base64," in by_key["dmd-trends"].data
+        run_rows = {r["metric"]: r["value"] for r in (by_key["dmd-run"].data if isinstance(by_key["dmd-run"].data, list) else json.loads(by_key["dmd-run"].data))}
+        assert run_rows["promoted"] == "no" and run_rows["generate_cache"] == "hit" and run_rows["distill_cache"] == "miss"
+        with pytest.raises(FailedRun, match="fails, not promoted"):
+            dmd_pipeline(config=str(cfg_file), overrides=[f"export.promote_if={never}", "distill.steps=3", "export.on_not_promoted=fail"])
+    cfg = load_config(cfg_file, [])
+    store = open_store(cfg.store)
+    teacher = resolve_teacher(cfg).digest
+    assert current(store, "nightly", teacher)["export"] == first["outputs"]["export"]  # the first stays promoted
+    runs = history.last(store, "nightly", teacher, 10)
+    assert [r["promoted"] for r in runs] == [True, False, False] and [r["flow_run_id"] for r in runs[:2]] == [first["flow_run_id"], second["flow_run_id"]]
