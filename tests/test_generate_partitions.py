@@ -98,6 +98,12 @@ def test_killed_partition_is_redone_alone(one, tmp_path, edm_teacher):
     assert stats(out.out_dir) == again
 
 
+def test_more_partitions_than_shards_are_refused(tmp_path, edm_teacher):
+    cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", partitions=9, **SETS))
+    with pytest.raises(InputError, match="generate.partitions=9 is more than the 8 shards"):
+        chain.plan(cfg, "generate")
+
+
 def test_a_partition_runs_one_process(tmp_path, edm_teacher):
     cfg = load_config(write_config(tmp_path / "c.yaml", edm_teacher, tmp_path / "store", partitions=2, **SETS))
     with pytest.raises(InputError, match="one process"):

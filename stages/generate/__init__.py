@@ -53,6 +53,12 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
     check_guidance("generate", g.guidance_scale, teacher)
     check_solver(g.solver, teacher.param.kind)
     check_precision("generate", g.precision)
+    num_shards = len(shard_ranges(g.num_samples, g.shard_size))
+    if g.partitions > num_shards:  # an empty partition would still take a worker
+        raise InputError(
+            f"generate.partitions={g.partitions} is more than the {num_shards} shards of generate.num_samples={g.num_samples} "
+            f"in shards of generate.shard_size={g.shard_size}. Fix: at most {num_shards} partitions, or a smaller shard_size."
+        )
     check_room(cfg, teacher)
 
 
