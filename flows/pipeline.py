@@ -302,6 +302,7 @@ def dmd_pipeline(
 
 
 ARTIFACT_KEYS = ["dmd-metrics", "dmd-samples", "dmd-export", *(f"dmd-{s}-progress" for s in PROGRESS_STAGES)]
+RUN_ARTIFACT_KEYS = ["dmd-promotion", "dmd-run", "dmd-trends"]  # after a full run (flows/promotion.py, flows/trends.py)
 
 
 def where_dashboards_are(flow_run_id: str, local_server: bool) -> str:
@@ -309,9 +310,9 @@ def where_dashboards_are(flow_run_id: str, local_server: bool) -> str:
     from prefect.settings import PREFECT_HOME, PREFECT_UI_URL
 
     if not local_server:
-        return f"dashboards:  {PREFECT_UI_URL.value()}/runs/flow-run/{flow_run_id} (artifacts {', '.join(ARTIFACT_KEYS)})"
+        return f"dashboards:  {PREFECT_UI_URL.value()}/runs/flow-run/{flow_run_id} (artifacts {', '.join(ARTIFACT_KEYS + RUN_ARTIFACT_KEYS)})"
     return (
-        f"dashboards:  artifacts {', '.join(ARTIFACT_KEYS)} are kept in the local Prefect database under "
+        f"dashboards:  artifacts {', '.join(ARTIFACT_KEYS + RUN_ARTIFACT_KEYS)} are kept in the local Prefect database under "
         f"{PREFECT_HOME.value()}; to see them: `prefect server start`, then http://127.0.0.1:4200/runs/flow-run/{flow_run_id} "
         "(README: Dashboards)"
     )
