@@ -235,7 +235,8 @@ class CheckpointManager:
             os.replace(tmp, final)
             fault_point("distill.checkpoint-renamed")
             store = open_store(self.cfg.store)
-            store.keep_progress(p.out_dir, f"checkpoints/{final.name}", "trainer.json")  # object storage: a rerun elsewhere resumes from it
+            kept = [str(f.relative_to(p.out_dir)) for f in sorted(final.rglob("*")) if f.is_file()]  # hidden ones too (DCP's .metadata)
+            store.keep_progress(p.out_dir, kept, f"checkpoints/{final.name}/trainer.json")  # object storage: a rerun elsewhere resumes from it
             for old in sorted(self.root.glob("step-*"))[: -d.keep_checkpoints]:
                 store.drop_progress(p.out_dir, f"checkpoints/{old.name}")
                 shutil.rmtree(old, ignore_errors=True)

@@ -34,7 +34,7 @@ from ..config import GenerateConfig, PipelineConfig, dump_config, load_config
 from ..contract import PROMPT_TEXTS, Manifest, Plan, StageOutput, Teacher, file_entry, spec, stage_manifest
 from ..files import Timer, copy_atomic, sha256_file, size_text, tmp_sibling, write_text_atomic
 from ..launch import launch_plan
-from .partitions import keep_shards, partition_shards, shard_files, take_all_shards, take_shards
+from .partitions import partition_shards, shard_files, take_all_shards
 from ..progress import progress_bar
 from ..prompt_rows import Spread, plan_rows
 from ..store import open_store, remember_hashes, work_hashes
@@ -361,15 +361,15 @@ def build_partition(cfg: PipelineConfig, p: Plan, k: int, progress: bool = True,
     if not (work / "config.yaml").is_file():  # a work directory always holds its config (the publisher rewrites it)
         write_text_atomic(work / "config.yaml", dump_config(cfg))
     names = shard_files(shards)
-    taken = take_shards(store, work, names)  # this partition's shards, finished on another machine before it stopped
+    taken = store.take_progress(work, names)  # this partition's shards, finished on another machine before it stopped
     before = finished_shards(work, shards)
     _set_threads(cfg.generate, 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    generate_shards(cfg, dataclasses.replace(p, out_dir=work), 0, 1, device, progress, shards, lambda files: keep_shards(store, work, files))
+    generate_shards(cfg, dataclasses.replace(p, out_dir=work), 0, 1, device, progress, shards, lambda files: store.keep_progress(work, files))
     bad = sorted(set(shards) - finished_shards(work, shards))
     if bad:
         raise RuntimeError(f"generate partition {k}: shards {[shard_name(i) for i in bad[:5]]} fail their checksums after writing")
-    keep_shards(store, work, names)
+    store.keep_progress(work, names)
     log.info(
         "generate: partition %d of %d (shards %d to %d) verified in %.1f s: %d shards written, %d kept (%d files taken from the store)",
         k, cfg.generate.partitions, shards.start, shards.stop - 1, timer.seconds, len(shards) - len(before), len(before), taken,

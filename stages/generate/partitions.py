@@ -11,28 +11,20 @@ no lock; the output's lock is the publisher's.
 
 Where partitions run on different machines: a directory store must be on a shared file system (the work
 directory is the store's own). An object store's work directory is local to each machine, so a partition
-uploads its finished shards under the build's hidden partial prefix in the bucket (``<stage>/.<key>.partial/``),
-and the publisher (and a partition redone elsewhere) downloads the ones its work directory lacks, each
-then checked against the checksum written beside it.
+keeps its finished shards in the store (``Store.keep_progress``: under the build's hidden partial prefix in the
+bucket), and the publisher (and a partition redone elsewhere) takes the ones its work directory lacks
+(``Store.take_progress``), each then checked against the checksum written beside it.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 from pathlib import Path
 
 from dmd_core.errors import InputError
 from dmd_core.shards import shard_name, shard_ranges
 
 from ..config import PipelineConfig
-from ..files import tmp_sibling, write_text_atomic
-from ..store import Store, open_store
-
-STAGE = "generate"
-UPLOADED = ".uploaded.json"  # the object store's record of a work directory's files already in the bucket
-log = logging.getLogger("dmd")
+from ..store import open_store
 
 
 def partition_ranges(num_shards: int, n: int) -> list[range]:
@@ -61,56 +53,9 @@ def shard_files(shards: range | list[int]) -> list[str]:
     return [name for i in shards for name in (f"{shard_name(i)}.sha256", shard_name(i))]
 
 
-def _partial_prefix(store: Store, work: Path) -> str | None:
-    """The bucket prefix a work directory's files are kept under (object store), else None."""
-    if getattr(store, "bucket", None) is None:
-        return None
-    return f"{STAGE}/{work.name}"  # work is <cache>/generate/.<key>.partial
-
-
-def keep_shards(store: Store, work: Path, names: list[str]) -> None:
-    """Make finished shards of an unfinished build available to the machine that publishes it: an object store
-    uploads them under the build's partial prefix (files already there unchanged are skipped); a directory
-    store's work directory is shared already."""
-    partial = _partial_prefix(store, work)
-    if partial is not None:
-        store._upload(work, partial, names)
-
-
-def take_shards(store: Store, work: Path, names: list[str]) -> int:
-    """Download the kept files of ``names`` that ``work`` lacks (object store); their checksums are verified by
-    the build that reads them (``finished_shards``). Returns how many were downloaded."""
-    partial = _partial_prefix(store, work)
-    if partial is None:
-        return 0
-    there = store.bucket.listing(partial)
-    todo = [n for n in names if n in there and not (work / n).exists()]
-    if not todo:
-        return 0
-    log.info("generate: taking %d files kept by other machines from %s/%s", len(todo), store.root, partial)
-    tmps = [tmp_sibling(work / n) for n in todo]
-    try:
-        store.bucket.download_many([(f"{partial}/{n}", str(t)) for n, t in zip(todo, tmps)])
-        for n, t in zip(todo, tmps):
-            os.replace(t, work / n)
-    finally:
-        for t in tmps:
-            t.unlink(missing_ok=True)
-    # recorded as in the bucket already, so the publish that follows does not upload them again
-    try:
-        done = json.loads((work / UPLOADED).read_text())
-    except (OSError, ValueError):
-        done = {}
-    for n in todo:
-        st = (work / n).stat()
-        done[n] = [st.st_size, st.st_mtime_ns, st.st_ino, there[n][1]]
-    write_text_atomic(work / UPLOADED, json.dumps(done, sort_keys=True))
-    return len(todo)
-
-
 def take_all_shards(cfg: PipelineConfig, work: Path) -> None:
     """Before the publishing build: the shards other machines kept in the store (object store)."""
     g = cfg.generate
     if g.partitions > 1:
-        take_shards(open_store(cfg.store), work, shard_files(range(len(shard_ranges(g.num_samples, g.shard_size)))))
+        open_store(cfg.store).take_progress(work, shard_files(range(len(shard_ranges(g.num_samples, g.shard_size)))))
 

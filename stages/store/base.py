@@ -88,10 +88,11 @@ class Store(ABC):
     def partial_dir(self, out: Path) -> Path:
         """The local work directory an output is built in; an interrupted build's finished parts stay there."""
 
-    def keep_progress(self, work: Path, folder: str, last: str) -> None:
-        """Make ``work/folder``, a finished part of an unfinished build (a distill checkpoint), available to a
-        build of the same output on another machine, its file ``last`` (the one marking it complete) last. A
-        directory store's work directories are the store's own already."""
+    def keep_progress(self, work: Path, names: list[str], last: str | None = None) -> None:
+        """Make files of ``work`` (names relative to it), finished parts of an unfinished build (a distill
+        checkpoint, generate's shards), available to a build of the same output on another machine; ``last`` (the
+        file marking a part complete) after the others. A directory store's work directories are the store's own
+        already."""
 
     def drop_progress(self, work: Path, folder: str) -> None:
         """Forget ``work/folder`` as ``keep_progress`` kept it (a checkpoint superseded by newer ones)."""

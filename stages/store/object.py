@@ -285,17 +285,16 @@ class ObjectStore(Store):
             return None
         return f"{parts[0]}/{parts[1]}"
 
-    def keep_progress(self, work: Path, folder: str, last: str) -> None:
-        """Upload ``work/folder`` under the build's partial prefix, ``last`` after the rest: a build of the same
-        output on another machine starts from it (``set_aside`` downloads what its work directory lacks)."""
+    def keep_progress(self, work: Path, names: list[str], last: str | None = None) -> None:
+        """Upload ``names`` (then ``last``) under the build's partial prefix, skipping those already there unchanged:
+        a build of the same output on another machine starts from them (``take_progress``)."""
         partial = self._partial_prefix(work)
         if partial is None:
             return
-        names = sorted(str(f.relative_to(work)) for f in (work / folder).rglob("*") if f.is_file())  # hidden ones too (DCP's .metadata)
-        mark = f"{folder}/{last}"
-        self._upload(work, partial, [n for n in names if n != mark])
-        fault_point("keep-progress/uploaded")
-        self._upload(work, partial, [mark])
+        self._upload(work, partial, [n for n in names if n != last])
+        if last is not None:
+            fault_point("keep-progress/uploaded")
+            self._upload(work, partial, [last])
 
     def drop_progress(self, work: Path, folder: str) -> None:
         partial = self._partial_prefix(work)
