@@ -202,12 +202,14 @@ def test_k8s_deployments_target_the_pool_with_a_bucket_store(monkeypatch):
     deps = k8s_deployments()
     process = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
     assert [d["name"] for d in deps] == [d["name"] + "-k8s" for d in process]
-    assert [d["parameters"].get("only") for d in deps] == [d["parameters"].get("only") for d in process]
+    assert [d.get("parameters", {}).get("only") for d in deps] == [d.get("parameters", {}).get("only") for d in process]
     assert deps[0]["schedules"] == process[0]["schedules"]
-    for d in deps:
-        assert d["entrypoint"] == "flows/pipeline.py:dmd_pipeline" and d["work_pool"]["name"] == "gpu-k8s"
-        assert d["parameters"]["overrides"] == ["store=s3://team-dmd/runs"]
+    for d, twin in zip(deps, process):
+        assert d["entrypoint"] == twin["entrypoint"] and d["work_pool"]["name"] == "gpu-k8s"
+        if "parameters" in twin:  # the partition deployment takes its parameters from the pipeline's run
+            assert d["parameters"]["overrides"] == ["store=s3://team-dmd/runs"]
         jv = d["work_pool"]["job_variables"]
+        assert jv["env"] == {"DMD_PARTITION_DEPLOYMENT": "dmd-generate-partition/partition-k8s"}  # partitions stay on this pool
         assert validate(jv, tpl["variables"], ignore_required=True, allow_none_with_default=True) == []
         c = render(tpl, jv)["spec"]["template"]["spec"]["containers"][0]
         assert c["image"] == "registry.example.com/dmd-pipeline:0.1.0" and c["resources"]["limits"] == {"nvidia.com/gpu": 1}
@@ -275,8 +277,9 @@ def test_pool_and_deployments_on_a_real_server():
             pool = client.read_work_pool("gpu-k8s")
             deps = {d.name: d for d in client.read_deployments()}
     assert pool.type == "kubernetes" and pool.base_job_template == template()
-    assert set(deps) == {"pipeline-k8s", "generate-k8s", "distill-k8s", "evaluate-k8s", "export-k8s"}
+    assert set(deps) == {"pipeline-k8s", "generate-k8s", "distill-k8s", "evaluate-k8s", "export-k8s", "partition-k8s"}
     for d in deps.values():
-        assert d.work_pool_name == "gpu-k8s" and d.job_variables == {"image": "reg.example/dmd:1", "gpu_count": 1}
-        assert d.parameters["overrides"] == ["store=s3://team-dmd/runs"]
+        env = {"DMD_PARTITION_DEPLOYMENT": "dmd-generate-partition/partition-k8s"}
+        assert d.work_pool_name == "gpu-k8s" and d.job_variables == {"image": "reg.example/dmd:1", "gpu_count": 1, "env": env}
+        assert d.name == "partition-k8s" or d.parameters["overrides"] == ["store=s3://team-dmd/runs"]
     assert [s.schedule.cron for s in deps["pipeline-k8s"].schedules] == ["0 3 * * *"]
