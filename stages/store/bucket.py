@@ -70,8 +70,10 @@ class Bucket:
         self.bucket, _, prefix = url.split("://", 1)[1].partition("/")
         self.prefix = prefix.strip("/")
         self.base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
-        # No listing cache: another process's publish must be seen at once.
-        self.fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=False)
+        # No listing cache: another process's publish must be seen at once. The endpoint is passed, not left to
+        # botocore's environment lookup, because s3fs reuses an instance made with the same arguments: one made
+        # before AWS_ENDPOINT_URL changed would keep talking to the old server.
+        self.fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=False, endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
 
     def path(self, rel: str) -> str:
         return f"{self.base}/{rel}" if rel else self.base
