@@ -82,7 +82,8 @@ def check(cfg: PipelineConfig, target: str, num_processes: int = 1) -> tuple[Tea
         getattr(module(s.name), "check", lambda cfg, teacher: None)(cfg, teacher)
         if s.multi_process:  # what the stage needs of its processes (distill.sharding=fsdp: several)
             getattr(module(s.name), "check_processes", lambda cfg, n: None)(cfg, num_processes)
-        check_memory(cfg, teacher, s.name, num_processes if s.multi_process else 1)  # last: it loads the teacher, once the settings are known to be valid
+    for s in stages:  # last: the memory plan loads the teacher, once every stage's settings are known to be valid
+        check_memory(cfg, teacher, s.name, num_processes if s.multi_process else 1)
     return teacher, stages
 
 

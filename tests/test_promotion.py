@@ -102,6 +102,39 @@ def test_the_config_refuses_a_malformed_gate_up_front(tmp_path):
     assert cfg.export.promote_if == "fd_ratio <= 1.1 * promoted" and cfg.export.on_not_promoted == "fail"
 
 
+@pytest.mark.parametrize(
+    "config, sets, refused",
+    [
+        (None, ["export.promote_if=student_clip_score >= promoted"], "student_clip_score"),
+        (None, ["export.promote_if=fd_ratio <= promoted and promoted.teacher_clip_score > 0"], "teacher_clip_score"),
+        ("data/digits-t2i.yaml", ["export.promote_if=student_class_accuracy >= promoted", "evaluate.prompt_labels=null"], "student_class_accuracy"),
+        (None, ["export.promote_if=fd_ratio <= 1.1 * promoted and student_class_accuracy >= 0.9"], None),
+        ("data/digits-t2i.yaml", ["export.promote_if=student_class_accuracy >= promoted"], None),
+    ],
+)
+def test_a_gate_on_a_metric_evaluate_does_not_measure_is_refused_up_front(config, sets, refused):
+    import stages.export
+    from stages.config import load_config
+    from stages.chain import resolve_teacher
+
+    cfg = load_config(config, sets)
+    if refused is None:
+        stages.export.check(cfg, resolve_teacher(cfg))
+        return
+    with pytest.raises(InputError) as e:
+        stages.export.check(cfg, resolve_teacher(cfg))
+    msg = str(e.value)
+    assert f"export.promote_if reads {refused}," in msg and "Fix: set evaluate." in msg and "\n" not in msg
+
+
+def test_dmd_refuses_an_unmeasurable_gate_before_any_stage_runs(tmp_path):
+    store = tmp_path / "store"
+    proc = run_cli("export", "--set", f"store={store}", "--set", "export.promote_if=student_clip_score >= promoted", check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: export.promote_if reads student_clip_score" in proc.stderr and "evaluate.clip_model" in proc.stderr
+    assert not any((store / stage).exists() for stage in ("generate", "distill", "evaluate", "export"))
+
+
 def test_the_gate_settings_do_not_change_the_export_key():
     from stages.config import load_config
     from stages.contract import spec

@@ -111,6 +111,20 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
         )
 
 
+def missing_metrics(cfg: PipelineConfig, teacher: Teacher) -> dict[str, str]:
+    """The metrics this config and teacher do not get a number for, each with the setting that would give it
+    (the same conditions as ``Evaluator.measure``)."""
+    e = cfg.evaluate
+    missing: dict[str, str] = {}
+    labelled = bool(e.prompt_labels) if e.prompts else teacher.param.num_classes > 0
+    if not (e.classifier and labelled):
+        fix = "set evaluate.classifier" if e.classifier is None else "set evaluate.prompt_labels (each prompt's class)" if e.prompts else "a class-conditional teacher"
+        missing.update(dict.fromkeys(("teacher_class_accuracy", "student_class_accuracy"), fix))
+    if not e.clip_model:
+        missing.update(dict.fromkeys(("teacher_clip_score", "student_clip_score"), "set evaluate.clip_model (and evaluate.prompts)"))
+    return missing
+
+
 def plan(cfg: PipelineConfig, teacher: Teacher, distilled: StageOutput) -> Plan:
     """Key = (evaluate config, teacher protocol, digests of the generator, teacher, features, reference); ``check`` ran first."""
     e = cfg.evaluate

@@ -37,6 +37,8 @@ from dmd_core.shards import sample_labels, sample_noise
 from dmd_core.text import iter_prompts
 
 from ..config import PipelineConfig
+from ..evaluate import missing_metrics
+from ..gate import EXAMPLE, parse
 from ..contract import FileEntry, Manifest, Plan, StageOutput, Teacher, file_entry, spec, stage_manifest
 from ..files import Timer, write_text_atomic
 from ..store import open_store
@@ -45,6 +47,19 @@ from .dit import PIPELINE as DIT_PIPELINE, dit_export
 STAGE = "export"
 SPEC = spec(STAGE)
 log = logging.getLogger("dmd")
+
+
+def check(cfg: PipelineConfig, teacher: Teacher) -> None:
+    """export.promote_if reads only metrics evaluate measures for this config and teacher: a gate on one it cannot
+    measure would fail every run, after the whole pipeline ran."""
+    if cfg.export.promote_if is None:
+        return
+    missing = missing_metrics(cfg, teacher)
+    unmeasured = sorted(m for m in parse(cfg.export.promote_if).metrics() if m in missing)
+    if unmeasured:
+        fixes = "; ".join(dict.fromkeys(missing[m] for m in unmeasured))
+        raise InputError(f"export.promote_if reads {', '.join(unmeasured)}, which evaluate does not measure with these settings. "
+                         f"Fix: {fixes}, or gate on what it measures (e.g. {EXAMPLE!r}).")  # fmt: skip
 
 
 def generator_here(cfg: PipelineConfig, info: dict) -> str:
