@@ -11,6 +11,11 @@ whole on the main process and written in the usual diffusers layout.
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,6 +33,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 SHARDED_DIR = "sharded"  # a checkpoint's DCP folder (in place of Accelerate's state)
+# DCP names its metadata file ".metadata"; hidden files are never part of an output's manifest (a published
+# checkpoint on object storage would lack it), so the folder keeps it under this name and loads through a view
+METADATA = "metadata.dcp"
+DCP_METADATA = ".metadata"
 # diffusers' repeated blocks, each one FSDP unit: its weights are gathered just before it runs and freed after
 BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
 
@@ -108,14 +117,30 @@ def checkpoint_state(nets: dict[str, tuple[nn.Module, torch.optim.Optimizer]], f
 
 
 def save_checkpoint(folder: str, nets: dict[str, tuple[nn.Module, torch.optim.Optimizer]], frozen: dict[str, set[str]]) -> None:
-    """Every process writes its shards into ``folder`` (DCP: one file per process and the metadata, written last)."""
+    """Every process writes its shards into ``folder`` (DCP: one file per process and the metadata, written last,
+    then renamed ``METADATA`` by the main process; ``dcp.save`` returns on every process once it is written)."""
     dcp.save(checkpoint_state(nets, frozen), checkpoint_id=folder)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        os.replace(Path(folder, DCP_METADATA), Path(folder, METADATA))
+
+
+@contextmanager
+def dcp_folder(folder: str) -> Iterator[str]:
+    """``folder`` as DCP reads it: a temporary folder of links to its files, ``METADATA`` linked as ``.metadata``."""
+    if not Path(folder, METADATA).is_file():
+        yield folder  # DCP's own layout, or not a checkpoint: DCP names what is missing
+        return
+    with tempfile.TemporaryDirectory(prefix="dmd-dcp-") as view:
+        for f in Path(folder).iterdir():
+            os.symlink(f.resolve(), Path(view, DCP_METADATA if f.name == METADATA else f.name))
+        yield view
 
 
 def load_checkpoint(folder: str, nets: dict[str, tuple[nn.Module, torch.optim.Optimizer]], frozen: dict[str, set[str]]) -> None:
     """The inverse of ``save_checkpoint``, into the sharded networks and their optimizers."""
     state = checkpoint_state(nets, frozen)
-    dcp.load(state, checkpoint_id=folder)
+    with dcp_folder(folder) as readable:
+        dcp.load(state, checkpoint_id=readable)
     for name, (net, opt) in nets.items():
         set_model_state_dict(net, state[name], options=StateDictOptions(strict=not frozen[name]))
         set_optimizer_state_dict(net, opt, state[f"{name}.optimizer"])
