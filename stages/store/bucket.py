@@ -6,6 +6,9 @@ Besides plain transfers, the store needs conditional writes: a create that fails
 silently ignores them. Credentials and the endpoint come from botocore's usual environment
 (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` or ``AWS_PROFILE``, ``AWS_ENDPOINT_URL`` for MinIO and
 other S3-compatible servers, ``AWS_DEFAULT_REGION``), never from the pipeline config.
+
+Every bucket class (this one, gcs.py's ``GcsBucket``) counts its transfers in ``TRANSFERRED`` and checks
+itself with ``check_bucket``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import atexit
 import os
 import uuid
+from typing import Callable
+
 from dmd_core.errors import InputError, shown
 
 TRANSFER_LOG = "DMD_TRANSFER_LOG"  # a file each process appends "<pid> <bytes downloaded> <bytes uploaded>" to at exit (tests)
@@ -188,24 +193,34 @@ class Bucket:
     def check(self) -> None:
         """Refuse (InputError) a bucket that cannot be reached or written, or a server that ignores conditional
         writes (two builders of one output could then not be kept apart); leaves nothing behind."""
-        probe = f".write-test-{uuid.uuid4().hex}"
-        where = f"store {shown(self.url)}"
+        stale = '"00000000000000000000000000000000"'  # an ETag no object of the probe's bytes has
+        honoured_by = "AWS S3, MinIO, or any S3-compatible server that does"
+        check_bucket(self, stale, lambda e: (_reason(e), _fix(e)), ignored="If-None-Match / If-Match", honoured_by=honoured_by)
+
+
+def check_bucket(bucket, stale: str, explain: Callable[[BaseException], tuple[str, str]], ignored: str, honoured_by: str) -> None:
+    """A bucket's ``check``: create a probe object twice (the second must fail), replace it with the ``stale``
+    version (must fail), delete it. An error becomes one line, ``explain(e)`` giving (what, fix); a server that let
+    either write through is refused naming its conditions (``ignored``) and the servers that honour them."""
+    probe = f".write-test-{uuid.uuid4().hex}"
+    where = f"store {shown(bucket.url)}"
+    try:
+        first = bucket.create(probe, b"probe")
         try:
-            first = self.create(probe, b"probe")
-            try:
-                second = self.create(probe, b"probe again")
-                stale = self.replace(probe, b"x", '"00000000000000000000000000000000"')
-            finally:
-                self.delete([probe])
-        except InputError:
-            raise
-        except Exception as e:
-            raise InputError(f"{where} cannot be written: {_reason(e)}. Fix: {_fix(e)}") from None
-        if first is None or second is not None or stale is not None:
-            raise InputError(
-                f"{where}: the server ignores conditional writes (If-None-Match / If-Match), so two builders of one output could not "
-                "be kept apart. Fix: use a server that honours them (AWS S3, MinIO, or any S3-compatible server that does)."
-            )
+            second = bucket.create(probe, b"probe again")
+            replaced = bucket.replace(probe, b"x", stale)
+        finally:
+            bucket.delete([probe])
+    except InputError:
+        raise
+    except Exception as e:
+        what, fix = explain(e)
+        raise InputError(f"{where} cannot be written: {what.rstrip('.')}. Fix: {fix}") from None
+    if first is None or second is not None or replaced is not None:
+        raise InputError(
+            f"{where}: the server ignores conditional writes ({ignored}), so two builders of one output could not "
+            f"be kept apart. Fix: use a server that honours them ({honoured_by})."
+        )
 
 
 def _reason(e: BaseException) -> str:

@@ -1,4 +1,6 @@
-"""The store on object storage: ``store: s3://bucket/prefix`` (AWS S3, MinIO, any S3-compatible server).
+"""The store on object storage: ``store: s3://bucket/prefix`` (AWS S3, MinIO, any S3-compatible server) or
+``gs://bucket/prefix`` (Google Cloud Storage), through a bucket class (bucket.py, gcs.py) whose versions of an
+object (an ETag, a generation) tell its writes apart.
 
 In the bucket, below the prefix:
 
@@ -59,13 +61,14 @@ def cache_folder(url: str) -> Path:
 
 
 class ObjectStore(Store):
-    """Stage outputs in an S3 bucket, materialised on demand in a local cache (see the module doc)."""
+    """Stage outputs in a bucket, materialised on demand in a local cache (see the module doc)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, bucket: type = Bucket):
+        """``bucket``: the bucket class of the URL's service (``open_store`` picks it by scheme)."""
         self.root = url.rstrip("/")
-        self.bucket = Bucket(self.root)
+        self.bucket = bucket(self.root)
         if not self.bucket.bucket:
-            raise InputError(f"store {shown(url)} names no bucket. Fix: store: s3://BUCKET/PREFIX.")
+            raise InputError(f"store {shown(url)} names no bucket. Fix: store: {url.partition('://')[0]}://BUCKET/PREFIX.")
         self.local = LocalStore(cache_folder(self.root))
         self._just_read: dict[str, bytes] = {}  # manifest bytes read_manifest fetched, for the problems() call that follows
 
