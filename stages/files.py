@@ -11,7 +11,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dmd_core.faults import fault_point
 
@@ -27,14 +27,20 @@ class _HashCounter:
 HASHED = _HashCounter()
 
 
-def _report_hashed() -> None:
-    path = os.environ.get(HASH_LOG)
-    if path:
-        with open(path, "a") as f:
-            f.write(f"{os.getpid()} {HASHED.bytes}\n")
+def log_at_exit(env: str, numbers: Callable[[], list[int]]) -> None:
+    """At this process's exit, append ``<pid> <numbers()>`` to the file the variable ``env`` names, if set (the
+    counters tests and benchmarks read)."""
+
+    def report() -> None:
+        path = os.environ.get(env)
+        if path:
+            with open(path, "a") as f:
+                f.write(" ".join(map(str, [os.getpid(), *numbers()])) + "\n")
+
+    atexit.register(report)
 
 
-atexit.register(_report_hashed)
+log_at_exit(HASH_LOG, lambda: [HASHED.bytes])
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

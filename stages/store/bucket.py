@@ -13,12 +13,13 @@ itself with ``check_bucket``.
 
 from __future__ import annotations
 
-import atexit
 import os
 import uuid
 from typing import Callable
 
 from dmd_core.errors import InputError, shown
+
+from ..files import log_at_exit
 
 TRANSFER_LOG = "DMD_TRANSFER_LOG"  # a file each process appends "<pid> <bytes downloaded> <bytes uploaded>" to at exit (tests)
 
@@ -33,14 +34,7 @@ class _Transferred:
 TRANSFERRED = _Transferred()
 
 
-def _report_transferred() -> None:
-    path = os.environ.get(TRANSFER_LOG)
-    if path:
-        with open(path, "a") as f:
-            f.write(f"{os.getpid()} {TRANSFERRED.down} {TRANSFERRED.up}\n")
-
-
-atexit.register(_report_transferred)
+log_at_exit(TRANSFER_LOG, lambda: [TRANSFERRED.down, TRANSFERRED.up])
 
 
 def s3_code(exc: BaseException) -> str | None:
