@@ -229,7 +229,7 @@ class DistillConfig(Section):
     shuffle_buffer: int = Field(1000, ge=1, le=MAX_COUNT, description="WebDataset shuffle buffer (samples, in memory)")
     num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description="data loader worker processes")
     pairs: OptionalPathStr | None = Field(None, description="a generate output dir; default: the one this config's generate section makes")
-    resume_from: OptionalPathStr | None = Field(None, description="checkpoint dir to continue from (e.g. to train longer)")
+    resume_from: OptionalPathStr | None = Field(None, description="checkpoint dir to continue from (e.g. to train longer); on an object store also by URL, <store>/distill/<key>/checkpoints/step-N")
     eval_every: int | None = Field(
         None, gt=0, le=MAX_COUNT,
         description="steps between quality probes (FD and class accuracy of a fixed sample, evaluate's features); keeps generator_best/",

@@ -50,6 +50,18 @@ def test_pairs_are_streamed_and_checked(server, tmp_path, edm_teacher, reference
     a, b = generator(out), generator(reference)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
+    # a published checkpoint continued on a fresh machine by its URL: fetched, then the same as from a local copy
+    step2 = f"s3://{bucket}/runs/distill/{out.name}/checkpoints/step-0000002"
+    longer = ["--set", "distill.steps=6", "-q"]
+    by_url = run_cli("distill", "--config", str(cfg), "--set", f"distill.resume_from={step2}", *longer, env=on(tmp_path / "d"))
+    assert "resuming from" in by_url.stderr and any((tmp_path / "d").rglob(".fetched/distill/*/checkpoints/step-0000002/trainer.json"))
+    local_cfg = write_config(tmp_path / "l.yaml", edm_teacher, tmp_path / "local-store", distill={})
+    by_path = run_cli("distill", "--config", str(local_cfg), "--set", f"distill.resume_from={reference}/checkpoints/step-0000002", *longer)
+    a, b = generator(Path(by_url.stdout.strip().splitlines()[-1])), generator(Path(by_path.stdout.strip().splitlines()[-1]))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    nothing = run_cli("distill", "--config", str(cfg), "--set", f"distill.resume_from={step2}9", *longer, check=False, env=on(tmp_path / "d"))
+    assert nothing.returncode == 2 and "holds nothing in the bucket" in nothing.stderr and "Traceback" not in nothing.stderr
+
     data = bytearray(objects(bucket)[shards[1]])
     data[600] ^= 0xFF  # inside the first member's bytes: a readable tar, other numbers
     put_object(bucket, shards[1], bytes(data))

@@ -82,7 +82,7 @@ def check(cfg: PipelineConfig, teacher: Teacher) -> None:
     if d.regression_weight == 0:
         check_prompts(teacher, cfg.generate.prompts, "generate")
     if d.resume_from:
-        ckpt = Path(d.resume_from)
+        ckpt = open_store(cfg.store).input_dir(d.resume_from)  # a bucket's checkpoint by URL: fetched here
         if not (ckpt / "trainer.json").is_file():
             raise InputError(f"distill.resume_from: {ckpt} is not a distill checkpoint (no trainer.json). Fix: point it at <distill output>/checkpoints/step-N.")
         problem = checkpoint_problem(ckpt) if (ckpt / CHECKSUMS).is_file() else None  # older checkpoints have no checksums

@@ -133,7 +133,7 @@ class CheckpointManager:
         (None, 0, []) when the run starts fresh. distill.resume_from was verified by the stage's check."""
         ckpt = self.latest()
         if ckpt is None and self.cfg.distill.resume_from:
-            ckpt = Path(self.cfg.distill.resume_from)
+            ckpt = open_store(self.cfg.store).input_dir(self.cfg.distill.resume_from)  # fetched by check() if by URL
         if ckpt is None:
             return None, 0, []
         state = self.compatible(ckpt)

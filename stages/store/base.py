@@ -65,8 +65,8 @@ class Store(ABC):
         """Digest of an input outside the store (a folder or a file: teacher, classifier, prompt file), remembered."""
 
     def input_dir(self, path: str) -> Path:
-        """The folder of an output a setting names (``distill.pairs``, ``evaluate.distill``): a path, or (an
-        object store) one of the store's outputs by its URL."""
+        """The folder of an output a setting names (``distill.pairs``, ``evaluate.distill``, ``distill.resume_from``):
+        a path, or (an object store) one of the store's outputs, or a folder inside one, by its URL."""
         return Path(path)
 
     def file_url(self, out: Path, name: str) -> str:

@@ -49,6 +49,7 @@ from .local import PARTIAL, RECORD, RECORDS, LocalStore, plain_name, tree_files
 CACHE_ENV = "DMD_STORE_CACHE"
 RECORD_TRIES = 20  # conditional writes of one record lost to other writers before giving up
 CACHED = ".cached.json"  # hidden: never uploaded, never part of a manifest
+FETCHED = ".fetched.json"  # hidden: the object versions a folder fetched by input_dir holds
 log = logging.getLogger("dmd")
 
 
@@ -92,11 +93,35 @@ class ObjectStore(Store):
         return self.local.final_dir(work)
 
     def input_dir(self, path: str) -> Path:
-        """``s3://<root>/<stage>/<key>`` is that output's folder here (fetched when it is verified); else a path."""
+        """``<root>/<stage>/<key>`` is that output's folder here (fetched when it is verified); a folder inside an
+        output that its manifest does not list (``<root>/distill/<key>/checkpoints/step-N``: checkpoints are uploaded
+        with the output, never fetched by its readers) is fetched now; else a path."""
         rest = path[len(self.root) + 1 :].strip("/").split("/") if path.startswith(self.root + "/") else []
-        if len(rest) == 2 and not any(p.startswith(".") for p in rest):
+        if len(rest) < 2 or any(p.startswith(".") or p in ("", "..") for p in rest):
+            return Path(path)
+        if len(rest) == 2:
             return self.local.output_dir(*rest)
-        return Path(path)
+        return self._fetch_folder("/".join(rest)) if rest[0] in ORDER else Path(path)
+
+    def _fetch_folder(self, rel: str) -> Path:
+        """The bucket folder ``rel`` copied into this machine's scratch space; files whose object version was
+        fetched before are kept. Its contents are checked by their reader (a checkpoint by its checksums.json)."""
+        objects = self.bucket.listing(rel)
+        if not objects:
+            raise InputError(f"{shown(f'{self.root}/{rel}')} holds nothing in the bucket. Fix: name a folder of a published output "
+                             f"(e.g. {self.root}/distill/<key>/checkpoints/step-N).")  # fmt: skip
+        here = self.scratch_dir("fetched") / rel
+        record = _read_json(here / FETCHED)
+        todo = [n for n, (size, version) in objects.items()
+                if not plain_name(n) or record.get(n) != version or _stat_key(here / n) is None or (here / n).stat().st_size != size]  # fmt: skip
+        bad = [n for n in todo if not plain_name(n)]
+        if bad:
+            raise InputError(f"{shown(f'{self.root}/{rel}/{bad[0]}')} is not a plain name. Fix: name another folder.")
+        for n in todo:
+            (here / n).parent.mkdir(parents=True, exist_ok=True)
+        self._download([(f"{rel}/{n}", here / n) for n in todo])
+        write_text_atomic(here / FETCHED, json.dumps({n: v for n, (_, v) in objects.items()}))
+        return here
 
     def file_url(self, out: Path, name: str) -> str:
         remote = self._remote(out)
@@ -195,6 +220,17 @@ class ObjectStore(Store):
             if fresh != record:
                 _write_cached(out / CACHED, digest, fresh)
         return bad
+
+    def _download(self, pairs: list[tuple[str, Path]]) -> None:
+        """(object, local file) pairs downloaded concurrently, each to a temporary name renamed into place."""
+        tmps = [tmp_sibling(path) for _, path in pairs]
+        try:
+            self.bucket.download_many([(rel, str(t)) for (rel, _), t in zip(pairs, tmps)])
+            for (_, path), t in zip(pairs, tmps):
+                os.replace(t, path)
+        finally:
+            for t in tmps:
+                t.unlink(missing_ok=True)
 
     def _fetch(self, remote: str, out: Path, files: list[tuple[str, str]]) -> list[bool]:
         """Download (name, sha256) files of the output ``remote`` into ``out``, concurrently, each under a temporary
@@ -318,14 +354,7 @@ class ObjectStore(Store):
         log.info("%s: taking %d files kept by builds elsewhere from %s", work.parent.name, len(todo), shown(f"{self.root}/{partial}"))
         for n in todo:
             self.local.contained(work / n).parent.mkdir(parents=True, exist_ok=True)
-        tmps = [tmp_sibling(work / n) for n in todo]
-        try:
-            self.bucket.download_many([(f"{partial}/{n}", str(t)) for n, t in zip(todo, tmps)])
-            for n, t in zip(todo, tmps):
-                os.replace(t, work / n)
-        finally:
-            for t in tmps:
-                t.unlink(missing_ok=True)
+        self._download([(f"{partial}/{n}", work / n) for n in todo])
         done = _read_json(work / ".uploaded.json")  # already in the bucket: a publish does not upload them again
         done.update({n: [*_stat_key(work / n), there[n][1]] for n in todo})
         write_text_atomic(work / ".uploaded.json", json.dumps(done, sort_keys=True))
