@@ -55,8 +55,43 @@ def _missing(exc: BaseException) -> bool:
     return isinstance(exc, FileNotFoundError) or s3_code(exc) in ("NoSuchKey", "404")
 
 
-class Bucket:
-    """Objects below ``s3://<bucket>/<prefix>``, named by paths relative to that prefix."""
+class BucketNames:
+    """What every bucket class shares: objects below ``<scheme>://<bucket>/<prefix>`` named by paths relative to
+    the prefix, and the conditional create and replace spelled with the service's own precondition
+    (``IF_ABSENT``: the condition of a create; ``IF_VERSION``: the parameter that names the version to replace)."""
+
+    IF_ABSENT: dict[str, str] = {}
+    IF_VERSION = ""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.bucket, _, prefix = url.split("://", 1)[1].partition("/")
+        self.prefix = prefix.strip("/")
+        self.base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+
+    def path(self, rel: str) -> str:
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}" if self.prefix and rel else self.prefix or rel
+
+    def put(self, rel: str, data: bytes, **condition: str) -> str | None:
+        raise NotImplementedError
+
+    def create(self, rel: str, data: bytes) -> str | None:
+        """Create the object only if it does not exist; its version, or None when it exists."""
+        return self.put(rel, data, **self.IF_ABSENT)
+
+    def replace(self, rel: str, data: bytes, version: str) -> str | None:
+        """Overwrite the object only if it is still ``version``; the new version, or None (changed or gone)."""
+        return self.put(rel, data, **{self.IF_VERSION: version})
+
+
+class Bucket(BucketNames):
+    """Objects below ``s3://<bucket>/<prefix>``; versions are ETags."""
+
+    IF_ABSENT = {"IfNoneMatch": "*"}
+    IF_VERSION = "IfMatch"
 
     def __init__(self, url: str):
         try:
@@ -65,20 +100,11 @@ class Bucket:
             raise InputError(
                 f"store {shown(url)} needs s3fs, which is not installed. Fix: pip install 'dmd-pipeline[s3]' (or pip install s3fs)."
             ) from None
-        self.url = url
-        self.bucket, _, prefix = url.split("://", 1)[1].partition("/")
-        self.prefix = prefix.strip("/")
-        self.base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+        super().__init__(url)
         # No listing cache: another process's publish must be seen at once. The endpoint is passed, not left to
         # botocore's environment lookup, because s3fs reuses an instance made with the same arguments: one made
         # before AWS_ENDPOINT_URL changed would keep talking to the old server.
         self.fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=False, endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-
-    def path(self, rel: str) -> str:
-        return f"{self.base}/{rel}" if rel else self.base
-
-    def _key(self, rel: str) -> str:
-        return f"{self.prefix}/{rel}" if self.prefix else rel
 
     # ---- small objects
     def read(self, rel: str) -> tuple[bytes, str] | None:
@@ -108,14 +134,6 @@ class Bucket:
             raise
         TRANSFERRED.up += len(data)
         return resp["ETag"]
-
-    def create(self, rel: str, data: bytes) -> str | None:
-        """Create the object only if it does not exist (``If-None-Match: *``); its ETag, or None when it exists."""
-        return self.put(rel, data, IfNoneMatch="*")
-
-    def replace(self, rel: str, data: bytes, etag: str) -> str | None:
-        """Overwrite the object only if it is still version ``etag``; the new ETag, or None."""
-        return self.put(rel, data, IfMatch=etag)
 
     def delete_if(self, rel: str, etag: str) -> bool:
         """Delete the object only if it is still version ``etag``; False when it changed or is gone."""

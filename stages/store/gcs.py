@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable
 
 from dmd_core.errors import InputError, shown
 
-from .bucket import TRANSFERRED, check_bucket
+from .bucket import TRANSFERRED, BucketNames, check_bucket
 
 EMULATOR = "STORAGE_EMULATOR_HOST"
 CONCURRENCY = 32  # requests in flight for deletes and copies of many objects
@@ -41,9 +41,12 @@ def _emulator() -> str | None:
     return host if "://" in host else f"http://{host}"
 
 
-class GcsBucket:
-    """Objects below ``gs://<bucket>/<prefix>``, named by paths relative to that prefix; the same interface as
-    bucket.py's ``Bucket``, with generations as versions."""
+class GcsBucket(BucketNames):
+    """Objects below ``gs://<bucket>/<prefix>``; the same interface as bucket.py's ``Bucket``, with generations as
+    versions."""
+
+    IF_ABSENT = {"ifGenerationMatch": "0"}
+    IF_VERSION = "ifGenerationMatch"
 
     def __init__(self, url: str):
         endpoint = _emulator()
@@ -58,10 +61,7 @@ class GcsBucket:
             raise InputError(
                 f"store {shown(url)} needs gcsfs, which is not installed. Fix: pip install 'dmd-pipeline[gs]' (or pip install gcsfs)."
             ) from None
-        self.url = url
-        self.bucket, _, prefix = url.split("://", 1)[1].partition("/")
-        self.prefix = prefix.strip("/")
-        self.base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+        super().__init__(url)
         try:
             # The JSON API's class (gcsfs.core), not the registry's default that also speaks gRPC to zonal buckets:
             # every call here is a JSON API request. The endpoint is passed, not left to gcsfs's environment lookup,
@@ -69,12 +69,6 @@ class GcsBucket:
             self.fs = GCSFileSystem(token="anon" if endpoint else "google_default", endpoint_url=endpoint, use_listings_cache=False)
         except google.auth.exceptions.GoogleAuthError as e:
             raise InputError(f"store {shown(url)}: no Google credentials ({_first_line(e)}). Fix: {CREDENTIALS_FIX}") from None
-
-    def path(self, rel: str) -> str:
-        return f"{self.base}/{rel}" if rel else self.base
-
-    def _key(self, rel: str) -> str:
-        return f"{self.prefix}/{rel}" if self.prefix and rel else self.prefix or rel
 
     def _folder(self, rel: str) -> str:
         """The name prefix of the objects below the folder ``rel`` ("" for the whole bucket)."""
@@ -111,14 +105,6 @@ class GcsBucket:
             raise
         TRANSFERRED.up += len(data)
         return str(resource["generation"])
-
-    def create(self, rel: str, data: bytes) -> str | None:
-        """Create the object only if it does not exist (``ifGenerationMatch=0``); its generation, or None."""
-        return self.put(rel, data, ifGenerationMatch="0")
-
-    def replace(self, rel: str, data: bytes, generation: str) -> str | None:
-        """Overwrite the object only if it is still ``generation``; the new generation, or None (changed or gone)."""
-        return self.put(rel, data, ifGenerationMatch=generation)
 
     def delete_if(self, rel: str, generation: str) -> bool:
         """Delete the object only if it is still ``generation``; False when it changed or is gone."""
